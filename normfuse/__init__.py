@@ -1,0 +1,47 @@
+"""normfuse: exact folding, swapping and checking of normalization layers.
+
+Public API::
+
+    import normfuse
+    folded, report = normfuse.fold("model.onnx")     # parity-checked on onnxruntime
+    normfuse.save(folded, "model.folded.onnx")
+    normfuse.inspect("model.onnx").render()          # what would fold, and why not
+    normfuse.check("a.onnx", "b.onnx")               # parity of any two models
+
+torch is optional: nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from normfuse.algebra import Affine, LinearWeights, absorb_after, absorb_before
+from normfuse.api import StrictError, check, fold, inspect, load, save
+from normfuse.errors import InputError, NormfuseError, OutputExistsError, ParityError, ProviderError
+from normfuse.report import Entry, OutputParity, ParityResult, Report
+
+__all__ = [
+    "Affine",
+    "Entry",
+    "InputError",
+    "LinearWeights",
+    "NormfuseError",
+    "OutputExistsError",
+    "OutputParity",
+    "ParityError",
+    "ParityResult",
+    "ProviderError",
+    "Report",
+    "StrictError",
+    "absorb_after",
+    "absorb_before",
+    "check",
+    "fold",
+    "inspect",
+    "load",
+    "save",
+]
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,303 @@
+"""The exact algebra of folding a per-channel affine map into a linear op.
+
+In inference every foldable normalization is a per-channel affine map ``y = x * scale + shift``
+on one axis of the activation:
+
+* BatchNormalization: ``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``.
+* ``Mul`` / ``Add`` / ``Sub`` / ``Div`` by per-channel constants.
+* the gamma/beta tail of LayerNorm, GroupNorm, InstanceNorm and RMSNorm.
+
+A linear op computes ``y[o] = sum_i W[o, i] * x[i] + b[o]`` (for convolutions the sum also runs
+over kernel taps). Two moves are exact:
+
+* :func:`absorb_after`, affine on the op's output:
+  ``W'[o, i] = W[o, i] * scale[o]`` and ``b'[o] = b[o] * scale[o] + shift[o]``.
+* :func:`absorb_before`, affine on the op's input:
+  ``W'[o, i] = W[o, i] * scale[i]`` and ``b'[o] = b[o] + sum_i W[o, i] * shift[i]``.
+  For a convolution this is exact only when no input position is padded with zeros (the shift
+  would be missing at the borders), unless the shift is zero; checking that is the caller's job.
+
+Everything is computed in float64 and rounded once, at the end, to the dtype of the weights.
+Grouped convolutions are handled: input channel ``c`` of group ``g`` only meets the output
+channels of the same group.
+
+This module is pure numpy; it knows nothing about graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "Affine",
+    "LinearKind",
+    "LinearWeights",
+    "absorb_after",
+    "absorb_before",
+    "dtype_max",
+    "overflows",
+]
+
+logger = logging.getLogger(__name__)
+
+LinearKind = Literal["conv", "conv_transpose", "dense", "dense_t"]
+"""Weight layouts.
+
+* ``conv``: ``W[out, in / groups, *kernel]`` (ONNX Conv, ``nn.Conv*d``).
+* ``conv_transpose``: ``W[in, out / groups, *kernel]`` (ONNX ConvTranspose, ``nn.ConvTranspose*d``).
+* ``dense``: ``W[out, in]`` (Gemm with ``transB=1``, ``nn.Linear``).
+* ``dense_t``: ``W[in, out]`` (MatMul right operand, Gemm with ``transB=0``).
+"""
+
+
+def _f64(a: np.ndarray) -> np.ndarray:
+    return np.asarray(a).astype(np.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Affine:
+    """A per-channel affine map ``y = x * scale + shift`` along ``axis`` of a tensor.
+
+    Attributes:
+        scale: float64 vector of length C, or of length 1 for a scalar (all channels alike).
+        shift: float64 vector of the same length as ``scale``.
+        axis: The channel axis of the activation this map applies to. Informational for this
+            module; graph code uses it to check that the map lines up with a linear op.
+    """
+
+    scale: np.ndarray
+    shift: np.ndarray
+    axis: int = 1
+
+    def __post_init__(self) -> None:
+        scale = np.atleast_1d(_f64(self.scale)).reshape(-1)
+        shift = np.atleast_1d(_f64(self.shift)).reshape(-1)
+        if scale.shape != shift.shape:
+            if scale.size == 1:
+                scale = np.broadcast_to(scale, shift.shape).copy()
+            elif shift.size == 1:
+                shift = np.broadcast_to(shift, scale.shape).copy()
+            else:
+                raise ValueError(f"scale has {scale.size} channels but shift has {shift.size}")
+        object.__setattr__(self, "scale", scale)
+        object.__setattr__(self, "shift", shift)
+
+    @classmethod
+    def identity(cls, channels: int = 1, axis: int = 1) -> Affine:
+        """The map that changes nothing."""
+        return cls(np.ones(channels), np.zeros(channels), axis)
+
+    @classmethod
+    def from_batchnorm(
+        cls,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        mean: np.ndarray,
+        var: np.ndarray,
+        eps: float,
+        axis: int = 1,
+    ) -> Affine:
+        """The inference-mode BatchNorm ``gamma * (x - mean) / sqrt(var + eps) + beta``."""
+        scale = _f64(gamma) / np.sqrt(_f64(var) + float(eps))
+        return cls(scale, _f64(beta) - _f64(mean) * scale, axis)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels, 1 for a scalar map."""
+        return int(self.scale.size)
+
+    @property
+    def is_scalar(self) -> bool:
+        """True when the same scale and shift apply to every channel."""
+        return self.scale.size == 1
+
+    @property
+    def has_shift(self) -> bool:
+        """True when some channel has a non-zero shift."""
+        return bool(np.any(self.shift != 0.0))
+
+    def then(self, other: Affine) -> Affine:
+        """The composition: first ``self``, then ``other``.
+
+        ``(x * s1 + t1) * s2 + t2 = x * (s1 * s2) + (t1 * s2 + t2)``.
+        """
+        axis = self.axis if other.is_scalar else other.axis
+        return Affine(self.scale * other.scale, self.shift * other.scale + other.shift, axis)
+
+    def expand(self, channels: int) -> Affine:
+        """This map with its scale and shift broadcast to ``channels`` entries."""
+        if self.channels == channels:
+            return self
+        if not self.is_scalar:
+            raise ValueError(f"affine over {self.channels} channels cannot apply to {channels}")
+        return Affine(
+            np.full(channels, self.scale[0]), np.full(channels, self.shift[0]), self.axis
+        )
+
+    def apply(self, x: np.ndarray, axis: int | None = None) -> np.ndarray:
+        """Apply the map to an array (float64), for tests and reference computations."""
+        ax = self.axis if axis is None else axis
+        x64 = _f64(x)
+        shape = [1] * x64.ndim
+        if not self.is_scalar:
+            shape[ax] = self.channels
+        return x64 * self.scale.reshape(shape) + self.shift.reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearWeights:
+    """The weights of one linear op, in its own layout.
+
+    Attributes:
+        kind: The weight layout, see :data:`LinearKind`.
+        weight: The weight array, any float dtype (float16, bfloat16, float32, float64).
+        bias: The bias, or ``None``. Its last axis is the output channel axis; it may have
+            leading axes (a 2-D Gemm ``C``) or size 1 there (it broadcasts).
+        groups: Convolution groups; 1 for dense layers.
+        dtype: The dtype results are written in; defaults to ``weight.dtype``.
+    """
+
+    kind: LinearKind
+    weight: np.ndarray
+    bias: np.ndarray | None = None
+    groups: int = 1
+    dtype: np.dtype | None = None
+
+    @property
+    def out_dtype(self) -> np.dtype:
+        """The dtype results are written in."""
+        return np.dtype(self.dtype) if self.dtype is not None else self.weight.dtype
+
+    @property
+    def out_channels(self) -> int:
+        """Number of output channels."""
+        w = self.weight
+        if self.kind == "conv":
+            return int(w.shape[0])
+        if self.kind == "conv_transpose":
+            return int(w.shape[1]) * self.groups
+        if self.kind == "dense":
+            return int(w.shape[0])
+        return int(w.shape[1])
+
+    @property
+    def in_channels(self) -> int:
+        """Number of input channels."""
+        w = self.weight
+        if self.kind == "conv":
+            return int(w.shape[1]) * self.groups
+        if self.kind == "conv_transpose":
+            return int(w.shape[0])
+        if self.kind == "dense":
+            return int(w.shape[1])
+        return int(w.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Folded:
+    """New weights after a fold, rounded to the op's dtype, plus the float64 values."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+    weight64: np.ndarray
+    bias64: np.ndarray
+
+
+def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def _finish(lin: LinearWeights, w64: np.ndarray, b64: np.ndarray) -> Folded:
+    dtype = lin.out_dtype
+    bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype
+    return Folded(w64.astype(dtype), b64.astype(bias_dtype), w64, b64)
+
+
+def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:
+    """Fold ``affine`` applied to the op's output into the op.
+
+    Args:
+        lin: The linear op's weights.
+        affine: The map on the output channels (scalar maps broadcast).
+
+    Returns:
+        The new weight and bias (the bias is created when the op had none).
+    """
+    c_out = lin.out_channels
+    a = affine.expand(c_out)
+    w = _f64(lin.weight)
+    b = _f64(lin.bias) if lin.bias is not None else np.zeros(c_out)
+    if lin.kind == "conv":
+        w = w * _expand_dims(a.scale, w.ndim, 0)
+    elif lin.kind == "conv_transpose":
+        g = lin.groups
+        in_per_group = w.shape[0] // g
+        per_in = np.repeat(a.scale.reshape(g, -1), in_per_group, axis=0)  # [in, out/g]
+        w = w * per_in.reshape(per_in.shape + (1,) * (w.ndim - 2))
+    elif lin.kind == "dense":
+        w = w * a.scale[:, None]
+    else:
+        w = w * a.scale[None, :]
+    return _finish(lin, w, b * a.scale + a.shift)
+
+
+def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
+    """Fold ``affine`` applied to the op's input into the op.
+
+    Exact for dense ops; for convolutions only when the op pads no input position with zeros
+    or ``affine`` has no shift. The caller checks that.
+
+    Args:
+        lin: The linear op's weights.
+        affine: The map on the input channels (scalar maps broadcast).
+
+    Returns:
+        The new weight and bias (the bias is created when the op had none).
+    """
+    c_in = lin.in_channels
+    a = affine.expand(c_in)
+    w = _f64(lin.weight)
+    b = _f64(lin.bias) if lin.bias is not None else np.zeros(lin.out_channels)
+    if lin.kind == "conv":
+        g = lin.groups
+        out_per_group = w.shape[0] // g
+        scale = np.repeat(a.scale.reshape(g, -1), out_per_group, axis=0)  # [out, in/g]
+        shift = np.repeat(a.shift.reshape(g, -1), out_per_group, axis=0)
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [out, in/g]
+        b = b + (taps * shift).sum(axis=1)
+        w = w * scale.reshape(scale.shape + (1,) * (w.ndim - 2))
+    elif lin.kind == "conv_transpose":
+        g = lin.groups
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [in, out/g]
+        contrib = (taps * a.shift[:, None]).reshape(g, -1, w.shape[1]).sum(axis=1)
+        b = b + contrib.reshape(-1)
+        w = w * _expand_dims(a.scale, w.ndim, 0)
+    elif lin.kind == "dense":
+        b = b + w @ a.shift
+        w = w * a.scale[None, :]
+    else:
+        b = b + a.shift @ w
+        w = w * a.scale[:, None]
+    return _finish(lin, w, b)
+
+
+def dtype_max(dtype: np.dtype) -> float:
+    """Largest finite value of a float dtype (bfloat16 and the float8 types included)."""
+    dt = np.dtype(dtype)
+    try:
+        return float(np.finfo(dt).max)
+    except ValueError:
+        return float(ml_dtypes.finfo(dt).max)
+
+
+def overflows(values64: np.ndarray, dtype: np.dtype) -> bool:
+    """True when finite float64 values exceed what ``dtype`` can hold."""
+    finite = values64[np.isfinite(values64)]
+    return bool(finite.size) and float(np.abs(finite).max()) > dtype_max(dtype)

@@ -1,0 +1,258 @@
+"""The ``normfuse`` command line: parse, call the API, render the report, set the exit code.
+
+Exit codes: 0 success; 1 parity failure, or ``--strict`` with skipped candidates; 2 bad input or
+usage. Errors are one line ``error: <problem>. Note: <fix>``; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from normfuse import __version__, onnx_io
+from normfuse.api import raise_for_parity, raise_for_strict, run_fold
+from normfuse.errors import InputError, NormfuseError, ParityError
+from normfuse.onnx_fold import FoldOptions
+from normfuse.parity import check_models, parse_shape
+from normfuse.report import Report
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+_PROGRESS_MIN_CHAINS = 200
+
+
+class _Ctx:
+    debug = False
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    if isinstance(exc, NormfuseError):
+        message, code = str(exc), exc.exit_code
+    elif isinstance(exc, KeyboardInterrupt):
+        message, code = "interrupted; nothing was written", 130
+    elif isinstance(exc, OSError):
+        message, code = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc), 2
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc}. Note: rerun with --debug and report it"
+        code = 2
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    return dict(parse_shape(v) for v in values)
+
+
+def _emit_json(report_dict: dict[str, Any], target: str | None) -> None:
+    if target is None:
+        return
+    text = json.dumps(report_dict, indent=2, default=float)
+    if target == "-":
+        click.echo(text)
+    else:
+        Path(target).write_text(text + "\n")
+
+
+@contextmanager
+def _progress(enabled: bool, console: Console) -> Iterator[Callable[[int, int], None] | None]:
+    if not enabled:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("folding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )
+    task = None
+    started = False
+
+    def update(done: int, total: int) -> None:
+        nonlocal task, started
+        if total < _PROGRESS_MIN_CHAINS:
+            return
+        if not started:
+            bar.start()
+            task = bar.add_task("fold", total=total)
+            started = True
+        bar.update(task, completed=done)  # type: ignore[arg-type]
+
+    try:
+        yield update
+    finally:
+        if started:
+            bar.stop()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="normfuse")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Fold, swap and check normalization layers in ONNX models."""
+    _Ctx.debug = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+
+
+_common_check = [
+    click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
+                 show_default=True, help="onnxruntime provider for the parity check."),
+    click.option("--shape", "shape", multiple=True, metavar="NAME=1x3x224x224",
+                 help="Shape of an input with dynamic dimensions (repeatable)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."),
+]
+
+
+def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
+    def deco(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return deco
+
+
+@cli.command()
+@click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="Output file [default: MODEL with .folded.onnx].")
+@click.option("--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout).")
+@click.option("--strict", is_flag=True, help="Exit 1 when any candidate was skipped.")
+@click.option("--no-check", is_flag=True, help="Skip the parity check on onnxruntime.")
+@click.option("--in-place", is_flag=True, help="Overwrite the input model.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("--norm-affine", is_flag=True,
+              help="Also fold gamma/beta of LayerNorm/GroupNorm/InstanceNorm/RMSNorm (and Mul/Add "
+                   "chains) into the following linear ops.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Write tensors to <output>.data [default: when the input had external data or "
+                   "the model exceeds 2 GiB].")
+@click.option("-v", "--verbose", is_flag=True, help="List folded nodes too, not only skipped ones.")
+@_with(_common_check)
+def fold(
+    model: Path, output: Path | None, json_target: str | None, strict: bool, no_check: bool,
+    in_place: bool, force: bool, norm_affine: bool, external_data: bool | None, verbose: bool,
+    provider: str, shape: tuple[str, ...], seed: int,
+) -> None:
+    """Fold inference-mode BatchNorm (and per-channel Mul/Add) into Conv/Gemm/MatMul."""
+    console = Console(stderr=json_target == "-")
+    try:
+        if in_place and output is not None and output != model:
+            raise InputError("--in-place and --output name different files", "use one of them")
+        out = model if in_place else (output or model.with_name(model.stem + ".folded.onnx"))
+        shapes = _shapes(shape)
+        if not in_place:
+            if out.exists() and model.exists() and out.resolve() == model.resolve():
+                raise InputError(f"the output {out} is the input", "pass --in-place to overwrite it")
+            if out.exists() and not force:
+                raise InputError(f"{out} exists", "pass --force to replace it")
+        if not out.parent.is_dir():
+            raise InputError(f"the output folder {out.parent} does not exist")
+        t0 = time.perf_counter()
+        loaded = onnx_io.load(model)
+        report = Report(action="fold")
+        report.timings["load"] = time.perf_counter() - t0
+        with _progress(console.is_terminal, console) as progress:
+            run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
+
+        def verify(tmp: Path) -> None:
+            if no_check:
+                return
+            t = time.perf_counter()
+            report.parity = check_models(model, tmp, provider=provider, seed=seed, shapes=shapes)
+            report.timings["check"] = time.perf_counter() - t
+            raise_for_parity(report)  # the temporary file is then removed, not renamed
+
+        t1 = time.perf_counter()
+        try:
+            onnx_io.save(loaded.model, out, force=True, external_data=external_data, verify=verify)
+        except ParityError:
+            report.render(console, verbose=verbose)
+            _emit_json(report.to_dict(), json_target)
+            raise
+        report.timings["save"] = time.perf_counter() - t1 - report.timings.get("check", 0.0)
+        report.render(console, verbose=verbose)
+        _emit_json(report.to_dict(), json_target)
+        console.print(f"wrote {out}", highlight=False)
+        if strict:
+            raise_for_strict(report)
+    except BaseException as exc:  # noqa: BLE001 - turned into one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, _Ctx.debug)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout).")
+@click.option("--norm-affine", is_flag=True, help="Consider gamma/beta of LN/GN/IN/RMSNorm too.")
+def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
+    """List every normalization, what it can fold into, and why not."""
+    console = Console(stderr=json_target == "-")
+    try:
+        loaded = onnx_io.load(model, copy=False)
+        report = Report(action="inspect")
+        run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
+        report.render(console)
+        _emit_json(report.to_dict(), json_target)
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, _Ctx.debug)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@click.option("--json", "json_target", metavar="PATH|-", help="Write the result as JSON ('-': stdout).")
+@click.option("--runs", type=int, default=1, show_default=True, help="Number of input batches.")
+@click.option("--ort-opt", type=click.Choice(["disable", "basic", "extended", "all"]),
+              default="disable", show_default=True, help="onnxruntime graph optimization level.")
+@click.option("--atol", type=float, default=None, help="Absolute tolerance for every output.")
+@click.option("--rtol", type=float, default=None, help="Relative tolerance (times max |reference|).")
+@_with(_common_check)
+def check(
+    reference: Path, candidate: Path, json_target: str | None, runs: int, ort_opt: str,
+    atol: float | None, rtol: float | None, provider: str, shape: tuple[str, ...], seed: int,
+) -> None:
+    """Compare two ONNX models output by output on the same seeded inputs."""
+    console = Console(stderr=json_target == "-")
+    try:
+        for p in (reference, candidate):
+            onnx_io.load(p, copy=False)
+        result = check_models(
+            reference, candidate, provider=provider, seed=seed, shapes=_shapes(shape),
+            runs=runs, opt_level=ort_opt, atol=atol, rtol=rtol,
+        )
+        console.print(f"parity on {result.provider}:")
+        for o in result.outputs:
+            console.print(o.line(), style="green" if o.passed else "red", highlight=False)
+        for n in result.notes:
+            console.print(f"note: {n}", style="dim")
+        _emit_json(result.to_dict(), json_target)
+        if not result.passed:
+            sys.exit(1)
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, _Ctx.debug)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

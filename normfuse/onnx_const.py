@@ -1,0 +1,308 @@
+"""Resolve a graph value to a constant array, or say why it is not one.
+
+Parameters of BatchNorm and of linear ops arrive in several forms:
+
+* initializers (the usual case), possibly from an outer graph when the node is in a subgraph;
+* ``Constant`` nodes, and ``Identity`` nodes in front of either (the legacy PyTorch exporter
+  deduplicates equal tensors behind ``Identity``);
+* constant subexpressions: the dynamo exporter with ``optimize=False`` writes a missing conv
+  bias as ``Expand(CastLike(0, x), Expand(Shape(W, end=1), [1]))``, where ``x`` is a runtime
+  tensor but only its element type is used.
+
+Graph inputs are overridable at run time, so a value that is a graph input is never treated as a
+constant (except in IR version < 4 models, where every initializer had to be listed as an input).
+
+The evaluator covers the ops that appear on the weight side of exported models, in numpy.
+Anything else is "not constant" with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["ConstantResolver", "NotConstant"]
+
+logger = logging.getLogger(__name__)
+
+_MAX_DEPTH = 64
+
+
+class NotConstant(Exception):
+    """The value is not a compile-time constant; ``str(exc)`` says why."""
+
+
+def _attr(node: ir.Node, name: str, default: object = None) -> object:
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _axes(node: ir.Node, inputs: list[np.ndarray | None], opset: int, since: int) -> list[int]:
+    if opset >= since:
+        return [int(v) for v in inputs[1]] if len(inputs) > 1 and inputs[1] is not None else []
+    return [int(v) for v in _attr(node, "axes", [])]  # type: ignore[union-attr]
+
+
+def _constant_node(node: ir.Node) -> np.ndarray:
+    for name, attr in node.attributes.items():
+        v = attr.value
+        if name == "value":
+            return v.numpy()
+        if name == "value_float":
+            return np.array(v, dtype=np.float32)
+        if name == "value_floats":
+            return np.array(list(v), dtype=np.float32)
+        if name == "value_int":
+            return np.array(v, dtype=np.int64)
+        if name == "value_ints":
+            return np.array(list(v), dtype=np.int64)
+    raise NotConstant(f"Constant node '{node.name}' has no value normfuse can read")
+
+
+def _slice(data: np.ndarray, starts, ends, axes, steps) -> np.ndarray:
+    index = [slice(None)] * data.ndim
+    axes = list(range(len(starts))) if axes is None else list(axes)
+    steps = [1] * len(starts) if steps is None else list(steps)
+    for s, e, a, st in zip(starts, ends, axes, steps, strict=True):
+        index[int(a)] = slice(int(s), int(e), int(st))
+    return data[tuple(index)]
+
+
+class ConstantResolver:
+    """Resolve values to numpy arrays with a cache; one resolver per model and opset.
+
+    Args:
+        opset: The default-domain opset version of the graph the values live in.
+        ir_version: The model's IR version (before 4, initializers are listed as inputs).
+    """
+
+    def __init__(self, opset: int, ir_version: int = 10) -> None:
+        self.opset = opset
+        self.ir_version = ir_version
+        self._cache: dict[int, np.ndarray | NotConstant] = {}
+
+    def is_overridable_input(self, value: ir.Value) -> bool:
+        """True when the value is a graph input that a caller may feed at run time."""
+        if not value.is_graph_input():
+            return False
+        return not (self.ir_version < 4 and value.const_value is not None)
+
+    def try_resolve(self, value: ir.Value | None) -> np.ndarray | None:
+        """The array, or ``None`` when the value is not constant."""
+        try:
+            return self.resolve(value)
+        except NotConstant:
+            return None
+
+    def resolve(self, value: ir.Value | None, depth: int = 0) -> np.ndarray:
+        """The constant array behind ``value``.
+
+        Raises:
+            NotConstant: With the reason, when it is not a compile-time constant.
+        """
+        if value is None:
+            raise NotConstant("the input is missing")
+        key = id(value)
+        hit = self._cache.get(key)
+        if hit is None:
+            try:
+                hit = self._resolve(value, depth)
+            except NotConstant as exc:
+                hit = exc
+            self._cache[key] = hit
+        if isinstance(hit, NotConstant):
+            raise hit
+        return hit
+
+    def forget(self, value: ir.Value) -> None:
+        """Drop a cached result (after the value's tensor was replaced)."""
+        self._cache.pop(id(value), None)
+
+    def _resolve(self, value: ir.Value, depth: int) -> np.ndarray:
+        name = value.name or "<unnamed>"
+        if self.is_overridable_input(value):
+            raise NotConstant(
+                f"'{name}' is a graph input, so it can be overridden at run time and is not "
+                "baked into weights"
+            )
+        if value.const_value is not None:
+            return value.const_value.numpy()
+        node = value.producer()
+        if node is None:
+            raise NotConstant(f"'{name}' is computed at run time")
+        if depth > _MAX_DEPTH:
+            raise NotConstant(f"'{name}' comes from a constant expression too deep to evaluate")
+        if node.domain not in ("", "ai.onnx"):
+            raise NotConstant(f"'{name}' comes from {node.domain}::{node.op_type}")
+        evaluator = _EVALUATORS.get(node.op_type)
+        if evaluator is None:
+            raise NotConstant(f"'{name}' comes from {node.op_type} '{node.name}' at run time")
+        result = evaluator(self, node, depth + 1)
+        outputs = list(node.outputs)
+        if len(outputs) != 1:
+            raise NotConstant(f"'{name}' comes from a multi-output {node.op_type}")
+        return np.asarray(result)
+
+    def _inputs(self, node: ir.Node, depth: int) -> list[np.ndarray | None]:
+        return [None if v is None else self.resolve(v, depth) for v in node.inputs]
+
+
+
+def _dtype_of(value: ir.Value) -> np.dtype:
+    if value.dtype is None:
+        raise NotConstant(f"the element type of '{value.name}' is unknown")
+    return value.dtype.numpy()
+
+
+def _ev_identity(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    return r.resolve(node.inputs[0], depth)
+
+
+def _ev_cast(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    to = ir.DataType(int(_attr(node, "to")))  # type: ignore[arg-type]
+    return r.resolve(node.inputs[0], depth).astype(to.numpy())
+
+
+def _ev_castlike(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    like = node.inputs[1]
+    assert like is not None
+    return r.resolve(node.inputs[0], depth).astype(_dtype_of(like))
+
+
+def _ev_shape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    src = node.inputs[0]
+    assert src is not None
+    arr = r.try_resolve(src)
+    if arr is not None:
+        dims = list(arr.shape)
+    elif src.shape is not None and src.shape.is_static():
+        dims = [int(d) for d in src.shape]  # type: ignore[arg-type]
+    else:
+        raise NotConstant(f"the shape of '{src.name}' is only known at run time")
+    start = int(_attr(node, "start", 0))  # type: ignore[arg-type]
+    end = _attr(node, "end", None)
+    return np.array(dims[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def _ev_expand(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    data, shape = r._inputs(node, depth)
+    assert data is not None and shape is not None
+    target = np.broadcast_shapes(data.shape, tuple(int(s) for s in shape))
+    return np.broadcast_to(data, target).copy()
+
+
+def _ev_reshape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    data, shape = r._inputs(node, depth)
+    assert data is not None and shape is not None
+    dims = [int(s) for s in shape]
+    if not int(_attr(node, "allowzero", 0)):  # type: ignore[arg-type]
+        dims = [data.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+    return data.reshape(dims)
+
+
+def _ev_unsqueeze(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    inputs = r._inputs(node, depth)
+    data = inputs[0]
+    assert data is not None
+    axes = _axes(node, inputs, r.opset, 13)
+    rank = data.ndim + len(axes)
+    out = data
+    for a in sorted(a % rank for a in axes):
+        out = np.expand_dims(out, a)
+    return out
+
+
+def _ev_squeeze(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    inputs = r._inputs(node, depth)
+    data = inputs[0]
+    assert data is not None
+    axes = _axes(node, inputs, r.opset, 13)
+    return np.squeeze(data, axis=tuple(a % data.ndim for a in axes) if axes else None)
+
+
+def _ev_transpose(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    data = r.resolve(node.inputs[0], depth)
+    perm = _attr(node, "perm", None)
+    return np.transpose(data, None if perm is None else [int(p) for p in perm])  # type: ignore[union-attr]
+
+
+def _ev_concat(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    parts = [p for p in r._inputs(node, depth) if p is not None]
+    return np.concatenate(parts, axis=int(_attr(node, "axis", 0)))  # type: ignore[arg-type]
+
+
+def _ev_constant_of_shape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    shape = r.resolve(node.inputs[0], depth)
+    value = _attr(node, "value", None)
+    fill = np.zeros(1, dtype=np.float32) if value is None else value.numpy().reshape(-1)  # type: ignore[union-attr]
+    return np.full([int(s) for s in shape], fill[0], dtype=fill.dtype)
+
+
+def _ev_gather(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    data, idx = r._inputs(node, depth)
+    assert data is not None and idx is not None
+    return np.take(data, idx.astype(np.int64), axis=int(_attr(node, "axis", 0)))  # type: ignore[arg-type]
+
+
+def _ev_slice(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    inputs = r._inputs(node, depth)
+    data = inputs[0]
+    assert data is not None
+    if r.opset < 10:
+        return _slice(data, _attr(node, "starts"), _attr(node, "ends"), _attr(node, "axes"), None)
+    get = lambda i: inputs[i] if len(inputs) > i else None  # noqa: E731
+    return _slice(data, get(1), get(2), get(3), get(4))
+
+
+def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    def ev(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+        a, b = r._inputs(node, depth)
+        assert a is not None and b is not None
+        out = fn(a, b)
+        return out.astype(np.result_type(a.dtype, b.dtype)) if a.dtype == b.dtype else out
+
+    return ev
+
+
+def _unary(fn: Callable[[np.ndarray], np.ndarray]):
+    def ev(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+        a = r.resolve(node.inputs[0], depth)
+        return fn(a).astype(a.dtype)
+
+    return ev
+
+
+def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    if np.issubdtype(a.dtype, np.integer):
+        return np.trunc(a / b).astype(a.dtype)
+    return a / b
+
+
+_EVALUATORS: dict[str, Callable[[ConstantResolver, ir.Node, int], np.ndarray]] = {
+    "Constant": lambda r, node, depth: _constant_node(node),
+    "Identity": _ev_identity,
+    "Cast": _ev_cast,
+    "CastLike": _ev_castlike,
+    "Shape": _ev_shape,
+    "Expand": _ev_expand,
+    "Reshape": _ev_reshape,
+    "Unsqueeze": _ev_unsqueeze,
+    "Squeeze": _ev_squeeze,
+    "Transpose": _ev_transpose,
+    "Concat": _ev_concat,
+    "ConstantOfShape": _ev_constant_of_shape,
+    "Gather": _ev_gather,
+    "Slice": _ev_slice,
+    "Add": _binary(np.add),
+    "Sub": _binary(np.subtract),
+    "Mul": _binary(np.multiply),
+    "Div": _binary(_div),
+    "Pow": _binary(np.power),
+    "Neg": _unary(np.negative),
+    "Sqrt": _unary(np.sqrt),
+    "Reciprocal": _unary(np.reciprocal),
+    "Abs": _unary(np.abs),
+}

@@ -1,0 +1,274 @@
+"""The report of a rewrite: one entry per candidate, model statistics, parity results.
+
+Every structural match a rule finds becomes exactly one :class:`Entry`: ``applied`` (with the op
+it was folded into) or ``skipped`` (with a reason a person understands and, where there is one,
+the fix). The report renders as a rich table and serialises to a dict for ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+from rich.console import Console, Group
+from rich.table import Table
+from rich.text import Text
+
+__all__ = ["Entry", "ModelStats", "OutputParity", "ParityResult", "Report"]
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["applied", "skipped"]
+
+
+@dataclasses.dataclass
+class Entry:
+    """What happened to one candidate node.
+
+    Attributes:
+        node: The node's name (or ``<op_type>:<output>`` when it has none).
+        op_type: Its op type.
+        status: ``applied`` or ``skipped``.
+        graph: Where the node lives: ``""`` for the main graph, else a path such as
+            ``If 'cond'/then_branch`` or ``function 'pkg.Block'``.
+        target: The op it was folded into (``Conv 'conv1'``), when applied.
+        direction: ``after`` (folded into the producer) or ``before`` (into the consumers).
+        reason: Why it was skipped.
+        fix: How the user could make it fold, when there is a way.
+        warnings: Things worth knowing about an applied fold.
+    """
+
+    node: str
+    op_type: str
+    status: Status
+    graph: str = ""
+    target: str | None = None
+    direction: str | None = None
+    reason: str | None = None
+    fix: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ModelStats:
+    """Size figures of a model, all graphs and functions included."""
+
+    nodes: int = 0
+    norm_nodes: int = 0
+    batchnorm_nodes: int = 0
+    param_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class OutputParity:
+    """The comparison of one output of two models.
+
+    The pass rule, elementwise: ``|test - ref| <= atol + rtol * max|ref|``: the relative part is
+    measured against the reference's largest magnitude, so zeros in the reference neither give
+    NaN nor demand an exact match.
+
+    Attributes:
+        name: The output name.
+        dtype: Its element type.
+        max_abs: Largest absolute difference.
+        max_rel: ``max_abs / max|ref|`` (``max_abs`` when the reference is all zeros).
+        mean_abs: Mean absolute difference.
+        cosine: Cosine similarity of the flattened outputs.
+        nonfinite_mismatch: Elements where exactly one side is NaN/Inf, or they differ in kind.
+        atol: Absolute tolerance used.
+        rtol: Relative tolerance used (times ``max|ref|``).
+        passed: Whether the output passed.
+        min_rtol: The smallest ``rtol`` that would have passed with this ``atol`` (``None`` if
+            no ``rtol`` would, e.g. for NaN mismatches).
+    """
+
+    name: str
+    dtype: str
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    nonfinite_mismatch: int
+    atol: float
+    rtol: float
+    passed: bool
+    min_rtol: float | None
+
+    def line(self) -> str:
+        """``PASSED | logits | max_abs=... max_rel=... (atol=..., rtol=...)``."""
+        verdict = "PASSED" if self.passed else "FAILED"
+        text = (
+            f"{verdict} | {self.name} | max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g} "
+            f"mean_abs={self.mean_abs:.3g} cos={self.cosine:.9f} "
+            f"(atol={self.atol:g}, rtol={self.rtol:g})"
+        )
+        if self.nonfinite_mismatch:
+            text += f" nan/inf mismatches={self.nonfinite_mismatch}"
+        if not self.passed and self.min_rtol is not None:
+            text += f"; would pass with rtol>={self.min_rtol:.3g}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class ParityResult:
+    """Parity of two models on the same inputs: one :class:`OutputParity` per output."""
+
+    provider: str
+    outputs: list[OutputParity]
+    runs: int = 1
+    seed: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when every output passed."""
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def max_rel(self) -> float:
+        """The worst relative error over all outputs."""
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "provider": self.provider,
+            "passed": self.passed,
+            "runs": self.runs,
+            "seed": self.seed,
+            "notes": list(self.notes),
+            "outputs": [o.to_dict() for o in self.outputs],
+        }
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything one rewrite did and measured.
+
+    Attributes:
+        action: ``fold`` or ``inspect``.
+        entries: One per candidate node.
+        before: Model figures before the rewrite.
+        after: Model figures after it.
+        timings: Seconds per phase (``load``, ``fold``, ``save``, ``check``).
+        parity: The parity check, when it ran.
+        notes: Other facts worth a line (IR version lowered for the check, ...).
+    """
+
+    action: str = "fold"
+    entries: list[Entry] = dataclasses.field(default_factory=list)
+    before: ModelStats = dataclasses.field(default_factory=ModelStats)
+    after: ModelStats = dataclasses.field(default_factory=ModelStats)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    parity: ParityResult | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def applied(self) -> list[Entry]:
+        """The entries that were folded."""
+        return [e for e in self.entries if e.status == "applied"]
+
+    @property
+    def skipped(self) -> list[Entry]:
+        """The entries that were left, with reasons."""
+        return [e for e in self.entries if e.status == "skipped"]
+
+    @property
+    def warnings(self) -> list[str]:
+        """All warnings, each prefixed with its node."""
+        return [f"{e.node}: {w}" for e in self.entries for w in e.warnings]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole report."""
+        return {
+            "action": self.action,
+            "applied": len(self.applied),
+            "skipped": len(self.skipped),
+            "entries": [e.to_dict() for e in self.entries],
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "timings": dict(self.timings),
+            "parity": self.parity.to_dict() if self.parity else None,
+            "notes": list(self.notes),
+        }
+
+    def render(self, console: Console | None = None, *, verbose: bool = False) -> None:
+        """Print the report as tables.
+
+        Args:
+            console: Where to print; a new stdout console by default.
+            verbose: List applied entries too (skipped ones are always listed).
+        """
+        console = console or Console()
+        console.print(self._renderable(verbose=verbose))
+
+    def _renderable(self, *, verbose: bool) -> Group:
+        parts: list[Any] = []
+        shown = self.entries if verbose or self.action == "inspect" else self.skipped
+        if shown:
+            table = Table(title=None, show_lines=False, expand=False)
+            table.add_column("node", overflow="fold")
+            table.add_column("op")
+            table.add_column("status")
+            table.add_column("into / reason", overflow="fold")
+            for e in shown:
+                style = "green" if e.status == "applied" else "yellow"
+                where = f"{e.graph}: " if e.graph else ""
+                if e.status == "applied":
+                    detail = f"{e.target} ({e.direction})"
+                    if e.warnings:
+                        detail += " — warning: " + "; ".join(e.warnings)
+                else:
+                    detail = e.reason or ""
+                    if e.fix:
+                        detail += f". Fix: {e.fix}"
+                table.add_row(where + e.node, e.op_type, Text(e.status, style=style), detail)
+            parts.append(table)
+        b, a = self.before, self.after
+        summary = Text()
+        verb = "foldable" if self.action == "inspect" else "folded"
+        summary.append(f"{len(self.applied)} {verb}, {len(self.skipped)} skipped", style="bold")
+        if self.action != "inspect":
+            summary.append(
+                f" | nodes {b.nodes} -> {a.nodes}, BatchNormalization {b.batchnorm_nodes} -> "
+                f"{a.batchnorm_nodes}, parameters {_human_bytes(b.param_bytes)} -> "
+                f"{_human_bytes(a.param_bytes)}"
+            )
+        if self.timings:
+            summary.append(
+                " | " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
+            )
+        parts.append(summary)
+        for w in self.warnings:
+            parts.append(Text(f"warning: {w}", style="yellow"))
+        for n in self.notes:
+            parts.append(Text(f"note: {n}", style="dim"))
+        if self.parity is not None:
+            parts.append(Text(f"parity on {self.parity.provider}:", style="bold"))
+            for o in self.parity.outputs:
+                parts.append(Text(o.line(), style="green" if o.passed else "red"))
+            for n in self.parity.notes:
+                parts.append(Text(f"note: {n}", style="dim"))
+        return Group(*parts)
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
