@@ -1,0 +1,179 @@
+"""Build the small sample models in this folder.
+
+Each model gets random weights, BatchNorm statistics moved by training-mode passes on random
+data (so running variance is far from 1), random gamma/beta, and is then exported to ONNX in
+a form that keeps its BatchNormalization nodes (``torch.onnx.export`` folds BN by itself by
+default: the legacy exporter in eval mode, the dynamo exporter with ``optimize=True``):
+
+* ``mlp.onnx``: the classic BN example: BatchNorm1d on the input and after each hidden Linear,
+  before ReLU (dynamo exporter, ``optimize=False``).
+* ``resnet_small.onnx``: a ResNet-style CNN with basic blocks and a projection shortcut
+  (dynamo exporter, ``optimize=False``: conv biases arrive as constant subexpressions).
+* ``decoder.onnx``: a ConvTranspose decoder, one grouped, one with output_padding (legacy
+  exporter, ``TrainingMode.PRESERVE``).
+* ``dwsep.onnx``: a MobileNet-style depthwise-separable block (legacy exporter, PRESERVE).
+
+Usage: ``python models/build.py [OUT_DIR]`` (default: this folder). Needs torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "build_all"]
+
+logger = logging.getLogger(__name__)
+
+
+class MLP(nn.Module):
+    """BatchNorm1d on the input, then Linear -> BN -> ReLU twice, then a Linear head."""
+
+    def __init__(self, features: int = 20, hidden: int = 64, classes: int = 10) -> None:
+        super().__init__()
+        self.bn_in = nn.BatchNorm1d(features)
+        self.fc1, self.bn1 = nn.Linear(features, hidden), nn.BatchNorm1d(hidden)
+        self.fc2, self.bn2 = nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn_in(x)
+        x = torch.relu(self.bn1(self.fc1(x)))
+        x = torch.relu(self.bn2(self.fc2(x)))
+        return self.head(x)
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus an identity or 1x1-conv-BN shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+class ResNetSmall(nn.Module):
+    """A stem and three basic blocks, global pooling and a linear head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layers = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2))
+        self.head = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))
+        return self.head(x.mean((2, 3)))
+
+
+class Decoder(nn.Module):
+    """ConvTranspose upsampling: plain, grouped, and with output_padding, each followed by BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up1 = nn.ConvTranspose2d(32, 32, 4, 2, 1)
+        self.bn1 = nn.BatchNorm2d(32)
+        self.up2 = nn.ConvTranspose2d(32, 16, 3, 2, 1, output_padding=1, groups=4, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.out = nn.Conv2d(16, 3, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.up1(x)))
+        x = torch.relu(self.bn2(self.up2(x)))
+        return self.out(x)
+
+
+class DepthwiseSeparable(nn.Module):
+    """MobileNet block: depthwise 3x3-BN-ReLU6, pointwise 1x1-BN, and a BN on the input."""
+
+    def __init__(self, cin: int = 16, cout: int = 32) -> None:
+        super().__init__()
+        self.bn_in = nn.BatchNorm2d(cin)
+        self.pw0 = nn.Conv2d(cin, cin, 1, bias=False)
+        self.dw = nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False)
+        self.bn_dw = nn.BatchNorm2d(cin)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn_pw = nn.BatchNorm2d(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw0(self.bn_in(x))
+        x = torch.clamp(self.bn_dw(self.dw(x)), 0, 6)
+        return self.bn_pw(self.pw(x))
+
+
+def randomize_batchnorm(model: nn.Module, example: torch.Tensor, passes: int = 20, seed: int = 0) -> None:
+    """Move BN running statistics with training passes; randomise gamma and beta."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            x = torch.randn(example.shape, generator=gen) * 3.0 + 0.5
+            if x.shape[0] < 2:
+                x = torch.cat([x, x * 0.5])
+            model(x)
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.uniform_(0.5, 2.0, generator=gen)
+                m.weight.mul_(torch.where(torch.rand(m.weight.shape, generator=gen) < 0.2, -1.0, 1.0))
+                m.bias.normal_(0.0, 1.0, generator=gen)
+    model.eval()
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
+    """Export keeping BatchNormalization nodes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(model, (example,), dynamo=True, optimize=False, verbose=False)
+            program.save(str(path))
+        else:
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False,
+                training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+                input_names=["input"], output_names=["output"],
+            )
+
+
+MODELS = {
+    "mlp": (MLP, (8, 20), True),
+    "resnet_small": (ResNetSmall, (1, 3, 32, 32), True),
+    "decoder": (Decoder, (1, 32, 8, 8), False),
+    "dwsep": (DepthwiseSeparable, (1, 16, 16, 16), False),
+}
+
+
+def build_all(out_dir: Path) -> list[Path]:
+    """Build every sample model into ``out_dir``."""
+    torch.manual_seed(0)
+    written = []
+    for name, (cls, shape, dynamo) in MODELS.items():
+        model = cls()
+        example = torch.randn(shape)
+        randomize_batchnorm(model, example)
+        path = out_dir / f"{name}.onnx"
+        export(model, example, path, dynamo)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent
+    for p in build_all(target):
+        print(f"{p} {p.stat().st_size / 1024:.0f} KiB")
