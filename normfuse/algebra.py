@@ -217,7 +217,8 @@ def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 def _finish(lin: LinearWeights, w64: np.ndarray, b64: np.ndarray) -> Folded:
     dtype = lin.out_dtype
     bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype
-    return Folded(w64.astype(dtype), b64.astype(bias_dtype), w64, b64)
+    with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused there
+        return Folded(w64.astype(dtype), b64.astype(bias_dtype), w64, b64)
 
 
 def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:

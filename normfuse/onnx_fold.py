@@ -661,7 +661,7 @@ class _Folder:
                     acc_b = a if acc_b is None else acc_b.then(a)
                 assert acc_b is not None
                 try:
-                    targets, warns = self._apply_before(links, acc_b)
+                    targets, warns = self._apply_before(links, acc_b, rank)
                     for i in suffix:
                         status[i] = ("before", targets, None, warns)
                 except _Refused as exc:
@@ -741,7 +741,7 @@ class _Folder:
     def _warnings(self, link: _Link) -> list[str]:
         if link.kind != "bn":
             return []
-        dtype = link.data.dtype
+        dtype = self._data_dtype(link.data)
         if dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             return []
         try:
@@ -757,6 +757,17 @@ class _Folder:
                 "normal number; the fold uses the exact float64 value"
             ]
         return []
+
+    def _data_dtype(self, value: ir.Value) -> ir.DataType | None:
+        """The element type of an activation, from its type or its producer's weights."""
+        if value.dtype is not None:
+            return value.dtype
+        producer = value.producer()
+        if producer is not None and len(producer.inputs) > 1:
+            w = self.consts.try_resolve(producer.inputs[1])
+            if w is not None:
+                return ir.DataType.from_numpy(w.dtype)
+        return None
 
     def _chain_rank(self, chain: list[_Link]) -> int | None:
         head = chain[0]
@@ -821,7 +832,9 @@ class _Folder:
         self._restore_names()
         return []
 
-    def _apply_before(self, links: list[_Link], affine: Affine) -> tuple[str, list[str]]:
+    def _apply_before(
+        self, links: list[_Link], affine: Affine, rank: int | None
+    ) -> tuple[str, list[str]]:
         tail = links[-1].out
         if tail.is_graph_output():
             raise _Refused(f"its output '{tail.name}' is a graph output")
@@ -842,7 +855,7 @@ class _Folder:
                 raise _Refused(f"it feeds {found.label} as a weight, not as its data input")
             if found.in_axis is None:
                 raise _Refused(found.in_refusal or f"{found.label} cannot take it")
-            in_rank = _rank(tail)
+            in_rank = _rank(tail) if _rank(tail) is not None else rank
             if in_rank is None and found.node.op_type in ("Conv", "ConvTranspose"):
                 in_rank = found.out_rank
             if found.node.op_type == "Gemm":
@@ -922,7 +935,7 @@ class _Folder:
         if (
             old is not None
             and old.is_initializer()
-            and not old.is_graph_input()
+            and not self.consts.is_overridable_input(old)
             and not old.is_graph_output()
             and _exclusive(old, node)
         ):
@@ -947,6 +960,8 @@ class _Folder:
             value = ir.Value(name=name, const_value=tensor)
             self.container.register_initializer(value)
             if self.ir_version < 4 and self.is_main:
+                value.type = ir.TensorType(tensor.dtype)
+                value.shape = ir.Shape(array.shape)
                 self.container.inputs.append(value)
             return value
         const = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=self._fresh(f"{name}_const"))
@@ -985,7 +1000,10 @@ class _Folder:
             if v is None or list(v.uses()) or v.is_graph_output():
                 continue
             if v.is_graph_input():
-                continue
+                if self.ir_version < 4 and v.is_initializer() and v.graph is not None:
+                    v.graph.inputs.remove(v)  # IR < 4 lists every initializer as an input
+                else:
+                    continue
             if v.is_initializer():
                 graph = v.graph
                 if graph is not None and v.name in graph.initializers:

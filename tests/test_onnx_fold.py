@@ -1,0 +1,586 @@
+"""Fold coverage on ONNX graphs: each case compares with onnxruntime at ORT_DISABLE_ALL."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper
+
+import normfuse
+from tests.conftest import (
+    assert_folds,
+    bn_node,
+    bn_params,
+    make_model,
+    normal,
+    op_types,
+    run,
+    tensor,
+)
+
+F = TP.FLOAT
+
+
+def conv_bn_model(
+    rng, *, dims=2, cin=4, cout=6, k=3, groups=1, stride=1, dilation=1, pads=1, bias=True,
+    transpose=False, output_padding=0, opset=17, bn_attrs=None, dtype=np.float32, bn_dtype=None,
+):
+    spatial = [9, 8, 7][:dims]
+    kshape = [k] * dims
+    if transpose:
+        w = normal(rng, [cin, cout // groups, *kshape], dtype)
+    else:
+        w = normal(rng, [cout, cin // groups, *kshape], dtype)
+    inits = [tensor("W", w)]
+    inputs = ["x", "W"]
+    if bias:
+        inits.append(tensor("B", normal(rng, [cout], dtype)))
+        inputs.append("B")
+    attrs = dict(group=groups, strides=[stride] * dims, dilations=[dilation] * dims, pads=[pads] * 2 * dims)
+    if transpose and output_padding:
+        attrs["output_padding"] = [output_padding] * dims
+    op = "ConvTranspose" if transpose else "Conv"
+    inits += bn_params(rng, cout, dtype=bn_dtype or dtype)
+    nodes = [helper.make_node(op, inputs, ["c"], name="conv", **attrs), bn_node("c", "y", **(bn_attrs or {}))]
+    elem = {np.float32: F, np.float16: TP.FLOAT16, np.float64: TP.DOUBLE}[dtype]
+    model = make_model(nodes, [("x", elem, [2, cin, *spatial])], [("y", elem, None)], inits, opset=opset)
+    feeds = {"x": normal(rng, [2, cin, *spatial], dtype)}
+    return model, feeds
+
+
+# ---------------------------------------------------------------- BN after Conv
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(dims=1),
+        dict(dims=2),
+        dict(dims=3, cin=2, cout=4),
+        dict(groups=2),
+        dict(groups=4, cin=4, cout=4),  # depthwise
+        dict(groups=2, cin=4, cout=8),  # depthwise multiplier 2... with 2 groups
+        dict(dilation=2),
+        dict(stride=2),
+        dict(bias=False),
+        dict(k=1, pads=0),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()),
+)
+def test_bn_after_conv(rng, kw):
+    model, feeds = conv_bn_model(rng, **kw)
+    folded, report = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["Conv"]
+    assert report.applied[0].target == "Conv 'conv'" and report.applied[0].direction == "after"
+    assert folded.graph.output[0].name == "y"
+
+
+@pytest.mark.parametrize("opset", [7, 9, 14, 15])
+def test_bn_opset_forms(rng, opset):
+    model, feeds = conv_bn_model(rng, opset=opset)
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert "BatchNormalization" not in op_types(folded)
+
+
+def test_bn7_spatial0_with_per_channel_values_folds(rng):
+    c = 3
+    params = []
+    for name, lo, hi in (("scale", 0.5, 2), ("bias", -1, 1), ("mean", -1, 1), ("var", 0.2, 4)):
+        per_c = rng.uniform(lo, hi, (c, 1))
+        params.append(tensor(f"bn_{name}", np.repeat(per_c, 4, axis=1).astype(np.float32)))
+    w = tensor("W", normal(rng, [4, c]))
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "C"], ["g"], name="gemm", transB=1),
+        bn_node("g", "y", spatial=0),
+    ]
+    # Gemm output is [N, 4]; spatial=0 parameters have shape [C] = [4]: per-channel by nature
+    params = [tensor(p.name, rng.uniform(0.3, 2, 4).astype(np.float32)) for p in params]
+    params.append(tensor("C", normal(rng, [4])))
+    model = make_model(nodes, [("x", F, [3, c])], [("y", F, [3, 4])], [w, *params], opset=7, ir_version=3)
+    for init in model.graph.initializer:  # IR 3: every initializer is also a graph input
+        model.graph.input.append(helper.make_tensor_value_info(init.name, F, list(init.dims)))
+    folded, _ = assert_folds(model, {"x": normal(rng, [3, c])}, applied=1)
+    assert sorted(i.name for i in folded.graph.input) == sorted(["x", *(i.name for i in folded.graph.initializer)])
+    assert sorted(i.name for i in folded.graph.initializer) == ["C", "W"]
+
+
+def test_bn7_spatial0_with_varying_values_is_skipped(rng):
+    c = 3
+    model, feeds = conv_bn_model(rng, opset=7, cout=c, bn_attrs={"spatial": 0})
+    for init in model.graph.initializer:
+        if init.name.startswith("bn_"):
+            lo = 0.2 if init.name == "bn_var" else -1
+            init.CopyFrom(tensor(init.name, rng.uniform(lo, 2, (c, 9, 8)).astype(np.float32)))
+    model.graph.node[0].attribute[3].ints[:] = [1, 1, 1, 1]
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "spatial=0" in entry.reason
+    assert op_types(folded) == ["Conv", "BatchNormalization"]
+
+
+# ---------------------------------------------------------------- ConvTranspose
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(groups=2),
+        dict(groups=4, cin=4, cout=4),
+        dict(stride=2, output_padding=1),
+        dict(bias=False, groups=2, stride=2),
+        dict(dims=1),
+        dict(dims=3, cin=2, cout=4),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "plain",
+)
+def test_bn_after_conv_transpose(rng, kw):
+    model, feeds = conv_bn_model(rng, transpose=True, **kw)
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["ConvTranspose"]
+
+
+# ---------------------------------------------------------------- Gemm
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 1.0), (0.7, 1.3)])
+@pytest.mark.parametrize("bias", ["none", "1d", "2d", "row"])
+def test_bn_after_gemm(rng, trans_b, alpha, beta, bias):
+    k, n, m = 5, 6, 3
+    w = normal(rng, [n, k] if trans_b else [k, n])
+    inits = [tensor("W", w), *bn_params(rng, n)]
+    inputs = ["x", "W"]
+    if bias != "none":
+        shape = {"1d": [n], "2d": [m, n], "row": [1, n]}[bias]
+        inits.append(tensor("C", normal(rng, shape)))
+        inputs.append("C")
+    nodes = [
+        helper.make_node("Gemm", inputs, ["g"], name="gemm", transB=trans_b, alpha=alpha, beta=beta),
+        bn_node("g", "y"),
+    ]
+    model = make_model(nodes, [("x", F, [m, k])], [("y", F, [m, n])], inits)
+    folded, _ = assert_folds(model, {"x": normal(rng, [m, k])}, applied=1)
+    assert op_types(folded) == ["Gemm"]
+
+
+def test_bn_after_gemm_trans_a(rng):
+    k, n, m = 5, 6, 3
+    inits = [tensor("W", normal(rng, [k, n])), *bn_params(rng, n)]
+    nodes = [helper.make_node("Gemm", ["x", "W"], ["g"], name="gemm", transA=1), bn_node("g", "y")]
+    model = make_model(nodes, [("x", F, [k, m])], [("y", F, [m, n])], inits)
+    assert_folds(model, {"x": normal(rng, [k, m])}, applied=1)
+
+
+# ---------------------------------------------------------------- MatMul
+@pytest.mark.parametrize("with_add", [False, True])
+def test_bn_after_matmul(rng, with_add):
+    k, n, m = 5, 6, 4
+    inits = [tensor("W", normal(rng, [k, n])), *bn_params(rng, n)]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm")]
+    src = "mm"
+    if with_add:
+        inits.append(tensor("b", normal(rng, [n])))
+        nodes.append(helper.make_node("Add", ["mm", "b"], ["a"], name="add"))
+        src = "a"
+    nodes.append(bn_node(src, "y"))
+    model = make_model(nodes, [("x", F, [m, k])], [("y", F, [m, n])], inits)
+    folded, report = assert_folds(model, {"x": normal(rng, [m, k])}, applied=1)
+    assert op_types(folded) == ["MatMul", "Add"]
+    assert report.applied[0].target == "MatMul 'mm'"
+    assert folded.graph.output[0].name == "y"
+
+
+def test_bn_after_rank3_matmul_is_skipped_with_axis_reason(rng):
+    k, n, t = 5, 6, 7
+    inits = [tensor("W", normal(rng, [k, n])), *bn_params(rng, t)]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), bn_node("mm", "y")]
+    model = make_model(nodes, [("x", F, [2, t, k])], [("y", F, [2, t, n])], inits)
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "axis" in entry.reason and "MatMul 'mm'" in entry.reason
+    assert op_types(folded) == op_types(model)
+
+
+def test_per_last_axis_mul_after_rank3_matmul_folds(rng):
+    k, n, t = 5, 6, 7
+    inits = [tensor("W", normal(rng, [k, n])), tensor("s", rng.uniform(0.5, 2, n).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), helper.make_node("Mul", ["mm", "s"], ["y"], name="mul")]
+    model = make_model(nodes, [("x", F, [2, t, k])], [("y", F, [2, t, n])], inits)
+    folded, _ = assert_folds(model, {"x": normal(rng, [2, t, k])}, applied=1)
+    assert op_types(folded) == ["MatMul"]
+
+
+# ---------------------------------------------------------------- chains and broadcasting
+def test_conv_bn_bn_chain(rng):
+    model, feeds = conv_bn_model(rng)
+    model.graph.node[1].output[0] = "mid"
+    model.graph.node.append(bn_node("mid", "y", prefix="bn2"))
+    model.graph.initializer.extend(bn_params(rng, 6, prefix="bn2"))
+    folded, report = assert_folds(model, feeds, applied=2)
+    assert op_types(folded) == ["Conv"]
+
+
+@pytest.mark.parametrize("shape", [(6, 1, 1), (1, 6, 1, 1), (), (1,)], ids=str)
+@pytest.mark.parametrize("ops", [("Mul", "Add"), ("Mul", "Sub"), ("Div", "Add"), ("Sub", "Div")])
+def test_conv_elementwise_chain(rng, shape, ops):
+    model, feeds = conv_bn_model(rng)
+    del model.graph.node[1]
+    prev = "c"
+    for i, op in enumerate(ops):
+        const = rng.uniform(0.5, 2.0, shape).astype(np.float32) * (1 if op != "Sub" else -1)
+        model.graph.initializer.append(tensor(f"k{i}", const))
+        out = "y" if i == len(ops) - 1 else f"t{i}"
+        model.graph.node.append(helper.make_node(op, [prev, f"k{i}"], [out], name=f"{op.lower()}{i}"))
+        prev = out
+    folded, _ = assert_folds(model, feeds, applied=2)
+    assert op_types(folded) == ["Conv"]
+
+
+def test_constant_on_the_left(rng):
+    model, feeds = conv_bn_model(rng)
+    del model.graph.node[1]
+    model.graph.initializer.append(tensor("k", rng.uniform(0.5, 2, (6, 1, 1)).astype(np.float32)))
+    model.graph.node.append(helper.make_node("Sub", ["k", "c"], ["y"], name="rsub"))
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["Conv"]
+
+
+def test_last_axis_vector_on_nchw_is_not_per_channel(rng):
+    """A (C,) constant on NCHW broadcasts along W, even when W == C (onnxslim folds it wrongly)."""
+    cout = 6
+    model, _ = conv_bn_model(rng, cout=cout, pads=0, k=1)
+    del model.graph.node[1]
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = cout  # W == C
+    model.graph.initializer.append(tensor("k", rng.uniform(0.5, 2, cout).astype(np.float32)))
+    model.graph.node.append(helper.make_node("Mul", ["c", "k"], ["y"], name="mul"))
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "last axis" in entry.reason and "channel axis 1" in entry.reason
+    assert op_types(folded) == ["Conv", "Mul"]
+    feeds = {"x": normal(rng, [2, 4, 9, cout])}
+    np.testing.assert_array_equal(run(model, feeds)[0], run(folded, feeds)[0])
+
+
+def test_constant_varying_on_two_axes_is_skipped(rng):
+    model, _ = conv_bn_model(rng)
+    del model.graph.node[1]
+    model.graph.initializer.append(tensor("k", rng.uniform(0.5, 2, (6, 9, 1)).astype(np.float32)))
+    model.graph.node.append(helper.make_node("Mul", ["c", "k"], ["y"], name="mul"))
+    _, report = normfuse.fold(model, check=False)
+    assert "varies along axes [1, 2]" in report.skipped[0].reason
+
+
+def test_chain_stops_at_first_refused_link(rng):
+    """Conv -> BN -> Mul(per-W) -> out: the BN folds, the Mul stays with its reason."""
+    model, feeds = conv_bn_model(rng, pads=0, k=1)
+    model.graph.node[1].output[0] = "b"
+    model.graph.initializer.append(tensor("k", rng.uniform(0.5, 2, (1, 1, 8)).astype(np.float32)))
+    model.graph.node.append(helper.make_node("Mul", ["b", "k"], ["y"], name="mul"))
+    folded, report = assert_folds(model, feeds, applied=1, skipped=1)
+    assert op_types(folded) == ["Conv", "Mul"]
+    assert report.skipped[0].node == "mul"
+
+
+# ---------------------------------------------------------------- BN before linear ops
+@pytest.mark.parametrize("padding", ["zeros", "valid"])
+def test_bn_before_unpadded_conv(rng, padding):
+    cin, cout = 4, 6
+    attrs = {"pads": [0, 0, 0, 0]} if padding == "zeros" else {"auto_pad": "VALID"}
+    inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin, 3, 3])), tensor("B", normal(rng, [cout]))]
+    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W", "B"], ["y"], name="conv", **attrs)]
+    model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
+    folded, report = assert_folds(model, {"x": normal(rng, [2, cin, 9, 8])}, applied=1)
+    assert op_types(folded) == ["Conv"]
+    assert report.applied[0].direction == "before"
+
+
+def test_bn_before_grouped_unpadded_conv(rng):
+    cin, cout = 4, 8
+    inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin // 2, 3, 3]))]
+    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", group=2, strides=[2, 2])]
+    model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
+    folded, _ = assert_folds(model, {"x": normal(rng, [2, cin, 9, 8])}, applied=1)
+    assert op_types(folded) == ["Conv"]
+
+
+def test_bn_before_padded_conv_is_skipped(rng):
+    cin, cout = 4, 6
+    inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin, 3, 3]))]
+    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "pads its input with zeros" in entry.reason and "borders" in entry.reason
+    assert op_types(folded) == ["BatchNormalization", "Conv"]
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul", "Gemm-transB"])
+def test_bn_before_dense(rng, op):
+    k, n, m = 5, 6, 4
+    trans_b = op == "Gemm-transB"
+    w = normal(rng, [n, k] if trans_b else [k, n])
+    inits = [*bn_params(rng, k), tensor("W", w)]
+    if op == "MatMul":
+        lin = helper.make_node("MatMul", ["b", "W"], ["y"], name="lin")
+    else:
+        lin = helper.make_node("Gemm", ["b", "W"], ["y"], name="lin", transB=int(trans_b), alpha=0.8)
+    model = make_model([bn_node("x", "b"), lin], [("x", F, [m, k])], [("y", F, [m, n])], inits)
+    folded, _ = assert_folds(model, {"x": normal(rng, [m, k])}, applied=1)
+    assert "BatchNormalization" not in op_types(folded)
+
+
+def test_bn_before_several_dense_consumers(rng):
+    k, n = 5, 6
+    inits = [*bn_params(rng, k), tensor("W1", normal(rng, [k, n])), tensor("W2", normal(rng, [n, k]))]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("MatMul", ["b", "W1"], ["y1"], name="q"),
+        helper.make_node("Gemm", ["b", "W2"], ["y2"], name="k", transB=1),
+    ]
+    model = make_model(nodes, [("x", F, [3, k])], [("y1", F, None), ("y2", F, None)], inits)
+    folded, report = assert_folds(model, {"x": normal(rng, [3, k])}, applied=1)
+    assert report.applied[0].target == "MatMul 'q', Gemm 'k'"
+
+
+def test_mlp_input_bn_hidden_bn(rng):
+    """The classic example: BN on the input (folds forward) and after each Linear (folds back)."""
+    f, h = 6, 8
+    inits = [*bn_params(rng, f, "bn0"), tensor("W1", normal(rng, [h, f])), tensor("B1", normal(rng, [h])),
+             *bn_params(rng, h, "bn1"), tensor("W2", normal(rng, [3, h]))]
+    nodes = [
+        bn_node("x", "a", "bn0"),
+        helper.make_node("Gemm", ["a", "W1", "B1"], ["g1"], name="fc1", transB=1),
+        bn_node("g1", "b1", "bn1"),
+        helper.make_node("Relu", ["b1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "W2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, [("x", F, [4, f])], [("y", F, None)], inits)
+    folded, _ = assert_folds(model, {"x": normal(rng, [4, f])}, applied=2)
+    assert op_types(folded) == ["Gemm", "Relu", "Gemm"]
+
+
+# ---------------------------------------------------------------- where parameters come from
+def test_params_from_constant_and_identity_nodes(rng):
+    model, feeds = conv_bn_model(rng)
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = [helper.make_node("Constant", [], ["Wc"], value=inits["W"]),
+              helper.make_node("Constant", [], ["varc"], value=inits["bn_var"]),
+              helper.make_node("Identity", ["varc"], ["vari"])]
+    for n in ("W", "bn_var"):
+        model.graph.initializer.remove(inits[n])
+    model.graph.node[0].input[1] = "Wc"
+    model.graph.node[1].input[4] = "vari"
+    for i, c in enumerate(consts):
+        model.graph.node.insert(i, c)
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["Conv"]
+
+
+def test_dynamo_style_bias_subexpression(rng):
+    """`Expand(CastLike(0, x), Expand(Shape(W, end=1), [1]))` is a constant: all five peers miss it."""
+    model, feeds = conv_bn_model(rng, bias=False)
+    sub = [
+        helper.make_node("Shape", ["W"], ["s0"], start=0, end=1),
+        helper.make_node("Constant", [], ["one"], value_ints=[1]),
+        helper.make_node("Expand", ["s0", "one"], ["s1"]),
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("z", F, [], [0.0])),
+        helper.make_node("CastLike", ["zero", "x"], ["zl"]),
+        helper.make_node("Expand", ["zl", "s1"], ["bias"]),
+    ]
+    for i, n in enumerate(sub):
+        model.graph.node.insert(i, n)
+    model.graph.node[len(sub)].input.append("bias")
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["Conv"]
+    assert sorted(i.name for i in folded.graph.initializer) == ["W", "bias"]
+
+
+def test_params_that_are_graph_inputs_are_not_baked_in(rng):
+    model, feeds = conv_bn_model(rng)
+    var = next(i for i in model.graph.initializer if i.name == "bn_var")
+    model.graph.input.append(helper.make_tensor_value_info("bn_var", F, [6]))
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "graph input" in entry.reason and "bn_var" in entry.reason
+    assert op_types(folded) == ["Conv", "BatchNormalization"]
+    assert any(i.name == "bn_var" for i in folded.graph.input)
+    assert var is not None
+
+
+def test_weight_that_is_a_graph_input(rng):
+    model, feeds = conv_bn_model(rng)
+    model.graph.input.append(helper.make_tensor_value_info("W", F, [6, 4, 3, 3]))
+    _, report = normfuse.fold(model, check=False)
+    assert "weight of Conv 'conv' is not constant" in report.skipped[0].reason
+
+
+# ---------------------------------------------------------------- refusals
+def test_training_mode_is_skipped(rng):
+    model, feeds = conv_bn_model(rng, opset=15, bn_attrs={"training_mode": 1})
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert entry.reason.startswith("training_mode=1")
+    assert entry.fix and "eval" in entry.fix
+    assert op_types(folded) == ["Conv", "BatchNormalization"]
+
+
+def test_used_extra_outputs_are_skipped(rng):
+    model, feeds = conv_bn_model(rng, opset=9)
+    model.graph.node[1].output.extend(["m", "v"])
+    model.graph.output.append(helper.make_tensor_value_info("m", F, None))
+    _, report = normfuse.fold(model, check=False)
+    assert "training outputs" in report.skipped[0].reason
+
+
+def test_conv_output_used_elsewhere_is_skipped(rng):
+    model, feeds = conv_bn_model(rng)
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
+    model.graph.output.append(helper.make_tensor_value_info("r", F, None))
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "also feeds Relu 'relu'" in entry.reason
+    assert op_types(folded) == op_types(model)
+
+
+def test_shared_weight_is_cloned(rng):
+    model, feeds = conv_bn_model(rng)
+    model.graph.node.append(helper.make_node("Conv", ["x", "W", "B"], ["c2"], name="conv2", pads=[1, 1, 1, 1]))
+    model.graph.output.append(helper.make_tensor_value_info("c2", F, [2, 6, 9, 8]))
+    folded, report = assert_folds(model, feeds, applied=1)
+    inits = {i.name: i for i in folded.graph.initializer}
+    conv2 = next(n for n in folded.graph.node if n.name == "conv2")
+    assert conv2.input[1] == "W" and conv2.input[2] == "B"
+    assert len(inits) == 4  # W, B untouched, plus the folded copies
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(inits["W"]),
+        onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "W")),
+    )
+
+
+def test_nan_and_negative_variance_are_refused(rng):
+    for bad, text in ((np.nan, "NaN"), (-1.0, "negative")):
+        model, _ = conv_bn_model(rng)
+        var = next(i for i in model.graph.initializer if i.name == "bn_var")
+        arr = onnx.numpy_helper.to_array(var).copy()
+        arr[2] = bad
+        var.CopyFrom(tensor("bn_var", arr))
+        _, report = normfuse.fold(model, check=False)
+        assert text in report.skipped[0].reason
+
+
+# ---------------------------------------------------------------- dtypes
+def test_fp16_conv(rng):
+    model, feeds = conv_bn_model(rng, dtype=np.float16)
+    folded, _ = assert_folds(model, feeds, applied=1, rtol=2e-3)
+    w = next(i for i in folded.graph.initializer if i.name == "W")
+    assert onnx.numpy_helper.to_array(w).dtype == np.float16
+
+
+def gemm_bn_model(rng, dtype, k=5, n=6, m=4):
+    elem = {np.float32: F, np.float64: TP.DOUBLE, np.float16: TP.FLOAT16, ml_dtypes.bfloat16: TP.BFLOAT16}[dtype]
+    inits = [tensor("W", normal(rng, [n, k]).astype(dtype)), tensor("C", normal(rng, [n]).astype(dtype)),
+             *bn_params(rng, n, dtype=dtype)]
+    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["g"], name="gemm", transB=1), bn_node("g", "y")]
+    model = make_model(nodes, [("x", elem, [m, k])], [("y", elem, [m, n])], inits, opset=15)
+    return model, {"x": normal(rng, [m, k]).astype(dtype)}
+
+
+def test_fp64_gemm(rng):
+    model, feeds = gemm_bn_model(rng, np.float64)
+    folded, _ = assert_folds(model, feeds, applied=1, rtol=1e-12)
+    w = next(i for i in folded.graph.initializer if i.name == "W")
+    assert onnx.numpy_helper.to_array(w).dtype == np.float64
+
+
+def test_fp16_data_with_fp32_bn_parameters(rng):
+    """BatchNormalization-15 allows fp32 statistics on fp16 data: the result must stay valid."""
+    model, feeds = conv_bn_model(rng, dtype=np.float16, bn_dtype=np.float32, opset=15)
+    folded, _ = assert_folds(model, feeds, applied=1, rtol=2e-3)
+    for init in folded.graph.initializer:
+        assert init.data_type == TP.FLOAT16
+
+
+def test_bfloat16_weights_are_rounded_once(rng):
+    """bf16 Gemm: the folded weight equals the float64 fold rounded once to bfloat16."""
+    model, _ = gemm_bn_model(rng, ml_dtypes.bfloat16)
+    folded, report = normfuse.fold(model, check=False)
+    onnx.checker.check_model(folded, full_check=True)
+    assert op_types(folded) == ["Gemm"]
+    inits = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    s = inits["bn_scale"] / np.sqrt(inits["bn_var"] + 1e-5)
+    expected_w = (inits["W"] * s[:, None]).astype(ml_dtypes.bfloat16)
+    expected_c = (inits["C"] * s + inits["bn_bias"] - inits["bn_mean"] * s).astype(ml_dtypes.bfloat16)
+    got = {i.name: i for i in folded.graph.initializer}
+    assert got["W"].data_type == TP.BFLOAT16
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(got["W"]).astype(np.float32), expected_w.astype(np.float32))
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(got["C"]).astype(np.float32), expected_c.astype(np.float32))
+
+
+def test_fp16_overflow_is_refused(rng):
+    model, feeds = conv_bn_model(rng, dtype=np.float16)
+    var = next(i for i in model.graph.initializer if i.name == "bn_var")
+    var.CopyFrom(tensor("bn_var", np.full(6, 1e-7, np.float16)))
+    gamma = next(i for i in model.graph.initializer if i.name == "bn_scale")
+    gamma.CopyFrom(tensor("bn_scale", np.full(6, 60000, np.float16)))
+    model.graph.node[1].attribute.append(helper.make_attribute("epsilon", 1e-7))
+    folded, report = normfuse.fold(model, check=False)
+    assert "beyond the range of float16" in report.skipped[0].reason
+    assert op_types(folded) == ["Conv", "BatchNormalization"]
+
+
+def test_fp16_tiny_variance_warns_and_folds_exactly(rng):
+    model, feeds = conv_bn_model(rng, dtype=np.float16, bn_dtype=np.float32, opset=15)
+    var = next(i for i in model.graph.initializer if i.name == "bn_var")
+    var.CopyFrom(tensor("bn_var", np.full(6, 1e-6, np.float32)))
+    model.graph.node[1].attribute.append(helper.make_attribute("epsilon", 1e-6))
+    gamma = next(i for i in model.graph.initializer if i.name == "bn_scale")
+    gamma.CopyFrom(tensor("bn_scale", np.full(6, 1e-3, np.float32)))
+    folded, report = normfuse.fold(model, check=False)
+    assert report.applied and "smallest normal" in report.applied[0].warnings[0]
+    w = onnx.numpy_helper.to_array(next(i for i in folded.graph.initializer if i.name == "W"))
+    assert np.all(np.isfinite(w))
+
+
+# ---------------------------------------------------------------- graph hygiene
+def test_idempotent_and_deterministic(rng):
+    model, feeds = conv_bn_model(rng)
+    once, r1 = normfuse.fold(model, check=False)
+    twice, r2 = normfuse.fold(once, check=False)
+    again, _ = normfuse.fold(model, check=False)
+    assert r2.entries == []
+    assert twice.SerializeToString() == once.SerializeToString()
+    assert again.SerializeToString() == once.SerializeToString()
+
+
+def test_unused_initializers_removed_names_kept(rng):
+    model, feeds = conv_bn_model(rng)
+    folded, _ = normfuse.fold(model, check=False)
+    assert sorted(i.name for i in folded.graph.initializer) == ["B", "W"]
+    assert [n.name for n in folded.graph.node] == ["conv"]
+    assert [o.name for o in folded.graph.output] == ["y"]
+    assert folded.ir_version == model.ir_version
+    assert folded.producer_name == "normfuse-tests"
+
+
+def test_input_model_is_not_modified(rng):
+    model, _ = conv_bn_model(rng)
+    before = model.SerializeToString()
+    normfuse.fold(model, check=False)
+    assert model.SerializeToString() == before
+
+
+def test_bn_with_no_linear_neighbour_has_a_reason(rng):
+    c = 4
+    inits = bn_params(rng, c)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "b"), helper.make_node("Relu", ["b"], ["y"])]
+    model = make_model(nodes, [("x", F, [2, c, 3, 3])], [("y", F, None)], inits)
+    _, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "Relu 'relu'" in entry.reason and "not a linear op" in entry.reason
+
+
+def test_bn_graph_output_before_linear_is_skipped(rng):
+    k = 5
+    inits = [*bn_params(rng, k), tensor("W", normal(rng, [k, 3]))]
+    nodes = [bn_node("x", "b"), helper.make_node("MatMul", ["b", "W"], ["y"], name="mm")]
+    model = make_model(nodes, [("x", F, [2, k])], [("y", F, None), ("b", F, None)], inits)
+    _, report = normfuse.fold(model, check=False)
+    assert "graph output" in report.skipped[0].reason
