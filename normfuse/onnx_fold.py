@@ -568,6 +568,10 @@ class _Folder:
         """Fold what can fold in one chain; one entry per reportable node."""
         rank = self._chain_rank(chain)
         link_warnings = [self._warnings(link) for link in chain]
+        head_input = chain[0].data.producer() if chain[0].kind != "norm" else None
+        touches_linear = (head_input is not None and head_input.op_type in LINEAR_OPS | {"Add"}) or any(
+            u.op_type in LINEAR_OPS for u in _uses(chain[-1].out)
+        )
         names = [node_name(link.node) for link in chain]
         affines: list[Affine | _Refused] = []
         for link in chain:
@@ -666,9 +670,6 @@ class _Folder:
                         status[i] = ("before", targets, None, warns)
                 except _Refused as exc:
                     before_reason, before_fix = exc.reason, exc.fix
-        touches_linear = lin_after is not None or (
-            producer is not None and producer.op_type in LINEAR_OPS
-        ) or any(u.op_type in LINEAR_OPS for u in _uses(chain[-1].out))
         entries = []
         for i, link in enumerate(chain):
             reportable = link.kind != "elementwise" or touches_linear or any(
