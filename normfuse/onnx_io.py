@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 _TWO_GIB = 2**31
 
+#: In-memory flag (``ir.Model.meta``, never serialized): the model was read with external data.
+EXTERNAL_DATA_KEY = "normfuse.external_data"
+
 
 @dataclasses.dataclass
 class Loaded:
@@ -79,6 +82,8 @@ def load(source: object, *, copy: bool = True) -> Loaded:
         except UnicodeDecodeError:
             raise InputError(f"{path} is not a readable ONNX model") from None
         _check_has_graph(model, str(path))
+        if has_external_data(model):
+            model.meta[EXTERNAL_DATA_KEY] = True
         return Loaded(model, "path", path=path)
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = onnx.ModelProto()
@@ -194,7 +199,11 @@ def save(
     if not folder.is_dir():
         raise InputError(f"the output folder {folder} does not exist")
     if external_data is None:
-        external_data = has_external_data(ir_model) or _total_bytes(ir_model) > _TWO_GIB
+        external_data = (
+            bool(ir_model.meta.get(EXTERNAL_DATA_KEY))
+            or has_external_data(ir_model)
+            or _total_bytes(ir_model) > _TWO_GIB
+        )
     data_path = folder / f"{out.name}.data"
     data_existed = data_path.exists()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)

@@ -1,0 +1,161 @@
+"""Loading and saving: every input form, external data, metadata kept, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper
+
+import normfuse
+from normfuse import onnx_io
+from tests.conftest import bn_node, bn_params, make_model, normal, op_types, run, tensor
+
+F = TP.FLOAT
+
+
+@pytest.fixture
+def model(rng) -> onnx.ModelProto:
+    inits = [tensor("W", normal(rng, [16, 8, 3, 3])), *bn_params(rng, 16)]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]), bn_node("c", "y")]
+    m = make_model(nodes, [("x", F, [1, 8, 6, 6])], [("y", F, [1, 16, 6, 6])], inits, ir_version=9)
+    m.doc_string = "a test model"
+    m.producer_version = "7.7"
+    m.model_version = 3
+    helper.set_model_props(m, {"author": "tests", "license": "none"})
+    m.graph.doc_string = "graph doc"
+    return m
+
+
+def test_every_input_form_round_trips(model, tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    ir_model = ir.from_proto(model)
+    for source, kind in (
+        (path, ir.Model),
+        (str(path), ir.Model),
+        (model.SerializeToString(), bytes),
+        (model, onnx.ModelProto),
+        (ir_model, ir.Model),
+    ):
+        folded, report = normfuse.fold(source, check=False)
+        assert isinstance(folded, kind), type(folded)
+        assert len(report.applied) == 1
+    # the caller's onnx_ir.Model is not modified
+    assert [n.op_type for n in ir_model.graph] == ["Conv", "BatchNormalization"]
+
+
+def test_metadata_ir_version_and_opsets_are_kept(model, tmp_path):
+    folded, _ = normfuse.fold(model, check=False)
+    out = tmp_path / "f.onnx"
+    normfuse.save(folded, out)
+    saved = onnx.load(out)
+    assert saved.ir_version == 9
+    assert [(o.domain, o.version) for o in saved.opset_import] == [(o.domain, o.version) for o in model.opset_import]
+    assert saved.producer_name == model.producer_name and saved.producer_version == "7.7"
+    assert saved.doc_string == "a test model" and saved.model_version == 3
+    assert {p.key: p.value for p in saved.metadata_props} == {"author": "tests", "license": "none"}
+    assert saved.graph.doc_string == "graph doc"
+
+
+def test_external_data_is_read_lazily_and_written_back(model, tmp_path, rng):
+    src = tmp_path / "in"
+    src.mkdir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given
+    onnx.save(copy, src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    loaded = normfuse.load(src / "m.onnx")
+    w = loaded.graph.initializers["W"].const_value
+    assert isinstance(w, ir.ExternalTensor)
+    folded, _ = normfuse.fold(src / "m.onnx", check=False)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    normfuse.save(folded, out_dir / "f.onnx")
+    assert (out_dir / "f.onnx.data").exists()
+    saved = onnx.load(out_dir / "f.onnx", load_external_data=False)
+    big = [t for t in saved.graph.initializer if t.name == "W"]
+    assert big and big[0].data_location == TP.EXTERNAL
+    assert {e.value for t in big for e in t.external_data if e.key == "location"} == {"f.onnx.data"}
+    feeds = {"x": normal(rng, [1, 8, 6, 6])}
+    ref = run(model, feeds)[0]
+    got = run(onnx.load(out_dir / "f.onnx"), feeds)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+    # the input's data file is untouched
+    assert sorted(p.name for p in src.iterdir()) == ["m.onnx", "weights.bin"]
+
+
+def test_save_refuses_to_overwrite_without_force(model, tmp_path):
+    out = tmp_path / "f.onnx"
+    out.write_bytes(b"precious")
+    with pytest.raises(normfuse.OutputExistsError, match="--force"):
+        normfuse.save(model, out)
+    assert out.read_bytes() == b"precious"
+    normfuse.save(model, out, force=True)
+    assert onnx.load(out).graph.node
+
+
+def test_save_into_missing_folder_is_an_input_error(model, tmp_path):
+    with pytest.raises(normfuse.InputError, match="does not exist"):
+        normfuse.save(model, tmp_path / "nope" / "f.onnx")
+
+
+def test_failed_verification_leaves_nothing(model, tmp_path):
+    out = tmp_path / "f.onnx"
+
+    def verify(path):
+        assert path.exists() and path != out
+        raise normfuse.ParityError("boom")
+
+    with pytest.raises(normfuse.ParityError):
+        onnx_io.save(ir.from_proto(model), out, verify=verify)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage\xff" * 10, b"not a model at all"])
+def test_bad_files_are_input_errors(tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    with pytest.raises(normfuse.InputError):
+        normfuse.load(bad)
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(normfuse.InputError, match="no such file"):
+        normfuse.load(tmp_path / "missing.onnx")
+    with pytest.raises(normfuse.InputError, match="directory"):
+        normfuse.load(tmp_path)
+
+
+def test_unknown_type():
+    with pytest.raises(normfuse.InputError, match="cannot read a model from int"):
+        normfuse.load(42)
+
+
+def test_onnx_program_round_trip(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    m = M()
+    m.bn.running_var.uniform_(0.2, 3)
+    m.bn.running_mean.normal_()
+    m.eval()
+    program = torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), dynamo=True, optimize=False, verbose=False)
+    before = op_types(program.model_proto)
+    folded, report = normfuse.fold(program)
+    assert type(folded).__name__ == "ONNXProgram"
+    assert "BatchNormalization" not in op_types(folded.model_proto)
+    assert op_types(program.model_proto) == before  # the caller's program is untouched
+    assert report.parity is not None and report.parity.passed
+    x = torch.randn(1, 3, 8, 8)
+    np.testing.assert_allclose(folded(x)[0].numpy(), m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
