@@ -958,11 +958,12 @@ class _Folder:
     def _new_const(self, name: str, array: np.ndarray, before: ir.Node) -> ir.Value:
         tensor = ir.Tensor(array, name=name)
         if isinstance(self.container, ir.Graph):
-            value = ir.Value(name=name, const_value=tensor)
+            # typed like onnx_ir types initializers on load, so a second fold changes nothing
+            value = ir.Value(
+                name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape)
+            )
             self.container.register_initializer(value)
             if self.ir_version < 4 and self.is_main:
-                value.type = ir.TensorType(tensor.dtype)
-                value.shape = ir.Shape(array.shape)
                 self.container.inputs.append(value)
             return value
         const = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=self._fresh(f"{name}_const"))
