@@ -1,0 +1,249 @@
+"""Small torchvision-style CNN families, written here (torchvision is not a dependency).
+
+Each follows its family's block structure at a tiny width, so exported graphs have the same
+patterns as the real networks: ResNet bottlenecks, MobileNet V2 inverted residuals, MobileNet
+V3 blocks with squeeze-excitation and hardswish, EfficientNet MBConv with SiLU, RegNet-X group
+convolutions, ShuffleNet V2 channel split and shuffle, MnasNet 5x5 blocks, VGG with BN, and a
+DeepLabV3-style ASPP head with dilated convolutions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["FAMILIES", "build"]
+
+
+def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1, g: int = 1, d: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, d * (k - 1) // 2, dilation=d, groups=g, bias=False), nn.BatchNorm2d(cout)]
+    if act is not None:
+        layers.append(act())
+    return nn.Sequential(*layers)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin: int, mid: int, s: int = 1) -> None:
+        super().__init__()
+        cout = mid * 4
+        self.body = nn.Sequential(conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, s), conv_bn(mid, cout, 1, act=None))
+        self.down = conv_bn(cin, cout, 1, s, act=None) if s != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.down(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 16, 7, 2), nn.MaxPool2d(3, 2, 1))
+        self.layers = nn.Sequential(Bottleneck(16, 8), Bottleneck(32, 16, 2), Bottleneck(64, 16))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self, c: int, squeeze: int, gate: type[nn.Module] = nn.Sigmoid, act: type[nn.Module] = nn.ReLU) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, squeeze, 1), act(), nn.Conv2d(squeeze, c, 1), gate()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNet V2/V3, MnasNet and EfficientNet MBConv, by options."""
+
+    def __init__(self, cin: int, cout: int, expand: int, k: int = 3, s: int = 1,
+                 act: type[nn.Module] = nn.ReLU6, se: int = 0, se_gate: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        mid = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(conv_bn(cin, mid, 1, act=act))
+        layers.append(conv_bn(mid, mid, k, s, g=mid, act=act))
+        if se:
+            layers.append(SqueezeExcite(mid, se, gate=se_gate, act=nn.ReLU if se_gate is nn.Hardsigmoid else nn.SiLU))
+        layers.append(conv_bn(mid, cout, 1, act=None))
+        self.block = nn.Sequential(*layers)
+        self.residual = s == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16, 3, 2, act=nn.ReLU6), InvertedResidual(16, 8, 1), InvertedResidual(8, 16, 6, s=2),
+            InvertedResidual(16, 16, 6), conv_bn(16, 64, 1, act=nn.ReLU6),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class MobileNetV3(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16, 3, 2, act=nn.Hardswish),
+            InvertedResidual(16, 16, 1, se=8, se_gate=nn.Hardsigmoid, act=nn.ReLU),
+            InvertedResidual(16, 24, 4, k=5, s=2, act=nn.Hardswish, se=16, se_gate=nn.Hardsigmoid),
+            conv_bn(24, 96, 1, act=nn.Hardswish),
+        )
+        self.classifier = nn.Sequential(nn.Linear(96, 64), nn.Hardswish(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class EfficientNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(3, 16, 3, 2, act=nn.SiLU), InvertedResidual(16, 16, 1, act=nn.SiLU, se=4),
+            InvertedResidual(16, 24, 6, s=2, act=nn.SiLU, se=4), InvertedResidual(24, 24, 6, k=5, act=nn.SiLU, se=6),
+            conv_bn(24, 64, 1, act=nn.SiLU),
+        )
+        self.classifier = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+class RegNetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, s: int, group_width: int = 8) -> None:
+        super().__init__()
+        self.f = nn.Sequential(conv_bn(cin, cout, 1), conv_bn(cout, cout, 3, s, g=cout // group_width), conv_bn(cout, cout, 1, act=None))
+        self.proj = conv_bn(cin, cout, 1, s, act=None) if s != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.proj(x) + self.f(x))
+
+
+class RegNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.trunk = nn.Sequential(RegNetBlock(16, 32, 2), RegNetBlock(32, 32, 1), RegNetBlock(32, 64, 2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.trunk(self.stem(x)).mean((2, 3)))
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, cin: int, cout: int, s: int) -> None:
+        super().__init__()
+        branch = cout // 2
+        self.s = s
+        if s > 1:
+            self.branch1 = nn.Sequential(conv_bn(cin, cin, 3, s, g=cin, act=None), conv_bn(cin, branch, 1))
+        b2_in = cin if s > 1 else branch
+        self.branch2 = nn.Sequential(conv_bn(b2_in, branch, 1), conv_bn(branch, branch, 3, s, g=branch, act=None), conv_bn(branch, branch, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.s == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 16, 3, 2), nn.MaxPool2d(3, 2, 1))
+        self.stages = nn.Sequential(ShuffleUnit(16, 32, 2), ShuffleUnit(32, 32, 1), ShuffleUnit(32, 64, 2))
+        self.conv5 = conv_bn(64, 128, 1)
+        self.fc = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv5(self.stages(self.stem(x))).mean((2, 3)))
+
+
+class MnasNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            conv_bn(3, 16, 3, 2), conv_bn(16, 16, 3, g=16), conv_bn(16, 8, 1, act=None),
+            InvertedResidual(8, 16, 3, k=3, s=2, act=nn.ReLU), InvertedResidual(16, 24, 3, k=5, s=2, act=nn.ReLU),
+            InvertedResidual(24, 24, 6, k=5, act=nn.ReLU), conv_bn(24, 64, 1),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.layers(x).mean((2, 3)))
+
+
+class VGGBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        cfg = [16, "M", 32, 32, "M", 64, 64, "M"]
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(conv_bn(cin, int(v)))
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+class DeepLabHead(nn.Module):
+    """A DeepLabV3-style ASPP over a small backbone: dilated convs, image pooling, projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, 16, 3, 2), conv_bn(16, 32, 3, 2))
+        self.aspp = nn.ModuleList([conv_bn(32, 16, 1), conv_bn(32, 16, 3, d=2), conv_bn(32, 16, 3, d=3)])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn(32, 16, 1))
+        self.project = conv_bn(64, 16, 1)
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.backbone(x)
+        pooled = self.pool(f).expand(-1, -1, f.shape[2], f.shape[3])
+        y = torch.cat([b(f) for b in self.aspp] + [pooled], dim=1)
+        return self.head(self.project(y))
+
+
+FAMILIES: dict[str, type[nn.Module]] = {
+    "resnet": ResNet,
+    "mobilenet_v2": MobileNetV2,
+    "mobilenet_v3": MobileNetV3,
+    "efficientnet": EfficientNet,
+    "regnet": RegNet,
+    "shufflenet_v2": ShuffleNetV2,
+    "mnasnet": MnasNet,
+    "vgg_bn": VGGBN,
+    "deeplabv3": DeepLabHead,
+}
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A family member with random weights and BN statistics moved by training passes."""
+    from models.build import randomize_batchnorm
+
+    torch.manual_seed(seed)
+    model = FAMILIES[name]()
+    randomize_batchnorm(model, torch.randn(4, 3, 32, 32), passes=10, seed=seed)
+    return model
