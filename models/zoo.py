@@ -247,3 +247,22 @@ def build(name: str, seed: int = 0) -> nn.Module:
     model = FAMILIES[name]()
     randomize_batchnorm(model, torch.randn(4, 3, 32, 32), passes=10, seed=seed)
     return model
+
+
+class ResNet50(nn.Module):
+    """The ResNet-50 layout (bottlenecks 3-4-6-3, widths 64-2048): 25.6 M parameters, ~100 MB."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1))
+        blocks: list[nn.Module] = []
+        cin = 64
+        for mid, n, s in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+            for i in range(n):
+                blocks.append(Bottleneck(cin, mid, s if i == 0 else 1))
+                cin = mid * 4
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(2048, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))

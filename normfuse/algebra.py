@@ -200,12 +200,19 @@ class LinearWeights:
 
 @dataclasses.dataclass(frozen=True)
 class Folded:
-    """New weights after a fold, rounded to the op's dtype, plus the float64 values."""
+    """New weights after a fold, rounded once to the op's dtype.
+
+    Attributes:
+        weight: The new weight, in the op's dtype.
+        bias: The new bias, in the op's dtype.
+        bias64: The bias in float64, before rounding.
+        weight_peak: The largest ``|W'|`` in float64 (``inf`` if some value is not finite).
+    """
 
     weight: np.ndarray
     bias: np.ndarray
-    weight64: np.ndarray
     bias64: np.ndarray
+    weight_peak: float
 
 
 def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
@@ -214,11 +221,28 @@ def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
-def _finish(lin: LinearWeights, w64: np.ndarray, b64: np.ndarray) -> Folded:
+def _scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
+    """``w * factor`` computed in float64 and rounded once into ``dtype``.
+
+    numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
+    float64 copy of the whole weight is made.
+    """
+    out = np.empty(w.shape, dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
+        np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
+    bound = max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max()) if w.size else 0.0
+    if bound <= dtype_max(dtype):
+        return out, bound
+    exact = np.abs(w.astype(np.float64) * factor)
+    return out, float(exact.max())
+
+
+def _finish(lin: LinearWeights, w: np.ndarray, factor: np.ndarray, b64: np.ndarray) -> Folded:
     dtype = lin.out_dtype
     bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype
-    with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused there
-        return Folded(w64.astype(dtype), b64.astype(bias_dtype), w64, b64)
+    weight, peak = _scale_weight(w, factor, dtype)
+    with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused
+        return Folded(weight, b64.astype(bias_dtype), b64, peak)
 
 
 def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:
@@ -233,20 +257,20 @@ def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:
     """
     c_out = lin.out_channels
     a = affine.expand(c_out)
-    w = _f64(lin.weight)
+    w = lin.weight
     b = _f64(lin.bias) if lin.bias is not None else np.zeros(c_out)
     if lin.kind == "conv":
-        w = w * _expand_dims(a.scale, w.ndim, 0)
+        factor = _expand_dims(a.scale, w.ndim, 0)
     elif lin.kind == "conv_transpose":
         g = lin.groups
         in_per_group = w.shape[0] // g
         per_in = np.repeat(a.scale.reshape(g, -1), in_per_group, axis=0)  # [in, out/g]
-        w = w * per_in.reshape(per_in.shape + (1,) * (w.ndim - 2))
+        factor = per_in.reshape(per_in.shape + (1,) * (w.ndim - 2))
     elif lin.kind == "dense":
-        w = w * a.scale[:, None]
+        factor = a.scale[:, None]
     else:
-        w = w * a.scale[None, :]
-    return _finish(lin, w, b * a.scale + a.shift)
+        factor = a.scale[None, :]
+    return _finish(lin, w, factor, b * a.scale + a.shift)
 
 
 def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
@@ -264,29 +288,29 @@ def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
     """
     c_in = lin.in_channels
     a = affine.expand(c_in)
-    w = _f64(lin.weight)
+    w = lin.weight
     b = _f64(lin.bias) if lin.bias is not None else np.zeros(lin.out_channels)
     if lin.kind == "conv":
         g = lin.groups
         out_per_group = w.shape[0] // g
         scale = np.repeat(a.scale.reshape(g, -1), out_per_group, axis=0)  # [out, in/g]
         shift = np.repeat(a.shift.reshape(g, -1), out_per_group, axis=0)
-        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [out, in/g]
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2, dtype=np.float64)  # [out, in/g]
         b = b + (taps * shift).sum(axis=1)
-        w = w * scale.reshape(scale.shape + (1,) * (w.ndim - 2))
+        factor = scale.reshape(scale.shape + (1,) * (w.ndim - 2))
     elif lin.kind == "conv_transpose":
         g = lin.groups
-        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2)  # [in, out/g]
+        taps = w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2, dtype=np.float64)  # [in, out/g]
         contrib = (taps * a.shift[:, None]).reshape(g, -1, w.shape[1]).sum(axis=1)
         b = b + contrib.reshape(-1)
-        w = w * _expand_dims(a.scale, w.ndim, 0)
+        factor = _expand_dims(a.scale, w.ndim, 0)
     elif lin.kind == "dense":
-        b = b + w @ a.shift
-        w = w * a.scale[None, :]
+        b = b + _f64(w) @ a.shift
+        factor = a.scale[None, :]
     else:
-        b = b + a.shift @ w
-        w = w * a.scale[:, None]
-    return _finish(lin, w, b)
+        b = b + a.shift @ _f64(w)
+        factor = a.scale[:, None]
+    return _finish(lin, w, factor, b)
 
 
 def dtype_max(dtype: np.dtype) -> float:
@@ -300,5 +324,11 @@ def dtype_max(dtype: np.dtype) -> float:
 
 def overflows(values64: np.ndarray, dtype: np.dtype) -> bool:
     """True when finite float64 values exceed what ``dtype`` can hold."""
+    if values64.size == 0:
+        return False
+    limit = dtype_max(dtype)
+    hi, lo = float(values64.max()), float(values64.min())
+    if np.isfinite(hi) and np.isfinite(lo):  # fast path: two passes, no temporaries
+        return max(hi, -lo) > limit
     finite = values64[np.isfinite(values64)]
-    return bool(finite.size) and float(np.abs(finite).max()) > dtype_max(dtype)
+    return bool(finite.size) and float(np.abs(finite).max()) > limit

@@ -1090,12 +1090,15 @@ def _lines_up(
 
 
 def _check_range(folded: algebra.Folded, lin: _Linear) -> None:
-    for what, v64, arr in (("weight", folded.weight64, folded.weight), ("bias", folded.bias64, folded.bias)):
-        if algebra.overflows(v64, arr.dtype):
-            big = float(np.abs(v64[np.isfinite(v64)]).max())
+    checks = (
+        ("weight", folded.weight_peak, folded.weight.dtype),
+        ("bias", float(np.abs(folded.bias64).max()) if folded.bias64.size else 0.0, folded.bias.dtype),
+    )
+    for what, peak, dtype in checks:
+        if peak > algebra.dtype_max(dtype):
             raise _Refused(
-                f"the folded {what} of {lin.label} would reach {big:.3g}, beyond the range of "
-                f"{arr.dtype} ({algebra.dtype_max(arr.dtype):.3g})"
+                f"the folded {what} of {lin.label} would reach {peak:.3g}, beyond the range of "
+                f"{dtype} ({algebra.dtype_max(dtype):.3g})"
             )
 
 

@@ -185,7 +185,7 @@ def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
 
     def broken(lin, affine):
         folded = real(lin, affine)
-        return algebra.Folded(folded.weight * np.float32(1.1), folded.bias, folded.weight64, folded.bias64)
+        return algebra.Folded(folded.weight * np.float32(1.1), folded.bias, folded.bias64, folded.weight_peak)
 
     monkeypatch.setattr(algebra, "absorb_after", broken)
     result = invoke("fold", src, "-o", tmp_path / "o.onnx")
