@@ -50,10 +50,18 @@ def _export(model, path: Path, exporter: str, shape) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "legacy":
-            torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                              do_constant_folding=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+            )
         else:
-            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(str(path))
+            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(
+                str(path)
+            )
 
 
 def _time(fn) -> float:
@@ -81,26 +89,44 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
             for p in work.glob("out*"):
                 p.unlink()
 
-        def floor() -> None:
+        def floor(src: Path = src, out: Path = out) -> None:
             onnx.save(onnx.load(src), out)
 
-        def ir_io() -> None:
+        def ir_io(src: Path = src, out: Path = out) -> None:
             ir.save(ir.load(src), out)
 
-        def copy() -> None:
+        def copy(src: Path = src, out: Path = out) -> None:
             shutil.copyfile(src, out)
 
-        def fold_api() -> None:
+        def fold_api(src: Path = src, out: Path = out) -> None:
             loaded = onnx_io.load(src)
             run_fold(loaded.model, Report(), FoldOptions())
             onnx_io.save(loaded.model, out, force=True)
 
-        def fold_cli() -> None:
-            subprocess.run([sys.executable, "-m", "normfuse.cli", "fold", str(src), "-o", str(out),
-                            "--no-check", "--force"], check=True, capture_output=True)
+        def fold_cli(src: Path = src, out: Path = out) -> None:
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "normfuse.cli",
+                    "fold",
+                    str(src),
+                    "-o",
+                    str(out),
+                    "--no-check",
+                    "--force",
+                ],
+                check=True,
+                capture_output=True,
+            )
 
-        cases = {"onnx load+save (floor)": floor, "onnx_ir load+save": ir_io, "byte copy": copy,
-                 "normfuse.fold (API)": fold_api, "normfuse fold (CLI)": fold_cli}
+        cases = {
+            "onnx load+save (floor)": floor,
+            "onnx_ir load+save": ir_io,
+            "byte copy": copy,
+            "normfuse.fold (API)": fold_api,
+            "normfuse fold (CLI)": fold_cli,
+        }
         times: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(repeat):
             for name, fn in cases.items():  # alternate, so drift hits every case alike
@@ -110,8 +136,15 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
         size = src.stat().st_size
         for name, ts in times.items():
             med = statistics.median(ts)
-            rows.append({"model": f"resnet50 ({exporter})", "size_mb": size / 1e6, "case": name,
-                         "median_s": med, "ratio": med / base})
+            rows.append(
+                {
+                    "model": f"resnet50 ({exporter})",
+                    "size_mb": size / 1e6,
+                    "case": name,
+                    "median_s": med,
+                    "ratio": med / base,
+                }
+            )
         clean()
     return rows
 
@@ -127,14 +160,19 @@ def bench_families(work: Path) -> list[dict]:
             _export(model, src, exporter, (1, 3, 32, 32))
             proto = onnx.load(src)
             t = time.perf_counter()
-            folded, report = normfuse.fold(proto, provider="cpu")
+            _, report = normfuse.fold(proto, provider="cpu")
             elapsed = time.perf_counter() - t - report.timings.get("check", 0.0)
-            rows.append({
-                "model": name, "exporter": exporter,
-                "bn_before": report.before.batchnorm_nodes, "bn_after": report.after.batchnorm_nodes,
-                "skipped": len(report.skipped), "max_rel": report.parity.max_rel if report.parity else None,
-                "fold_ms": elapsed * 1000,
-            })
+            rows.append(
+                {
+                    "model": name,
+                    "exporter": exporter,
+                    "bn_before": report.before.batchnorm_nodes,
+                    "bn_after": report.after.batchnorm_nodes,
+                    "skipped": len(report.skipped),
+                    "max_rel": report.parity.max_rel if report.parity else None,
+                    "fold_ms": elapsed * 1000,
+                }
+            )
     return rows
 
 
@@ -151,11 +189,13 @@ def main() -> None:
         if not args.skip_speed:
             speed = bench_speed(work, args.repeat)
             result["speed"] = speed
-            print("\n## Fold time vs the I/O floor (median of %d, alternating)\n" % args.repeat)
+            print(f"\n## Fold time vs the I/O floor (median of {args.repeat}, alternating)\n")
             print("| model | size | case | median | ratio to floor |")
             print("|---|---|---|---|---|")
             for r in speed:
-                print(f"| {r['model']} | {r['size_mb']:.0f} MB | {r['case']} | {r['median_s'] * 1000:.0f} ms | {r['ratio']:.2f}x |")
+                print(
+                    f"| {r['model']} | {r['size_mb']:.0f} MB | {r['case']} | {r['median_s'] * 1000:.0f} ms | {r['ratio']:.2f}x |"
+                )
         if not args.skip_families:
             fam = bench_families(work)
             result["families"] = fam
@@ -163,8 +203,10 @@ def main() -> None:
             print("| model | exporter | BN before | BN after | skipped | max rel error | fold |")
             print("|---|---|---|---|---|---|---|")
             for r in fam:
-                print(f"| {r['model']} | {r['exporter']} | {r['bn_before']} | {r['bn_after']} | {r['skipped']} "
-                      f"| {r['max_rel']:.2e} | {r['fold_ms']:.0f} ms |")
+                print(
+                    f"| {r['model']} | {r['exporter']} | {r['bn_before']} | {r['bn_after']} | {r['skipped']} "
+                    f"| {r['max_rel']:.2e} | {r['fold_ms']:.0f} ms |"
+                )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
 

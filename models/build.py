@@ -73,8 +73,12 @@ class ResNetSmall(nn.Module):
 
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.layers = nn.Sequential(BasicBlock(16, 16), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.layers = nn.Sequential(
+            BasicBlock(16, 16), BasicBlock(16, 32, 2), BasicBlock(32, 64, 2)
+        )
         self.head = nn.Linear(64, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +121,9 @@ class DepthwiseSeparable(nn.Module):
         return self.bn_pw(self.pw(x))
 
 
-def randomize_batchnorm(model: nn.Module, example: torch.Tensor, passes: int = 20, seed: int = 0) -> None:
+def randomize_batchnorm(
+    model: nn.Module, example: torch.Tensor, passes: int = 20, seed: int = 0
+) -> None:
     """Move BN running statistics with training passes; randomise gamma and beta."""
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -130,7 +136,9 @@ def randomize_batchnorm(model: nn.Module, example: torch.Tensor, passes: int = 2
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.weight.uniform_(0.5, 2.0, generator=gen)
-                m.weight.mul_(torch.where(torch.rand(m.weight.shape, generator=gen) < 0.2, -1.0, 1.0))
+                m.weight.mul_(
+                    torch.where(torch.rand(m.weight.shape, generator=gen) < 0.2, -1.0, 1.0)
+                )
                 m.bias.normal_(0.0, 1.0, generator=gen)
     model.eval()
 
@@ -140,13 +148,20 @@ def export(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            program = torch.onnx.export(model, (example,), dynamo=True, optimize=False, verbose=False)
+            program = torch.onnx.export(
+                model, (example,), dynamo=True, optimize=False, verbose=False
+            )
             program.save(str(path))
         else:
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False,
-                training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-                input_names=["input"], output_names=["output"],
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+                input_names=["input"],
+                output_names=["output"],
             )
 
 

@@ -15,8 +15,19 @@ from torch import nn
 __all__ = ["FAMILIES", "build"]
 
 
-def conv_bn(cin: int, cout: int, k: int = 3, s: int = 1, g: int = 1, d: int = 1, act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, d * (k - 1) // 2, dilation=d, groups=g, bias=False), nn.BatchNorm2d(cout)]
+def conv_bn(
+    cin: int,
+    cout: int,
+    k: int = 3,
+    s: int = 1,
+    g: int = 1,
+    d: int = 1,
+    act: type[nn.Module] | None = nn.ReLU,
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, s, d * (k - 1) // 2, dilation=d, groups=g, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)
@@ -26,7 +37,9 @@ class Bottleneck(nn.Module):
     def __init__(self, cin: int, mid: int, s: int = 1) -> None:
         super().__init__()
         cout = mid * 4
-        self.body = nn.Sequential(conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, s), conv_bn(mid, cout, 1, act=None))
+        self.body = nn.Sequential(
+            conv_bn(cin, mid, 1), conv_bn(mid, mid, 3, s), conv_bn(mid, cout, 1, act=None)
+        )
         self.down = conv_bn(cin, cout, 1, s, act=None) if s != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,13 +54,26 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+        return self.fc(
+            torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)
+        )
 
 
 class SqueezeExcite(nn.Module):
-    def __init__(self, c: int, squeeze: int, gate: type[nn.Module] = nn.Sigmoid, act: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self,
+        c: int,
+        squeeze: int,
+        gate: type[nn.Module] = nn.Sigmoid,
+        act: type[nn.Module] = nn.ReLU,
+    ) -> None:
         super().__init__()
-        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, squeeze, 1), act(), nn.Conv2d(squeeze, c, 1), gate()
+        self.fc1, self.act, self.fc2, self.gate = (
+            nn.Conv2d(c, squeeze, 1),
+            act(),
+            nn.Conv2d(squeeze, c, 1),
+            gate(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = nn.functional.adaptive_avg_pool2d(x, 1)
@@ -57,8 +83,17 @@ class SqueezeExcite(nn.Module):
 class InvertedResidual(nn.Module):
     """MobileNet V2/V3, MnasNet and EfficientNet MBConv, by options."""
 
-    def __init__(self, cin: int, cout: int, expand: int, k: int = 3, s: int = 1,
-                 act: type[nn.Module] = nn.ReLU6, se: int = 0, se_gate: type[nn.Module] = nn.Sigmoid) -> None:
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        expand: int,
+        k: int = 3,
+        s: int = 1,
+        act: type[nn.Module] = nn.ReLU6,
+        se: int = 0,
+        se_gate: type[nn.Module] = nn.Sigmoid,
+    ) -> None:
         super().__init__()
         mid = cin * expand
         layers: list[nn.Module] = []
@@ -66,7 +101,11 @@ class InvertedResidual(nn.Module):
             layers.append(conv_bn(cin, mid, 1, act=act))
         layers.append(conv_bn(mid, mid, k, s, g=mid, act=act))
         if se:
-            layers.append(SqueezeExcite(mid, se, gate=se_gate, act=nn.ReLU if se_gate is nn.Hardsigmoid else nn.SiLU))
+            layers.append(
+                SqueezeExcite(
+                    mid, se, gate=se_gate, act=nn.ReLU if se_gate is nn.Hardsigmoid else nn.SiLU
+                )
+            )
         layers.append(conv_bn(mid, cout, 1, act=None))
         self.block = nn.Sequential(*layers)
         self.residual = s == 1 and cin == cout
@@ -80,8 +119,11 @@ class MobileNetV2(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn(3, 16, 3, 2, act=nn.ReLU6), InvertedResidual(16, 8, 1), InvertedResidual(8, 16, 6, s=2),
-            InvertedResidual(16, 16, 6), conv_bn(16, 64, 1, act=nn.ReLU6),
+            conv_bn(3, 16, 3, 2, act=nn.ReLU6),
+            InvertedResidual(16, 8, 1),
+            InvertedResidual(8, 16, 6, s=2),
+            InvertedResidual(16, 16, 6),
+            conv_bn(16, 64, 1, act=nn.ReLU6),
         )
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
 
@@ -108,8 +150,10 @@ class EfficientNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            conv_bn(3, 16, 3, 2, act=nn.SiLU), InvertedResidual(16, 16, 1, act=nn.SiLU, se=4),
-            InvertedResidual(16, 24, 6, s=2, act=nn.SiLU, se=4), InvertedResidual(24, 24, 6, k=5, act=nn.SiLU, se=6),
+            conv_bn(3, 16, 3, 2, act=nn.SiLU),
+            InvertedResidual(16, 16, 1, act=nn.SiLU, se=4),
+            InvertedResidual(16, 24, 6, s=2, act=nn.SiLU, se=4),
+            InvertedResidual(24, 24, 6, k=5, act=nn.SiLU, se=6),
             conv_bn(24, 64, 1, act=nn.SiLU),
         )
         self.classifier = nn.Linear(64, 10)
@@ -121,7 +165,11 @@ class EfficientNet(nn.Module):
 class RegNetBlock(nn.Module):
     def __init__(self, cin: int, cout: int, s: int, group_width: int = 8) -> None:
         super().__init__()
-        self.f = nn.Sequential(conv_bn(cin, cout, 1), conv_bn(cout, cout, 3, s, g=cout // group_width), conv_bn(cout, cout, 1, act=None))
+        self.f = nn.Sequential(
+            conv_bn(cin, cout, 1),
+            conv_bn(cout, cout, 3, s, g=cout // group_width),
+            conv_bn(cout, cout, 1, act=None),
+        )
         self.proj = conv_bn(cin, cout, 1, s, act=None) if s != 1 or cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +180,9 @@ class RegNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = conv_bn(3, 16, 3, 2)
-        self.trunk = nn.Sequential(RegNetBlock(16, 32, 2), RegNetBlock(32, 32, 1), RegNetBlock(32, 64, 2))
+        self.trunk = nn.Sequential(
+            RegNetBlock(16, 32, 2), RegNetBlock(32, 32, 1), RegNetBlock(32, 64, 2)
+        )
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,9 +200,15 @@ class ShuffleUnit(nn.Module):
         branch = cout // 2
         self.s = s
         if s > 1:
-            self.branch1 = nn.Sequential(conv_bn(cin, cin, 3, s, g=cin, act=None), conv_bn(cin, branch, 1))
+            self.branch1 = nn.Sequential(
+                conv_bn(cin, cin, 3, s, g=cin, act=None), conv_bn(cin, branch, 1)
+            )
         b2_in = cin if s > 1 else branch
-        self.branch2 = nn.Sequential(conv_bn(b2_in, branch, 1), conv_bn(branch, branch, 3, s, g=branch, act=None), conv_bn(branch, branch, 1))
+        self.branch2 = nn.Sequential(
+            conv_bn(b2_in, branch, 1),
+            conv_bn(branch, branch, 3, s, g=branch, act=None),
+            conv_bn(branch, branch, 1),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.s == 1:
@@ -167,7 +223,9 @@ class ShuffleNetV2(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Sequential(conv_bn(3, 16, 3, 2), nn.MaxPool2d(3, 2, 1))
-        self.stages = nn.Sequential(ShuffleUnit(16, 32, 2), ShuffleUnit(32, 32, 1), ShuffleUnit(32, 64, 2))
+        self.stages = nn.Sequential(
+            ShuffleUnit(16, 32, 2), ShuffleUnit(32, 32, 1), ShuffleUnit(32, 64, 2)
+        )
         self.conv5 = conv_bn(64, 128, 1)
         self.fc = nn.Linear(128, 10)
 
@@ -179,9 +237,13 @@ class MnasNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.layers = nn.Sequential(
-            conv_bn(3, 16, 3, 2), conv_bn(16, 16, 3, g=16), conv_bn(16, 8, 1, act=None),
-            InvertedResidual(8, 16, 3, k=3, s=2, act=nn.ReLU), InvertedResidual(16, 24, 3, k=5, s=2, act=nn.ReLU),
-            InvertedResidual(24, 24, 6, k=5, act=nn.ReLU), conv_bn(24, 64, 1),
+            conv_bn(3, 16, 3, 2),
+            conv_bn(16, 16, 3, g=16),
+            conv_bn(16, 8, 1, act=None),
+            InvertedResidual(8, 16, 3, k=3, s=2, act=nn.ReLU),
+            InvertedResidual(16, 24, 3, k=5, s=2, act=nn.ReLU),
+            InvertedResidual(24, 24, 6, k=5, act=nn.ReLU),
+            conv_bn(24, 64, 1),
         )
         self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(64, 10))
 
@@ -202,7 +264,9 @@ class VGGBN(nn.Module):
                 layers.append(conv_bn(cin, int(v)))
                 cin = int(v)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Sequential(nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10))
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.features(x), 1))
@@ -214,7 +278,9 @@ class DeepLabHead(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = nn.Sequential(conv_bn(3, 16, 3, 2), conv_bn(16, 32, 3, 2))
-        self.aspp = nn.ModuleList([conv_bn(32, 16, 1), conv_bn(32, 16, 3, d=2), conv_bn(32, 16, 3, d=3)])
+        self.aspp = nn.ModuleList(
+            [conv_bn(32, 16, 1), conv_bn(32, 16, 3, d=2), conv_bn(32, 16, 3, d=3)]
+        )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), conv_bn(32, 16, 1))
         self.project = conv_bn(64, 16, 1)
         self.head = nn.Conv2d(16, 5, 1)
@@ -265,4 +331,6 @@ class ResNet50(nn.Module):
         self.fc = nn.Linear(2048, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1))
+        return self.fc(
+            torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)
+        )

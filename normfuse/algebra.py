@@ -135,9 +135,7 @@ class Affine:
             return self
         if not self.is_scalar:
             raise ValueError(f"affine over {self.channels} channels cannot apply to {channels}")
-        return Affine(
-            np.full(channels, self.scale[0]), np.full(channels, self.shift[0]), self.axis
-        )
+        return Affine(np.full(channels, self.scale[0]), np.full(channels, self.shift[0]), self.axis)
 
     def apply(self, x: np.ndarray, axis: int | None = None) -> np.ndarray:
         """Apply the map to an array (float64), for tests and reference computations."""
@@ -230,7 +228,11 @@ def _scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> tuple[n
     out = np.empty(w.shape, dtype=dtype)
     with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
         np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
-    bound = max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max()) if w.size else 0.0
+    bound = (
+        max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max())
+        if w.size
+        else 0.0
+    )
     if bound <= dtype_max(dtype):
         return out, bound
     exact = np.abs(w.astype(np.float64) * factor)

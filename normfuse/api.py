@@ -181,8 +181,15 @@ def check(
         a = _as_source(reference, Path(tmp) / "reference.onnx")
         b = _as_source(candidate, Path(tmp) / "candidate.onnx")
         return check_models(
-            a, b, provider=provider, seed=seed, shapes=shapes, runs=runs,
-            opt_level=opt_level, atol=atol, rtol=rtol,
+            a,
+            b,
+            provider=provider,
+            seed=seed,
+            shapes=shapes,
+            runs=runs,
+            opt_level=opt_level,
+            atol=atol,
+            rtol=rtol,
         )
 
 

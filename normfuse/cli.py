@@ -73,8 +73,12 @@ def _progress(enabled: bool, console: Console) -> Iterator[Callable[[int, int], 
         yield None
         return
     bar = Progress(
-        TextColumn("folding"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
+        TextColumn("folding"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     )
     task = None
     started = False
@@ -106,11 +110,23 @@ def cli(debug: bool) -> None:
 
 
 _common_check = [
-    click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto",
-                 show_default=True, help="onnxruntime provider for the parity check."),
-    click.option("--shape", "shape", multiple=True, metavar="NAME=1x3x224x224",
-                 help="Shape of an input with dynamic dimensions (repeatable)."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."),
+    click.option(
+        "--provider",
+        type=click.Choice(["auto", "cuda", "cpu"]),
+        default="auto",
+        show_default=True,
+        help="onnxruntime provider for the parity check.",
+    ),
+    click.option(
+        "--shape",
+        "shape",
+        multiple=True,
+        metavar="NAME=1x3x224x224",
+        help="Shape of an input with dynamic dimensions (repeatable).",
+    ),
+    click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."
+    ),
 ]
 
 
@@ -125,25 +141,47 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
 
 @cli.command()
 @click.argument("model", type=click.Path(dir_okay=True, path_type=Path))
-@click.option("-o", "--output", type=click.Path(path_type=Path),
-              help="Output file [default: MODEL with .folded.onnx].")
-@click.option("--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout).")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Output file [default: MODEL with .folded.onnx].",
+)
+@click.option(
+    "--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout)."
+)
 @click.option("--strict", is_flag=True, help="Exit 1 when any candidate was skipped.")
 @click.option("--no-check", is_flag=True, help="Skip the parity check on onnxruntime.")
 @click.option("--in-place", is_flag=True, help="Overwrite the input model.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
-@click.option("--norm-affine", is_flag=True,
-              help="Also fold gamma/beta of LayerNorm/GroupNorm/InstanceNorm/RMSNorm (and Mul/Add "
-                   "chains) into the following linear ops.")
-@click.option("--external-data/--no-external-data", default=None,
-              help="Write tensors to <output>.data [default: when the input had external data or "
-                   "the model exceeds 2 GiB].")
+@click.option(
+    "--norm-affine",
+    is_flag=True,
+    help="Also fold gamma/beta of LayerNorm/GroupNorm/InstanceNorm/RMSNorm (and Mul/Add "
+    "chains) into the following linear ops.",
+)
+@click.option(
+    "--external-data/--no-external-data",
+    default=None,
+    help="Write tensors to <output>.data [default: when the input had external data or "
+    "the model exceeds 2 GiB].",
+)
 @click.option("-v", "--verbose", is_flag=True, help="List folded nodes too, not only skipped ones.")
 @_with(_common_check)
 def fold(
-    model: Path, output: Path | None, json_target: str | None, strict: bool, no_check: bool,
-    in_place: bool, force: bool, norm_affine: bool, external_data: bool | None, verbose: bool,
-    provider: str, shape: tuple[str, ...], seed: int,
+    model: Path,
+    output: Path | None,
+    json_target: str | None,
+    strict: bool,
+    no_check: bool,
+    in_place: bool,
+    force: bool,
+    norm_affine: bool,
+    external_data: bool | None,
+    verbose: bool,
+    provider: str,
+    shape: tuple[str, ...],
+    seed: int,
 ) -> None:
     """Fold inference-mode BatchNorm (and per-channel Mul/Add) into Conv/Gemm/MatMul."""
     console = Console(stderr=json_target == "-")
@@ -154,7 +192,9 @@ def fold(
         shapes = _shapes(shape)
         if not in_place:
             if out.exists() and model.exists() and out.resolve() == model.resolve():
-                raise InputError(f"the output {out} is the input", "pass --in-place to overwrite it")
+                raise InputError(
+                    f"the output {out} is the input", "pass --in-place to overwrite it"
+                )
             if out.exists() and not force:
                 raise InputError(f"{out} exists", "pass --force to replace it")
         if not out.parent.is_dir():
@@ -187,7 +227,7 @@ def fold(
         console.print(f"wrote {out}", highlight=False)
         if strict:
             raise_for_strict(report)
-    except BaseException as exc:  # noqa: BLE001 - turned into one line and an exit code
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
@@ -195,7 +235,9 @@ def fold(
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout).")
+@click.option(
+    "--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout)."
+)
 @click.option("--norm-affine", is_flag=True, help="Consider gamma/beta of LN/GN/IN/RMSNorm too.")
 def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     """List every normalization, what it can fold into, and why not."""
@@ -206,7 +248,7 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
         run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
         report.render(console)
         _emit_json(report.to_dict(), json_target)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
@@ -215,16 +257,33 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
 @cli.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
-@click.option("--json", "json_target", metavar="PATH|-", help="Write the result as JSON ('-': stdout).")
+@click.option(
+    "--json", "json_target", metavar="PATH|-", help="Write the result as JSON ('-': stdout)."
+)
 @click.option("--runs", type=int, default=1, show_default=True, help="Number of input batches.")
-@click.option("--ort-opt", type=click.Choice(["disable", "basic", "extended", "all"]),
-              default="disable", show_default=True, help="onnxruntime graph optimization level.")
+@click.option(
+    "--ort-opt",
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    default="disable",
+    show_default=True,
+    help="onnxruntime graph optimization level.",
+)
 @click.option("--atol", type=float, default=None, help="Absolute tolerance for every output.")
-@click.option("--rtol", type=float, default=None, help="Relative tolerance (times max |reference|).")
+@click.option(
+    "--rtol", type=float, default=None, help="Relative tolerance (times max |reference|)."
+)
 @_with(_common_check)
 def check(
-    reference: Path, candidate: Path, json_target: str | None, runs: int, ort_opt: str,
-    atol: float | None, rtol: float | None, provider: str, shape: tuple[str, ...], seed: int,
+    reference: Path,
+    candidate: Path,
+    json_target: str | None,
+    runs: int,
+    ort_opt: str,
+    atol: float | None,
+    rtol: float | None,
+    provider: str,
+    shape: tuple[str, ...],
+    seed: int,
 ) -> None:
     """Compare two ONNX models output by output on the same seeded inputs."""
     console = Console(stderr=json_target == "-")
@@ -232,8 +291,15 @@ def check(
         for p in (reference, candidate):
             onnx_io.load(p, copy=False)
         result = check_models(
-            reference, candidate, provider=provider, seed=seed, shapes=_shapes(shape),
-            runs=runs, opt_level=ort_opt, atol=atol, rtol=rtol,
+            reference,
+            candidate,
+            provider=provider,
+            seed=seed,
+            shapes=_shapes(shape),
+            runs=runs,
+            opt_level=ort_opt,
+            atol=atol,
+            rtol=rtol,
         )
         console.print(f"parity on {result.provider}:")
         for o in result.outputs:
@@ -243,7 +309,7 @@ def check(
         _emit_json(result.to_dict(), json_target)
         if not result.passed:
             sys.exit(1)
-    except BaseException as exc:  # noqa: BLE001
+    except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)

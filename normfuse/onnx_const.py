@@ -150,7 +150,6 @@ class ConstantResolver:
         return [None if v is None else self.resolve(v, depth) for v in node.inputs]
 
 
-
 def _dtype_of(value: ir.Value) -> np.dtype:
     if value.dtype is None:
         raise NotConstant(f"the element type of '{value.name}' is unknown")

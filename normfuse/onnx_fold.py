@@ -406,7 +406,9 @@ class _Folder:
         bias = None if c is None else (c.astype(np.float64) * beta if beta != 1.0 else c)
         lin = LinearWeights("dense" if trans_b else "dense_t", weight, bias, 1, w.dtype)
         refusal = (
-            f"{_label(node)} has transA=1, so its input's axis 1 is the batch axis" if trans_a else None
+            f"{_label(node)} has transA=1, so its input's axis 1 is the batch axis"
+            if trans_a
+            else None
         )
         return _Linear(node, lin, node.outputs[0], 2, 1, None if trans_a else 1, refusal, False)
 
@@ -438,7 +440,9 @@ class _Folder:
                     b = self.consts.try_resolve(other)
                     n = w.shape[1]
                     if b is not None and b.dtype == w.dtype and _last_axis_vector(b, n, out_rank):
-                        found.weights = LinearWeights("dense_t", w, np.broadcast_to(b.reshape(-1), (n,)))
+                        found.weights = LinearWeights(
+                            "dense_t", w, np.broadcast_to(b.reshape(-1), (n,))
+                        )
                         found.bias_node = add
                         found.bias_shape = tuple(b.shape)
                         found.out = add.outputs[0]
@@ -511,7 +515,9 @@ class _Folder:
             x = node.inputs[0]
             channels = None if x is None or x.shape is None or x.shape.rank() < 2 else x.shape[1]
             if not isinstance(channels, int):
-                raise _Refused("GroupNormalization-18 has per-group scale and the channel count is unknown")
+                raise _Refused(
+                    "GroupNormalization-18 has per-group scale and the channel count is unknown"
+                )
             gamma = np.repeat(gamma.reshape(groups), channels // groups)
             beta = np.repeat(beta.reshape(groups), channels // groups)
         return Affine(gamma.reshape(-1), beta.reshape(-1), 1)
@@ -522,9 +528,9 @@ class _Folder:
         const_index = 1 - link.data_index
         c = self.consts.resolve(node.inputs[const_index])
         dtype = link.data.dtype
-        if (dtype is not None and dtype not in _FLOAT_TYPES) or not np.issubdtype(
-            np.dtype(c.dtype), np.floating
-        ) and c.dtype != ml_dtypes.bfloat16:
+        if (dtype is not None and dtype not in _FLOAT_TYPES) or (
+            not np.issubdtype(np.dtype(c.dtype), np.floating) and c.dtype != ml_dtypes.bfloat16
+        ):
             raise _Refused(f"{op} works on {dtype or c.dtype} values, not floating point")
         if rank is None:
             if c.ndim > 1 and any(d != 1 for d in c.shape[:-1]):
@@ -569,9 +575,9 @@ class _Folder:
         rank = self._chain_rank(chain)
         link_warnings = [self._warnings(link) for link in chain]
         head_input = chain[0].data.producer() if chain[0].kind != "norm" else None
-        touches_linear = (head_input is not None and head_input.op_type in LINEAR_OPS | {"Add"}) or any(
-            u.op_type in LINEAR_OPS for u in _uses(chain[-1].out)
-        )
+        touches_linear = (
+            head_input is not None and head_input.op_type in LINEAR_OPS | {"Add"}
+        ) or any(u.op_type in LINEAR_OPS for u in _uses(chain[-1].out))
         names = [node_name(link.node) for link in chain]
         affines: list[Affine | _Refused] = []
         for link in chain:
@@ -586,11 +592,12 @@ class _Folder:
         k = 0
         head = chain[0]
         producer = head.data.producer() if head.kind != "norm" else None
-        lin_after: _Linear | None = None
         if head.kind == "norm":
             after_reason = None
         elif producer is None:
-            after_reason = f"its input '{head.data.name}' is a graph input, not a linear op's output"
+            after_reason = (
+                f"its input '{head.data.name}' is a graph input, not a linear op's output"
+            )
         elif producer.graph is not head.node.graph:
             after_reason = "its input comes from an outer graph"
         else:
@@ -603,13 +610,14 @@ class _Folder:
                     "folding would change what they see"
                 )
             else:
-                lin_after = found
                 acc: Affine | None = None
                 while k < len(chain):
                     a = affines[k]
                     if isinstance(a, _Refused):
                         break
-                    mismatch = _lines_up(a, found.out_axis, found.weights.out_channels, found.out_rank)
+                    mismatch = _lines_up(
+                        a, found.out_axis, found.weights.out_channels, found.out_rank
+                    )
                     if mismatch:
                         after_reason = f"{mismatch} of {found.label}"
                         break
@@ -672,8 +680,10 @@ class _Folder:
                     before_reason, before_fix = exc.reason, exc.fix
         entries = []
         for i, link in enumerate(chain):
-            reportable = link.kind != "elementwise" or touches_linear or any(
-                other.kind != "elementwise" for other in chain
+            reportable = (
+                link.kind != "elementwise"
+                or touches_linear
+                or any(other.kind != "elementwise" for other in chain)
             )
             if not reportable:
                 continue
@@ -815,7 +825,9 @@ class _Folder:
         elif lin.bias_node is not None:
             add = lin.bias_node
             idx = 1 if add.inputs[0] is node.outputs[0] else 0
-            self._set_input(add, idx, folded.bias.reshape(_bias_shape(lin, folded.bias)), role="bias")
+            self._set_input(
+                add, idx, folded.bias.reshape(_bias_shape(lin, folded.bias)), role="bias"
+            )
         elif np.any(folded.bias64 != 0):
             new_out = self._insert_bias(node, folded.bias)
         tail = links[-1].out
@@ -848,7 +860,9 @@ class _Folder:
             if consumer.graph is not links[-1].node.graph:
                 raise _Refused(f"its output is used in a subgraph ({_label(consumer)})")
             if consumer.op_type not in LINEAR_OPS:
-                raise _Refused(f"its output also feeds {_label(consumer)}, which is not a linear op")
+                raise _Refused(
+                    f"its output also feeds {_label(consumer)}, which is not a linear op"
+                )
             found = self._linear(consumer)
             if isinstance(found, str):
                 raise _Refused(found)
@@ -902,7 +916,9 @@ class _Folder:
             elif found.bias_node is not None:
                 add = found.bias_node
                 bidx = 1 if add.inputs[0] is node.outputs[0] else 0
-                self._set_input(add, bidx, folded.bias.reshape(_bias_shape(found, folded.bias)), role="bias")
+                self._set_input(
+                    add, bidx, folded.bias.reshape(_bias_shape(found, folded.bias)), role="bias"
+                )
             elif np.any(folded.bias64 != 0):
                 self._insert_bias(node, folded.bias)
             node.replace_input_with(idx, source)
@@ -917,7 +933,11 @@ class _Folder:
     def _neutralise_norm(self, node: ir.Node) -> None:
         gamma = self.consts.resolve(node.inputs[1])
         self._set_input(node, 1, np.ones_like(gamma))
-        if len(node.inputs) > 2 and node.inputs[2] is not None and node.op_type != "RMSNormalization":
+        if (
+            len(node.inputs) > 2
+            and node.inputs[2] is not None
+            and node.op_type != "RMSNormalization"
+        ):
             beta = self.consts.resolve(node.inputs[2])
             self._set_input(node, 2, np.zeros_like(beta), role="bias")
 
@@ -930,7 +950,9 @@ class _Folder:
         self.names.add(name)
         return name
 
-    def _set_input(self, node: ir.Node, index: int, array: np.ndarray, role: str = "weight") -> None:
+    def _set_input(
+        self, node: ir.Node, index: int, array: np.ndarray, role: str = "weight"
+    ) -> None:
         """Give ``node`` a new constant input, in place when nothing else uses the old one."""
         old = node.inputs[index] if index < len(node.inputs) else None
         if (
@@ -960,13 +982,18 @@ class _Folder:
         if isinstance(self.container, ir.Graph):
             # typed like onnx_ir types initializers on load, so a second fold changes nothing
             value = ir.Value(
-                name=name, const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(array.shape)
+                name=name,
+                const_value=tensor,
+                type=ir.TensorType(tensor.dtype),
+                shape=ir.Shape(array.shape),
             )
             self.container.register_initializer(value)
             if self.ir_version < 4 and self.is_main:
                 self.container.inputs.append(value)
             return value
-        const = ir.Node("", "Constant", [], [ir.AttrTensor("value", tensor)], name=self._fresh(f"{name}_const"))
+        const = ir.Node(
+            "", "Constant", [], [ir.AttrTensor("value", tensor)], name=self._fresh(f"{name}_const")
+        )
         const.outputs[0].name = name
         const.outputs[0].shape = ir.Shape(array.shape)
         const.outputs[0].type = ir.TensorType(tensor.dtype)
@@ -1081,9 +1108,7 @@ def _lines_up(
         return f"the channel axis is unknown (rank unknown), so it cannot be matched to the {side} channels"
     if a != want:
         where = "the last axis" if rank is not None and a == rank - 1 else f"axis {a}"
-        return (
-            f"it acts along {where} of a rank-{rank} tensor, not the {side} channel axis {want}"
-        )
+        return f"it acts along {where} of a rank-{rank} tensor, not the {side} channel axis {want}"
     if affine.channels != channels:
         return f"it has {affine.channels} channels but there are {channels} {side} channels"
     return None
@@ -1092,7 +1117,11 @@ def _lines_up(
 def _check_range(folded: algebra.Folded, lin: _Linear) -> None:
     checks = (
         ("weight", folded.weight_peak, folded.weight.dtype),
-        ("bias", float(np.abs(folded.bias64).max()) if folded.bias64.size else 0.0, folded.bias.dtype),
+        (
+            "bias",
+            float(np.abs(folded.bias64).max()) if folded.bias64.size else 0.0,
+            folded.bias.dtype,
+        ),
     )
     for what, peak, dtype in checks:
         if peak > algebra.dtype_max(dtype):

@@ -17,8 +17,8 @@ import dataclasses
 import logging
 import os
 import tempfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import onnx

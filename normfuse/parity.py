@@ -100,19 +100,24 @@ def _cuda_loads() -> bool:
     from onnx import TensorProto, helper
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [
-        helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
-    ])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
     so = _session_options("disable")
     so.log_severity_level = 4
     ort.set_default_logger_severity(4)
     try:
         sess = ort.InferenceSession(
-            probe.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+            probe.SerializeToString(),
+            so,
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
         )
         return "CUDAExecutionProvider" in sess.get_providers()
-    except Exception:  # noqa: BLE001 - any failure means "CUDA does not load here"
+    except Exception:
         return False
     finally:
         ort.set_default_logger_severity(3)
@@ -139,14 +144,16 @@ def select_provider(requested: str = "auto") -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "CPU"
 
 
-def _make_session(source: ModelSource, providers: list[str], opt_level: str, notes: list[str]) -> Any:
+def _make_session(
+    source: ModelSource, providers: list[str], opt_level: str, notes: list[str]
+) -> Any:
     ort = _ort()
     folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
     so = _session_options(opt_level, folder)
     payload = str(source) if isinstance(source, (str, os.PathLike)) else source
     try:
         return ort.InferenceSession(payload, so, providers=providers)
-    except Exception as exc:  # noqa: BLE001 - inspected below
+    except Exception as exc:
         match = re.search(r"max supported IR version: (\d+)", str(exc))
         if not match:
             raise InputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
@@ -162,7 +169,7 @@ def _make_session(source: ModelSource, providers: list[str], opt_level: str, not
     proto.ir_version = supported
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise InputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
 
 
@@ -180,7 +187,9 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
             raise ValueError
         return name, [int(d) for d in dims.lower().split("x")]
     except ValueError:
-        raise InputError(f"cannot read the shape '{text}'", "write it as name=1x3x224x224") from None
+        raise InputError(
+            f"cannot read the shape '{text}'", "write it as name=1x3x224x224"
+        ) from None
 
 
 def generate_inputs(
@@ -196,9 +205,13 @@ def generate_inputs(
     for inp in session.get_inputs():
         dtype = _ORT_TYPES.get(inp.type)
         if dtype is None and inp.type == "tensor(bfloat16)":
-            raise InputError(f"input '{inp.name}' is bfloat16, which onnxruntime cannot feed from numpy")
+            raise InputError(
+                f"input '{inp.name}' is bfloat16, which onnxruntime cannot feed from numpy"
+            )
         if dtype is None:
-            raise InputError(f"input '{inp.name}' has type {inp.type}, which normfuse cannot generate")
+            raise InputError(
+                f"input '{inp.name}' has type {inp.type}, which normfuse cannot generate"
+            )
         if inp.name in shapes:
             shape = list(shapes[inp.name])
         else:
@@ -239,7 +252,9 @@ def compare_outputs(
     atol = default[0] if atol is None else atol
     rtol = default[1] if rtol is None else rtol
     if ref.shape != test.shape:
-        return OutputParity(name, dtype, float("inf"), float("inf"), float("inf"), 0.0, 0, atol, rtol, False, None)
+        return OutputParity(
+            name, dtype, float("inf"), float("inf"), float("inf"), 0.0, 0, atol, rtol, False, None
+        )
     r = ref.astype(np.float64)
     t = test.astype(np.float64)
     fin_r, fin_t = np.isfinite(r), np.isfinite(t)
@@ -263,7 +278,17 @@ def compare_outputs(
     else:
         min_rtol = 0.0 if max_abs <= atol else None
     return OutputParity(
-        name, dtype, max_abs, max_rel, mean_abs, cosine, nonfinite_mismatch, atol, rtol, passed, min_rtol
+        name,
+        dtype,
+        max_abs,
+        max_rel,
+        mean_abs,
+        cosine,
+        nonfinite_mismatch,
+        atol,
+        rtol,
+        passed,
+        min_rtol,
     )
 
 
@@ -318,7 +343,9 @@ def check_models(
             result = compare_outputs(name, np.asarray(r), np.asarray(c), a, t)
             if name not in worst or _worse(result, worst[name]):
                 worst[name] = result
-    return ParityResult(provider=label, outputs=[worst[n] for n in names], runs=runs, seed=seed, notes=notes)
+    return ParityResult(
+        provider=label, outputs=[worst[n] for n in names], runs=runs, seed=seed, notes=notes
+    )
 
 
 def _worse(a: OutputParity, b: OutputParity) -> bool:

@@ -35,7 +35,9 @@ def tensor(name: str, array: np.ndarray) -> TensorProto:
     return numpy_helper.from_array(array, name)
 
 
-def bn_params(rng: np.random.Generator, c: int, prefix: str = "bn", dtype=np.float32) -> list[TensorProto]:
+def bn_params(
+    rng: np.random.Generator, c: int, prefix: str = "bn", dtype=np.float32
+) -> list[TensorProto]:
     """gamma (some negative), beta, mean, and variance far from 1."""
     gamma = rng.uniform(0.5, 2.0, c) * np.where(rng.random(c) < 0.3, -1, 1)
     beta = rng.normal(0, 1, c)
@@ -75,7 +77,9 @@ def make_model(
         initializers,
     )
     opsets = [helper.make_opsetid("", opset), *(extra_opsets or [])]
-    model = helper.make_model(graph, opset_imports=opsets, ir_version=ir_version, functions=functions)
+    model = helper.make_model(
+        graph, opset_imports=opsets, ir_version=ir_version, functions=functions
+    )
     model.producer_name = "normfuse-tests"
     if any(s is None for _, _, s in outputs):
         inferred = onnx.shape_inference.infer_shapes(model)

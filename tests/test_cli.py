@@ -42,7 +42,10 @@ def resnet(tmp_path) -> Path:
 def padded(tmp_path, rng) -> Path:
     """BN before a padded conv: cannot fold, reported as skipped."""
     inits = [*bn_params(rng, 4), tensor("W", normal(rng, [4, 4, 3, 3]))]
-    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("Conv", ["b", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
     path = tmp_path / "padded.onnx"
     onnx.save(make_model(nodes, [("x", F, [1, 4, 5, 5])], [("y", F, [1, 4, 5, 5])], inits), path)
     return path
@@ -80,7 +83,9 @@ def test_output_equal_to_input_needs_in_place(resnet):
 
 
 def test_json_report_to_stdout(resnet, tmp_path):
-    result = CliRunner().invoke(cli, ["fold", str(resnet), "-o", str(tmp_path / "o.onnx"), "--json", "-"])
+    result = CliRunner().invoke(
+        cli, ["fold", str(resnet), "-o", str(tmp_path / "o.onnx"), "--json", "-"]
+    )
     assert result.exit_code == 0
     start = result.stdout.index("{")
     data = json.loads(result.stdout[start:])
@@ -143,7 +148,9 @@ def test_inspect_lists_candidates(padded, resnet):
     result = invoke("inspect", resnet)
     assert result.exit_code == 0 and result.output.count("foldable") >= 9
     result = invoke("inspect", padded)
-    assert "skipped" in result.output and "borders" in result.output.replace("\n", " ").replace("│", "")
+    assert "skipped" in result.output and "borders" in result.output.replace("\n", " ").replace(
+        "│", ""
+    )
 
 
 def test_check_command(resnet, tmp_path):
@@ -159,7 +166,11 @@ def test_check_command(resnet, tmp_path):
     w.CopyFrom(onnx.numpy_helper.from_array(arr, "head.weight"))
     onnx.save(other, tmp_path / "bad.onnx")
     result = invoke("check", resnet, tmp_path / "bad.onnx")
-    assert result.exit_code == 1 and "FAILED |" in result.output and "would pass with rtol>=" in result.output
+    assert (
+        result.exit_code == 1
+        and "FAILED |" in result.output
+        and "would pass with rtol>=" in result.output
+    )
 
 
 def test_real_process_no_traceback(tmp_path):
@@ -185,7 +196,9 @@ def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
 
     def broken(lin, affine):
         folded = real(lin, affine)
-        return algebra.Folded(folded.weight * np.float32(1.1), folded.bias, folded.bias64, folded.weight_peak)
+        return algebra.Folded(
+            folded.weight * np.float32(1.1), folded.bias, folded.bias64, folded.weight_peak
+        )
 
     monkeypatch.setattr(algebra, "absorb_after", broken)
     result = invoke("fold", src, "-o", tmp_path / "o.onnx")

@@ -25,8 +25,23 @@ F = TP.FLOAT
 
 
 def conv_bn_model(
-    rng, *, dims=2, cin=4, cout=6, k=3, groups=1, stride=1, dilation=1, pads=1, bias=True,
-    transpose=False, output_padding=0, opset=17, bn_attrs=None, dtype=np.float32, bn_dtype=None,
+    rng,
+    *,
+    dims=2,
+    cin=4,
+    cout=6,
+    k=3,
+    groups=1,
+    stride=1,
+    dilation=1,
+    pads=1,
+    bias=True,
+    transpose=False,
+    output_padding=0,
+    opset=17,
+    bn_attrs=None,
+    dtype=np.float32,
+    bn_dtype=None,
 ):
     spatial = [9, 8, 7][:dims]
     kshape = [k] * dims
@@ -39,14 +54,21 @@ def conv_bn_model(
     if bias:
         inits.append(tensor("B", normal(rng, [cout], dtype)))
         inputs.append("B")
-    attrs = dict(group=groups, strides=[stride] * dims, dilations=[dilation] * dims, pads=[pads] * 2 * dims)
+    attrs = dict(
+        group=groups, strides=[stride] * dims, dilations=[dilation] * dims, pads=[pads] * 2 * dims
+    )
     if transpose and output_padding:
         attrs["output_padding"] = [output_padding] * dims
     op = "ConvTranspose" if transpose else "Conv"
     inits += bn_params(rng, cout, dtype=bn_dtype or dtype)
-    nodes = [helper.make_node(op, inputs, ["c"], name="conv", **attrs), bn_node("c", "y", **(bn_attrs or {}))]
+    nodes = [
+        helper.make_node(op, inputs, ["c"], name="conv", **attrs),
+        bn_node("c", "y", **(bn_attrs or {})),
+    ]
     elem = {np.float32: F, np.float16: TP.FLOAT16, np.float64: TP.DOUBLE}[dtype]
-    model = make_model(nodes, [("x", elem, [2, cin, *spatial])], [("y", elem, None)], inits, opset=opset)
+    model = make_model(
+        nodes, [("x", elem, [2, cin, *spatial])], [("y", elem, None)], inits, opset=opset
+    )
     feeds = {"x": normal(rng, [2, cin, *spatial], dtype)}
     return model, feeds
 
@@ -97,17 +119,21 @@ def test_bn7_spatial0_with_per_channel_values_folds(rng):
     # Gemm output is [N, 4]; spatial=0 parameters have shape [C] = [4]: per-channel by nature
     params = [tensor(p.name, rng.uniform(0.3, 2, 4).astype(np.float32)) for p in params]
     params.append(tensor("C", normal(rng, [4])))
-    model = make_model(nodes, [("x", F, [3, c])], [("y", F, [3, 4])], [w, *params], opset=7, ir_version=3)
+    model = make_model(
+        nodes, [("x", F, [3, c])], [("y", F, [3, 4])], [w, *params], opset=7, ir_version=3
+    )
     for init in model.graph.initializer:  # IR 3: every initializer is also a graph input
         model.graph.input.append(helper.make_tensor_value_info(init.name, F, list(init.dims)))
     folded, _ = assert_folds(model, {"x": normal(rng, [3, c])}, applied=1)
-    assert sorted(i.name for i in folded.graph.input) == sorted(["x", *(i.name for i in folded.graph.initializer)])
+    assert sorted(i.name for i in folded.graph.input) == sorted(
+        ["x", *(i.name for i in folded.graph.initializer)]
+    )
     assert sorted(i.name for i in folded.graph.initializer) == ["C", "W"]
 
 
 def test_bn7_spatial0_with_varying_values_is_skipped(rng):
     c = 3
-    model, feeds = conv_bn_model(rng, opset=7, cout=c, bn_attrs={"spatial": 0})
+    model, _feeds = conv_bn_model(rng, opset=7, cout=c, bn_attrs={"spatial": 0})
     for init in model.graph.initializer:
         if init.name.startswith("bn_"):
             lo = 0.2 if init.name == "bn_var" else -1
@@ -153,7 +179,9 @@ def test_bn_after_gemm(rng, trans_b, alpha, beta, bias):
         inits.append(tensor("C", normal(rng, shape)))
         inputs.append("C")
     nodes = [
-        helper.make_node("Gemm", inputs, ["g"], name="gemm", transB=trans_b, alpha=alpha, beta=beta),
+        helper.make_node(
+            "Gemm", inputs, ["g"], name="gemm", transB=trans_b, alpha=alpha, beta=beta
+        ),
         bn_node("g", "y"),
     ]
     model = make_model(nodes, [("x", F, [m, k])], [("y", F, [m, n])], inits)
@@ -201,8 +229,14 @@ def test_bn_after_rank3_matmul_is_skipped_with_axis_reason(rng):
 
 def test_per_last_axis_mul_after_rank3_matmul_folds(rng):
     k, n, t = 5, 6, 7
-    inits = [tensor("W", normal(rng, [k, n])), tensor("s", rng.uniform(0.5, 2, n).astype(np.float32))]
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"), helper.make_node("Mul", ["mm", "s"], ["y"], name="mul")]
+    inits = [
+        tensor("W", normal(rng, [k, n])),
+        tensor("s", rng.uniform(0.5, 2, n).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+        helper.make_node("Mul", ["mm", "s"], ["y"], name="mul"),
+    ]
     model = make_model(nodes, [("x", F, [2, t, k])], [("y", F, [2, t, n])], inits)
     folded, _ = assert_folds(model, {"x": normal(rng, [2, t, k])}, applied=1)
     assert op_types(folded) == ["MatMul"]
@@ -214,7 +248,7 @@ def test_conv_bn_bn_chain(rng):
     model.graph.node[1].output[0] = "mid"
     model.graph.node.append(bn_node("mid", "y", prefix="bn2"))
     model.graph.initializer.extend(bn_params(rng, 6, prefix="bn2"))
-    folded, report = assert_folds(model, feeds, applied=2)
+    folded, _report = assert_folds(model, feeds, applied=2)
     assert op_types(folded) == ["Conv"]
 
 
@@ -228,7 +262,9 @@ def test_conv_elementwise_chain(rng, shape, ops):
         const = rng.uniform(0.5, 2.0, shape).astype(np.float32) * (1 if op != "Sub" else -1)
         model.graph.initializer.append(tensor(f"k{i}", const))
         out = "y" if i == len(ops) - 1 else f"t{i}"
-        model.graph.node.append(helper.make_node(op, [prev, f"k{i}"], [out], name=f"{op.lower()}{i}"))
+        model.graph.node.append(
+            helper.make_node(op, [prev, f"k{i}"], [out], name=f"{op.lower()}{i}")
+        )
         prev = out
     folded, _ = assert_folds(model, feeds, applied=2)
     assert op_types(folded) == ["Conv"]
@@ -284,8 +320,15 @@ def test_chain_stops_at_first_refused_link(rng):
 def test_bn_before_unpadded_conv(rng, padding):
     cin, cout = 4, 6
     attrs = {"pads": [0, 0, 0, 0]} if padding == "zeros" else {"auto_pad": "VALID"}
-    inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin, 3, 3])), tensor("B", normal(rng, [cout]))]
-    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W", "B"], ["y"], name="conv", **attrs)]
+    inits = [
+        *bn_params(rng, cin),
+        tensor("W", normal(rng, [cout, cin, 3, 3])),
+        tensor("B", normal(rng, [cout])),
+    ]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("Conv", ["b", "W", "B"], ["y"], name="conv", **attrs),
+    ]
     model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
     folded, report = assert_folds(model, {"x": normal(rng, [2, cin, 9, 8])}, applied=1)
     assert op_types(folded) == ["Conv"]
@@ -295,7 +338,10 @@ def test_bn_before_unpadded_conv(rng, padding):
 def test_bn_before_grouped_unpadded_conv(rng):
     cin, cout = 4, 8
     inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin // 2, 3, 3]))]
-    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", group=2, strides=[2, 2])]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("Conv", ["b", "W"], ["y"], name="conv", group=2, strides=[2, 2]),
+    ]
     model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
     folded, _ = assert_folds(model, {"x": normal(rng, [2, cin, 9, 8])}, applied=1)
     assert op_types(folded) == ["Conv"]
@@ -304,7 +350,10 @@ def test_bn_before_grouped_unpadded_conv(rng):
 def test_bn_before_padded_conv_is_skipped(rng):
     cin, cout = 4, 6
     inits = [*bn_params(rng, cin), tensor("W", normal(rng, [cout, cin, 3, 3]))]
-    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="conv", pads=[1, 1, 1, 1])]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("Conv", ["b", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
     model = make_model(nodes, [("x", F, [2, cin, 9, 8])], [("y", F, None)], inits)
     folded, report = normfuse.fold(model, check=False)
     (entry,) = report.skipped
@@ -321,7 +370,9 @@ def test_bn_before_dense(rng, op):
     if op == "MatMul":
         lin = helper.make_node("MatMul", ["b", "W"], ["y"], name="lin")
     else:
-        lin = helper.make_node("Gemm", ["b", "W"], ["y"], name="lin", transB=int(trans_b), alpha=0.8)
+        lin = helper.make_node(
+            "Gemm", ["b", "W"], ["y"], name="lin", transB=int(trans_b), alpha=0.8
+        )
     model = make_model([bn_node("x", "b"), lin], [("x", F, [m, k])], [("y", F, [m, n])], inits)
     folded, _ = assert_folds(model, {"x": normal(rng, [m, k])}, applied=1)
     assert "BatchNormalization" not in op_types(folded)
@@ -329,22 +380,31 @@ def test_bn_before_dense(rng, op):
 
 def test_bn_before_several_dense_consumers(rng):
     k, n = 5, 6
-    inits = [*bn_params(rng, k), tensor("W1", normal(rng, [k, n])), tensor("W2", normal(rng, [n, k]))]
+    inits = [
+        *bn_params(rng, k),
+        tensor("W1", normal(rng, [k, n])),
+        tensor("W2", normal(rng, [n, k])),
+    ]
     nodes = [
         bn_node("x", "b"),
         helper.make_node("MatMul", ["b", "W1"], ["y1"], name="q"),
         helper.make_node("Gemm", ["b", "W2"], ["y2"], name="k", transB=1),
     ]
     model = make_model(nodes, [("x", F, [3, k])], [("y1", F, None), ("y2", F, None)], inits)
-    folded, report = assert_folds(model, {"x": normal(rng, [3, k])}, applied=1)
+    _folded, report = assert_folds(model, {"x": normal(rng, [3, k])}, applied=1)
     assert report.applied[0].target == "MatMul 'q', Gemm 'k'"
 
 
 def test_mlp_input_bn_hidden_bn(rng):
     """The classic example: BN on the input (folds forward) and after each Linear (folds back)."""
     f, h = 6, 8
-    inits = [*bn_params(rng, f, "bn0"), tensor("W1", normal(rng, [h, f])), tensor("B1", normal(rng, [h])),
-             *bn_params(rng, h, "bn1"), tensor("W2", normal(rng, [3, h]))]
+    inits = [
+        *bn_params(rng, f, "bn0"),
+        tensor("W1", normal(rng, [h, f])),
+        tensor("B1", normal(rng, [h])),
+        *bn_params(rng, h, "bn1"),
+        tensor("W2", normal(rng, [3, h])),
+    ]
     nodes = [
         bn_node("x", "a", "bn0"),
         helper.make_node("Gemm", ["a", "W1", "B1"], ["g1"], name="fc1", transB=1),
@@ -361,9 +421,11 @@ def test_mlp_input_bn_hidden_bn(rng):
 def test_params_from_constant_and_identity_nodes(rng):
     model, feeds = conv_bn_model(rng)
     inits = {i.name: i for i in model.graph.initializer}
-    consts = [helper.make_node("Constant", [], ["Wc"], value=inits["W"]),
-              helper.make_node("Constant", [], ["varc"], value=inits["bn_var"]),
-              helper.make_node("Identity", ["varc"], ["vari"])]
+    consts = [
+        helper.make_node("Constant", [], ["Wc"], value=inits["W"]),
+        helper.make_node("Constant", [], ["varc"], value=inits["bn_var"]),
+        helper.make_node("Identity", ["varc"], ["vari"]),
+    ]
     for n in ("W", "bn_var"):
         model.graph.initializer.remove(inits[n])
     model.graph.node[0].input[1] = "Wc"
@@ -394,7 +456,7 @@ def test_dynamo_style_bias_subexpression(rng):
 
 
 def test_params_that_are_graph_inputs_are_not_baked_in(rng):
-    model, feeds = conv_bn_model(rng)
+    model, _feeds = conv_bn_model(rng)
     var = next(i for i in model.graph.initializer if i.name == "bn_var")
     model.graph.input.append(helper.make_tensor_value_info("bn_var", F, [6]))
     folded, report = normfuse.fold(model, check=False)
@@ -406,7 +468,7 @@ def test_params_that_are_graph_inputs_are_not_baked_in(rng):
 
 
 def test_weight_that_is_a_graph_input(rng):
-    model, feeds = conv_bn_model(rng)
+    model, _feeds = conv_bn_model(rng)
     model.graph.input.append(helper.make_tensor_value_info("W", F, [6, 4, 3, 3]))
     _, report = normfuse.fold(model, check=False)
     assert "weight of Conv 'conv' is not constant" in report.skipped[0].reason
@@ -414,7 +476,7 @@ def test_weight_that_is_a_graph_input(rng):
 
 # ---------------------------------------------------------------- refusals
 def test_training_mode_is_skipped(rng):
-    model, feeds = conv_bn_model(rng, opset=15, bn_attrs={"training_mode": 1})
+    model, _feeds = conv_bn_model(rng, opset=15, bn_attrs={"training_mode": 1})
     folded, report = normfuse.fold(model, check=False)
     (entry,) = report.skipped
     assert entry.reason.startswith("training_mode=1")
@@ -423,7 +485,7 @@ def test_training_mode_is_skipped(rng):
 
 
 def test_used_extra_outputs_are_skipped(rng):
-    model, feeds = conv_bn_model(rng, opset=9)
+    model, _feeds = conv_bn_model(rng, opset=9)
     model.graph.node[1].output.extend(["m", "v"])
     model.graph.output.append(helper.make_tensor_value_info("m", F, None))
     _, report = normfuse.fold(model, check=False)
@@ -431,7 +493,7 @@ def test_used_extra_outputs_are_skipped(rng):
 
 
 def test_conv_output_used_elsewhere_is_skipped(rng):
-    model, feeds = conv_bn_model(rng)
+    model, _feeds = conv_bn_model(rng)
     model.graph.node.append(helper.make_node("Relu", ["c"], ["r"], name="relu"))
     model.graph.output.append(helper.make_tensor_value_info("r", F, None))
     folded, report = normfuse.fold(model, check=False)
@@ -442,9 +504,11 @@ def test_conv_output_used_elsewhere_is_skipped(rng):
 
 def test_shared_weight_is_cloned(rng):
     model, feeds = conv_bn_model(rng)
-    model.graph.node.append(helper.make_node("Conv", ["x", "W", "B"], ["c2"], name="conv2", pads=[1, 1, 1, 1]))
+    model.graph.node.append(
+        helper.make_node("Conv", ["x", "W", "B"], ["c2"], name="conv2", pads=[1, 1, 1, 1])
+    )
     model.graph.output.append(helper.make_tensor_value_info("c2", F, [2, 6, 9, 8]))
-    folded, report = assert_folds(model, feeds, applied=1)
+    folded, _report = assert_folds(model, feeds, applied=1)
     inits = {i.name: i for i in folded.graph.initializer}
     conv2 = next(n for n in folded.graph.node if n.name == "conv2")
     assert conv2.input[1] == "W" and conv2.input[2] == "B"
@@ -475,10 +539,21 @@ def test_fp16_conv(rng):
 
 
 def gemm_bn_model(rng, dtype, k=5, n=6, m=4):
-    elem = {np.float32: F, np.float64: TP.DOUBLE, np.float16: TP.FLOAT16, ml_dtypes.bfloat16: TP.BFLOAT16}[dtype]
-    inits = [tensor("W", normal(rng, [n, k]).astype(dtype)), tensor("C", normal(rng, [n]).astype(dtype)),
-             *bn_params(rng, n, dtype=dtype)]
-    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["g"], name="gemm", transB=1), bn_node("g", "y")]
+    elem = {
+        np.float32: F,
+        np.float64: TP.DOUBLE,
+        np.float16: TP.FLOAT16,
+        ml_dtypes.bfloat16: TP.BFLOAT16,
+    }[dtype]
+    inits = [
+        tensor("W", normal(rng, [n, k]).astype(dtype)),
+        tensor("C", normal(rng, [n]).astype(dtype)),
+        *bn_params(rng, n, dtype=dtype),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "C"], ["g"], name="gemm", transB=1),
+        bn_node("g", "y"),
+    ]
     model = make_model(nodes, [("x", elem, [m, k])], [("y", elem, [m, n])], inits, opset=15)
     return model, {"x": normal(rng, [m, k]).astype(dtype)}
 
@@ -501,21 +576,29 @@ def test_fp16_data_with_fp32_bn_parameters(rng):
 def test_bfloat16_weights_are_rounded_once(rng):
     """bf16 Gemm: the folded weight equals the float64 fold rounded once to bfloat16."""
     model, _ = gemm_bn_model(rng, ml_dtypes.bfloat16)
-    folded, report = normfuse.fold(model, check=False)
+    folded, _report = normfuse.fold(model, check=False)
     onnx.checker.check_model(folded, full_check=True)
     assert op_types(folded) == ["Gemm"]
-    inits = {i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer}
+    inits = {
+        i.name: onnx.numpy_helper.to_array(i).astype(np.float64) for i in model.graph.initializer
+    }
     s = inits["bn_scale"] / np.sqrt(inits["bn_var"] + 1e-5)
     expected_w = (inits["W"] * s[:, None]).astype(ml_dtypes.bfloat16)
-    expected_c = (inits["C"] * s + inits["bn_bias"] - inits["bn_mean"] * s).astype(ml_dtypes.bfloat16)
+    expected_c = (inits["C"] * s + inits["bn_bias"] - inits["bn_mean"] * s).astype(
+        ml_dtypes.bfloat16
+    )
     got = {i.name: i for i in folded.graph.initializer}
     assert got["W"].data_type == TP.BFLOAT16
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(got["W"]).astype(np.float32), expected_w.astype(np.float32))
-    np.testing.assert_array_equal(onnx.numpy_helper.to_array(got["C"]).astype(np.float32), expected_c.astype(np.float32))
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(got["W"]).astype(np.float32), expected_w.astype(np.float32)
+    )
+    np.testing.assert_array_equal(
+        onnx.numpy_helper.to_array(got["C"]).astype(np.float32), expected_c.astype(np.float32)
+    )
 
 
 def test_fp16_overflow_is_refused(rng):
-    model, feeds = conv_bn_model(rng, dtype=np.float16)
+    model, _feeds = conv_bn_model(rng, dtype=np.float16)
     var = next(i for i in model.graph.initializer if i.name == "bn_var")
     var.CopyFrom(tensor("bn_var", np.full(6, 1e-7, np.float16)))
     gamma = next(i for i in model.graph.initializer if i.name == "bn_scale")
@@ -527,7 +610,7 @@ def test_fp16_overflow_is_refused(rng):
 
 
 def test_fp16_tiny_variance_warns_and_folds_exactly(rng):
-    model, feeds = conv_bn_model(rng, dtype=np.float16, bn_dtype=np.float32, opset=15)
+    model, _feeds = conv_bn_model(rng, dtype=np.float16, bn_dtype=np.float32, opset=15)
     var = next(i for i in model.graph.initializer if i.name == "bn_var")
     var.CopyFrom(tensor("bn_var", np.full(6, 1e-6, np.float32)))
     model.graph.node[1].attribute.append(helper.make_attribute("epsilon", 1e-6))
@@ -541,8 +624,8 @@ def test_fp16_tiny_variance_warns_and_folds_exactly(rng):
 
 # ---------------------------------------------------------------- graph hygiene
 def test_idempotent_and_deterministic(rng):
-    model, feeds = conv_bn_model(rng)
-    once, r1 = normfuse.fold(model, check=False)
+    model, _feeds = conv_bn_model(rng)
+    once, _r1 = normfuse.fold(model, check=False)
     twice, r2 = normfuse.fold(once, check=False)
     again, _ = normfuse.fold(model, check=False)
     assert r2.entries == []
@@ -551,7 +634,7 @@ def test_idempotent_and_deterministic(rng):
 
 
 def test_unused_initializers_removed_names_kept(rng):
-    model, feeds = conv_bn_model(rng)
+    model, _feeds = conv_bn_model(rng)
     folded, _ = normfuse.fold(model, check=False)
     assert sorted(i.name for i in folded.graph.initializer) == ["B", "W"]
     assert [n.name for n in folded.graph.node] == ["conv"]
@@ -570,7 +653,11 @@ def test_input_model_is_not_modified(rng):
 def test_bn_with_no_linear_neighbour_has_a_reason(rng):
     c = 4
     inits = bn_params(rng, c)
-    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", "b"), helper.make_node("Relu", ["b"], ["y"])]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        bn_node("r", "b"),
+        helper.make_node("Relu", ["b"], ["y"]),
+    ]
     model = make_model(nodes, [("x", F, [2, c, 3, 3])], [("y", F, None)], inits)
     _, report = normfuse.fold(model, check=False)
     (entry,) = report.skipped

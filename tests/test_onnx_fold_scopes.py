@@ -9,7 +9,16 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 import normfuse
-from tests.conftest import assert_folds, bn_node, bn_params, make_model, normal, op_types, run, tensor
+from tests.conftest import (
+    assert_folds,
+    bn_node,
+    bn_params,
+    make_model,
+    normal,
+    op_types,
+    run,
+    tensor,
+)
 
 F = TP.FLOAT
 
@@ -23,14 +32,18 @@ def _branch(name: str, rng, c: int, uses_outer: bool) -> onnx.GraphProto:
         helper.make_node("Conv", ["x", w], [f"{name}_c"], name=f"{name}_conv"),
         bn_node(f"{name}_c", f"{name}_y", prefix=f"{name}_bn"),
     ]
-    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", F, [1, c, 4, 4])], inits)
+    return helper.make_graph(
+        nodes, name, [], [helper.make_tensor_value_info(f"{name}_y", F, [1, c, 4, 4])], inits
+    )
 
 
 def test_if_branches_with_outer_scope_weights(rng):
     c = 3
     then_g = _branch("then", rng, c, uses_outer=True)
     else_g = _branch("else", rng, c, uses_outer=False)
-    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)]
+    nodes = [
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=then_g, else_branch=else_g)
+    ]
     model = make_model(
         nodes,
         [("x", F, [1, c, 4, 4]), ("cond", TP.BOOL, [])],
@@ -84,12 +97,19 @@ def test_loop_body(rng):
             helper.make_tensor_value_info("cond_in", TP.BOOL, []),
             helper.make_tensor_value_info("v_in", F, [1, c, 4, 4]),
         ],
-        [helper.make_tensor_value_info("cond_out", TP.BOOL, []), helper.make_tensor_value_info("v_out", F, [1, c, 4, 4])],
+        [
+            helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+            helper.make_tensor_value_info("v_out", F, [1, c, 4, 4]),
+        ],
         body_inits,
     )
     nodes = [helper.make_node("Loop", ["n", "", "x"], ["y"], name="loop", body=body)]
-    model = make_model(nodes, [("x", F, [1, c, 4, 4]), ("n", TP.INT64, [])], [("y", F, [1, c, 4, 4])], [])
-    folded, report = assert_folds(model, {"x": normal(rng, [1, c, 4, 4]), "n": np.array(3)}, applied=1)
+    model = make_model(
+        nodes, [("x", F, [1, c, 4, 4]), ("n", TP.INT64, [])], [("y", F, [1, c, 4, 4])], []
+    )
+    _folded, report = assert_folds(
+        model, {"x": normal(rng, [1, c, 4, 4]), "n": np.array(3)}, applied=1
+    )
     assert report.applied[0].graph == "Loop 'loop'/body"
 
 
@@ -104,7 +124,11 @@ def test_model_local_function_is_folded_without_inlining(rng):
         ["fx"],
         ["fy"],
         [
-            const("fw", w), const("g", gamma), const("b", beta), const("m", mean), const("v", var),
+            const("fw", w),
+            const("g", gamma),
+            const("b", beta),
+            const("m", mean),
+            const("v", var),
             helper.make_node("Conv", ["fx", "fw"], ["fc"], name="fconv"),
             helper.make_node("BatchNormalization", ["fc", "g", "b", "m", "v"], ["fy"], name="fbn"),
         ],
@@ -112,7 +136,11 @@ def test_model_local_function_is_folded_without_inlining(rng):
     )
     nodes = [helper.make_node("ConvBN", ["x"], ["y"], domain="pkg", name="call")]
     model = make_model(
-        nodes, [("x", F, [1, c, 5, 5])], [("y", F, [1, c, 5, 5])], [], functions=[fn],
+        nodes,
+        [("x", F, [1, c, 5, 5])],
+        [("y", F, [1, c, 5, 5])],
+        [],
+        functions=[fn],
         extra_opsets=[helper.make_opsetid("pkg", 1)],
     )
     folded, report = assert_folds(model, {"x": normal(rng, [1, c, 5, 5])}, applied=1)
@@ -144,7 +172,7 @@ def test_layernorm_affine_into_matmuls(rng, consumers):
     feeds = {"x": normal(rng, [2, 3, 8])}
     _, off = normfuse.fold(model, check=False)
     assert off.entries == []  # opt-in: nothing happens without norm_affine
-    folded, report = assert_folds(model, feeds, applied=1, norm_affine=True)
+    folded, _report = assert_folds(model, feeds, applied=1, norm_affine=True)
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in folded.graph.initializer}
     np.testing.assert_array_equal(inits["gamma"], np.ones(8, np.float32))
     np.testing.assert_array_equal(inits["beta"], np.zeros(8, np.float32))
@@ -168,11 +196,16 @@ def test_layernorm_feeding_a_non_linear_op_is_skipped(rng):
 
 def _channel_norm_model(rng, op, opset, c=8, groups=4):
     per = c if (op != "GroupNormalization" or opset >= 21) else groups
-    inits = [tensor("gamma", rng.uniform(0.5, 2, per).astype(np.float32)), tensor("beta", normal(rng, [per])),
-             tensor("W", normal(rng, [6, c, 1, 1]))]
+    inits = [
+        tensor("gamma", rng.uniform(0.5, 2, per).astype(np.float32)),
+        tensor("beta", normal(rng, [per])),
+        tensor("W", normal(rng, [6, c, 1, 1])),
+    ]
     attrs = {"num_groups": groups} if op == "GroupNormalization" else {}
-    nodes = [helper.make_node(op, ["x", "gamma", "beta"], ["n"], name="norm", **attrs),
-             helper.make_node("Conv", ["n", "W"], ["y"], name="pw")]
+    nodes = [
+        helper.make_node(op, ["x", "gamma", "beta"], ["n"], name="norm", **attrs),
+        helper.make_node("Conv", ["n", "W"], ["y"], name="pw"),
+    ]
     return make_model(nodes, [("x", F, [2, c, 5, 5])], [("y", F, [2, 6, 5, 5])], inits, opset=opset)
 
 
@@ -190,21 +223,35 @@ def test_groupnorm18_per_group_affine_into_pointwise_conv(rng):
 def test_channel_norms_into_pointwise_conv(rng, op, opset):
     c, groups = 8, 4
     per = c if (op != "GroupNormalization" or opset >= 21) else groups
-    inits = [tensor("gamma", rng.uniform(0.5, 2, per).astype(np.float32)), tensor("beta", normal(rng, [per])),
-             tensor("W", normal(rng, [6, c, 1, 1]))]
+    inits = [
+        tensor("gamma", rng.uniform(0.5, 2, per).astype(np.float32)),
+        tensor("beta", normal(rng, [per])),
+        tensor("W", normal(rng, [6, c, 1, 1])),
+    ]
     attrs = {"num_groups": groups} if op == "GroupNormalization" else {}
-    nodes = [helper.make_node(op, ["x", "gamma", "beta"], ["n"], name="norm", **attrs),
-             helper.make_node("Conv", ["n", "W"], ["y"], name="pw")]
-    model = make_model(nodes, [("x", F, [2, c, 5, 5])], [("y", F, [2, 6, 5, 5])], inits, opset=opset)
-    folded, report = assert_folds(model, {"x": normal(rng, [2, c, 5, 5])}, applied=1, norm_affine=True)
+    nodes = [
+        helper.make_node(op, ["x", "gamma", "beta"], ["n"], name="norm", **attrs),
+        helper.make_node("Conv", ["n", "W"], ["y"], name="pw"),
+    ]
+    model = make_model(
+        nodes, [("x", F, [2, c, 5, 5])], [("y", F, [2, 6, 5, 5])], inits, opset=opset
+    )
+    _folded, report = assert_folds(
+        model, {"x": normal(rng, [2, c, 5, 5])}, applied=1, norm_affine=True
+    )
     assert report.applied[0].target == "Conv 'pw'"
 
 
 def test_decomposed_layernorm_tail_into_matmul(rng):
     k, n = 8, 5
-    inits = [tensor("axes", np.array([-1], np.int64)), tensor("eps", np.array(1e-5, np.float32)),
-             tensor("two", np.array(2.0, np.float32)), tensor("g", rng.uniform(0.5, 2, k).astype(np.float32)),
-             tensor("b", normal(rng, [k])), tensor("W", normal(rng, [k, n]))]
+    inits = [
+        tensor("axes", np.array([-1], np.int64)),
+        tensor("eps", np.array(1e-5, np.float32)),
+        tensor("two", np.array(2.0, np.float32)),
+        tensor("g", rng.uniform(0.5, 2, k).astype(np.float32)),
+        tensor("b", normal(rng, [k])),
+        tensor("W", normal(rng, [k, n])),
+    ]
     nodes = [
         helper.make_node("ReduceMean", ["x", "axes"], ["mu"]),
         helper.make_node("Sub", ["x", "mu"], ["d"]),
@@ -229,7 +276,9 @@ def test_inspect_lists_norms_and_changes_nothing(rng):
     model = _ln_model(rng)
     conv_model = make_model(
         [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1]), bn_node("c", "y")],
-        [("x", F, [1, 4, 6])], [("y", F, [1, 4, 6])], [tensor("W", normal(rng, [4, 4, 3])), *bn_params(rng, 4)],
+        [("x", F, [1, 4, 6])],
+        [("y", F, [1, 4, 6])],
+        [tensor("W", normal(rng, [4, 4, 3])), *bn_params(rng, 4)],
     )
     before = conv_model.SerializeToString()
     report = normfuse.inspect(conv_model)

@@ -19,7 +19,10 @@ F = TP.FLOAT
 @pytest.fixture
 def model(rng) -> onnx.ModelProto:
     inits = [tensor("W", normal(rng, [16, 8, 3, 3])), *bn_params(rng, 16)]
-    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]), bn_node("c", "y")]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "y"),
+    ]
     m = make_model(nodes, [("x", F, [1, 8, 6, 6])], [("y", F, [1, 16, 6, 6])], inits, ir_version=9)
     m.doc_string = "a test model"
     m.producer_version = "7.7"
@@ -53,7 +56,9 @@ def test_metadata_ir_version_and_opsets_are_kept(model, tmp_path):
     normfuse.save(folded, out)
     saved = onnx.load(out)
     assert saved.ir_version == 9
-    assert [(o.domain, o.version) for o in saved.opset_import] == [(o.domain, o.version) for o in model.opset_import]
+    assert [(o.domain, o.version) for o in saved.opset_import] == [
+        (o.domain, o.version) for o in model.opset_import
+    ]
     assert saved.producer_name == model.producer_name and saved.producer_version == "7.7"
     assert saved.doc_string == "a test model" and saved.model_version == 3
     assert {p.key: p.value for p in saved.metadata_props} == {"author": "tests", "license": "none"}
@@ -65,8 +70,14 @@ def test_external_data_is_read_lazily_and_written_back(model, tmp_path, rng):
     src.mkdir()
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnx.save with external data rewrites the proto it is given
-    onnx.save(copy, src / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        copy,
+        src / "m.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     loaded = normfuse.load(src / "m.onnx")
     w = loaded.graph.initializers["W"].const_value
     assert isinstance(w, ir.ExternalTensor)
@@ -150,7 +161,9 @@ def test_onnx_program_round_trip(tmp_path):
     m.bn.running_var.uniform_(0.2, 3)
     m.bn.running_mean.normal_()
     m.eval()
-    program = torch.onnx.export(m, (torch.randn(1, 3, 8, 8),), dynamo=True, optimize=False, verbose=False)
+    program = torch.onnx.export(
+        m, (torch.randn(1, 3, 8, 8),), dynamo=True, optimize=False, verbose=False
+    )
     before = op_types(program.model_proto)
     folded, report = normfuse.fold(program)
     assert type(folded).__name__ == "ONNXProgram"

@@ -62,7 +62,10 @@ def test_provider_selection_is_quiet_and_honest(capfd):
 
 def _relu_model(ir_version: int, shape) -> onnx.ModelProto:
     return make_model(
-        [helper.make_node("Relu", ["x"], ["y"])], [("x", TP.FLOAT, shape)], [("y", TP.FLOAT, shape)], [],
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [("x", TP.FLOAT, shape)],
+        [("y", TP.FLOAT, shape)],
+        [],
         ir_version=ir_version,
     )
 
@@ -89,7 +92,9 @@ def test_dynamic_dims(tmp_path):
     result = parity.check_models(data, data, provider="cpu", shapes={"x": [2, 3, 5]})
     assert result.passed
     partial = _relu_model(10, ["batch", 3])
-    res = parity.check_models(partial.SerializeToString(), partial.SerializeToString(), provider="cpu")
+    res = parity.check_models(
+        partial.SerializeToString(), partial.SerializeToString(), provider="cpu"
+    )
     assert any("batch dimension set to 1" in n for n in res.notes)
 
 

@@ -30,8 +30,21 @@ def conv_case(draw):
     dtype = draw(st.sampled_from([np.float32, np.float16]))
     before = draw(st.booleans()) and not transpose
     seed = draw(st.integers(0, 2**16))
-    return dict(transpose=transpose, dims=dims, groups=groups, cin=cin, cout=cout, k=k, stride=stride,
-                dilation=dilation, pad=pad, bias=bias, dtype=dtype, before=before, seed=seed)
+    return dict(
+        transpose=transpose,
+        dims=dims,
+        groups=groups,
+        cin=cin,
+        cout=cout,
+        k=k,
+        stride=stride,
+        dilation=dilation,
+        pad=pad,
+        bias=bias,
+        dtype=dtype,
+        before=before,
+        seed=seed,
+    )
 
 
 def build_conv(c):
@@ -39,14 +52,22 @@ def build_conv(c):
     dt = c["dtype"]
     size = [7, 6, 5][: c["dims"]]
     kshape = [c["k"]] * c["dims"]
-    wshape = [c["cin"], c["cout"] // c["groups"], *kshape] if c["transpose"] else [c["cout"], c["cin"] // c["groups"], *kshape]
+    wshape = (
+        [c["cin"], c["cout"] // c["groups"], *kshape]
+        if c["transpose"]
+        else [c["cout"], c["cin"] // c["groups"], *kshape]
+    )
     inits = [tensor("W", rng.standard_normal(wshape).astype(dt))]
     ins = ["b" if c["before"] else "x", "W"]
     if c["bias"]:
         inits.append(tensor("B", rng.standard_normal(c["cout"]).astype(dt)))
         ins.append("B")
-    attrs = dict(group=c["groups"], strides=[c["stride"]] * c["dims"], dilations=[c["dilation"]] * c["dims"],
-                 pads=[c["pad"]] * 2 * c["dims"])
+    attrs = dict(
+        group=c["groups"],
+        strides=[c["stride"]] * c["dims"],
+        dilations=[c["dilation"]] * c["dims"],
+        pads=[c["pad"]] * 2 * c["dims"],
+    )
     op = "ConvTranspose" if c["transpose"] else "Conv"
     if c["before"]:
         inits += bn_params(rng, c["cin"], dtype=dt)
@@ -54,7 +75,9 @@ def build_conv(c):
     else:
         inits += bn_params(rng, c["cout"], dtype=dt)
         nodes = [helper.make_node(op, ins, ["c"], name="conv", **attrs), bn_node("c", "y")]
-    model = make_model(nodes, [("x", ELEM[dt], [2, c["cin"], *size])], [("y", ELEM[dt], None)], inits)
+    model = make_model(
+        nodes, [("x", ELEM[dt], [2, c["cin"], *size])], [("y", ELEM[dt], None)], inits
+    )
     return model, {"x": rng.standard_normal([2, c["cin"], *size]).astype(dt)}
 
 
@@ -81,8 +104,14 @@ def test_conv_configurations(c):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    trans_b=st.booleans(), alpha=st.floats(0.25, 2.0), beta=st.floats(0.25, 2.0), bias=st.sampled_from(["none", "1d", "2d"]),
-    before=st.booleans(), k=st.integers(1, 6), n=st.integers(1, 6), seed=st.integers(0, 2**16),
+    trans_b=st.booleans(),
+    alpha=st.floats(0.25, 2.0),
+    beta=st.floats(0.25, 2.0),
+    bias=st.sampled_from(["none", "1d", "2d"]),
+    before=st.booleans(),
+    k=st.integers(1, 6),
+    n=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
 )
 def test_gemm_configurations(trans_b, alpha, beta, bias, before, k, n, seed):
     rng = np.random.default_rng(seed)
@@ -90,9 +119,19 @@ def test_gemm_configurations(trans_b, alpha, beta, bias, before, k, n, seed):
     inits = [tensor("W", rng.standard_normal([n, k] if trans_b else [k, n]).astype(np.float32))]
     ins = ["b" if before else "x", "W"]
     if bias != "none":
-        inits.append(tensor("C", rng.standard_normal([n] if bias == "1d" else [m, n]).astype(np.float32)))
+        inits.append(
+            tensor("C", rng.standard_normal([n] if bias == "1d" else [m, n]).astype(np.float32))
+        )
         ins.append("C")
-    gemm = helper.make_node("Gemm", ins, ["y" if before else "g"], name="gemm", transB=int(trans_b), alpha=alpha, beta=beta)
+    gemm = helper.make_node(
+        "Gemm",
+        ins,
+        ["y" if before else "g"],
+        name="gemm",
+        transB=int(trans_b),
+        alpha=alpha,
+        beta=beta,
+    )
     if before:
         inits += bn_params(rng, k)
         nodes = [bn_node("x", "b"), gemm]
@@ -100,4 +139,6 @@ def test_gemm_configurations(trans_b, alpha, beta, bias, before, k, n, seed):
         inits += bn_params(rng, n)
         nodes = [gemm, bn_node("g", "y")]
     model = make_model(nodes, [("x", TP.FLOAT, [m, k])], [("y", TP.FLOAT, [m, n])], inits)
-    assert_parity_and_idempotence(model, {"x": rng.standard_normal([m, k]).astype(np.float32)}, np.float32, True)
+    assert_parity_and_idempotence(
+        model, {"x": rng.standard_normal([m, k]).astype(np.float32)}, np.float32, True
+    )

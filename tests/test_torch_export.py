@@ -22,10 +22,18 @@ def export(model, path, exporter: str) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "legacy-preserve":
-            torch.onnx.export(model, (x,), str(path), dynamo=False, training=torch.onnx.TrainingMode.PRESERVE,
-                              do_constant_folding=False)
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+                do_constant_folding=False,
+            )
         else:
-            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(str(path))
+            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(
+                str(path)
+            )
     return onnx.load(path)
 
 
@@ -73,7 +81,7 @@ def test_export_pipeline_example(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False)
-    folded, report = normfuse.fold(program)
+    folded, _report = normfuse.fold(program)
     normfuse.save(folded, tmp_path / "model.onnx")
     import onnxruntime as ort
 
