@@ -573,12 +573,9 @@ class _Folder:
     def fold_chain(self, chain: list[_Link]) -> list[Entry]:
         """Fold what can fold in one chain; one entry per reportable node."""
         rank = self._chain_rank(chain)
-        link_warnings = [self._warnings(link) for link in chain]
-        head_input = chain[0].data.producer() if chain[0].kind != "norm" else None
-        touches_linear = (
-            head_input is not None and head_input.op_type in LINEAR_OPS | {"Add"}
-        ) or any(u.op_type in LINEAR_OPS for u in _uses(chain[-1].out))
+        warnings = [self._warnings(link) for link in chain]
         names = [node_name(link.node) for link in chain]
+        reportable = self._reportable(chain)
         affines: list[Affine | _Refused] = []
         for link in chain:
             try:
@@ -587,118 +584,29 @@ class _Folder:
                 affines.append(exc)
             except NotConstant as exc:
                 affines.append(_Refused(str(exc)))
-        status: list[tuple[str, str | None, str | None, list[str]] | None] = [None] * len(chain)
-        after_reason: str | None = None
-        k = 0
-        head = chain[0]
-        producer = head.data.producer() if head.kind != "norm" else None
-        if head.kind == "norm":
-            after_reason = None
-        elif producer is None:
-            after_reason = (
-                f"its input '{head.data.name}' is a graph input, not a linear op's output"
-            )
-        elif producer.graph is not head.node.graph:
-            after_reason = "its input comes from an outer graph"
-        else:
-            found = self._producer_linear(producer)
-            if isinstance(found, str):
-                after_reason = found
-            elif not _exclusive(found.out, head.node):
-                after_reason = (
-                    f"the output of {found.label} also feeds {_others(found.out, head.node)}; "
-                    "folding would change what they see"
-                )
-            else:
-                acc: Affine | None = None
-                while k < len(chain):
-                    a = affines[k]
-                    if isinstance(a, _Refused):
-                        break
-                    mismatch = _lines_up(
-                        a, found.out_axis, found.weights.out_channels, found.out_rank
-                    )
-                    if mismatch:
-                        after_reason = f"{mismatch} of {found.label}"
-                        break
-                    acc = a if acc is None else acc.then(a)
-                    k += 1
-                if k:
-                    assert acc is not None
-                    try:
-                        warns = self._apply_after(found, chain[:k], acc)
-                        for i in range(k):
-                            status[i] = ("after", found.label, None, warns)
-                    except _Refused as exc:
-                        after_reason, k = exc.reason, 0
-        rest = list(range(k, len(chain)))
-        # the longest valid suffix of the rest, with one consistent channel axis
-        j = len(rest)
-        suffix_axis: int | None = None
-        while j > 0:
-            a = affines[rest[j - 1]]
-            if isinstance(a, _Refused):
-                break
-            if not a.is_scalar:
-                if suffix_axis is not None and a.axis != suffix_axis:
-                    break
-                suffix_axis = a.axis
-            if chain[rest[j - 1]].kind == "norm" and j - 1 != 0:
-                break
-            j -= 1
-        suffix = rest[j:]
-        before_reason: str | None = None
-        before_fix: str | None = None
-        if suffix and chain[suffix[0]].kind == "norm" and suffix[0] != 0:
-            suffix = []
-        if suffix:
-            links = [chain[i] for i in suffix]
-            has_bn = any(link.kind == "bn" for link in links)
-            tail = links[-1].out
-            if not has_bn and not self.options.norm_affine:
-                consumers = _uses(tail)
-                if consumers and all(c.op_type in LINEAR_OPS for c in consumers):
-                    before_reason = (
-                        "folding a Mul/Add chain into the following "
-                        f"{', '.join(_label(c) for c in consumers)} is opt-in"
-                    )
-                    before_fix = "pass --norm-affine (norm_affine=True)"
-                else:
-                    before_reason = "nothing linear to fold into"
-            else:
-                acc_b: Affine | None = None
-                for link in links:
-                    a = affines[chain.index(link)]
-                    assert isinstance(a, Affine)
-                    acc_b = a if acc_b is None else acc_b.then(a)
-                assert acc_b is not None
-                try:
-                    targets, warns = self._apply_before(links, acc_b, rank)
-                    for i in suffix:
-                        status[i] = ("before", targets, None, warns)
-                except _Refused as exc:
-                    before_reason, before_fix = exc.reason, exc.fix
+        done: dict[int, tuple[str, str]] = {}  # chain index -> (direction, target)
+        k, after_reason = self._fold_forward(chain, affines, done)
+        suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
         entries = []
         for i, link in enumerate(chain):
-            reportable = (
-                link.kind != "elementwise"
-                or touches_linear
-                or any(other.kind != "elementwise" for other in chain)
-            )
-            if not reportable:
+            if not reportable[i]:
                 continue
             self.reported.add(id(link.node))
-            st = status[i]
-            if st is not None:
+            common = {
+                "node": names[i],
+                "op_type": link.node.op_type,
+                "graph": self.label.rstrip("/"),
+            }
+            if i in done:
+                direction, target = done[i]
+                status = "foldable" if self.options.dry_run else "applied"
                 entries.append(
                     Entry(
-                        node=names[i],
-                        op_type=link.node.op_type,
-                        status="foldable" if self.options.dry_run else "applied",
-                        graph=self.label.rstrip("/"),
-                        target=st[1],
-                        direction=st[0],
-                        warnings=list(st[3]) + link_warnings[i],
+                        **common,
+                        status=status,
+                        target=target,
+                        direction=direction,
+                        warnings=warnings[i],
                     )
                 )
                 continue
@@ -707,25 +615,112 @@ class _Folder:
                 reason, fix = own.reason, own.fix
             else:
                 parts = []
-                if after_reason and head.kind != "norm":
+                if after_reason:
                     parts.append(f"cannot fold into its producer: {after_reason}")
-                if before_reason:
+                if before_reason and i in suffix:
                     parts.append(f"cannot fold into its consumers: {before_reason}")
                 elif i not in suffix:
                     parts.append("a node between it and the next linear op cannot fold")
-                reason = "; ".join(parts) or "no neighbouring linear op"
-                fix = before_fix
-            entries.append(
-                Entry(
-                    node=node_name(link.node),
-                    op_type=link.node.op_type,
-                    status="skipped",
-                    graph=self.label.rstrip("/"),
-                    reason=reason,
-                    fix=fix,
-                )
-            )
+                reason = "; ".join(parts)
+                fix = before_fix if i in suffix else None
+            entries.append(Entry(**common, status="skipped", reason=reason, fix=fix))
         return entries
+
+    def _reportable(self, chain: list[_Link]) -> list[bool]:
+        """BN and norm nodes always; Mul/Add/... when the chain touches a foldable linear op."""
+        if any(link.kind != "elementwise" for link in chain):
+            return [True] * len(chain)
+        head_input = chain[0].data.producer()
+        touches = head_input is not None and isinstance(self._producer_linear(head_input), _Linear)
+        touches = touches or any(
+            isinstance(self._linear(u), _Linear)
+            for u in _uses(chain[-1].out)
+            if u.op_type in LINEAR_OPS
+        )
+        return [touches] * len(chain)
+
+    def _fold_forward(
+        self, chain: list[_Link], affines: list[Affine | _Refused], done: dict[int, tuple[str, str]]
+    ) -> tuple[int, str | None]:
+        """Fold the longest valid prefix into the producing linear op; (its length, why not more)."""
+        head = chain[0]
+        if head.kind == "norm":
+            return 0, None
+        producer = head.data.producer()
+        if producer is None:
+            return 0, f"its input '{head.data.name}' is a graph input, not a linear op's output"
+        if producer.graph is not head.node.graph:
+            return 0, "its input comes from an outer graph"
+        found = self._producer_linear(producer)
+        if isinstance(found, str):
+            return 0, found
+        if not _exclusive(found.out, head.node):
+            return 0, (
+                f"the output of {found.label} also feeds {_others(found.out, head.node)}; "
+                "folding would change what they see"
+            )
+        acc: Affine | None = None
+        reason: str | None = None
+        k = 0
+        for a in affines:
+            if isinstance(a, _Refused):
+                break
+            mismatch = _lines_up(a, found.out_axis, found.weights.out_channels, found.out_rank)
+            if mismatch:
+                reason = f"{mismatch} of {found.label}"
+                break
+            acc = a if acc is None else acc.then(a)
+            k += 1
+        if acc is None:
+            return 0, reason
+        try:
+            self._apply_after(found, chain[:k], acc)
+        except _Refused as exc:
+            return 0, exc.reason
+        done.update({i: ("after", found.label) for i in range(k)})
+        return k, reason
+
+    def _fold_backward(
+        self,
+        chain: list[_Link],
+        affines: list[Affine | _Refused],
+        k: int,
+        rank: int | None,
+        done: dict[int, tuple[str, str]],
+    ) -> tuple[list[int], str | None, str | None]:
+        """Fold the longest valid suffix of ``chain[k:]`` into the consumers.
+
+        Returns:
+            The suffix's chain indices, and why it did not fold (reason, fix) if it did not.
+        """
+        j = len(chain)
+        axis: int | None = None
+        while j > k:  # valid maps with one consistent channel axis
+            a = affines[j - 1]
+            if isinstance(a, _Refused) or (not a.is_scalar and axis is not None and a.axis != axis):
+                break
+            axis = axis if a.is_scalar else a.axis
+            j -= 1
+        suffix = list(range(j, len(chain)))
+        if not suffix:
+            return [], None, None
+        links = [chain[i] for i in suffix]
+        if not self.options.norm_affine and not any(link.kind == "bn" for link in links):
+            consumers = _uses(links[-1].out)
+            if consumers and all(isinstance(self._linear(c), _Linear) for c in consumers):
+                names = ", ".join(_label(c) for c in consumers)
+                fix = "pass --norm-affine (norm_affine=True)"
+                return suffix, f"folding a Mul/Add chain into the following {names} is opt-in", fix
+            return suffix, "nothing linear to fold into", None
+        acc = affines[suffix[0]]
+        for i in suffix[1:]:
+            acc = acc.then(affines[i])  # type: ignore[union-attr]
+        try:
+            target = self._apply_before(links, acc, rank)  # type: ignore[arg-type]
+        except _Refused as exc:
+            return suffix, exc.reason, exc.fix
+        done.update({i: ("before", target) for i in suffix})
+        return suffix, None, None
 
     def lone_norm_entries(self) -> list[Entry]:
         """Entries for normalization nodes no chain covered (their gamma/beta fold is opt-in)."""
@@ -808,11 +803,11 @@ class _Folder:
         return self._linear(producer)
 
     # ----------------------------------------------------------------- rewriting
-    def _apply_after(self, lin: _Linear, links: list[_Link], affine: Affine) -> list[str]:
+    def _apply_after(self, lin: _Linear, links: list[_Link], affine: Affine) -> None:
         folded = algebra.absorb_after(lin.weights, affine)
         _check_range(folded, lin)
         if self.options.dry_run:
-            return []
+            return
         node = lin.node
         self._set_input(node, 1, folded.weight)
         new_out = lin.out
@@ -843,11 +838,9 @@ class _Folder:
         for v in removed_inputs:
             self._prune(v)
         self._restore_names()
-        return []
 
-    def _apply_before(
-        self, links: list[_Link], affine: Affine, rank: int | None
-    ) -> tuple[str, list[str]]:
+    def _apply_before(self, links: list[_Link], affine: Affine, rank: int | None) -> str:
+        """Fold into every consumer of the chain's output; returns the targets' labels."""
         tail = links[-1].out
         if tail.is_graph_output():
             raise _Refused(f"its output '{tail.name}' is a graph output")
@@ -896,7 +889,7 @@ class _Folder:
             foldeds.append(folded)
         label = ", ".join(found.label for found, _ in targets)
         if self.options.dry_run:
-            return label, []
+            return label
         head = links[0]
         if head.kind == "norm":
             source = head.out
@@ -928,7 +921,7 @@ class _Folder:
             for v in removed_inputs:
                 self._prune(v)
         self._restore_names()
-        return label, []
+        return label
 
     def _neutralise_norm(self, node: ir.Node) -> None:
         gamma = self.consts.resolve(node.inputs[1])

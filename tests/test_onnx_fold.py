@@ -671,3 +671,18 @@ def test_bn_graph_output_before_linear_is_skipped(rng):
     model = make_model(nodes, [("x", F, [2, k])], [("y", F, None), ("b", F, None)], inits)
     _, report = normfuse.fold(model, check=False)
     assert "graph output" in report.skipped[0].reason
+
+
+def test_attention_scale_mul_is_not_a_candidate(rng):
+    """`q * 0.125` feeding `MatMul(q, k^T)` (no constant weight) is not reported at all."""
+    inits = [tensor("scale", np.array(0.125, np.float32))]
+    nodes = [
+        helper.make_node("Mul", ["q", "scale"], ["qs"], name="scale_q"),
+        helper.make_node("MatMul", ["qs", "kt"], ["y"], name="scores"),
+    ]
+    model = make_model(
+        nodes, [("q", F, [2, 4, 8]), ("kt", F, [2, 8, 4])], [("y", F, [2, 4, 4])], inits
+    )
+    folded, report = normfuse.fold(model, check=False)
+    assert report.entries == []
+    assert folded.SerializeToString() == normfuse.fold(folded, check=False)[0].SerializeToString()
