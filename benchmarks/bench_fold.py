@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,22 +45,9 @@ from normfuse.report import Report  # noqa: E402
 def _export(model, path: Path, exporter: str, shape) -> None:
     import torch
 
-    x = torch.randn(*shape)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "legacy":
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                training=torch.onnx.TrainingMode.PRESERVE,
-                do_constant_folding=False,
-            )
-        else:
-            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(
-                str(path)
-            )
+    from models.build import export
+
+    export(model, torch.randn(*shape), path, dynamo=exporter == "dynamo")
 
 
 def _time(fn) -> float:

@@ -18,15 +18,17 @@ Usage: ``python models/build.py [OUT_DIR]`` (default: this folder). Needs torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_all"]
+__all__ = ["MODELS", "build_all", "export", "quiet", "randomize_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,10 +145,17 @@ def randomize_batchnorm(
     model.eval()
 
 
-def export(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
-    """Export keeping BatchNormalization nodes."""
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporters' warnings."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        yield
+
+
+def export(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
+    """Export keeping BatchNormalization nodes (dynamo: ``optimize=False``; legacy: PRESERVE)."""
+    with quiet():
         if dynamo:
             program = torch.onnx.export(
                 model, (example,), dynamo=True, optimize=False, verbose=False

@@ -221,24 +221,8 @@ def test_groupnorm18_per_group_affine_into_pointwise_conv(rng):
 
 @pytest.mark.parametrize("op,opset", [("GroupNormalization", 21), ("InstanceNormalization", 17)])
 def test_channel_norms_into_pointwise_conv(rng, op, opset):
-    c, groups = 8, 4
-    per = c if (op != "GroupNormalization" or opset >= 21) else groups
-    inits = [
-        tensor("gamma", rng.uniform(0.5, 2, per).astype(np.float32)),
-        tensor("beta", normal(rng, [per])),
-        tensor("W", normal(rng, [6, c, 1, 1])),
-    ]
-    attrs = {"num_groups": groups} if op == "GroupNormalization" else {}
-    nodes = [
-        helper.make_node(op, ["x", "gamma", "beta"], ["n"], name="norm", **attrs),
-        helper.make_node("Conv", ["n", "W"], ["y"], name="pw"),
-    ]
-    model = make_model(
-        nodes, [("x", F, [2, c, 5, 5])], [("y", F, [2, 6, 5, 5])], inits, opset=opset
-    )
-    _folded, report = assert_folds(
-        model, {"x": normal(rng, [2, c, 5, 5])}, applied=1, norm_affine=True
-    )
+    model = _channel_norm_model(rng, op, opset)
+    _, report = assert_folds(model, {"x": normal(rng, [2, 8, 5, 5])}, applied=1, norm_affine=True)
     assert report.applied[0].target == "Conv 'pw'"
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -12,28 +10,13 @@ import normfuse
 from tests.conftest import op_types
 
 torch = pytest.importorskip("torch")
-from models import zoo  # noqa: E402
+from models import build, zoo  # noqa: E402
 
 EXPORTERS = ["legacy-preserve", "dynamo-unoptimized"]
 
 
 def export(model, path, exporter: str) -> onnx.ModelProto:
-    x = torch.randn(1, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "legacy-preserve":
-            torch.onnx.export(
-                model,
-                (x,),
-                str(path),
-                dynamo=False,
-                training=torch.onnx.TrainingMode.PRESERVE,
-                do_constant_folding=False,
-            )
-        else:
-            torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False).save(
-                str(path)
-            )
+    build.export(model, torch.randn(1, 3, 32, 32), path, dynamo=exporter == "dynamo-unoptimized")
     return onnx.load(path)
 
 
@@ -68,8 +51,7 @@ def test_default_exports_already_fold_bn():
     """Documented in the README: eval-mode exports need no normfuse fold for BN after conv."""
     model = zoo.build("resnet")
     x = torch.randn(1, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with build.quiet():
         program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
     assert "BatchNormalization" not in op_types(program.model_proto)
 
@@ -78,8 +60,7 @@ def test_export_pipeline_example(tmp_path):
     """The README's pipeline: export -> fold -> save, and the result matches PyTorch."""
     model = zoo.build("mobilenet_v2")
     x = torch.randn(1, 3, 32, 32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with build.quiet():
         program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False)
     folded, _report = normfuse.fold(program)
     normfuse.save(folded, tmp_path / "model.onnx")
