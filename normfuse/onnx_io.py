@@ -16,18 +16,20 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from normfuse.errors import InputError, OutputExistsError
 
-__all__ = ["Loaded", "has_external_data", "load", "save", "to_kind", "unwrap"]
+__all__ = ["Loaded", "has_external_data", "load", "save", "to_kind", "unwrap", "write_streaming"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,112 @@ def _total_bytes(model: ir.Model) -> int:
     )
 
 
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+_TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_RAW_OK = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT8,
+        ir.DataType.UINT16,
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+        ir.DataType.BOOL,
+    }
+)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview]:
+    """The serialized TensorProto of an initializer, as pieces written back to back.
+
+    Tensors read from the file are re-emitted from their own proto; numpy-backed tensors (the
+    folded weights) are written from their buffer without a copy; anything else goes through
+    onnx_ir's serializer.
+    """
+    if isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.metadata_props:
+        raw = tensor.raw
+        if raw.name != name:
+            raw.name = name
+        return [raw.SerializeToString()]
+    if isinstance(tensor, ir.Tensor) and tensor.dtype in _RAW_OK and sys.byteorder == "little":
+        array = tensor.numpy()
+        if not array.flags.c_contiguous:
+            array = np.array(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+        header = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=list(array.shape))
+        if tensor.doc_string:
+            header.doc_string = tensor.doc_string
+        for key, value in tensor.metadata_props.items():
+            header.metadata_props.add(key=key, value=value)
+        data = memoryview(array.reshape(-1).view(np.uint8))
+        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
+    tensor.name = name
+    return [ir.serde.serialize_tensor(tensor).SerializeToString()]
+
+
+def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
+    """Write ``model`` as one ONNX file without building a copy of its tensors.
+
+    onnx_ir serializes everything but the main graph's initializers; those are then appended to
+    the graph message as length-delimited fields (protobuf parsing does not depend on field
+    order), untouched tensors from their original bytes and new ones straight from numpy.
+    The model is unchanged afterwards.
+    """
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors = [v.const_value for v in values]
+    serde_log = logging.getLogger("onnx_ir.serde")
+    was_disabled = serde_log.disabled
+    serde_log.disabled = True  # it would warn once per detached initializer
+    try:
+        for v in values:
+            v.const_value = None
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for v, t in zip(values, tensors, strict=True):
+            v.const_value = t
+        serde_log.disabled = was_disabled
+    graph_bytes = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    entries = []
+    for v, t in zip(values, tensors, strict=True):
+        pieces = _tensor_pieces(v.name or "", t)
+        size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
+        entries.append((_field(_GRAPH_INITIALIZER, size), pieces, size))
+    graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.write(_field(_MODEL_GRAPH, graph_len))
+        f.write(graph_bytes)
+        for tag, pieces, _ in entries:
+            f.write(tag)
+            for piece in pieces:
+                f.write(piece)
+
+
 def save(
     model: object,
     path: str | os.PathLike,
@@ -213,7 +321,7 @@ def save(
         if external_data:
             ir.save(ir_model, tmp, external_data=f"{out.name}.data")
         else:
-            ir.save(ir_model, tmp)
+            write_streaming(ir_model, tmp)
         if verify is not None:
             verify(tmp)
         os.replace(tmp, out)

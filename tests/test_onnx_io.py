@@ -172,3 +172,38 @@ def test_onnx_program_round_trip(tmp_path):
     assert report.parity is not None and report.parity.passed
     x = torch.randn(1, 3, 8, 8)
     np.testing.assert_allclose(folded(x)[0].numpy(), m(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_streaming_writer_equals_onnx_ir_serialization(tmp_path, rng):
+    """Every kind of initializer: from the file, new numpy (fp32/bf16/int/bool), string, renamed."""
+    import ml_dtypes
+
+    then_g = helper.make_graph(
+        [helper.make_node("Identity", ["sub_w"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", F, [2])],
+        [tensor("sub_w", normal(rng, [2]))],
+    )
+    nodes = [helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=then_g)]
+    model = make_model(
+        nodes, [("cond", TP.BOOL, [])], [("y", F, [2])], [tensor("kept", normal(rng, [3, 4]))]
+    )
+    model.graph.initializer.append(helper.make_tensor("names", TP.STRING, [2], [b"a", b"b"]))
+    m = ir.from_proto(model)
+    for name, array in (
+        ("f32", normal(rng, [5, 7])),
+        ("bf16", normal(rng, [4]).astype(ml_dtypes.bfloat16)),
+        ("i64", np.arange(6, dtype=np.int64).reshape(2, 3)),
+        ("flags", np.array([True, False])),
+        ("scalar", np.array(1.5, np.float32)),
+    ):
+        m.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(array, name=name)))
+    m.graph.initializers["kept"].name = "kept_renamed"
+    m.graph.initializers["f32"].const_value.doc_string = "new weights"
+    out = tmp_path / "s.onnx"
+    onnx_io.write_streaming(m, out)
+    assert onnx.load(out) == ir.to_proto(m)
+    onnx.checker.check_model(out, full_check=True)
+    # the model is left as it was
+    assert all(v.const_value is not None for v in m.graph.initializers.values())
