@@ -106,12 +106,18 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
                 capture_output=True,
             )
 
+        def startup(src: Path = src, out: Path = out) -> None:
+            subprocess.run(
+                [sys.executable, "-m", "normfuse.cli", "--version"], check=True, capture_output=True
+            )
+
         cases = {
             "onnx load+save (floor)": floor,
             "onnx_ir load+save": ir_io,
             "byte copy": copy,
             "normfuse.fold (API)": fold_api,
             "normfuse fold (CLI)": fold_cli,
+            "CLI start-up alone (normfuse --version)": startup,
         }
         times: dict[str, list[float]] = {k: [] for k in cases}
         for _ in range(repeat):
