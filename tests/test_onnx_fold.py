@@ -686,3 +686,47 @@ def test_attention_scale_mul_is_not_a_candidate(rng):
     folded, report = normfuse.fold(model, check=False)
     assert report.entries == []
     assert folded.SerializeToString() == normfuse.fold(folded, check=False)[0].SerializeToString()
+
+
+def test_fp16_fold_in_float64_beats_folding_in_float16(rng):
+    """Against the fp32 original, the float64 fold is never worse than an fp16-arithmetic fold."""
+    c = 16
+    w32 = normal(rng, [c, 8, 3, 3])
+    gamma = rng.uniform(0.5, 2, c).astype(np.float32)
+    beta, mean = normal(rng, [c]), normal(rng, [c])
+    var = rng.uniform(1e-5, 5e-4, c).astype(np.float32)  # small variances: where fp16 maths hurts
+    eps = 1e-5
+
+    def model(dtype):
+        inits = [tensor("W", w32.astype(dtype))] + [
+            tensor(f"bn_{n}", v.astype(dtype))
+            for n, v in zip(("scale", "bias", "mean", "var"), (gamma, beta, mean, var), strict=True)
+        ]
+        nodes = [
+            helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+            bn_node("c", "y", epsilon=eps),
+        ]
+        elem = TP.FLOAT if dtype == np.float32 else TP.FLOAT16
+        return make_model(nodes, [("x", elem, [1, 8, 6, 6])], [("y", elem, [1, c, 6, 6])], inits)
+
+    x = normal(rng, [1, 8, 6, 6])
+    reference = run(model(np.float32), {"x": x})[0].astype(np.float64)
+    fp16 = model(np.float16)
+    folded, _ = normfuse.fold(fp16, check=False)
+    ours = run(folded, {"x": x.astype(np.float16)})[0].astype(np.float64)
+    # the same fold done in float16 arithmetic, as other tools do it
+    h = np.float16
+    s16 = gamma.astype(h) / np.sqrt(var.astype(h) + h(eps))
+    naive = onnx.ModelProto()
+    naive.CopyFrom(folded)
+    inits = {i.name: i for i in naive.graph.initializer}
+    inits["W"].CopyFrom(tensor("W", w32.astype(h) * s16[:, None, None, None]))
+    bias_name = naive.graph.node[0].input[2]
+    inits[bias_name].CopyFrom(tensor(bias_name, beta.astype(h) - mean.astype(h) * s16))
+    theirs = run(naive, {"x": x.astype(np.float16)})[0].astype(np.float64)
+    err_ours = np.abs(ours - reference).max()
+    err_theirs = np.abs(theirs - reference).max()
+    print(
+        f"fp16 max abs error vs fp32 original: float64 fold {err_ours:.3g}, fp16 fold {err_theirs:.3g}"
+    )
+    assert np.isfinite(err_ours) and err_ours <= err_theirs
