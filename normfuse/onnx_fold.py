@@ -374,7 +374,6 @@ class _Folder:
             pads_input = False
         else:
             pads_input = any(p != 0 for p in pads)
-        in_refusal = None
         if transpose:
             out_pad = [int(p) for p in _attr(node, "output_padding", [0] * spatial)]  # type: ignore[union-attr]
             # Each output position of a transposed conv sums a position-dependent number of
@@ -389,7 +388,7 @@ class _Folder:
             out_rank=w.ndim,
             out_axis=1,
             in_axis=1,
-            in_refusal=in_refusal,
+            in_refusal=None,
             pads_input=pads_input,
         )
 
