@@ -25,7 +25,7 @@ import onnx_ir as ir
 from normfuse import onnx_io
 from normfuse.errors import NormfuseError, ParityError
 from normfuse.onnx_fold import FoldOptions, fold_model, model_stats
-from normfuse.parity import check_models
+from normfuse.parity import FOLD_TOLERANCES, check_models
 from normfuse.report import ParityResult, Report
 
 __all__ = ["StrictError", "check", "fold", "inspect", "load", "save"]
@@ -107,7 +107,7 @@ def fold(
     if check:
         t1 = time.perf_counter()
         report.parity = _check_in_memory(
-            loaded, reference, provider=provider, seed=seed, shapes=shapes
+            loaded, reference, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
         )
         report.timings["check"] = time.perf_counter() - t1
         raise_for_parity(report)
@@ -175,6 +175,9 @@ def check(
     opt_level: str = "disable",
     atol: Mapping[str, float] | float | None = None,
     rtol: Mapping[str, float] | float | None = None,
+    inputs: Sequence[Mapping[str, Any]] | None = None,
+    bisect: bool = False,
+    cross_check: bool = False,
 ) -> ParityResult:
     """Compare two models on onnxruntime; see :func:`normfuse.parity.check_models`."""
     with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
@@ -190,6 +193,9 @@ def check(
             opt_level=opt_level,
             atol=atol,
             rtol=rtol,
+            inputs=inputs,
+            bisect=bisect,
+            cross_check=cross_check,
         )
 
 

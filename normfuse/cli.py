@@ -23,7 +23,13 @@ from normfuse import __version__, onnx_io
 from normfuse.api import raise_for_parity, raise_for_strict, run_fold
 from normfuse.errors import InputError, NormfuseError, ParityError
 from normfuse.onnx_fold import FoldOptions
-from normfuse.parity import check_models, parse_shape
+from normfuse.parity import (
+    FOLD_TOLERANCES,
+    check_models,
+    load_inputs,
+    parse_shape,
+    parse_tolerances,
+)
 from normfuse.report import Report
 
 __all__ = ["main"]
@@ -127,6 +133,13 @@ _common_check = [
     click.option(
         "--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."
     ),
+    click.option(
+        "--inputs",
+        "inputs_path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Inputs for the check: an .npz file, or a folder of .npz files (one batch each).",
+    ),
 ]
 
 
@@ -182,14 +195,16 @@ def fold(
     provider: str,
     shape: tuple[str, ...],
     seed: int,
+    inputs_path: Path | None,
 ) -> None:
     """Fold inference-mode BatchNorm (and per-channel Mul/Add) into Conv/Gemm/MatMul."""
-    console = Console(stderr=json_target == "-")
+    console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         if in_place and output is not None and output != model:
             raise InputError("--in-place and --output name different files", "use one of them")
         out = model if in_place else (output or model.with_name(model.stem + ".folded.onnx"))
         shapes = _shapes(shape)
+        inputs = load_inputs(inputs_path) if inputs_path is not None and not no_check else None
         if not in_place:
             if out.exists() and model.exists() and out.resolve() == model.resolve():
                 raise InputError(
@@ -210,7 +225,15 @@ def fold(
             if no_check:
                 return
             t = time.perf_counter()
-            report.parity = check_models(model, tmp, provider=provider, seed=seed, shapes=shapes)
+            report.parity = check_models(
+                model,
+                tmp,
+                provider=provider,
+                seed=seed,
+                shapes=shapes,
+                inputs=inputs,
+                defaults=FOLD_TOLERANCES,
+            )
             report.timings["check"] = time.perf_counter() - t
             raise_for_parity(report)  # the temporary file is then removed, not renamed
 
@@ -241,7 +264,7 @@ def fold(
 @click.option("--norm-affine", is_flag=True, help="Consider gamma/beta of LN/GN/IN/RMSNorm too.")
 def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     """List every normalization, what it can fold into, and why not."""
-    console = Console(stderr=json_target == "-")
+    console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         loaded = onnx_io.load(model, copy=False)
         report = Report(action="inspect")
@@ -268,9 +291,25 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     show_default=True,
     help="onnxruntime graph optimization level.",
 )
-@click.option("--atol", type=float, default=None, help="Absolute tolerance for every output.")
 @click.option(
-    "--rtol", type=float, default=None, help="Relative tolerance (times max |reference|)."
+    "--atol",
+    multiple=True,
+    metavar="[NAME=]X",
+    help="Absolute tolerance, for every output or one (repeatable).",
+)
+@click.option(
+    "--rtol",
+    multiple=True,
+    metavar="[NAME=]X",
+    help="Relative tolerance, times max|reference| (repeatable, per output too).",
+)
+@click.option(
+    "--bisect", is_flag=True, help="On failure, name the first intermediate tensor that differs."
+)
+@click.option(
+    "--cross-check",
+    is_flag=True,
+    help="Also compare the reference on CPU vs CUDA, to tell provider noise from rewrite error.",
 )
 @_with(_common_check)
 def check(
@@ -279,14 +318,20 @@ def check(
     json_target: str | None,
     runs: int,
     ort_opt: str,
-    atol: float | None,
-    rtol: float | None,
+    atol: tuple[str, ...],
+    rtol: tuple[str, ...],
+    bisect: bool,
+    cross_check: bool,
     provider: str,
     shape: tuple[str, ...],
     seed: int,
+    inputs_path: Path | None,
 ) -> None:
-    """Compare two ONNX models output by output on the same seeded inputs."""
-    console = Console(stderr=json_target == "-")
+    """Compare two ONNX models output by output on the same inputs.
+
+    Exit code 0 when every output passes, 1 when one fails, 2 on bad input.
+    """
+    console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         for p in (reference, candidate):
             onnx_io.load(p, copy=False)
@@ -298,14 +343,18 @@ def check(
             shapes=_shapes(shape),
             runs=runs,
             opt_level=ort_opt,
-            atol=atol,
-            rtol=rtol,
+            atol=parse_tolerances(atol, "--atol"),
+            rtol=parse_tolerances(rtol, "--rtol"),
+            inputs=load_inputs(inputs_path) if inputs_path is not None else None,
+            bisect=bisect,
+            cross_check=cross_check,
         )
-        console.print(f"parity on {result.provider}:")
-        for o in result.outputs:
-            console.print(o.line(), style="green" if o.passed else "red", highlight=False)
+        console.print(f"parity on {result.provider} ({result.runs} batch(es)):", highlight=False)
+        for line in result.lines():
+            style = "red" if line.startswith(("FAILED", "first divergence")) else "green"
+            console.print(line, style=style, highlight=False)
         for n in result.notes:
-            console.print(f"note: {n}", style="dim")
+            console.print(f"note: {n}", style="dim", highlight=False)
         _emit_json(result.to_dict(), json_target)
         if not result.passed:
             sys.exit(1)

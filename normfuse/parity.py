@@ -29,25 +29,34 @@ import numpy as np
 import onnx
 
 from normfuse.errors import InputError, ProviderError
-from normfuse.report import OutputParity, ParityResult
+from normfuse.report import Divergence, OutputParity, ParityResult
 
 __all__ = [
     "DEFAULT_TOLERANCES",
+    "FOLD_TOLERANCES",
     "check_models",
     "compare_outputs",
     "generate_inputs",
+    "load_inputs",
+    "parse_tolerances",
     "select_provider",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: ``(atol, rtol)`` per element type; rtol multiplies the reference's largest magnitude.
+#: ``(atol, rtol)`` per element type for ``normfuse check``; rtol multiplies the reference's
+#: largest magnitude. fp32 5e-5 flags a 1e-3 change in one conv weight of a small CNN (it moves
+#: the output by 1-2e-4) and passes exact folds of deep networks (~2e-5).
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float": (1e-6, 2e-4),
+    "float": (1e-6, 5e-5),
     "double": (1e-12, 1e-9),
     "float16": (1e-3, 1e-2),
     "bfloat16": (1e-2, 5e-2),
 }
+
+#: The defaults of the check built into ``normfuse fold``: a wrong fold moves outputs by orders
+#: of magnitude more than fp32 rounding, which reaches ~1e-4 on deep segmentation networks.
+FOLD_TOLERANCES: dict[str, tuple[float, float]] = {**DEFAULT_TOLERANCES, "float": (1e-6, 2e-4)}
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -77,7 +86,7 @@ def _ort() -> Any:
 def _session_options(opt_level: str, external_folder: Path | None = None) -> Any:
     ort = _ort()
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # failures are reported by normfuse itself, in one line
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -192,6 +201,79 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
         ) from None
 
 
+def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
+    """Batches from an ``.npz`` file (one batch) or a folder of ``.npz`` files (one each, sorted)."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("*.npz"))
+        if not files:
+            raise InputError(f"the folder {p} holds no .npz files")
+    elif p.is_file():
+        files = [p]
+    else:
+        raise InputError(f"no such inputs file or folder: {p}")
+    batches = []
+    for f in files:
+        try:
+            with np.load(f, allow_pickle=False) as data:
+                batches.append({k: data[k] for k in data.files})
+        except (OSError, ValueError) as exc:
+            raise InputError(
+                f"cannot read inputs from {f} ({_first_line(exc)})", "save them with numpy.savez"
+            ) from None
+    return batches
+
+
+def _check_feeds(session: Any, feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    expected = {i.name: i for i in session.get_inputs()}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unknown {', '.join(extra)}" if extra else "",
+            )
+            if part
+        )
+        raise InputError(
+            f"the inputs in {where} do not match the model ({detail})",
+            f"the model takes {', '.join(expected)}",
+        )
+    for name, array in feeds.items():
+        want = _ORT_TYPES.get(expected[name].type)
+        if want is not None and array.dtype != want:
+            raise InputError(
+                f"input '{name}' in {where} is {array.dtype}, the model takes {np.dtype(want)}",
+                f"save it as {np.dtype(want)}",
+            )
+    return feeds
+
+
+def parse_tolerances(values: Sequence[str], option: str) -> float | dict[str, float] | None:
+    """``["1e-4"]`` -> 1e-4; ``["logits=1e-4", "1e-5"]`` -> per output, with ``*`` for the rest."""
+    if not values:
+        return None
+    result: dict[str, float] = {}
+    for text in values:
+        name, sep, number = text.rpartition("=")
+        try:
+            value = float(number)
+        except ValueError:
+            raise InputError(
+                f"cannot read {option} '{text}'", f"write {option} 1e-4 or {option} name=1e-4"
+            ) from None
+        result[name if sep else "*"] = value
+    return result["*"] if list(result) == ["*"] else result
+
+
+def _tolerance(spec: Mapping[str, float] | float | None, name: str) -> float | None:
+    if isinstance(spec, Mapping):
+        return spec.get(name, spec.get("*"))
+    return spec
+
+
 def generate_inputs(
     session: Any,
     seed: int = 0,
@@ -243,12 +325,11 @@ def compare_outputs(
     test: np.ndarray,
     atol: float | None = None,
     rtol: float | None = None,
+    defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
 ) -> OutputParity:
     """Compare one output; see the module docstring for the rule."""
     dtype = str(ref.dtype)
-    default = DEFAULT_TOLERANCES.get(
-        {"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0)
-    )
+    default = defaults.get({"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0))
     atol = default[0] if atol is None else atol
     rtol = default[1] if rtol is None else rtol
     if ref.shape != test.shape:
@@ -303,49 +384,189 @@ def check_models(
     opt_level: str = "disable",
     atol: Mapping[str, float] | float | None = None,
     rtol: Mapping[str, float] | float | None = None,
+    inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+    bisect: bool = False,
+    cross_check: bool = False,
+    defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
 ) -> ParityResult:
-    """Run two models on the same seeded inputs and compare every output.
+    """Run two models on the same inputs and compare every output.
 
     Args:
         reference: The original model (path or serialized bytes).
         candidate: The rewritten model.
         provider: ``auto``, ``cuda`` or ``cpu``.
-        seed: Seed of the first batch; batch ``i`` uses ``seed + i``.
+        seed: Seed of the first generated batch; batch ``i`` uses ``seed + i``.
         shapes: Shapes for inputs with dynamic dimensions.
-        runs: Number of batches.
+        runs: Number of generated batches (ignored when ``inputs`` are given).
         opt_level: onnxruntime graph optimization level (``disable``, ``basic``, ``extended``,
             ``all``).
-        atol: Absolute tolerance, for all outputs or per output name.
-        rtol: Relative tolerance (times the reference's largest magnitude).
+        atol: Absolute tolerance, for all outputs or per output name (``"*"`` for the rest).
+        rtol: Relative tolerance (times the reference's largest magnitude), likewise.
+        inputs: The user's own batches, each a mapping from input name to array.
+        bisect: When an output fails, name the first intermediate tensor (in the reference's
+            topological order, matched by name) whose error exceeds its tolerance.
+        cross_check: Also run the reference on the CPU and the CUDA provider and compare them,
+            so provider noise is told apart from rewrite error (needs CUDA).
+        defaults: ``(atol, rtol)`` per element type where ``atol``/``rtol`` say nothing.
+
+    Raises:
+        InputError: The models or inputs do not fit together.
+        ProviderError: CUDA was required and does not load here.
     """
     providers, label = select_provider(provider)
+    if cross_check and label != "CUDA":
+        raise ProviderError(
+            "--cross-check compares the CPU and CUDA providers, and CUDA does not load here",
+            "run it on a machine with onnxruntime-gpu and a CUDA GPU",
+        )
     notes: list[str] = []
     ref_sess = _make_session(reference, providers, opt_level, notes)
     cand_sess = _make_session(candidate, providers, opt_level, notes)
     ref_inputs = [(i.name, i.type) for i in ref_sess.get_inputs()]
     cand_inputs = {i.name: i.type for i in cand_sess.get_inputs()}
     missing = [n for n, _ in ref_inputs if n not in cand_inputs]
-    if missing:
-        raise InputError(f"the rewritten model lacks the input(s) {', '.join(missing)}")
+    mismatched = [n for n, t in ref_inputs if n in cand_inputs and cand_inputs[n] != t]
+    if missing or mismatched or len(cand_inputs) != len(ref_inputs):
+        raise InputError(
+            "the two models take different inputs "
+            f"({', '.join(f'{n}: {t}' for n, t in ref_inputs)} vs "
+            f"{', '.join(f'{n}: {t}' for n, t in cand_inputs.items())})"
+        )
     names = [o.name for o in ref_sess.get_outputs()]
     cand_names = {o.name for o in cand_sess.get_outputs()}
     absent = [n for n in names if n not in cand_names]
     if absent:
         raise InputError(f"the rewritten model lacks the output(s) {', '.join(absent)}")
+    for spec, option in ((atol, "--atol"), (rtol, "--rtol")):
+        if isinstance(spec, Mapping):
+            unknown = sorted(set(spec) - set(names) - {"*"})
+            if unknown:
+                raise InputError(
+                    f"{option} names unknown output(s) {', '.join(unknown)}",
+                    f"the outputs are {', '.join(names)}",
+                )
+    if inputs is not None:
+        batches = [_check_feeds(ref_sess, dict(b), "--inputs") for b in inputs]
+    else:
+        batches = [
+            generate_inputs(ref_sess, seed + run, shapes, notes if run == 0 else None)
+            for run in range(runs)
+        ]
     worst: dict[str, OutputParity] = {}
-    for run in range(runs):
-        feeds = generate_inputs(ref_sess, seed + run, shapes, notes if run == 0 else None)
-        ref_out = ref_sess.run(names, feeds)
-        cand_out = cand_sess.run(names, feeds)
+    first_failing: dict[str, np.ndarray] | None = None
+    for feeds in batches:
+        ref_out = _run(ref_sess, names, feeds, "reference")
+        cand_out = _run(cand_sess, names, feeds, "rewritten")
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
-            a = atol.get(name) if isinstance(atol, Mapping) else atol
-            t = rtol.get(name) if isinstance(rtol, Mapping) else rtol
-            result = compare_outputs(name, np.asarray(r), np.asarray(c), a, t)
+            result = compare_outputs(
+                name,
+                np.asarray(r),
+                np.asarray(c),
+                _tolerance(atol, name),
+                _tolerance(rtol, name),
+                defaults,
+            )
+            if not result.passed and first_failing is None:
+                first_failing = feeds
             if name not in worst or _worse(result, worst[name]):
                 worst[name] = result
-    return ParityResult(
-        provider=label, outputs=[worst[n] for n in names], runs=runs, seed=seed, notes=notes
+    parity = ParityResult(
+        provider=label, outputs=[worst[n] for n in names], runs=len(batches), seed=seed, notes=notes
     )
+    if bisect and first_failing is not None:
+        parity.divergence = _bisect(
+            reference, candidate, providers, opt_level, first_failing, atol, rtol, defaults
+        )
+    if cross_check:
+        cpu_sess = _make_session(reference, ["CPUExecutionProvider"], opt_level, notes)
+        feeds = batches[0]
+        parity.cross_check = [
+            compare_outputs(
+                n, np.asarray(a), np.asarray(b), _tolerance(atol, n), _tolerance(rtol, n), defaults
+            )
+            for n, a, b in zip(
+                names,
+                _run(cpu_sess, names, feeds, "reference (CPU)"),
+                _run(ref_sess, names, feeds, "reference"),
+                strict=True,
+            )
+        ]
+    return parity
+
+
+def _expose_all(source: ModelSource) -> tuple[bytes, Path | None, list[tuple[str, str, str]]]:
+    """The model with every node output made a graph output, and those tensors in order."""
+    folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+    proto = (
+        onnx.load(str(source), load_external_data=False)
+        if folder is not None
+        else onnx.load_from_string(source)  # type: ignore[arg-type]
+    )
+    existing = {o.name for o in proto.graph.output}
+    order = []
+    for i, node in enumerate(proto.graph.node):
+        for out in node.output:
+            if out and out not in existing:
+                proto.graph.output.append(onnx.ValueInfoProto(name=out))
+                existing.add(out)
+                order.append((out, node.name or f"#{i}", node.op_type))
+    return proto.SerializeToString(), folder, order
+
+
+def _bisect(
+    reference: ModelSource,
+    candidate: ModelSource,
+    providers: list[str],
+    opt_level: str,
+    feeds: dict[str, np.ndarray],
+    atol: Mapping[str, float] | float | None,
+    rtol: Mapping[str, float] | float | None,
+    defaults: Mapping[str, tuple[float, float]],
+) -> Divergence | None:
+    ref_bytes, ref_folder, order = _expose_all(reference)
+    cand_bytes, cand_folder, cand_order = _expose_all(candidate)
+    ort = _ort()
+    ref_sess = ort.InferenceSession(
+        ref_bytes, _session_options(opt_level, ref_folder), providers=providers
+    )
+    cand_sess = ort.InferenceSession(
+        cand_bytes, _session_options(opt_level, cand_folder), providers=providers
+    )
+    cand_names = {name for name, _, _ in cand_order} | {o.name for o in cand_sess.get_outputs()}
+    ref_names = {o.name for o in ref_sess.get_outputs()}
+    common = [(n, node, op) for n, node, op in order if n in cand_names and n in ref_names]
+    for o in ref_sess.get_outputs():  # graph outputs come last in topological terms
+        if o.name not in {n for n, _, _ in common} and o.name in cand_names:
+            common.append((o.name, "(graph output)", ""))
+    wanted = [n for n, _, _ in common]
+    ref_vals = _run(ref_sess, wanted, feeds, "reference")
+    cand_vals = _run(cand_sess, wanted, feeds, "rewritten")
+    for (name, node, op), r, c in zip(common, ref_vals, cand_vals, strict=True):
+        if not isinstance(r, np.ndarray) or not isinstance(c, np.ndarray):
+            continue
+        result = compare_outputs(
+            name, r, c, _tolerance(atol, name), _tolerance(rtol, name), defaults
+        )
+        if not result.passed:
+            return Divergence(
+                tensor=name,
+                node=node,
+                op_type=op,
+                max_abs=result.max_abs,
+                max_rel=result.max_rel,
+                compared=len(common),
+            )
+    return None
+
+
+def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[Any]:
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:
+        raise InputError(
+            f"onnxruntime cannot run the {which} model on these inputs: {_first_line(exc)}",
+            "check the input shapes (--shape) or the --inputs",
+        ) from None
 
 
 def _worse(a: OutputParity, b: OutputParity) -> bool:

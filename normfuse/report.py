@@ -15,7 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["Entry", "ModelStats", "OutputParity", "ParityResult", "Report"]
+__all__ = ["Divergence", "Entry", "ModelStats", "OutputParity", "ParityResult", "Report"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,14 +123,55 @@ class OutputParity:
 
 
 @dataclasses.dataclass
+class Divergence:
+    """The first tensor, in topological order, where two models disagree beyond tolerance."""
+
+    tensor: str
+    node: str
+    op_type: str
+    max_abs: float
+    max_rel: float
+    compared: int
+
+    def line(self) -> str:
+        """``first divergence: tensor 'x' from Conv 'conv3' (max_abs=..., max_rel=...)``."""
+        source = f"{self.op_type} '{self.node}'" if self.op_type else self.node
+        return (
+            f"first divergence: tensor '{self.tensor}' from {source} "
+            f"(max_abs={self.max_abs:.3g}, max_rel={self.max_rel:.3g}; {self.compared} tensors compared)"
+        )
+
+
+@dataclasses.dataclass
 class ParityResult:
-    """Parity of two models on the same inputs: one :class:`OutputParity` per output."""
+    """Parity of two models on the same inputs: one :class:`OutputParity` per output.
+
+    Attributes:
+        provider: ``CPU`` or ``CUDA``.
+        outputs: The worst result per output over all batches.
+        runs: Number of batches.
+        seed: Seed of the generated inputs.
+        notes: Facts about the run (IR lowered, batch dimension set to 1, ...).
+        divergence: With bisect, the first intermediate tensor that differs.
+        cross_check: With cross-check, the reference on CPU vs on CUDA, per output.
+    """
 
     provider: str
     outputs: list[OutputParity]
     runs: int = 1
     seed: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
+    divergence: Divergence | None = None
+    cross_check: list[OutputParity] | None = None
+
+    def lines(self) -> list[str]:
+        """The human-readable result, one line each."""
+        out = [o.line() for o in self.outputs]
+        if self.divergence is not None:
+            out.append(self.divergence.line())
+        if self.cross_check is not None:
+            out += [f"CPU vs CUDA, reference model: {o.line()}" for o in self.cross_check]
+        return out
 
     @property
     def passed(self) -> bool:
@@ -151,6 +192,10 @@ class ParityResult:
             "seed": self.seed,
             "notes": list(self.notes),
             "outputs": [o.to_dict() for o in self.outputs],
+            "divergence": dataclasses.asdict(self.divergence) if self.divergence else None,
+            "cross_check": [o.to_dict() for o in self.cross_check]
+            if self.cross_check is not None
+            else None,
         }
 
 
@@ -260,6 +305,8 @@ class Report:
             parts.append(Text(f"parity on {self.parity.provider}:", style="bold"))
             for o in self.parity.outputs:
                 parts.append(Text(o.line(), style="green" if o.passed else "red"))
+            if self.parity.divergence is not None:
+                parts.append(Text(self.parity.divergence.line(), style="red"))
             for n in self.parity.notes:
                 parts.append(Text(f"note: {n}", style="dim"))
         return Group(*parts)
