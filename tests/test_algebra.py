@@ -1,0 +1,100 @@
+"""The affine algebra on plain numpy: composition, and both folds against direct computation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from normfuse.algebra import Affine, LinearWeights, absorb_after, absorb_before, overflows
+
+
+def test_composition_equals_sequential_application(rng):
+    a = Affine(rng.uniform(0.5, 2, 5), rng.normal(size=5))
+    b = Affine(rng.uniform(-2, 2, 5), rng.normal(size=5))
+    scalar = Affine(np.array([3.0]), np.array([-1.0]))
+    x = rng.normal(size=(2, 5, 3))
+    np.testing.assert_allclose(a.then(b).apply(x), b.apply(a.apply(x)), rtol=1e-14)
+    np.testing.assert_allclose(a.then(scalar).apply(x), scalar.apply(a.apply(x)), rtol=1e-14)
+    assert Affine.identity(5).then(a).apply(x).tolist() == a.apply(x).tolist()
+
+
+def test_batchnorm_affine(rng):
+    g, b, m, v = (
+        rng.uniform(0.5, 2, 4),
+        rng.normal(size=4),
+        rng.normal(size=4),
+        rng.uniform(0.1, 3, 4),
+    )
+    x = rng.normal(size=(3, 4))
+    bn = Affine.from_batchnorm(g, b, m, v, 1e-3, axis=1)
+    np.testing.assert_allclose(bn.apply(x), g * (x - m) / np.sqrt(v + 1e-3) + b, rtol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["dense", "dense_t"])
+def test_dense_folds_match_direct_computation(rng, kind):
+    w = rng.normal(size=(6, 4) if kind == "dense" else (4, 6))
+    bias = rng.normal(size=6)
+    lin = LinearWeights(kind, w, bias)
+    x = rng.normal(size=(5, 4))
+    y = x @ (w.T if kind == "dense" else w) + bias
+    after = Affine(rng.uniform(0.5, 2, 6), rng.normal(size=6), axis=1)
+    f = absorb_after(lin, after)
+    np.testing.assert_allclose(
+        x @ (f.weight.T if kind == "dense" else f.weight) + f.bias, after.apply(y), rtol=1e-12
+    )
+    before = Affine(rng.uniform(0.5, 2, 4), rng.normal(size=4), axis=1)
+    f = absorb_before(lin, before)
+    direct = before.apply(x) @ (w.T if kind == "dense" else w) + bias
+    np.testing.assert_allclose(
+        x @ (f.weight.T if kind == "dense" else f.weight) + f.bias, direct, rtol=1e-12
+    )
+
+
+def test_grouped_pointwise_conv_before_matches_direct(rng):
+    """A 1x1 grouped conv is a block-diagonal dense layer: check both folds against it."""
+    groups, cin, cout = 2, 4, 6
+    w = rng.normal(size=(cout, cin // groups, 1, 1))
+    dense = np.zeros((cout, cin))
+    for o in range(cout):
+        g = o // (cout // groups)
+        dense[o, g * 2 : g * 2 + 2] = w[o, :, 0, 0]
+    lin = LinearWeights("conv", w, None, groups)
+    before = Affine(rng.uniform(0.5, 2, cin), rng.normal(size=cin))
+    f = absorb_before(lin, before)
+    x = rng.normal(size=(3, cin))
+    folded_dense = np.zeros_like(dense)
+    for o in range(cout):
+        g = o // (cout // groups)
+        folded_dense[o, g * 2 : g * 2 + 2] = f.weight[o, :, 0, 0]
+    np.testing.assert_allclose(x @ folded_dense.T + f.bias, before.apply(x) @ dense.T, rtol=1e-12)
+
+
+def test_mismatched_channels_raise():
+    with pytest.raises(ValueError, match="3 channels"):
+        Affine(np.ones(3), np.zeros(3)).expand(4)
+    with pytest.raises(ValueError, match="shift has 2"):
+        Affine(np.ones(3), np.zeros(2))
+
+
+def test_overflow_detection():
+    assert overflows(np.array([7e4]), np.dtype(np.float16))
+    assert not overflows(np.array([6e4, np.inf]), np.dtype(np.float16))
+    assert not overflows(np.array([]), np.dtype(np.float32))
+
+
+def test_import_and_onnx_commands_work_without_torch(tmp_path):
+    """torch is optional: block it and run the CLI on a bundled model."""
+    model = Path(__file__).resolve().parent.parent / "models" / "dwsep.onnx"
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import normfuse, normfuse.cli\n"
+        f"sys.argv = ['normfuse', 'fold', {str(model)!r}, '-o', {str(tmp_path / 'o.onnx')!r}]\n"
+        "normfuse.cli.main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "PASSED" in proc.stdout and (tmp_path / "o.onnx").exists()
