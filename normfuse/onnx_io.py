@@ -85,6 +85,7 @@ def load(source: object, *, copy: bool = True) -> Loaded:
             raise InputError(f"{path} is not a readable ONNX model") from None
         _check_has_graph(model, str(path))
         if has_external_data(model):
+            _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
         return Loaded(model, "path", path=path)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -111,6 +112,37 @@ def load(source: object, *, copy: bool = True) -> Loaded:
         f"cannot read a model from {type(source).__name__}",
         "pass a path, bytes, onnx.ModelProto, onnx_ir.Model or torch.onnx.ONNXProgram",
     )
+
+
+def _check_external_data(model: ir.Model, base: Path) -> None:
+    """Refuse, before anything is read, external data outside ``base``, missing or too short."""
+    root = base.resolve()
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            location = os.fspath(tensor.location)
+            target = (root / location).resolve()
+            if os.path.isabs(location) or not target.is_relative_to(root):
+                raise InputError(
+                    f"tensor '{value.name}' points outside the model's folder ({location})",
+                    "external data must lie in the model's folder; refusing to read it",
+                )
+            if not target.is_file():
+                raise InputError(
+                    f"the external data file '{location}' of tensor '{value.name}' is missing",
+                    f"put it next to the model in {base}",
+                )
+            end = (tensor.offset or 0) + (
+                tensor.length if tensor.length is not None else tensor.nbytes
+            )
+            if target.stat().st_size < end:
+                raise InputError(
+                    f"the external data file '{location}' is shorter than tensor '{value.name}' needs "
+                    f"({target.stat().st_size} < {end} bytes)",
+                    "the file is truncated or belongs to another model",
+                )
 
 
 def _check_has_graph(model: ir.Model, where: str) -> None:

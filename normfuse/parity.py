@@ -154,7 +154,7 @@ def select_provider(requested: str = "auto") -> tuple[list[str], str]:
 
 
 def _make_session(
-    source: ModelSource, providers: list[str], opt_level: str, notes: list[str]
+    source: ModelSource, providers: list[str], opt_level: str, notes: list[str], which: str = "the"
 ) -> Any:
     ort = _ort()
     folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
@@ -165,7 +165,10 @@ def _make_session(
     except Exception as exc:
         match = re.search(r"max supported IR version: (\d+)", str(exc))
         if not match:
-            raise InputError(f"onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise InputError(
+                f"onnxruntime cannot load {which} model: {_first_line(exc)}",
+                "fix the model, or pass --no-check to fold without the parity check",
+            ) from None
         supported = int(match.group(1))
     proto = (
         onnx.load(str(source), load_external_data=False)
@@ -420,8 +423,8 @@ def check_models(
             "run it on a machine with onnxruntime-gpu and a CUDA GPU",
         )
     notes: list[str] = []
-    ref_sess = _make_session(reference, providers, opt_level, notes)
-    cand_sess = _make_session(candidate, providers, opt_level, notes)
+    ref_sess = _make_session(reference, providers, opt_level, notes, "the reference")
+    cand_sess = _make_session(candidate, providers, opt_level, notes, "the rewritten")
     ref_inputs = [(i.name, i.type) for i in ref_sess.get_inputs()]
     cand_inputs = {i.name: i.type for i in cand_sess.get_inputs()}
     missing = [n for n, _ in ref_inputs if n not in cand_inputs]

@@ -207,3 +207,49 @@ def test_streaming_writer_equals_onnx_ir_serialization(tmp_path, rng):
     onnx.checker.check_model(out, full_check=True)
     # the model is left as it was
     assert all(v.const_value is not None for v in m.graph.initializers.values())
+
+
+def _external_model(
+    model: onnx.ModelProto, folder, location: str, length: int | None = None
+) -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    w = next(i for i in copy.graph.initializer if i.name == "W")
+    w.ClearField("raw_data")
+    w.data_location = TP.EXTERNAL
+    for key, value in (
+        ("location", location),
+        ("offset", "0"),
+        ("length", str(length or 16 * 8 * 9 * 4)),
+    ):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    onnx.save(copy, folder / "m.onnx")
+
+
+@pytest.mark.parametrize(
+    "location,expected",
+    [
+        ("../../etc/passwd", "points outside the model's folder"),
+        ("/etc/passwd", "points outside the model's folder"),
+        ("missing.bin", "is missing"),
+        ("short.bin", "shorter than tensor 'W' needs"),
+    ],
+)
+def test_external_data_is_confined_and_checked(model, tmp_path, location, expected):
+    (tmp_path / "short.bin").write_bytes(b"\0" * 100)
+    _external_model(model, tmp_path, location)
+    with pytest.raises(normfuse.InputError, match=expected):
+        normfuse.load(tmp_path / "m.onnx")
+
+
+def test_external_data_symlink_leading_out_is_refused(model, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"\0" * 16 * 8 * 9 * 4)
+    inner = tmp_path / "model"
+    inner.mkdir()
+    (inner / "w.bin").symlink_to(outside / "secret.bin")
+    _external_model(model, inner, "w.bin")
+    with pytest.raises(normfuse.InputError, match="points outside"):
+        normfuse.load(inner / "m.onnx")
