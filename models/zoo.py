@@ -334,3 +334,27 @@ class ResNet50(nn.Module):
         return self.fc(
             torch.flatten(nn.functional.adaptive_avg_pool2d(self.layers(self.stem(x)), 1), 1)
         )
+
+
+class VGG16BN(nn.Module):
+    """The VGG-16-BN layout: 13 conv-BN-ReLU, three 4096-wide linear layers (~138 M parameters)."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers.append(conv_bn(cin, int(v)))
+                cin = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
+            nn.Dropout(), nn.Linear(4096, classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.features(x), 1))

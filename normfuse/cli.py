@@ -74,12 +74,14 @@ def _emit_json(report_dict: dict[str, Any], target: str | None) -> None:
 
 
 @contextmanager
-def _progress(enabled: bool, console: Console) -> Iterator[Callable[[int, int], None] | None]:
+def _progress(
+    enabled: bool, console: Console, label: str = "folding", minimum: int = _PROGRESS_MIN_CHAINS
+) -> Iterator[Callable[[int, int], None] | None]:
     if not enabled:
         yield None
         return
     bar = Progress(
-        TextColumn("folding"),
+        TextColumn(label),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -91,7 +93,7 @@ def _progress(enabled: bool, console: Console) -> Iterator[Callable[[int, int], 
 
     def update(done: int, total: int) -> None:
         nonlocal task, started
-        if total < _PROGRESS_MIN_CHAINS:
+        if total < minimum:
             return
         if not started:
             bar.start()
@@ -358,6 +360,97 @@ def check(
         _emit_json(result.to_dict(), json_target)
         if not result.passed:
             sys.exit(1)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, _Ctx.debug)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--fold",
+    "fold_first",
+    is_flag=True,
+    help="With one MODEL: fold it (in a temporary folder) and compare original vs folded.",
+)
+@click.option(
+    "--ort-opt",
+    "levels",
+    multiple=True,
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    help="onnxruntime optimization level(s) to time [default: disable and all].",
+)
+@click.option("--warmup", type=int, default=10, show_default=True, help="Untimed runs first.")
+@click.option(
+    "--reps", type=int, default=50, show_default=True, help="Timed runs per model and level."
+)
+@click.option(
+    "--json", "json_target", metavar="PATH|-", help="Write the results as JSON ('-': stdout)."
+)
+@_with(_common_check[:3])
+def bench(
+    models: tuple[Path, ...],
+    fold_first: bool,
+    levels: tuple[str, ...],
+    warmup: int,
+    reps: int,
+    json_target: str | None,
+    provider: str,
+    shape: tuple[str, ...],
+    seed: int,
+) -> None:
+    """Inference latency of MODEL, or of several models compared run by run."""
+    import tempfile
+
+    from rich.table import Table
+
+    from normfuse.bench import measure_latency
+
+    console = Console(stderr=json_target == "-", soft_wrap=True)
+    try:
+        if fold_first and len(models) != 1:
+            raise InputError("--fold takes exactly one model")
+        for m in models:
+            onnx_io.load(m, copy=False)
+        with tempfile.TemporaryDirectory(prefix="normfuse-bench-") as tmp:
+            paths = list(models)
+            if fold_first:
+                loaded = onnx_io.load(models[0])
+                run_fold(loaded.model, Report(), FoldOptions())
+                paths.append(
+                    onnx_io.save(loaded.model, Path(tmp) / f"{models[0].stem}.folded.onnx")
+                )
+            with _progress(console.is_terminal, console, "timing", minimum=0) as progress:
+                results = measure_latency(
+                    paths,
+                    provider=provider,
+                    opt_levels=levels or ("disable", "all"),
+                    warmup=warmup,
+                    reps=reps,
+                    shapes=_shapes(shape),
+                    seed=seed,
+                    progress=progress,
+                )
+        table = Table(title=f"latency on {results[0].provider}, {reps} runs, median (p10-p90)")
+        table.add_column("model")
+        table.add_column("ort level")
+        table.add_column("median ms", justify="right")
+        table.add_column("p10-p90 ms", justify="right")
+        table.add_column("vs first", justify="right")
+        for level in levels or ("disable", "all"):
+            rows = [r for r in results if r.opt_level == level]
+            for r in rows:
+                name = Path(r.model).name if not (fold_first and r is rows[-1]) else "(folded)"
+                table.add_row(
+                    name,
+                    level,
+                    f"{r.median_ms:.3f}",
+                    f"{r.p10_ms:.3f}-{r.p90_ms:.3f}",
+                    f"{r.median_ms / rows[0].median_ms:.3f}x",
+                )
+        console.print(table)
+        _emit_json({"results": [r.to_dict() for r in results]}, json_target)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise

@@ -205,3 +205,13 @@ def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
     assert result.exit_code == 1
     assert "FAILED" in result.output and "error: the folded model differs" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_bench_one_model_folded_and_json(resnet, tmp_path):
+    out = tmp_path / "lat.json"
+    result = invoke("bench", resnet, "--fold", "--reps", "3", "--warmup", "1", "--ort-opt", "disable", "--json", out)
+    assert result.exit_code == 0 and "(folded)" in result.output
+    data = json.loads(out.read_text())["results"]
+    assert [r["opt_level"] for r in data] == ["disable", "disable"]
+    assert all(r["median_ms"] > 0 and r["reps"] == 3 for r in data)
+    assert invoke("bench", resnet, resnet, "--fold").exit_code == 2

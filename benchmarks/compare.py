@@ -1,0 +1,491 @@
+"""normfuse beside onnxsim, onnxslim, onnxoptimizer, the onnxscript rewriter and onnxruntime's
+offline optimizer: coverage, exactness, speed and memory, measured on the same files in one run.
+
+Usage::
+
+    pip install onnxsim onnxslim onnxoptimizer matplotlib   # the peers (any subset) and the chart
+    python benchmarks/compare.py [--quick] [--repeat 3] [--out benchmarks/results]
+
+Models are built here with torch (no downloads): the torchvision-style families of
+``models/zoo.py`` exported by the legacy exporter (``TrainingMode.PRESERVE``) and the dynamo
+exporter (``optimize=False``), fp16 exports of three of them, the bundled sample models, two
+small hand-written ONNX graphs with patterns the peers miss (BN inside a model-local function,
+a decomposed BN as Mul/Add after a conv), and, unless ``--quick``, ResNet-50 (102 MB, both
+exporters) and VGG-16-BN (553 MB) for speed and memory.
+
+Every tool runs in its own process (``benchmarks/peers.py``) on every model, alternating, so
+drift hits all alike. Per model and tool: BatchNormalization nodes left, total nodes,
+``onnx.checker`` (full check) pass, max relative error against the original on onnxruntime
+CPU at ``ORT_DISABLE_ALL`` (fp16 models: against the fp32 original), the time from file in to
+file out (imports excluded; median of ``--repeat`` on large models) and its ratio to the I/O
+floor (``onnx.load`` + ``onnx.save`` of the same file), and peak RSS minus the RSS after the
+tool's imports. Writes ``compare.json``, ``RESULTS.md`` and, with matplotlib, ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnx  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+PEERS = {
+    "onnxsim": "onnxsim",
+    "onnxslim": "onnxslim",
+    "onnxoptimizer": "onnxoptimizer",
+    "onnxscript": "onnxscript",
+    "ort-basic": "onnxruntime",
+}
+FP16_FAMILIES = ["resnet", "mobilenet_v2", "efficientnet"]
+
+
+def _count(model: onnx.ModelProto) -> tuple[int, int]:
+    """(BatchNormalization nodes, all nodes), subgraphs and functions included."""
+    bn = nodes = 0
+
+    def walk(graph_nodes):
+        nonlocal bn, nodes
+        for n in graph_nodes:
+            nodes += 1
+            bn += n.op_type == "BatchNormalization"
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g.node)
+                for g in a.graphs:
+                    walk(g.node)
+
+    walk(model.graph.node)
+    for f in model.functions:
+        walk(f.node)
+    return bn, nodes
+
+
+# ------------------------------------------------------------------ models
+def _synthetic(work: Path) -> dict[str, Path]:
+    """Patterns the peers miss: BN inside a function, decomposed BN (Mul/Add) after a conv."""
+    rng = np.random.default_rng(0)
+    c = 16
+
+    def t(name, arr):
+        return numpy_helper.from_array(np.asarray(arr, dtype=np.float32), name)
+
+    gamma, beta = rng.uniform(0.5, 2, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.1, 4, c)
+    w = rng.normal(size=(c, c, 3, 3)) * 0.1
+    out = {}
+    # 1. Conv -> BN in a model-local function, called twice
+    const = lambda name, arr: helper.make_node("Constant", [], [name], value=t(name, arr))  # noqa: E731
+    fn = helper.make_function(
+        "blocks",
+        "ConvBN",
+        ["x"],
+        ["y"],
+        [
+            const("w", w),
+            const("g", gamma),
+            const("b", beta),
+            const("m", mean),
+            const("v", var),
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+        ],
+        [helper.make_opsetid("", 17)],
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("ConvBN", ["input"], ["h"], domain="blocks"),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("ConvBN", ["r"], ["output"], domain="blocks"),
+        ],
+        "function_bn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, c, 16, 16])],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("blocks", 1)],
+        functions=[fn],
+        ir_version=10,
+    )
+    out["function_bn"] = work / "function_bn.onnx"
+    onnx.save(model, out["function_bn"])
+    # 2. Conv -> Mul -> Add (a BN decomposed by a converter) -> Relu, twice
+    s = gamma / np.sqrt(var + 1e-3)
+    nodes, inits, prev = [], [], "input"
+    for i in range(2):
+        inits += [
+            t(f"w{i}", w),
+            t(f"s{i}", s.reshape(c, 1, 1)),
+            t(f"t{i}", (beta - mean * s).reshape(c, 1, 1)),
+        ]
+        nodes += [
+            helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node("Mul", [f"c{i}", f"s{i}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"t{i}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], ["output" if i else "r0"]),
+        ]
+        prev = "r0"
+    graph = helper.make_graph(
+        nodes,
+        "decomposed_bn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, 16, 16])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, c, 16, 16])],
+        inits,
+    )
+    out["decomposed_bn"] = work / "decomposed_bn.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+        out["decomposed_bn"],
+    )
+
+    def conv_then(
+        name, tail_nodes, tail_inits, elem=TensorProto.FLOAT, wdtype=np.float32, size=16, opset=17
+    ):
+        inits = [numpy_helper.from_array(w.astype(wdtype), "w"), *tail_inits]
+        nodes = [helper.make_node("Conv", ["input", "w"], ["c"], pads=[1, 1, 1, 1]), *tail_nodes]
+        graph = helper.make_graph(
+            nodes,
+            name,
+            [helper.make_tensor_value_info("input", elem, [1, c, size, size])],
+            [helper.make_tensor_value_info("output", elem, [1, c, size, size])],
+            inits,
+        )
+        out[name] = work / f"{name}.onnx"
+        onnx.save(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10),
+            out[name],
+        )
+
+    bn_inits = [t("g", gamma), t("b", beta), t("m", mean), t("v", var)]
+    # 3. fp16 data, fp32 BN statistics (legal since BatchNormalization-15)
+    conv_then(
+        "fp16_conv_fp32_bn",
+        [helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["output"])],
+        bn_inits,
+        elem=TensorProto.FLOAT16,
+        wdtype=np.float16,
+        opset=15,
+    )
+    # 4. a (C,) constant on NCHW acts on W, not on channels (here W == C)
+    conv_then(
+        "mul_last_axis",
+        [helper.make_node("Mul", ["c", "k"], ["output"])],
+        [t("k", rng.uniform(0.5, 2, c))],
+    )
+    # 5. BN in training mode normalises with batch statistics: must not fold
+    conv_then(
+        "bn_training_mode",
+        [
+            helper.make_node(
+                "BatchNormalization",
+                ["c", "g", "b", "m", "v"],
+                ["output", "running_mean", "running_var"],
+                training_mode=1,
+            )
+        ],
+        bn_inits,
+        opset=15,
+    )
+    return out
+
+
+def build_models(work: Path, quick: bool) -> list[dict]:
+    import torch
+
+    from models import build, zoo
+
+    items: list[dict] = []
+    for name in sorted(zoo.FAMILIES):
+        model = zoo.build(name)
+        for exporter in ("legacy", "dynamo"):
+            path = work / f"{name}_{exporter}.onnx"
+            build.export(model, torch.randn(1, 3, 32, 32), path, dynamo=exporter == "dynamo")
+            items.append({"model": f"{name} ({exporter})", "path": path, "kind": "family"})
+        if name in FP16_FAMILIES:
+            path = work / f"{name}_fp16.onnx"
+            build.export(
+                zoo.build(name).half(), torch.randn(1, 3, 32, 32).half(), path, dynamo=False
+            )
+            items.append(
+                {
+                    "model": f"{name} (legacy, fp16)",
+                    "path": path,
+                    "kind": "fp16",
+                    "fp32": work / f"{name}_legacy.onnx",
+                }
+            )
+    for p in sorted((ROOT / "models").glob("*.onnx")):
+        items.append({"model": f"bundled {p.stem}", "path": p, "kind": "pattern"})
+    for name, p in _synthetic(work).items():
+        items.append({"model": name, "path": p, "kind": "pattern"})
+    if not quick:
+        torch.manual_seed(0)
+        for cls, shape, exporters in (
+            (zoo.ResNet50, (1, 3, 224, 224), ("legacy", "dynamo")),
+            (zoo.VGG16BN, (1, 3, 224, 224), ("legacy",)),
+        ):
+            model = cls()
+            build.randomize_batchnorm(model, torch.randn(2, 3, 64, 64), passes=2)
+            for exporter in exporters:
+                path = work / f"{cls.__name__.lower()}_{exporter}.onnx"
+                build.export(model, torch.randn(*shape), path, dynamo=exporter == "dynamo")
+                items.append(
+                    {"model": f"{cls.__name__} ({exporter})", "path": path, "kind": "large"}
+                )
+    return items
+
+
+# ------------------------------------------------------------------ measuring
+def run_tool(tool: str, src: Path, dst: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers.py"), tool, str(src), str(dst)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1])
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def max_rel_error(reference: Path, candidate: Path, cast_to=None) -> float:
+    """Max |cand - ref| / max|ref| over all outputs, on seeded normal inputs (fp32 reference)."""
+    ref, cand = _session(reference), _session(candidate)
+    rng = np.random.default_rng(0)
+    kinds = {"tensor(float16)": np.float16, "tensor(double)": np.float64}
+    feeds = {
+        i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(
+            kinds.get(i.type, np.float32)
+        )
+        for i in ref.get_inputs()
+    }
+    cand_feeds = {k: v.astype(cast_to) for k, v in feeds.items()} if cast_to else feeds
+    worst = 0.0
+    for r, c in zip(ref.run(None, feeds), cand.run(None, cand_feeds), strict=True):
+        r64, c64 = np.asarray(r, np.float64), np.asarray(c, np.float64)
+        if not np.all(np.isfinite(c64)):
+            return float("inf")
+        worst = max(worst, float(np.abs(r64 - c64).max() / max(np.abs(r64).max(), 1e-30)))
+    return worst
+
+
+def _checker(path: Path) -> bool:
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        return True
+    except Exception:
+        return False
+
+
+def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> list[dict]:
+    rows = []
+    for item in items:
+        src: Path = item["path"]
+        reps = repeat if item["kind"] == "large" else 1
+        runs: dict[str, list[dict]] = {t: [] for t in ["floor", *tools]}
+        for _ in range(reps):
+            for tool in runs:  # alternate
+                dst = work / f"out_{tool}.onnx"
+                runs[tool].append(run_tool(tool, src, dst))
+                if tool != "floor" and _ == reps - 1:
+                    runs[tool][-1]["_out"] = dst
+                else:
+                    dst.unlink(missing_ok=True)
+        floor = statistics.median(r["seconds"] for r in runs["floor"] if "seconds" in r)
+        bn_before, nodes_before = _count(onnx.load(src, load_external_data=False))
+        size = src.stat().st_size
+        print(f"{item['model']}: {bn_before} BN, {size / 1e6:.1f} MB", file=sys.stderr)
+        for tool in tools:
+            results = runs[tool]
+            last = results[-1]
+            row = {
+                "model": item["model"],
+                "kind": item["kind"],
+                "tool": tool,
+                "size_mb": size / 1e6,
+                "bn_before": bn_before,
+                "nodes_before": nodes_before,
+            }
+            if "error" in last:
+                row["error"] = last["error"]
+                rows.append(row)
+                continue
+            out: Path = last.pop("_out")
+            secs = statistics.median(r["seconds"] for r in results)
+            folded = onnx.load(out, load_external_data=False)
+            row["bn_after"], row["nodes_after"] = _count(folded)
+            row["seconds"] = secs
+            row["ratio"] = secs / floor
+            row["work_rss_mb"] = (last["peak_rss"] - last["baseline_rss"]) / 1e6
+            row["peak_rss_mb"] = last["peak_rss"] / 1e6
+            row["checker"] = _checker(out)
+            try:
+                if item["kind"] == "fp16" and "fp32" in item:
+                    row["max_rel"] = max_rel_error(item["fp32"], out, cast_to=np.float16)
+                    row["fp16_original_rel"] = max_rel_error(item["fp32"], src, cast_to=np.float16)
+                else:
+                    row["max_rel"] = max_rel_error(src, out)
+            except Exception as exc:  # the output does not run on onnxruntime
+                row["run_error"] = str(exc).splitlines()[0][:200]
+            out.unlink(missing_ok=True)
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------ reporting
+def _fmt(row: dict) -> str:
+    if "error" in row:
+        return f"| {row['model']} | {row['tool']} | failed: {row['error'][:80]} | | | | | |"
+    err = row.get("max_rel")
+    err_s = "does not run" if "run_error" in row else (f"{err:.1e}" if err is not None else "")
+    if verdict(row) == "wrong":
+        err_s = f"**{err_s} (wrong)**"
+    return (
+        f"| {row['model']} | {row['tool']} | {row['bn_before']} → {row['bn_after']} | {row['nodes_after']} "
+        f"| {'yes' if row['checker'] else '**no**'} | {err_s} | {row['ratio']:.2f}× | {row['work_rss_mb']:.0f} MB |"
+    )
+
+
+WRONG = {"fp16": 5e-2}  # max relative error above which an output counts as wrong
+WRONG_DEFAULT = 1e-3
+
+
+def verdict(row: dict) -> str:
+    """``ok``, ``failed`` (the tool raised), ``invalid`` (checker or onnxruntime refuse it) or ``wrong``."""
+    if "error" in row:
+        return "failed"
+    if not row.get("checker") or "run_error" in row:
+        return "invalid"
+    if row.get("max_rel") is not None and row["max_rel"] > WRONG.get(row["kind"], WRONG_DEFAULT):
+        return "wrong"
+    return "ok"
+
+
+def bn_left(row: dict) -> int:
+    """BN nodes left; a failed, invalid or wrong output folded nothing."""
+    return row["bn_after"] if verdict(row) == "ok" else row["bn_before"]
+
+
+def summary(rows: list[dict], tools: list[str]) -> list[str]:
+    lines = [
+        "| tool | models with BN left | BN left (all models) | failed / invalid / wrong outputs | worst fp32 error (valid outputs) "
+        "| fp16 error vs fp32 original (median) | time / I/O floor, median over models > 20 MB | work memory / model size (largest model) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    largest = max((r["size_mb"] for r in rows), default=1)
+    for tool in tools:
+        mine = [r for r in rows if r["tool"] == tool]
+        good = [r for r in mine if verdict(r) == "ok"]
+        counts = {
+            v: sum(1 for r in mine if verdict(r) == v) for v in ("failed", "invalid", "wrong")
+        }
+        fp32 = [r["max_rel"] for r in good if r["kind"] != "fp16" and r.get("max_rel") is not None]
+        fp16 = [r["max_rel"] for r in good if r["kind"] == "fp16" and "fp16_original_rel" in r]
+        big = [r["ratio"] for r in mine if "ratio" in r and r["size_mb"] > 20]
+        mem = [
+            r["work_rss_mb"] / r["size_mb"]
+            for r in mine
+            if "work_rss_mb" in r and r["size_mb"] == largest
+        ]
+        nan = float("nan")
+        lines.append(
+            f"| {tool} | {sum(1 for r in mine if bn_left(r) > 0)}/{len(mine)} | {sum(bn_left(r) for r in mine)} "
+            f"| {counts['failed']} / {counts['invalid']} / {counts['wrong']} | {max(fp32, default=nan):.1e} "
+            f"| {statistics.median(fp16) if fp16 else nan:.1e} | {statistics.median(big) if big else nan:.2f}× "
+            f"| {mem[0] if mem else nan:.2f}× |"
+        )
+    return lines
+
+
+def chart(rows: list[dict], tools: list[str], path: Path) -> bool:
+    if importlib.util.find_spec("matplotlib") is None:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    left = [sum(bn_left(r) for r in rows if r["tool"] == t) for t in tools]
+    total = sum(r["bn_before"] for r in rows if r["tool"] == tools[0])
+    colors = ["#2a7" if t == "normfuse" else "#999" for t in tools]
+    axes[0].bar(tools, left, color=colors)
+    axes[0].set_title(f"BatchNormalization left (of {total}) — lower is better")
+    big = [
+        [r["ratio"] for r in rows if r["tool"] == t and r["size_mb"] > 20 and "ratio" in r]
+        for t in tools
+    ]
+    axes[1].bar(tools, [statistics.median(b) if b else 0 for b in big], color=colors)
+    axes[1].axhline(1.0, color="k", lw=0.8, ls="--")
+    axes[1].set_title("time / (onnx.load + onnx.save), models > 20 MB")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="normfuse beside its peers")
+    parser.add_argument("--quick", action="store_true", help="skip ResNet-50 and VGG-16-BN")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per tool on large models")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    tools = ["normfuse"] + [
+        t for t, mod in PEERS.items() if importlib.util.find_spec(mod) is not None
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="normfuse-compare-") as tmp:
+        work = Path(tmp)
+        items = build_models(work, args.quick)
+        rows = measure(items, tools, args.repeat, work)
+    (args.out / "compare.json").write_text(
+        json.dumps({"tools": tools, "rows": rows}, indent=1, default=str)
+    )
+    md = [
+        "# normfuse beside its peers",
+        "",
+        f"Tools: {', '.join(tools)}. One run of `python benchmarks/compare.py`"
+        f"{' --quick' if args.quick else ''}; CPU, onnxruntime `ORT_DISABLE_ALL` for errors.",
+        "",
+        "## Summary",
+        "",
+        *summary(rows, tools),
+        "",
+        "## Every model and tool",
+        "",
+        "| model | tool | BN | nodes after | checker | max rel error | time / floor | work memory |",
+        "|---|---|---|---|---|---|---|---|",
+        *(_fmt(r) for r in rows),
+    ]
+    (args.out / "RESULTS.md").write_text("\n".join(md) + "\n")
+    drew = chart(rows, tools, args.out / "compare.png")
+    print("\n".join(summary(rows, tools)))
+    print(f"wrote {args.out / 'RESULTS.md'}{' and compare.png' if drew else ''}")
+
+
+if __name__ == "__main__":
+    main()

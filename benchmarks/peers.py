@@ -1,0 +1,126 @@
+"""Run one folding tool on one model file, file in -> file out, in a fresh process.
+
+Usage: ``python benchmarks/peers.py TOOL IN OUT``. Prints one JSON line: ``seconds`` (load,
+rewrite, save; imports excluded), ``peak_rss`` and ``baseline_rss`` (bytes; the baseline is
+taken after the tool's imports, so ``peak_rss - baseline_rss`` is what the work itself used),
+or ``error``.
+
+Tools (each as its users run it, without a parity check):
+
+* ``floor``: ``onnx.load`` + ``onnx.save``, the I/O floor.
+* ``normfuse``: ``normfuse`` load, fold, atomic save.
+* ``onnxsim``: ``onnxsim.simplify`` (constant folding, shape inference, its BN fusion).
+* ``onnxslim``: ``onnxslim.slim``.
+* ``onnxoptimizer``: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])``.
+* ``onnxscript``: the onnxscript rewriter with its BatchNorm rules (conv, conv-transpose, gemm).
+* ``ort-basic``: onnxruntime's offline optimizer at ``ORT_ENABLE_BASIC``, writing the optimized
+  model.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+
+TOOLS = ["floor", "normfuse", "onnxsim", "onnxslim", "onnxoptimizer", "onnxscript", "ort-basic"]
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _prepare(tool: str):
+    """Import the tool and return a function that folds IN into OUT."""
+    import onnx
+
+    if tool == "floor":
+        return lambda src, dst: onnx.save(onnx.load(src), dst)
+    if tool == "normfuse":
+        from normfuse import onnx_io
+        from normfuse.api import run_fold
+        from normfuse.onnx_fold import FoldOptions
+        from normfuse.report import Report
+
+        def run(src, dst):
+            loaded = onnx_io.load(src)
+            run_fold(loaded.model, Report(), FoldOptions())
+            onnx_io.save(loaded.model, dst, force=True)
+
+        return run
+    if tool == "onnxsim":
+        import onnxsim
+
+        def run(src, dst):
+            model, _ = onnxsim.simplify(onnx.load(src))
+            onnx.save(model, dst)
+
+        return run
+    if tool == "onnxslim":
+        import onnxslim
+
+        return lambda src, dst: onnx.save(onnxslim.slim(onnx.load(src)), dst)
+    if tool == "onnxoptimizer":
+        import onnxoptimizer
+
+        return lambda src, dst: onnx.save(
+            onnxoptimizer.optimize(onnx.load(src), ["fuse_bn_into_conv"]), dst
+        )
+    if tool == "onnxscript":
+        import onnx_ir as ir
+        from onnxscript import rewriter
+        from onnxscript.rewriter.rules.common import (
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        )
+
+        rules = [
+            fuse_batchnorm_into_conv_rule,
+            fuse_batchnorm_into_conv_transpose_rule,
+            fuse_batchnorm_into_gemm_rule,
+        ]
+
+        def run(src, dst):
+            model = ir.load(src)
+            model = rewriter.rewrite(model, pattern_rewrite_rules=rules)
+            ir.save(model, dst)
+
+        return run
+    if tool == "ort-basic":
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+
+        def run(src, dst):
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(dst)
+            so.log_severity_level = 3
+            ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+
+        return run
+    raise SystemExit(f"unknown tool {tool}; known: {', '.join(TOOLS)}")
+
+
+def main() -> None:
+    tool, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+    try:
+        fn = _prepare(tool)
+        baseline = _rss_now()
+        start = time.perf_counter()
+        fn(src, dst)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(json.dumps({"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}))
+    except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
+        last = traceback.format_exception_only(type(exc), exc)[-1].strip()
+        print(json.dumps({"error": last[:300]}))
+
+
+if __name__ == "__main__":
+    main()
