@@ -351,10 +351,11 @@ class VGG16BN(nn.Module):
                 layers.append(conv_bn(cin, int(v)))
                 cin = int(v)
         self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
             nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
             nn.Dropout(), nn.Linear(4096, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.features(x), 1))
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
