@@ -229,7 +229,7 @@ def build_models(work: Path, quick: bool) -> list[dict]:
     for p in sorted((ROOT / "models").glob("*.onnx")):
         items.append({"model": f"bundled {p.stem}", "path": p, "kind": "pattern"})
     for name, p in _synthetic(work).items():
-        items.append({"model": name, "path": p, "kind": "pattern"})
+        items.append({"model": name, "path": p, "kind": "fp16" if "fp16" in name else "pattern"})
     if not quick:
         torch.manual_seed(0)
         for cls, shape, exporters in (

@@ -1,7 +1,7 @@
 """Run one folding tool on one model file, file in -> file out, in a fresh process.
 
 Usage: ``python benchmarks/peers.py TOOL IN OUT``. Prints one JSON line: ``seconds`` (load,
-rewrite, save; imports excluded), ``peak_rss`` and ``baseline_rss`` (bytes; the baseline is
+rewrite, save; imports excluded), ``peak_rss`` (VmHWM) and ``baseline_rss`` (bytes; the baseline is
 taken after the tool's imports, so ``peak_rss - baseline_rss`` is what the work itself used),
 or ``error``.
 
@@ -32,6 +32,15 @@ TOOLS = ["floor", "normfuse", "onnxsim", "onnxslim", "onnxoptimizer", "onnxscrip
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _rss_peak() -> int:
+    """VmHWM: the peak RSS of this address space (ru_maxrss would carry the parent's across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _prepare(tool: str):
@@ -115,7 +124,7 @@ def main() -> None:
         start = time.perf_counter()
         fn(src, dst)
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _rss_peak()
         print(json.dumps({"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}))
     except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
