@@ -56,7 +56,7 @@ def _prepare(tool: str):
         from normfuse.report import Report
 
         def run(src, dst):
-            loaded = onnx_io.load(src)
+            loaded = onnx_io.load(src, lazy=True)  # as the CLI does
             run_fold(loaded.model, Report(), FoldOptions())
             onnx_io.save(loaded.model, dst, force=True)
 

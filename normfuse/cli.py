@@ -217,7 +217,7 @@ def fold(
         if not out.parent.is_dir():
             raise InputError(f"the output folder {out.parent} does not exist")
         t0 = time.perf_counter()
-        loaded = onnx_io.load(model)
+        loaded = onnx_io.load(model, lazy=True)  # the model is saved once, before the file changes
         report = Report(action="fold")
         report.timings["load"] = time.perf_counter() - t0
         with _progress(console.is_terminal, console) as progress:
@@ -416,7 +416,7 @@ def bench(
         with tempfile.TemporaryDirectory(prefix="normfuse-bench-") as tmp:
             paths = list(models)
             if fold_first:
-                loaded = onnx_io.load(models[0])
+                loaded = onnx_io.load(models[0], lazy=True)
                 run_fold(loaded.model, Report(), FoldOptions())
                 paths.append(
                     onnx_io.save(loaded.model, Path(tmp) / f"{models[0].stem}.folded.onnx")

@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import mmap
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,10 @@ _TWO_GIB = 2**31
 
 #: In-memory flag (``ir.Model.meta``, never serialized): the model was read with external data.
 EXTERNAL_DATA_KEY = "normfuse.external_data"
+#: In-memory flag on tensors (``tensor.meta``) that are views into the model file itself.
+SELF_BACKED_KEY = "normfuse.self_backed"
+#: Initializers at least this large are read lazily from the model file by ``load(lazy=True)``.
+LAZY_MIN_BYTES = 1024
 
 
 @dataclasses.dataclass
@@ -60,13 +65,16 @@ def _is_onnx_program(obj: object) -> bool:
     return type(obj).__name__ == "ONNXProgram" and hasattr(obj, "model")
 
 
-def load(source: object, *, copy: bool = True) -> Loaded:
+def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
     """Read a model from any supported form.
 
     Args:
         source: A path, bytes, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``ONNXProgram``.
         copy: For ``onnx_ir.Model`` and ``ONNXProgram`` inputs, work on a copy so the caller's
             object is left as it was.
+        lazy: For a path: do not read tensor bytes into memory; large initializers become
+            views into the file (memory maps), and :func:`save` copies the untouched ones
+            file to file. The file must stay in place until the model is saved.
 
     Raises:
         InputError: The source is missing, not a file, not ONNX, or of an unknown type.
@@ -78,7 +86,8 @@ def load(source: object, *, copy: bool = True) -> Loaded:
         if path.is_dir():
             raise InputError(f"{path} is a directory, not an ONNX file")
         try:
-            model = ir.load(path)
+            model = _try_self_backed(path) if lazy else None
+            model = model if model is not None else ir.load(path)
         except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
             raise InputError(f"{path} is not a readable ONNX model ({_short(exc)})") from None
         except UnicodeDecodeError:
@@ -112,6 +121,112 @@ def load(source: object, *, copy: bool = True) -> Loaded:
         f"cannot read a model from {type(source).__name__}",
         "pass a path, bytes, onnx.ModelProto, onnx_ir.Model or torch.onnx.ONNXProgram",
     )
+
+
+def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(number, wire_type, field_start, value_start, value_end)`` for each field in a message."""
+    pos = start
+    while pos < end:
+        key, p = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value_end = _read_varint(buf, p)[1]
+        elif wire == 1:
+            value_end = p + 8
+        elif wire == 2:
+            length, p = _read_varint(buf, p)
+            value_end = p + length
+        elif wire == 5:
+            value_end = p + 4
+        else:
+            raise DecodeError(f"unsupported protobuf wire type {wire}")
+        if value_end > end:
+            raise DecodeError("truncated protobuf message")
+        yield number, wire, pos, p, value_end
+        pos = value_end
+
+
+def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
+    """A TensorProto whose large raw_data stays in the file: an external-data reference to it."""
+    raw: tuple[int, int] | None = None
+    rest = bytearray()
+    for number, wire, fstart, vstart, vend in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2 and vend - vstart >= LAZY_MIN_BYTES:
+            raw = (vstart, vend - vstart)
+            continue
+        rest += buf[fstart:vend]
+    if raw is None:
+        return None
+    tensor = onnx.TensorProto()
+    tensor.ParseFromString(bytes(rest))
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
+        tensor.external_data.add(key=key, value=value)
+    return tensor.SerializeToString()
+
+
+def _load_self_backed(path: Path) -> ir.Model | None:
+    """Parse ``path`` without its large initializer bytes, which become views into the file.
+
+    The protobuf wire format is scanned over a memory map: every field is copied as it is but
+    the main graph's initializers, whose ``raw_data`` is replaced by an external-data reference
+    (location: the model file itself, at the byte offset of that data). Returns ``None`` when
+    nothing is large enough to be worth it, or the file already uses external data.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            model_bytes = bytearray()
+            found = False
+            for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
+                if number != _MODEL_GRAPH or wire != 2:
+                    model_bytes += buf[fstart:vend]
+                    continue
+                graph = bytearray()
+                for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
+                    tensor = None
+                    if gnum == _GRAPH_INITIALIZER and gwire == 2:
+                        tensor = _externalize(buf, gvstart, gvend, path.name)
+                    if tensor is None:
+                        graph += buf[gstart:gvend]
+                    else:
+                        graph += _field(_GRAPH_INITIALIZER, len(tensor)) + tensor
+                        found = True
+                model_bytes += _field(_MODEL_GRAPH, len(graph)) + graph
+    if not found:
+        return None
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model_bytes))
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.meta[SELF_BACKED_KEY] = True
+    model.meta[SELF_BACKED_KEY] = str(path)
+    return model
+
+
+def _try_self_backed(path: Path) -> ir.Model | None:
+    """The self-backed model, or ``None`` so that the normal loader reads (and judges) the file."""
+    try:
+        return _load_self_backed(path)
+    except (DecodeError, IndexError, ValueError, OSError):
+        return None
 
 
 def _check_external_data(model: ir.Model, base: Path) -> None:
@@ -176,7 +291,8 @@ def has_external_data(model: ir.Model) -> bool:
     """True when some initializer of the model lives in an external file."""
     for graph in model.graphs():
         for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not tensor.meta.get(SELF_BACKED_KEY):
                 return True
     return False
 
@@ -229,13 +345,61 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
-def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview]:
+@dataclasses.dataclass(frozen=True)
+class _FileRange:
+    """Bytes to copy file to file: ``length`` bytes of ``path`` from ``offset``."""
+
+    path: str
+    offset: int
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
+
+
+def _copy_range(src: _FileRange, out: Any) -> None:
+    out.flush()
+    with open(src.path, "rb") as f:
+        offset, left = src.offset, src.length
+        fd_in, fd_out = f.fileno(), out.fileno()
+        try:
+            while left:
+                n = os.copy_file_range(fd_in, fd_out, left, offset)
+                if n == 0:
+                    raise OSError(f"{src.path} ended early")
+                offset += n
+                left -= n
+        except (AttributeError, OSError):  # no copy_file_range here, or across filesystems
+            while left:
+                chunk = os.pread(fd_in, min(left, 1 << 24), offset)
+                if not chunk:
+                    raise OSError(f"{src.path} ended early") from None
+                out.write(chunk)
+                out.flush()
+                offset += len(chunk)
+                left -= len(chunk)
+
+
+def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview | _FileRange]:
     """The serialized TensorProto of an initializer, as pieces written back to back.
 
     Tensors read from the file are re-emitted from their own proto; numpy-backed tensors (the
     folded weights) are written from their buffer without a copy; anything else goes through
     onnx_ir's serializer.
     """
+    if isinstance(tensor, ir.ExternalTensor) and tensor.meta.get(SELF_BACKED_KEY):
+        header = onnx.TensorProto(
+            name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
+        )
+        if tensor.doc_string:
+            header.doc_string = tensor.doc_string
+        for key, value in tensor.metadata_props.items():
+            header.metadata_props.add(key=key, value=value)
+        data = _FileRange(
+            os.fspath(tensor.path), tensor.offset or 0, tensor.length or tensor.nbytes
+        )
+        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
     if isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.metadata_props:
         raw = tensor.raw
         if raw.name != name:
@@ -293,7 +457,10 @@ def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
         for tag, pieces, _ in entries:
             f.write(tag)
             for piece in pieces:
-                f.write(piece)
+                if isinstance(piece, _FileRange):
+                    _copy_range(piece, f)
+                else:
+                    f.write(piece)
 
 
 def save(

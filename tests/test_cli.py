@@ -209,7 +209,19 @@ def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
 
 def test_bench_one_model_folded_and_json(resnet, tmp_path):
     out = tmp_path / "lat.json"
-    result = invoke("bench", resnet, "--fold", "--reps", "3", "--warmup", "1", "--ort-opt", "disable", "--json", out)
+    result = invoke(
+        "bench",
+        resnet,
+        "--fold",
+        "--reps",
+        "3",
+        "--warmup",
+        "1",
+        "--ort-opt",
+        "disable",
+        "--json",
+        out,
+    )
     assert result.exit_code == 0 and "(folded)" in result.output
     data = json.loads(out.read_text())["results"]
     assert [r["opt_level"] for r in data] == ["disable", "disable"]

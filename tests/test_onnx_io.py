@@ -253,3 +253,54 @@ def test_external_data_symlink_leading_out_is_refused(model, tmp_path):
     _external_model(model, inner, "w.bin")
     with pytest.raises(normfuse.InputError, match="points outside"):
         normfuse.load(inner / "m.onnx")
+
+
+def test_lazy_load_reads_no_tensor_bytes_and_round_trips(model, tmp_path, rng):
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    loaded = onnx_io.load(path, lazy=True).model
+    w = loaded.graph.initializers["W"].const_value
+    assert isinstance(w, ir.ExternalTensor) and w.meta.get(onnx_io.SELF_BACKED_KEY)
+    assert not onnx_io.has_external_data(loaded)  # it is still an ordinary single-file model
+    np.testing.assert_array_equal(w.numpy(), onnx.numpy_helper.to_array(model.graph.initializer[0]))
+    onnx_io.write_streaming(loaded, tmp_path / "lazy.onnx")
+    onnx_io.write_streaming(onnx_io.load(path).model, tmp_path / "eager.onnx")
+    assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "eager.onnx").read_bytes()
+
+
+def test_cli_in_place_fold_with_lazy_tensors(model, tmp_path, rng):
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = CliRunner().invoke(cli, ["fold", str(path), "--in-place"])
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(path)
+    assert op_types(folded) == ["Conv"]
+    feeds = {"x": normal(rng, [1, 8, 6, 6])}
+    ref, got = run(model, feeds)[0], run(folded, feeds)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+    # folding the result again changes nothing, through files too
+    result = CliRunner().invoke(cli, ["fold", str(path), "-o", str(tmp_path / "again.onnx")])
+    assert result.exit_code == 0
+    assert onnx.load(tmp_path / "again.onnx") == folded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.onnx", "m.onnx"]
+
+
+def test_lazy_load_of_junk_falls_back_to_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x0a\xff\xff\xff\xff\x0f" + b"x" * 40)
+    with pytest.raises(normfuse.InputError):
+        onnx_io.load(bad, lazy=True)
+
+
+def test_lazy_load_leaves_external_data_models_to_the_external_path(model, tmp_path):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save(
+        copy, tmp_path / "m.onnx", save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    loaded = onnx_io.load(tmp_path / "m.onnx", lazy=True).model
+    assert onnx_io.has_external_data(loaded)
