@@ -41,6 +41,7 @@ __all__ = [
     "absorb_before",
     "dtype_max",
     "overflows",
+    "scale_weight",
 ]
 
 logger = logging.getLogger(__name__)
@@ -201,22 +202,43 @@ class Folded:
     """New weights after a fold, rounded once to the op's dtype.
 
     Attributes:
-        weight: The new weight, in the op's dtype.
+        weight: The new weight, in the op's dtype; ``None`` when deferred (see ``factor``).
         bias: The new bias, in the op's dtype.
         bias64: The bias in float64, before rounding.
-        weight_peak: The largest ``|W'|`` in float64 (``inf`` if some value is not finite).
+        weight_peak: The largest ``|W'|`` in float64 (``inf`` if some value is not finite); for a
+            deferred weight an upper bound, exact when the bound exceeds the dtype's range.
+        factor: ``W' = W * factor`` (float64, broadcastable): :func:`scale_weight` computes the
+            weight from it later, bit for bit the same.
+        dtype: The dtype of the weight.
     """
 
-    weight: np.ndarray
+    weight: np.ndarray | None
     bias: np.ndarray
     bias64: np.ndarray
     weight_peak: float
+    factor: np.ndarray | None = None
+    dtype: np.dtype | None = None
 
 
 def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     shape = [1] * ndim
     shape[axis] = v.shape[0]
     return v.reshape(shape)
+
+
+def scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``w * factor`` in float64, rounded once into ``dtype`` (the deferred half of a fold)."""
+    return _scale_weight(w, factor, dtype)[0]
+
+
+def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:
+    """An upper bound of ``|w * factor|``, exact when it exceeds what ``dtype`` holds."""
+    if not w.size:
+        return 0.0
+    bound = max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max())
+    if bound <= dtype_max(dtype):
+        return bound
+    return float(np.abs(w.astype(np.float64) * factor).max())
 
 
 def _scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
@@ -239,20 +261,26 @@ def _scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> tuple[n
     return out, float(exact.max())
 
 
-def _finish(lin: LinearWeights, w: np.ndarray, factor: np.ndarray, b64: np.ndarray) -> Folded:
+def _finish(
+    lin: LinearWeights, w: np.ndarray, factor: np.ndarray, b64: np.ndarray, defer: bool
+) -> Folded:
     dtype = lin.out_dtype
     bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype
-    weight, peak = _scale_weight(w, factor, dtype)
+    if defer:
+        weight, peak = None, _bound(w, factor, dtype)
+    else:
+        weight, peak = _scale_weight(w, factor, dtype)
     with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused
-        return Folded(weight, b64.astype(bias_dtype), b64, peak)
+        return Folded(weight, b64.astype(bias_dtype), b64, peak, factor, np.dtype(dtype))
 
 
-def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:
+def absorb_after(lin: LinearWeights, affine: Affine, *, defer: bool = False) -> Folded:
     """Fold ``affine`` applied to the op's output into the op.
 
     Args:
         lin: The linear op's weights.
         affine: The map on the output channels (scalar maps broadcast).
+        defer: Do not compute the new weight now; return its ``factor`` for :func:`scale_weight`.
 
     Returns:
         The new weight and bias (the bias is created when the op had none).
@@ -272,10 +300,10 @@ def absorb_after(lin: LinearWeights, affine: Affine) -> Folded:
         factor = a.scale[:, None]
     else:
         factor = a.scale[None, :]
-    return _finish(lin, w, factor, b * a.scale + a.shift)
+    return _finish(lin, w, factor, b * a.scale + a.shift, defer)
 
 
-def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
+def absorb_before(lin: LinearWeights, affine: Affine, *, defer: bool = False) -> Folded:
     """Fold ``affine`` applied to the op's input into the op.
 
     Exact for dense ops; for convolutions only when the op pads no input position with zeros
@@ -284,6 +312,7 @@ def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
     Args:
         lin: The linear op's weights.
         affine: The map on the input channels (scalar maps broadcast).
+        defer: Do not compute the new weight now; return its ``factor`` for :func:`scale_weight`.
 
     Returns:
         The new weight and bias (the bias is created when the op had none).
@@ -312,7 +341,7 @@ def absorb_before(lin: LinearWeights, affine: Affine) -> Folded:
     else:
         b = b + a.shift @ _f64(w)
         factor = a.scale[:, None]
-    return _finish(lin, w, factor, b)
+    return _finish(lin, w, factor, b, defer)
 
 
 def dtype_max(dtype: np.dtype) -> float:

@@ -24,11 +24,32 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["ConstantResolver", "NotConstant"]
+__all__ = ["LARGE_BYTES", "ConstantResolver", "NotConstant", "read_tensor"]
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEPTH = 64
+
+#: Arrays at least this large are dropped from the cache after each chain, and file-backed
+#: weights at least this large are folded lazily (computed while the model is written).
+LARGE_BYTES = 1 << 20
+
+
+def read_tensor(tensor: ir.TensorProtocol) -> np.ndarray:
+    """The tensor's values; a file-backed tensor is read into fresh memory, not memory-mapped.
+
+    Mapped pages of a large model would stay resident (and count as the process's memory)
+    until the map is closed; a plain read leaves only the page cache behind.
+    """
+    if isinstance(tensor, ir.ExternalTensor):
+        dtype = tensor.dtype.numpy()
+        if dtype.itemsize and tensor.dtype.bitwidth == dtype.itemsize * 8:
+            count = int(np.prod(tensor.shape.numpy()))
+            array = np.fromfile(tensor.path, dtype=dtype, count=count, offset=tensor.offset or 0)
+            if array.size != count:
+                raise NotConstant(f"the external data of '{tensor.name}' is shorter than its shape")
+            return array.reshape(tensor.shape.numpy())
+    return tensor.numpy()
 
 
 class NotConstant(Exception):
@@ -121,6 +142,15 @@ class ConstantResolver:
         """Drop a cached result (after the value's tensor was replaced)."""
         self._cache.pop(id(value), None)
 
+    def drop_large(self) -> None:
+        """Forget cached arrays of at least :data:`LARGE_BYTES`, to bound memory on big models."""
+        for key in [
+            k
+            for k, v in self._cache.items()
+            if isinstance(v, np.ndarray) and v.nbytes >= LARGE_BYTES
+        ]:
+            del self._cache[key]
+
     def _resolve(self, value: ir.Value, depth: int) -> np.ndarray:
         name = value.name or "<unnamed>"
         if self.is_overridable_input(value):
@@ -129,7 +159,7 @@ class ConstantResolver:
                 "baked into weights"
             )
         if value.const_value is not None:
-            return value.const_value.numpy()
+            return read_tensor(value.const_value)
         node = value.producer()
         if node is None:
             raise NotConstant(f"'{name}' is computed at run time")

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from normfuse import algebra
 from normfuse.algebra import Affine, LinearWeights
-from normfuse.onnx_const import ConstantResolver, NotConstant
+from normfuse.onnx_const import LARGE_BYTES, ConstantResolver, NotConstant, read_tensor
 from normfuse.report import Entry, ModelStats
 
 __all__ = ["FoldOptions", "fold_model", "model_stats"]
@@ -229,6 +229,7 @@ def fold_model(
     for folder, chains in plans:
         for chain in chains:
             entries.extend(folder.fold_chain(chain))
+            folder.consts.drop_large()
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -803,12 +804,12 @@ class _Folder:
 
     # ----------------------------------------------------------------- rewriting
     def _apply_after(self, lin: _Linear, links: list[_Link], affine: Affine) -> None:
-        folded = algebra.absorb_after(lin.weights, affine)
+        folded = algebra.absorb_after(lin.weights, affine, defer=self._deferrable(lin))
         _check_range(folded, lin)
         if self.options.dry_run:
             return
         node = lin.node
-        self._set_input(node, 1, folded.weight)
+        self._set_input(node, 1, self._weight_data(lin, folded))
         new_out = lin.out
         if node.op_type in ("Conv", "ConvTranspose"):
             self._set_input(node, 2, folded.bias, role="bias")
@@ -883,7 +884,7 @@ class _Folder:
             targets.append((found, use.idx))
         foldeds = []
         for found, _ in targets:
-            folded = algebra.absorb_before(found.weights, affine)
+            folded = algebra.absorb_before(found.weights, affine, defer=self._deferrable(found))
             _check_range(folded, found)
             foldeds.append(folded)
         label = ", ".join(found.label for found, _ in targets)
@@ -899,7 +900,7 @@ class _Folder:
             removed = links
         for (found, idx), folded in zip(targets, foldeds, strict=True):
             node = found.node
-            self._set_input(node, 1, folded.weight)
+            self._set_input(node, 1, self._weight_data(found, folded))
             if node.op_type in ("Conv", "ConvTranspose", "Gemm"):
                 self._set_input(node, 2, folded.bias, role="bias")
                 if node.op_type == "Gemm":
@@ -922,6 +923,31 @@ class _Folder:
         self._restore_names()
         return label
 
+    def _deferrable(self, lin: _Linear) -> bool:
+        """Fold this weight lazily: it is file-backed, large, and used as stored (no Gemm alpha)."""
+        source = lin.node.inputs[1].const_value if lin.node.inputs[1] is not None else None
+        return (
+            not self.options.dry_run
+            and isinstance(source, ir.ExternalTensor)
+            and source.nbytes >= LARGE_BYTES
+            and lin.weights.weight.dtype == lin.weights.out_dtype
+        )
+
+    def _weight_data(self, lin: _Linear, folded: algebra.Folded) -> np.ndarray | ir.LazyTensor:
+        """The folded weight, or a tensor that computes it from the file when it is written."""
+        if folded.weight is not None:
+            return folded.weight
+        source = lin.node.inputs[1].const_value  # type: ignore[union-attr]
+        factor, dtype = folded.factor, folded.dtype
+        assert isinstance(source, ir.ExternalTensor) and factor is not None and dtype is not None
+
+        def compute() -> ir.Tensor:
+            return ir.Tensor(algebra.scale_weight(read_tensor(source), factor, dtype))
+
+        return ir.LazyTensor(
+            compute, dtype=ir.DataType.from_numpy(dtype), shape=ir.Shape(source.shape.numpy())
+        )
+
     def _neutralise_norm(self, node: ir.Node) -> None:
         gamma = self.consts.resolve(node.inputs[1])
         self._set_input(node, 1, np.ones_like(gamma))
@@ -943,10 +969,11 @@ class _Folder:
         return name
 
     def _set_input(
-        self, node: ir.Node, index: int, array: np.ndarray, role: str = "weight"
+        self, node: ir.Node, index: int, array: np.ndarray | ir.LazyTensor, role: str = "weight"
     ) -> None:
         """Give ``node`` a new constant input, in place when nothing else uses the old one."""
         old = node.inputs[index] if index < len(node.inputs) else None
+        shape = tuple(array.shape.numpy()) if isinstance(array, ir.LazyTensor) else array.shape
         if (
             old is not None
             and old.is_initializer()
@@ -954,9 +981,9 @@ class _Folder:
             and not old.is_graph_output()
             and _exclusive(old, node)
         ):
-            old.const_value = ir.Tensor(array, name=old.name)
-            if old.shape is not None and tuple(old.shape) != array.shape:
-                old.shape = ir.Shape(array.shape)
+            old.const_value = _as_tensor(array, old.name)
+            if old.shape is not None and tuple(old.shape) != shape:
+                old.shape = ir.Shape(shape)
             self.consts.forget(old)
             return
         base = f"{old.name}_folded" if old is not None and old.name else f"{node_name(node)}_{role}"
@@ -969,15 +996,16 @@ class _Folder:
         if old is not None:
             self._prune(old)
 
-    def _new_const(self, name: str, array: np.ndarray, before: ir.Node) -> ir.Value:
-        tensor = ir.Tensor(array, name=name)
+    def _new_const(self, name: str, array: np.ndarray | ir.LazyTensor, before: ir.Node) -> ir.Value:
+        tensor = _as_tensor(array, name)
+        shape = tuple(tensor.shape.numpy())
         if isinstance(self.container, ir.Graph):
             # typed like onnx_ir types initializers on load, so a second fold changes nothing
             value = ir.Value(
                 name=name,
                 const_value=tensor,
                 type=ir.TensorType(tensor.dtype),
-                shape=ir.Shape(array.shape),
+                shape=ir.Shape(shape),
             )
             self.container.register_initializer(value)
             if self.ir_version < 4 and self.is_main:
@@ -987,7 +1015,7 @@ class _Folder:
             "", "Constant", [], [ir.AttrTensor("value", tensor)], name=self._fresh(f"{name}_const")
         )
         const.outputs[0].name = name
-        const.outputs[0].shape = ir.Shape(array.shape)
+        const.outputs[0].shape = ir.Shape(shape)
         const.outputs[0].type = ir.TensorType(tensor.dtype)
         self.container.insert_before(before, const)
         return const.outputs[0]
@@ -1052,6 +1080,13 @@ class _Folder:
         self._wanted_names.clear()
 
 
+def _as_tensor(data: np.ndarray | ir.LazyTensor, name: str | None) -> ir.TensorProtocol:
+    if isinstance(data, ir.LazyTensor):
+        data.name = name
+        return data
+    return ir.Tensor(data, name=name)
+
+
 def _check_float(w: np.ndarray, node: ir.Node) -> None:
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
         raise _Refused(f"{_label(node)} has {w.dtype} weights; only floating-point weights fold")
@@ -1108,7 +1143,7 @@ def _lines_up(
 
 def _check_range(folded: algebra.Folded, lin: _Linear) -> None:
     checks = (
-        ("weight", folded.weight_peak, folded.weight.dtype),
+        ("weight", folded.weight_peak, folded.dtype),
         (
             "bias",
             float(np.abs(folded.bias64).max()) if folded.bias64.size else 0.0,

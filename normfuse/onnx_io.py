@@ -358,6 +358,27 @@ class _FileRange:
         return self.length
 
 
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """A tensor computed only when its bytes are written (one at a time, then dropped)."""
+
+    tensor: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.nbytes)
+
+    def write(self, out: Any) -> None:
+        array = self.tensor.numpy()
+        if not array.flags.c_contiguous:
+            array = np.array(array, order="C")
+        if array.nbytes != self.nbytes:
+            raise ValueError(
+                f"tensor '{self.tensor.name}' produced {array.nbytes} bytes, not {self.nbytes}"
+            )
+        out.write(memoryview(array.reshape(-1).view(np.uint8)))
+
+
 def _copy_range(src: _FileRange, out: Any) -> None:
     out.flush()
     with open(src.path, "rb") as f:
@@ -381,7 +402,7 @@ def _copy_range(src: _FileRange, out: Any) -> None:
                 left -= len(chunk)
 
 
-def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview | _FileRange]:
+def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview | _FileRange | _Deferred]:
     """The serialized TensorProto of an initializer, as pieces written back to back.
 
     Tensors read from the file are re-emitted from their own proto; numpy-backed tensors (the
@@ -399,6 +420,12 @@ def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview | _FileRan
         data = _FileRange(
             os.fspath(tensor.path), tensor.offset or 0, tensor.length or tensor.nbytes
         )
+        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
+    if isinstance(tensor, ir.LazyTensor) and tensor.dtype in _RAW_OK and sys.byteorder == "little":
+        header = onnx.TensorProto(
+            name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
+        )
+        data = _Deferred(tensor)
         return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
     if isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.metadata_props:
         raw = tensor.raw
@@ -459,6 +486,8 @@ def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
             for piece in pieces:
                 if isinstance(piece, _FileRange):
                     _copy_range(piece, f)
+                elif isinstance(piece, _Deferred):
+                    piece.write(f)
                 else:
                     f.write(piece)
 

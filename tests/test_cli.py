@@ -194,8 +194,8 @@ def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
     onnx.save(make_model(nodes, [("x", F, [1, 3, 6, 6])], [("y", F, [1, 4, 4, 4])], inits), src)
     real = algebra.absorb_after
 
-    def broken(lin, affine):
-        folded = real(lin, affine)
+    def broken(lin, affine, **kwargs):
+        folded = real(lin, affine, **kwargs)
         return algebra.Folded(
             folded.weight * np.float32(1.1), folded.bias, folded.bias64, folded.weight_peak
         )

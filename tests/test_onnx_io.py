@@ -304,3 +304,67 @@ def test_lazy_load_leaves_external_data_models_to_the_external_path(model, tmp_p
     )
     loaded = onnx_io.load(tmp_path / "m.onnx", lazy=True).model
     assert onnx_io.has_external_data(loaded)
+
+
+@pytest.fixture
+def big_model(rng) -> onnx.ModelProto:
+    """Weights above the 1 MiB threshold, so their fold is deferred to the write."""
+    inits = [
+        tensor("W", normal(rng, [256, 128, 3, 3]) * 0.05),
+        *bn_params(rng, 256),
+        tensor("W2", normal(rng, [256, 256, 3, 3]) * 0.05),
+        *bn_params(rng, 256, "bn2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "b"),
+        helper.make_node("Relu", ["b"], ["r"]),
+        helper.make_node("Conv", ["r", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        bn_node("c2", "y", "bn2"),
+    ]
+    return make_model(nodes, [("x", F, [1, 128, 6, 6])], [("y", F, [1, 256, 6, 6])], inits)
+
+
+def test_deferred_fold_through_the_cli_is_exact(big_model, tmp_path, rng):
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    src = tmp_path / "big.onnx"
+    onnx.save(big_model, src)
+    loaded = onnx_io.load(src, lazy=True).model
+    from normfuse.api import run_fold
+    from normfuse.onnx_fold import FoldOptions
+    from normfuse.report import Report
+
+    run_fold(loaded, Report(), FoldOptions())
+    assert isinstance(loaded.graph.initializers["W"].const_value, ir.LazyTensor)  # deferred
+    result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(tmp_path / "f.onnx")])
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(tmp_path / "f.onnx")
+    onnx.checker.check_model(folded, full_check=True)
+    # bit-identical to the eager fold of the same model
+    eager, _ = normfuse.fold(big_model, check=False)
+    assert folded == eager
+    feeds = {"x": normal(rng, [1, 128, 6, 6])}
+    ref, got = run(big_model, feeds)[0], run(folded, feeds)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_deferred_fold_of_an_external_data_model(big_model, tmp_path, rng):
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    copy = onnx.ModelProto()
+    copy.CopyFrom(big_model)
+    onnx.save(
+        copy, src_dir / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=1024
+    )
+    folded, report = normfuse.fold(src_dir / "m.onnx")
+    assert report.parity is not None and report.parity.passed and len(report.applied) == 2
+    normfuse.save(folded, tmp_path / "out.onnx")
+    assert (tmp_path / "out.onnx.data").exists()
+    eager, _ = normfuse.fold(big_model, check=False)
+    written = onnx.load(tmp_path / "out.onnx")
+    for init in written.graph.initializer:  # onnx.load leaves data_location=DEFAULT set explicitly
+        init.ClearField("data_location")
+    assert written == eager
