@@ -201,6 +201,52 @@ def _synthetic(work: Path) -> dict[str, Path]:
     return out
 
 
+def _huge(work: Path, layers: int = 16, width: int = 2048) -> Path:
+    """Wide 3x3 conv -> BN -> ReLU layers, 151 MB of weights each: 2.4 GB with external data."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "input"
+    for i in range(layers):
+        w = rng.standard_normal((width, width, 3, 3), dtype=np.float32)
+        w *= np.float32(1.0 / np.sqrt(width * 9))
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        del w
+        stats = (
+            rng.uniform(0.5, 2, width),
+            rng.normal(size=width),
+            rng.normal(size=width) * 0.1,
+            rng.uniform(0.5, 2, width),
+        )
+        inits += [
+            numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}")
+            for k, v in zip("gbmv", stats, strict=True)
+        ]
+        out = "output" if i == layers - 1 else f"r{i}"
+        nodes += [
+            helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
+            helper.make_node(
+                "BatchNormalization", [f"c{i}", *(f"bn{i}_{k}" for k in "gbmv")], [f"b{i}"]
+            ),
+            helper.make_node("Relu", [f"b{i}"], [out]),
+        ]
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "huge",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, width, 4, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, width, 4, 4])],
+        inits,
+    )
+    path = work / "huge.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+        path,
+        save_as_external_data=True,
+        location="huge.onnx.data",
+        size_threshold=1024,
+    )
+    return path
+
+
 def build_models(work: Path, quick: bool) -> list[dict]:
     import torch
 
@@ -309,6 +355,8 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
         for _ in range(reps):
             for tool in runs:  # alternate
                 dst = work / f"out_{tool}.onnx"
+                for stale in work.glob(f"out_{tool}.onnx*"):
+                    stale.unlink()
                 runs[tool].append(run_tool(tool, src, dst))
                 if tool != "floor" and _ == reps - 1:
                     runs[tool][-1]["_out"] = dst
@@ -316,7 +364,7 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
                     dst.unlink(missing_ok=True)
         floor = statistics.median(r["seconds"] for r in runs["floor"] if "seconds" in r)
         bn_before, nodes_before = _count(onnx.load(src, load_external_data=False))
-        size = src.stat().st_size
+        size = sum(p.stat().st_size for p in src.parent.glob(src.name + "*"))  # with its .data
         print(f"{item['model']}: {bn_before} BN, {size / 1e6:.1f} MB", file=sys.stderr)
         for tool in tools:
             results = runs[tool]
@@ -350,7 +398,8 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
                     row["max_rel"] = max_rel_error(src, out)
             except Exception as exc:  # the output does not run on onnxruntime
                 row["run_error"] = str(exc).splitlines()[0][:200]
-            out.unlink(missing_ok=True)
+            for produced in work.glob(out.name + "*"):
+                produced.unlink()
             rows.append(row)
     return rows
 

@@ -43,12 +43,29 @@ def _rss_peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prepare(tool: str):
-    """Import the tool and return a function that folds IN into OUT."""
+def _uses_external_data(path: Path) -> bool:
     import onnx
 
+    model = onnx.load(path, load_external_data=False)
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def _prepare(tool: str, external: bool):
+    """Import the tool and return a function that folds IN into OUT.
+
+    With ``external``, outputs are written with external data (``OUT.data``), as a user of each
+    tool must for a model above 2 GiB.
+    """
+    import onnx
+
+    def save(model, dst):
+        if external:
+            onnx.save(model, dst, save_as_external_data=True, location=f"{Path(dst).name}.data")
+        else:
+            onnx.save(model, dst)
+
     if tool == "floor":
-        return lambda src, dst: onnx.save(onnx.load(src), dst)
+        return lambda src, dst: save(onnx.load(src), dst)
     if tool == "normfuse":
         from normfuse import onnx_io
         from normfuse.api import run_fold
@@ -66,13 +83,13 @@ def _prepare(tool: str):
 
         def run(src, dst):
             model, _ = onnxsim.simplify(onnx.load(src))
-            onnx.save(model, dst)
+            save(model, dst)
 
         return run
     if tool == "onnxslim":
         import onnxslim
 
-        return lambda src, dst: onnx.save(onnxslim.slim(onnx.load(src)), dst)
+        return lambda src, dst: save(onnxslim.slim(onnx.load(src)), dst)
     if tool == "onnxoptimizer":
         import onnxoptimizer
 
@@ -97,7 +114,7 @@ def _prepare(tool: str):
         def run(src, dst):
             model = ir.load(src)
             model = rewriter.rewrite(model, pattern_rewrite_rules=rules)
-            ir.save(model, dst)
+            ir.save(model, dst, external_data=f"{Path(dst).name}.data" if external else None)
 
         return run
     if tool == "ort-basic":
@@ -110,6 +127,11 @@ def _prepare(tool: str):
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             so.optimized_model_filepath = str(dst)
             so.log_severity_level = 3
+            if external:
+                so.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name",
+                    f"{Path(dst).name}.data",
+                )
             ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
 
         return run
@@ -119,7 +141,7 @@ def _prepare(tool: str):
 def main() -> None:
     tool, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     try:
-        fn = _prepare(tool)
+        fn = _prepare(tool, _uses_external_data(src))
         baseline = _rss_now()
         start = time.perf_counter()
         fn(src, dst)

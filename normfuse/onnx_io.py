@@ -402,58 +402,87 @@ def _copy_range(src: _FileRange, out: Any) -> None:
                 left -= len(chunk)
 
 
-def _tensor_pieces(name: str, tensor: Any) -> list[bytes | memoryview | _FileRange | _Deferred]:
-    """The serialized TensorProto of an initializer, as pieces written back to back.
+_Data = bytes | memoryview | _FileRange | _Deferred
 
-    Tensors read from the file are re-emitted from their own proto; numpy-backed tensors (the
-    folded weights) are written from their buffer without a copy; anything else goes through
-    onnx_ir's serializer.
+
+def _default_mode() -> int:
+    """The permissions a newly created file gets (0666 less the umask); mkstemp makes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _header(name: str, tensor: Any) -> onnx.TensorProto:
+    header = onnx.TensorProto(
+        name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
+    )
+    if tensor.doc_string:
+        header.doc_string = tensor.doc_string
+    for key, value in tensor.metadata_props.items():
+        header.metadata_props.add(key=key, value=value)
+    return header
+
+
+def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | None:
+    """A tensor as (its TensorProto without data, its raw bytes), or None for onnx_ir to serialize.
+
+    File-backed tensors are copied file to file, deferred ones are computed when written, and
+    numpy-backed ones (the folded weights) are written from their buffer without a copy.
     """
-    if isinstance(tensor, ir.ExternalTensor) and tensor.meta.get(SELF_BACKED_KEY):
-        header = onnx.TensorProto(
-            name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
-        )
-        if tensor.doc_string:
-            header.doc_string = tensor.doc_string
-        for key, value in tensor.metadata_props.items():
-            header.metadata_props.add(key=key, value=value)
+    if tensor.dtype not in _RAW_OK or sys.byteorder != "little":
+        return None
+    if isinstance(tensor, ir.ExternalTensor):
         data = _FileRange(
             os.fspath(tensor.path), tensor.offset or 0, tensor.length or tensor.nbytes
         )
-        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
-    if isinstance(tensor, ir.LazyTensor) and tensor.dtype in _RAW_OK and sys.byteorder == "little":
-        header = onnx.TensorProto(
-            name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
-        )
-        data = _Deferred(tensor)
-        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
-    if isinstance(tensor, ir.serde.TensorProtoTensor) and not tensor.metadata_props:
-        raw = tensor.raw
-        if raw.name != name:
-            raw.name = name
-        return [raw.SerializeToString()]
-    if isinstance(tensor, ir.Tensor) and tensor.dtype in _RAW_OK and sys.byteorder == "little":
+        return _header(name, tensor), data
+    if isinstance(tensor, ir.LazyTensor):
+        return _header(name, tensor), _Deferred(tensor)
+    if isinstance(tensor, ir.Tensor):
         array = tensor.numpy()
         if not array.flags.c_contiguous:
             array = np.array(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
-        header = onnx.TensorProto(name=name, data_type=tensor.dtype.value, dims=list(array.shape))
-        if tensor.doc_string:
-            header.doc_string = tensor.doc_string
-        for key, value in tensor.metadata_props.items():
-            header.metadata_props.add(key=key, value=value)
-        data = memoryview(array.reshape(-1).view(np.uint8))
-        return [header.SerializeToString(), _field(_TENSOR_RAW_DATA, data.nbytes), data]
-    tensor.name = name
-    return [ir.serde.serialize_tensor(tensor).SerializeToString()]
+        return _header(name, tensor), memoryview(array.reshape(-1).view(np.uint8))
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        return _header(name, tensor), tensor.tobytes()
+    return None
 
 
-def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
-    """Write ``model`` as one ONNX file without building a copy of its tensors.
+def _write_data(piece: _Data, out: Any) -> None:
+    if isinstance(piece, _FileRange):
+        _copy_range(piece, out)
+    elif isinstance(piece, _Deferred):
+        piece.write(out)
+    else:
+        out.write(piece)
+
+
+def _nbytes(piece: _Data) -> int:
+    return len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
+def write_streaming(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    size_threshold: int = 1024,
+) -> None:
+    """Write ``model`` without building a copy of its tensors.
 
     onnx_ir serializes everything but the main graph's initializers; those are then appended to
     the graph message as length-delimited fields (protobuf parsing does not depend on field
-    order), untouched tensors from their original bytes and new ones straight from numpy.
-    The model is unchanged afterwards.
+    order): tensors read from the input, untouched, keep their bytes (re-emitted, or copied
+    file to file when they live in a file), folded weights are written from their numpy buffers,
+    and deferred ones are computed one at a time while they are written. The model is
+    unchanged afterwards.
+
+    Args:
+        model: The model.
+        path: The ONNX file to write.
+        external_data: A file name next to ``path``: tensors of at least ``size_threshold``
+            bytes go there (written to a temporary file first, then renamed into place).
+        size_threshold: See ``external_data``.
     """
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     tensors = [v.const_value for v in values]
@@ -471,12 +500,60 @@ def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
     graph_bytes = proto.graph.SerializeToString()
     proto.ClearField("graph")
     head = proto.SerializeToString()
-    entries = []
-    for v, t in zip(values, tensors, strict=True):
-        pieces = _tensor_pieces(v.name or "", t)
-        size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)
-        entries.append((_field(_GRAPH_INITIALIZER, size), pieces, size))
+    folder = Path(path).parent
+    entries: list[tuple[bytes, list[_Data], int]] = []
+    data_file = None
+    data_tmp: Path | None = None
+    offset = 0
+    try:
+        for v, t in zip(values, tensors, strict=True):
+            name = v.name or ""
+            parts = _tensor_parts(name, t)
+            if parts is None:
+                t.name = name
+                pieces: list[_Data] = [ir.serde.serialize_tensor(t).SerializeToString()]
+            else:
+                header, data = parts
+                size = _nbytes(data)
+                if external_data is not None and size >= size_threshold:
+                    if data_file is None:
+                        fd, tmp_name = tempfile.mkstemp(
+                            prefix=f".{external_data}.", suffix=".tmp", dir=folder
+                        )
+                        data_tmp = Path(tmp_name)
+                        data_file = os.fdopen(fd, "wb")
+                    _write_data(data, data_file)
+                    header.data_location = onnx.TensorProto.EXTERNAL
+                    for key, value in (
+                        ("location", external_data),
+                        ("offset", str(offset)),
+                        ("length", str(size)),
+                    ):
+                        header.external_data.add(key=key, value=value)
+                    offset += size
+                    pieces = [header.SerializeToString()]
+                else:
+                    pieces = [header.SerializeToString(), _field(_TENSOR_RAW_DATA, size), data]
+            size = sum(_nbytes(p) for p in pieces)
+            entries.append((_field(_GRAPH_INITIALIZER, size), pieces, size))
+        if data_file is not None:
+            data_file.close()
+            data_file = None
+            os.chmod(data_tmp, _default_mode())  # type: ignore[arg-type]
+            os.replace(data_tmp, folder / external_data)  # type: ignore[arg-type, operator]
+            data_tmp = None
+    finally:
+        if data_file is not None:
+            data_file.close()
+        if data_tmp is not None:
+            with contextlib.suppress(OSError):
+                data_tmp.unlink()
     graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
+    if graph_len + len(head) > _TWO_GIB - 1:
+        raise InputError(
+            "the model is above protobuf's 2 GiB limit without external data",
+            "pass --external-data",
+        )
     with open(path, "wb") as f:
         f.write(head)
         f.write(_field(_MODEL_GRAPH, graph_len))
@@ -484,12 +561,7 @@ def write_streaming(model: ir.Model, path: str | os.PathLike) -> None:
         for tag, pieces, _ in entries:
             f.write(tag)
             for piece in pieces:
-                if isinstance(piece, _FileRange):
-                    _copy_range(piece, f)
-                elif isinstance(piece, _Deferred):
-                    piece.write(f)
-                else:
-                    f.write(piece)
+                _write_data(piece, f)
 
 
 def save(
@@ -546,10 +618,8 @@ def save(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        if external_data:
-            ir.save(ir_model, tmp, external_data=f"{out.name}.data")
-        else:
-            write_streaming(ir_model, tmp)
+        write_streaming(ir_model, tmp, external_data=f"{out.name}.data" if external_data else None)
+        os.chmod(tmp, _default_mode())
         if verify is not None:
             verify(tmp)
         os.replace(tmp, out)

@@ -368,3 +368,17 @@ def test_deferred_fold_of_an_external_data_model(big_model, tmp_path, rng):
     for init in written.graph.initializer:  # onnx.load leaves data_location=DEFAULT set explicitly
         init.ClearField("data_location")
     assert written == eager
+
+
+def test_outputs_get_ordinary_permissions(model, tmp_path):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        out = tmp_path / "f.onnx"
+        normfuse.save(model, out, external_data=True)
+        for path in (out, tmp_path / "f.onnx.data"):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    finally:
+        os.umask(mask)
