@@ -9,7 +9,8 @@ What it prints:
 1. **Speed** on a ResNet-50-sized model (25.6 M parameters, ~100 MB), exported by both PyTorch
    exporters with BN kept. Each figure is the median of ``--repeat`` runs, alternating:
    ``onnx.load + onnx.save`` (the floor, 1.0x), ``onnx_ir.load + onnx_ir.save``, a byte copy,
-   ``normfuse.fold`` end to end in process (load, fold, atomic save; no parity check), and
+   normfuse's fold end to end in process (load, fold, atomic save; no parity check) with the
+   API's eager load and with the CLI's lazy load (tensor bytes stay in the file), and
    the ``normfuse fold --no-check`` command (which adds Python start-up).
 2. **Exactness and coverage** on the torchvision-style families in ``models/zoo.py``, both
    exporters: BN nodes before/after, max relative error against the original on onnxruntime
@@ -89,6 +90,11 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
             run_fold(loaded.model, Report(), FoldOptions())
             onnx_io.save(loaded.model, out, force=True)
 
+        def fold_lazy(src: Path = src, out: Path = out) -> None:
+            loaded = onnx_io.load(src, lazy=True)
+            run_fold(loaded.model, Report(), FoldOptions())
+            onnx_io.save(loaded.model, out, force=True)
+
         def fold_cli(src: Path = src, out: Path = out) -> None:
             subprocess.run(
                 [
@@ -115,7 +121,8 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
             "onnx load+save (floor)": floor,
             "onnx_ir load+save": ir_io,
             "byte copy": copy,
-            "normfuse.fold (API)": fold_api,
+            "normfuse fold, eager load (the API)": fold_api,
+            "normfuse fold, lazy load (the CLI), in process": fold_lazy,
             "normfuse fold (CLI)": fold_cli,
             "CLI start-up alone (normfuse --version)": startup,
         }
