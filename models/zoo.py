@@ -341,7 +341,26 @@ class VGG16BN(nn.Module):
 
     def __init__(self, classes: int = 1000) -> None:
         super().__init__()
-        cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+        cfg = [
+            64,
+            64,
+            "M",
+            128,
+            128,
+            "M",
+            256,
+            256,
+            256,
+            "M",
+            512,
+            512,
+            512,
+            "M",
+            512,
+            512,
+            512,
+            "M",
+        ]
         layers: list[nn.Module] = []
         cin = 3
         for v in cfg:
@@ -353,9 +372,129 @@ class VGG16BN(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 7 * 7, 4096), nn.ReLU(), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(),
-            nn.Dropout(), nn.Linear(4096, classes),
+            nn.Linear(512 * 7 * 7, 4096),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(4096, 4096),
+            nn.ReLU(),
+            nn.Dropout(),
+            nn.Linear(4096, classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet: BN-ReLU-Conv1x1-BN-ReLU-Conv3x3, output concatenated to the input."""
+
+    def __init__(self, cin: int, growth: int = 8, bottleneck: int = 4) -> None:
+        super().__init__()
+        mid = growth * bottleneck
+        self.norm1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, mid, 1, bias=False)
+        self.norm2, self.conv2 = nn.BatchNorm2d(mid), nn.Conv2d(mid, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(torch.relu(self.norm1(x)))
+        y = self.conv2(torch.relu(self.norm2(y)))
+        return torch.cat([x, y], 1)
+
+
+class DenseNet(nn.Module):
+    """Stem, a dense block, a transition (BN-ReLU-Conv-Pool), a dense block, final BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+        )
+        self.block1 = nn.Sequential(DenseLayer(16), DenseLayer(24))
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 16, 1, bias=False), nn.AvgPool2d(2)
+        )
+        self.block2 = nn.Sequential(DenseLayer(16), DenseLayer(24))
+        self.norm5 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.transition(self.block1(self.stem(x))))
+        return self.fc(torch.relu(self.norm5(x)).mean((2, 3)))
+
+
+class Inception(nn.Module):
+    """GoogLeNet's inception block of BasicConv2d (conv-BN-ReLU) branches."""
+
+    def __init__(self, cin: int, c1: int, c3r: int, c3: int, c5r: int, c5: int, pool: int) -> None:
+        super().__init__()
+        self.b1 = conv_bn(cin, c1, 1)
+        self.b2 = nn.Sequential(conv_bn(cin, c3r, 1), conv_bn(c3r, c3, 3))
+        self.b3 = nn.Sequential(conv_bn(cin, c5r, 1), conv_bn(c5r, c5, 3))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn(cin, pool, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class GoogLeNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            conv_bn(3, 16, 7, 2), nn.MaxPool2d(3, 2, 1), conv_bn(16, 32, 1), conv_bn(32, 48, 3)
+        )
+        self.inception = nn.Sequential(
+            Inception(48, 16, 24, 32, 4, 8, 8), Inception(64, 32, 32, 48, 8, 16, 16)
+        )
+        self.fc = nn.Linear(112, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.inception(self.stem(x)).mean((2, 3)))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """ConvNeXt's channels-first LayerNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, 1, 3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dw(x).permute(0, 2, 3, 1)
+        y = self.pw2(nn.functional.gelu(self.pw1(self.norm(y)))) * self.gamma
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXt(nn.Module):
+    """No BatchNorm at all: LayerNorm (normalises per sample), so nothing to fold by default."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 4, 4), LayerNorm2d(32))
+        self.blocks = nn.Sequential(ConvNeXtBlock(32), ConvNeXtBlock(32))
+        self.head = nn.Sequential(nn.LayerNorm(32), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class FCN(nn.Module):
+    """FCN: a ResNet-style backbone and a conv-BN-ReLU-dropout-conv head, upsampled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(conv_bn(3, 16, 3, 2), Bottleneck(16, 8), Bottleneck(32, 8, 2))
+        self.head = nn.Sequential(conv_bn(32, 16, 3), nn.Dropout(0.1), nn.Conv2d(16, 5, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(self.backbone(x))
+        return nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+FAMILIES.update({"densenet": DenseNet, "googlenet": GoogLeNet, "convnext": ConvNeXt, "fcn": FCN})

@@ -35,13 +35,23 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("name", sorted(zoo.FAMILIES))
-def test_family_folds_to_zero_bn(exported, name, exporter):
+def test_family_folds_every_bn_that_follows_a_conv(exported, name, exporter):
     model = exported(name, exporter)
     bn_before = op_types(model).count("BatchNormalization")
-    assert bn_before > 0, "the exporter already folded BN: the test would prove nothing"
+    if name != "convnext":  # ConvNeXt has LayerNorm only
+        assert bn_before > 0, "the exporter already folded BN: the test would prove nothing"
     folded, report = normfuse.fold(model, provider="cpu")
-    assert op_types(folded).count("BatchNormalization") == 0
-    assert len(report.applied) == bn_before and report.skipped == []
+    producers = {o: n for n in folded.graph.node for o in n.output}
+    left = [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    assert all(
+        producers.get(n.input[0]) is None or producers[n.input[0]].op_type != "Conv" for n in left
+    )
+    assert len(report.skipped) == len(left) and all(e.reason for e in report.skipped)
+    assert len([e for e in report.applied if e.op_type == "BatchNormalization"]) == bn_before - len(left)
+    if name in ("densenet",):
+        assert left, "DenseNet's BN after concat/ReLU cannot fold; the test expects leftovers"
+    else:
+        assert left == []
     assert report.parity is not None and report.parity.passed
     assert report.parity.max_rel <= 1e-5, report.parity.max_rel
     onnx.checker.check_model(folded, full_check=True)
