@@ -1,6 +1,7 @@
 """Run one folding tool on one model file, file in -> file out, in a fresh process.
 
-Usage: ``python benchmarks/peers.py TOOL IN OUT``. Prints one JSON line: ``seconds`` (load,
+Usage: ``python benchmarks/peers.py TOOL IN OUT [--external]`` (``--external``: the model has
+external data; outputs are written with external data too, as a user must above 2 GiB). Prints one JSON line: ``seconds`` (load,
 rewrite, save; imports excluded), ``peak_rss`` (VmHWM) and ``baseline_rss`` (bytes; the baseline is
 taken after the tool's imports, so ``peak_rss - baseline_rss`` is what the work itself used),
 or ``error``.
@@ -41,13 +42,6 @@ def _rss_peak() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _uses_external_data(path: Path) -> bool:
-    import onnx
-
-    model = onnx.load(path, load_external_data=False)
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
 
 
 def _prepare(tool: str, external: bool):
@@ -141,7 +135,7 @@ def _prepare(tool: str, external: bool):
 def main() -> None:
     tool, src, dst = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     try:
-        fn = _prepare(tool, _uses_external_data(src))
+        fn = _prepare(tool, "--external" in sys.argv[4:])
         baseline = _rss_now()
         start = time.perf_counter()
         fn(src, dst)
