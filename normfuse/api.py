@@ -128,9 +128,25 @@ def run_fold(
         report.before = model_stats(model)
     report.entries.extend(fold_model(model, options, progress))
     report.after = model_stats(model)
+    low = sorted({d for d in _low_precision_weights(model)})
+    if low and report.applied:
+        report.notes.append(
+            f"the folded weights are {'/'.join(low)}: folding rounds them a second time, which "
+            "about doubles their rounding noise (benchmarks/fp16.py); for the best accuracy fold the "
+            "float32 model before converting it"
+        )
     if options.dry_run:
         report.before = report.after
     report.timings["fold"] = time.perf_counter() - t
+
+
+def _low_precision_weights(model: ir.Model) -> set[str]:
+    kinds = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    return {
+        kinds[v.const_value.dtype]
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.dtype in kinds
+    }
 
 
 def raise_for_parity(report: Report) -> None:

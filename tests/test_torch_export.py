@@ -47,7 +47,9 @@ def test_family_folds_every_bn_that_follows_a_conv(exported, name, exporter):
         producers.get(n.input[0]) is None or producers[n.input[0]].op_type != "Conv" for n in left
     )
     assert len(report.skipped) == len(left) and all(e.reason for e in report.skipped)
-    assert len([e for e in report.applied if e.op_type == "BatchNormalization"]) == bn_before - len(left)
+    assert len([e for e in report.applied if e.op_type == "BatchNormalization"]) == bn_before - len(
+        left
+    )
     if name in ("densenet",):
         assert left, "DenseNet's BN after concat/ReLU cannot fold; the test expects leftovers"
     else:
