@@ -241,7 +241,14 @@ def fold(
 
         t1 = time.perf_counter()
         try:
-            onnx_io.save(loaded.model, out, force=True, external_data=external_data, verify=verify)
+            onnx_io.save(
+                loaded.model,
+                out,
+                force=True,
+                external_data=external_data,
+                verify=verify,
+                discard=True,
+            )
         except ParityError:
             report.render(console, verbose=verbose)
             _emit_json(report.to_dict(), json_target)

@@ -564,6 +564,49 @@ def write_streaming(
                 _write_data(piece, f)
 
 
+def _data_name(folder: Path, out_name: str) -> str:
+    """A data-file name next to the output that no file has yet: ``<out>.data``, else ``<out>.N.data``.
+
+    Writing under a new name means no file that exists (the input's data, the data the old
+    output still points at) is ever overwritten.
+    """
+    candidates = [f"{out_name}.data"] + [f"{out_name}.{n}.data" for n in range(1, 1000)]
+    for name in candidates:
+        if not (folder / name).exists():
+            return name
+    raise InputError(
+        f"too many data files named {out_name}.N.data in {folder}", "remove stale ones"
+    )
+
+
+def _our_data_files(out: Path) -> set[Path]:
+    """Data files of the current ``out`` that follow normfuse's naming (safe to remove)."""
+    ours = {out.parent / f"{out.name}.data"} | set(out.parent.glob(f"{out.name}.*.data"))
+    ours = {p for p in ours if p.exists()}
+    if not ours or not out.is_file():
+        return set()
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:
+        return set()
+    referenced = {
+        out.parent / entry.value
+        for t in old.graph.initializer
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return ours & referenced
+
+
+def _sources(model: ir.Model) -> set[Path]:
+    return {
+        Path(os.fspath(v.const_value.path)).resolve()
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+
+
 def save(
     model: object,
     path: str | os.PathLike,
@@ -572,19 +615,28 @@ def save(
     external_data: bool | None = None,
     protect: os.PathLike | str | None = None,
     verify: Callable[[Path], None] | None = None,
+    discard: bool = False,
 ) -> Path:
-    """Write a model atomically.
+    """Write a model atomically, crash-consistent with its external data.
+
+    The model goes to a temporary file in the target folder; external data goes to a file name
+    nothing uses yet (``<output>.data``, or ``<output>.N.data`` while that exists); the model is
+    verified, then renamed into place, and only then is the data file of the replaced output
+    removed. A process killed at any moment leaves the old output with its data, or the new
+    one with its own, never a mix (at worst a hidden temporary file or an unreferenced data
+    file remains).
 
     Args:
         model: Any supported model object.
         path: The output file.
         force: Replace an existing file.
-        external_data: ``True`` to write tensors to ``<name>.data`` next to the output,
-            ``False`` to embed them, ``None`` to do so when the model had external data or
-            exceeds 2 GiB.
+        external_data: ``True`` to write tensors to a data file next to the output, ``False``
+            to embed them, ``None`` to do so when the model had external data or exceeds 2 GiB.
         protect: A path that must not be written (the input, unless in-place was asked).
         verify: Called with the complete temporary file before it is renamed into place;
-            if it raises, nothing is renamed and the temporary file is removed.
+            if it raises, nothing is renamed and the new files are removed.
+        discard: The caller will not use ``model`` afterwards, so data files it reads from may
+            be removed when they belonged to the replaced output (an in-place fold).
 
     Returns:
         The path written.
@@ -612,23 +664,28 @@ def save(
             or has_external_data(ir_model)
             or _total_bytes(ir_model) > _TWO_GIB
         )
-    data_path = folder / f"{out.name}.data"
-    data_existed = data_path.exists()
+    data_name = _data_name(folder, out.name) if external_data else None
+    stale = _our_data_files(out)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_streaming(ir_model, tmp, external_data=f"{out.name}.data" if external_data else None)
+        write_streaming(ir_model, tmp, external_data=data_name)
         os.chmod(tmp, _default_mode())
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, out)
+        os.replace(tmp, out)  # the switch: before it the old output stands, after it the new
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if external_data and not data_existed:
+        if data_name is not None:
             with contextlib.suppress(OSError):
-                data_path.unlink()
+                (folder / data_name).unlink()
         raise
+    in_use = set() if discard else _sources(ir_model)
+    for old in stale:
+        if old.name != data_name and old.resolve() not in in_use:
+            with contextlib.suppress(OSError):
+                old.unlink()
     logger.info("wrote %s", out)
     return out
