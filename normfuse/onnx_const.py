@@ -159,7 +159,10 @@ class ConstantResolver:
                 "baked into weights"
             )
         if value.const_value is not None:
-            return read_tensor(value.const_value)
+            try:
+                return read_tensor(value.const_value)
+            except (ValueError, TypeError, OSError) as exc:  # bytes that do not fit dtype/shape
+                raise NotConstant(f"the tensor '{name}' is malformed ({exc})") from None
         node = value.producer()
         if node is None:
             raise NotConstant(f"'{name}' is computed at run time")
@@ -170,7 +173,22 @@ class ConstantResolver:
         evaluator = _EVALUATORS.get(node.op_type)
         if evaluator is None:
             raise NotConstant(f"'{name}' comes from {node.op_type} '{node.name}' at run time")
-        result = evaluator(self, node, depth + 1)
+        try:
+            result = evaluator(self, node, depth + 1)
+        except NotConstant:
+            raise
+        except (
+            ValueError,
+            TypeError,
+            IndexError,
+            KeyError,
+            ArithmeticError,
+            AssertionError,
+            AttributeError,
+        ) as exc:
+            raise NotConstant(
+                f"'{name}' comes from {node.op_type} '{node.name}', which cannot be evaluated ({exc})"
+            ) from None
         outputs = list(node.outputs)
         if len(outputs) != 1:
             raise NotConstant(f"'{name}' comes from a multi-output {node.op_type}")

@@ -93,7 +93,32 @@ def node_name(node: ir.Node) -> str:
 
 def _attr(node: ir.Node, name: str, default: object) -> object:
     a = node.attributes.get(name)
-    return default if a is None else a.value
+    if a is None:
+        return default
+    if a.value is None:
+        raise _Refused(f"{_label(node)} has a malformed attribute '{name}'")
+    return a.value
+
+
+def _int(node: ir.Node, name: str, default: int) -> int:
+    try:
+        return int(_attr(node, name, default))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
+
+
+def _float(node: ir.Node, name: str, default: float) -> float:
+    try:
+        return float(_attr(node, name, default))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
+
+
+def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
+    try:
+        return [int(v) for v in _attr(node, name, default)]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -192,8 +217,13 @@ def model_stats(model: ir.Model) -> ModelStats:
                     stats.batchnorm_nodes += 1
                 if node.op_type in NORM_OPS:
                     stats.norm_nodes += 1
-                if node.op_type == "Constant" and "value" in node.attributes:
-                    stats.param_bytes += node.attributes["value"].value.nbytes
+                value = node.attributes.get("value") if node.op_type == "Constant" else None
+                if (
+                    value is not None
+                    and value.type == ir.AttributeType.TENSOR
+                    and value.value is not None
+                ):
+                    stats.param_bytes += value.value.nbytes
     return stats
 
 
@@ -355,7 +385,7 @@ class _Folder:
         w = self._const(node.inputs[1], "weight", node)
         bias_in = node.inputs[2] if len(node.inputs) > 2 else None
         b = None if bias_in is None else self._const(bias_in, "bias", node)
-        groups = int(_attr(node, "group", 1))  # type: ignore[arg-type]
+        groups = _int(node, "group", 1)
         if w.ndim < 3:
             raise _Refused(f"{_label(node)} has a weight of rank {w.ndim}")
         _check_float(w, node)
@@ -363,11 +393,11 @@ class _Folder:
         kind = "conv_transpose" if transpose else "conv"
         lin = LinearWeights(kind, w, b, groups)  # type: ignore[arg-type]
         spatial = w.ndim - 2
-        pads = [int(p) for p in _attr(node, "pads", [0] * 2 * spatial)]  # type: ignore[union-attr]
+        pads = _ints(node, "pads", [0] * 2 * spatial)
         auto_pad = _attr(node, "auto_pad", "NOTSET")
         kernel = list(w.shape[2:])
-        dil = [int(d) for d in _attr(node, "dilations", [1] * spatial)]  # type: ignore[union-attr]
-        strides = [int(s) for s in _attr(node, "strides", [1] * spatial)]  # type: ignore[union-attr]
+        dil = _ints(node, "dilations", [1] * spatial)
+        strides = _ints(node, "strides", [1] * spatial)
         pointwise = all((k - 1) * d + 1 == 1 for k, d in zip(kernel, dil, strict=False))
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
             pads_input = not pointwise
@@ -376,7 +406,7 @@ class _Folder:
         else:
             pads_input = any(p != 0 for p in pads)
         if transpose:
-            out_pad = [int(p) for p in _attr(node, "output_padding", [0] * spatial)]  # type: ignore[union-attr]
+            out_pad = _ints(node, "output_padding", [0] * spatial)
             # Each output position of a transposed conv sums a position-dependent number of
             # taps, so a shift on its input is exact only for a pointwise, unstrided one.
             pads_input = not (
@@ -398,10 +428,10 @@ class _Folder:
         _check_float(w, node)
         c_in = node.inputs[2] if len(node.inputs) > 2 else None
         c = None if c_in is None else self._const(c_in, "bias (C)", node)
-        alpha = float(_attr(node, "alpha", 1.0))  # type: ignore[arg-type]
-        beta = float(_attr(node, "beta", 1.0))  # type: ignore[arg-type]
-        trans_a = int(_attr(node, "transA", 0))  # type: ignore[arg-type]
-        trans_b = int(_attr(node, "transB", 0))  # type: ignore[arg-type]
+        alpha = _float(node, "alpha", 1.0)
+        beta = _float(node, "beta", 1.0)
+        trans_a = _int(node, "transA", 0)
+        trans_b = _int(node, "transB", 0)
         weight = w.astype(np.float64) * alpha if alpha != 1.0 else w
         bias = None if c is None else (c.astype(np.float64) * beta if beta != 1.0 else c)
         lin = LinearWeights("dense" if trans_b else "dense_t", weight, bias, 1, w.dtype)
@@ -458,7 +488,7 @@ class _Folder:
 
     def _bn_affine(self, node: ir.Node, rank: int | None) -> Affine:
         version = node.version or self.opset
-        if version >= 14 and int(_attr(node, "training_mode", 0)):  # type: ignore[arg-type]
+        if version >= 14 and _int(node, "training_mode", 0):  # type: ignore[arg-type]
             raise _Refused(
                 "training_mode=1: the node normalises with batch statistics, which cannot fold",
                 "export the model in eval mode (model.eval()) or set training_mode=0",
@@ -476,8 +506,8 @@ class _Folder:
         for i, what in enumerate(("scale", "bias", "mean", "var")):
             value = node.inputs[i + 1] if len(node.inputs) > i + 1 else None
             params.append(self._const(value, what, node))
-        eps = float(_attr(node, "epsilon", 1e-5))  # type: ignore[arg-type]
-        if version < 9 and int(_attr(node, "spatial", 1)) == 0:  # type: ignore[arg-type]
+        eps = _float(node, "epsilon", 1e-5)
+        if version < 9 and _int(node, "spatial", 1) == 0:  # type: ignore[arg-type]
             params = [_per_channel(p, node) for p in params]
         gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
         for name, p in (("scale", gamma), ("bias", beta), ("mean", mean), ("var", var)):
@@ -511,7 +541,7 @@ class _Folder:
             beta = np.broadcast_to(beta, gamma.shape)
             return Affine(gamma.reshape(-1), beta.reshape(-1), -1 if rank is None else rank - 1)
         if op == "GroupNormalization" and (node.version or self.opset) < 21:
-            groups = int(_attr(node, "num_groups", 1))  # type: ignore[arg-type]
+            groups = _int(node, "num_groups", 1)
             x = node.inputs[0]
             channels = None if x is None or x.shape is None or x.shape.rank() < 2 else x.shape[1]
             if not isinstance(channels, int):
@@ -745,6 +775,12 @@ class _Folder:
         return entries
 
     def _warnings(self, link: _Link) -> list[str]:
+        try:
+            return self._underflow_warnings(link)
+        except _Refused:
+            return []  # the node's own refusal says what is wrong
+
+    def _underflow_warnings(self, link: _Link) -> list[str]:
         if link.kind != "bn":
             return []
         dtype = self._data_dtype(link.data)
@@ -754,7 +790,7 @@ class _Folder:
             var = self.consts.resolve(link.node.inputs[4]).astype(np.float64)
         except NotConstant:
             return []
-        eps = float(_attr(link.node, "epsilon", 1e-5))  # type: ignore[arg-type]
+        eps = _float(link.node, "epsilon", 1e-5)
         tiny = float(ml_dtypes.finfo(dtype.numpy()).tiny)
         low = var + eps
         if np.any(low < tiny):

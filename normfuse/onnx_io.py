@@ -91,7 +91,13 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
             raise InputError(f"{path} is not a readable ONNX model ({_short(exc)})") from None
         except UnicodeDecodeError:
-            raise InputError(f"{path} is not a readable ONNX model") from None
+            raise InputError(
+                f"{path} is not a readable ONNX model (text that is not UTF-8)"
+            ) from None
+        except ir.serde.SerdeError as exc:
+            raise InputError(
+                f"{path} is not a readable ONNX model ({_short(_root(exc))})"
+            ) from None
         _check_has_graph(model, str(path))
         if has_external_data(model):
             _check_external_data(model, path.parent)
@@ -263,6 +269,32 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
 def _check_has_graph(model: ir.Model, where: str) -> None:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(f"{where} holds no graph (empty or not an ONNX model)")
+    for graph in model.graphs():
+        tensors = [(v.name, v.const_value) for v in graph.initializers.values()]
+        tensors += [
+            (f"{node.op_type} '{node.name}'.{a.name}", a.value)
+            for node in graph
+            for a in node.attributes.values()
+            if a.type == ir.AttributeType.TENSOR
+        ]
+        for name, tensor in tensors:
+            if tensor is None:
+                continue
+            try:
+                if tensor.dtype == ir.DataType.UNDEFINED:
+                    raise ValueError("its element type is undefined")
+                tensor.shape  # noqa: B018 - decoding the shape is the check
+                tensor.nbytes  # noqa: B018
+            except (ValueError, TypeError) as exc:
+                raise InputError(
+                    f"tensor {name!r} in {where} is malformed ({_short(exc)})"
+                ) from None
+
+
+def _root(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _short(exc: BaseException) -> str:
@@ -493,6 +525,12 @@ def write_streaming(
         for v in values:
             v.const_value = None
         proto = ir.serde.serialize_model(model)
+    except ir.serde.SerdeError as exc:
+        root = _root(exc)
+        what = "text that is not UTF-8" if isinstance(root, UnicodeDecodeError) else _short(root)
+        raise InputError(
+            f"the model cannot be written: {what}", "the input model is malformed"
+        ) from None
     finally:
         for v, t in zip(values, tensors, strict=True):
             v.const_value = t
