@@ -266,8 +266,12 @@ def _finish(
 ) -> Folded:
     dtype = lin.out_dtype
     bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype
-    if defer:
-        weight, peak = None, _bound(w, factor, dtype)
+    if defer and np.dtype(dtype).itemsize >= 4:
+        # float32/float64: overflow would need |W| * scale above 3.4e38; the deferred computation
+        # checks its result instead, so the weight is not read now
+        weight, peak = None, 0.0
+    elif defer:
+        weight, peak = None, _bound(np.asarray(w), factor, dtype)
     else:
         weight, peak = _scale_weight(w, factor, dtype)
     with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused
@@ -319,7 +323,7 @@ def absorb_before(lin: LinearWeights, affine: Affine, *, defer: bool = False) ->
     """
     c_in = lin.in_channels
     a = affine.expand(c_in)
-    w = lin.weight
+    w = np.asarray(lin.weight)  # the bias needs the values (sums over taps)
     b = _f64(lin.bias) if lin.bias is not None else np.zeros(lin.out_channels)
     if lin.kind == "conv":
         g = lin.groups

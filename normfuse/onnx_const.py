@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["LARGE_BYTES", "ConstantResolver", "NotConstant", "read_tensor"]
+__all__ = ["LARGE_BYTES", "ConstantResolver", "FileArray", "NotConstant", "read_tensor"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,26 @@ _MAX_DEPTH = 64
 #: Arrays at least this large are dropped from the cache after each chain, and file-backed
 #: weights at least this large are folded lazily (computed while the model is written).
 LARGE_BYTES = 1 << 20
+
+
+class FileArray:
+    """The shape and dtype of a large file-backed tensor; its values are read only on demand.
+
+    numpy reads it through ``__array__``; code that needs only the geometry (most folds after a
+    linear op) never touches the file.
+    """
+
+    def __init__(self, tensor: ir.ExternalTensor) -> None:
+        self.tensor = tensor
+        self.shape = tuple(int(d) for d in tensor.shape.numpy())
+        self.dtype = np.dtype(tensor.dtype.numpy())
+        self.ndim = len(self.shape)
+        self.size = int(np.prod(self.shape))
+        self.nbytes = self.size * self.dtype.itemsize
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        array = read_tensor(self.tensor)
+        return array if dtype is None else array.astype(dtype)
 
 
 def read_tensor(tensor: ir.TensorProtocol) -> np.ndarray:
@@ -142,6 +162,18 @@ class ConstantResolver:
         """Drop a cached result (after the value's tensor was replaced)."""
         self._cache.pop(id(value), None)
 
+    def resolve_weight(self, value: ir.Value | None) -> np.ndarray | FileArray:
+        """Like :meth:`resolve`, but a large file-backed tensor comes back as a :class:`FileArray`."""
+        tensor = value.const_value if value is not None else None
+        if (
+            isinstance(tensor, ir.ExternalTensor)
+            and tensor.nbytes >= LARGE_BYTES
+            and not self.is_overridable_input(value)  # type: ignore[arg-type]
+            and tensor.dtype.bitwidth == np.dtype(tensor.dtype.numpy()).itemsize * 8
+        ):
+            return FileArray(tensor)
+        return self.resolve(value)
+
     def drop_large(self) -> None:
         """Forget cached arrays of at least :data:`LARGE_BYTES`, to bound memory on big models."""
         for key in [
@@ -222,8 +254,9 @@ def _ev_castlike(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
 def _ev_shape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     src = node.inputs[0]
     assert src is not None
-    arr = r.try_resolve(src)
-    if arr is not None:
+    if src.const_value is not None and not r.is_overridable_input(src):
+        dims = [int(d) for d in src.const_value.shape.numpy()]  # no need to read the values
+    elif (arr := r.try_resolve(src)) is not None:
         dims = list(arr.shape)
     elif src.shape is not None and src.shape.is_static():
         dims = [int(d) for d in src.shape]  # type: ignore[arg-type]

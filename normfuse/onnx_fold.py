@@ -36,6 +36,7 @@ import onnx_ir as ir
 
 from normfuse import algebra
 from normfuse.algebra import Affine, LinearWeights
+from normfuse.errors import InputError
 from normfuse.onnx_const import LARGE_BYTES, ConstantResolver, NotConstant, read_tensor
 from normfuse.report import Entry, ModelStats
 
@@ -381,8 +382,14 @@ class _Folder:
             return self._read_gemm(node)
         return self._read_matmul(node)
 
+    def _weight(self, value: ir.Value | None, what: str, op: ir.Node) -> np.ndarray:
+        try:
+            return self.consts.resolve_weight(value)  # type: ignore[return-value]
+        except NotConstant as exc:
+            raise _Refused(f"the {what} of {_label(op)} is not constant: {exc}") from None
+
     def _read_conv(self, node: ir.Node) -> _Linear:
-        w = self._const(node.inputs[1], "weight", node)
+        w = self._weight(node.inputs[1], "weight", node)
         bias_in = node.inputs[2] if len(node.inputs) > 2 else None
         b = None if bias_in is None else self._const(bias_in, "bias", node)
         groups = _int(node, "group", 1)
@@ -424,7 +431,7 @@ class _Folder:
         )
 
     def _read_gemm(self, node: ir.Node) -> _Linear:
-        w = self._const(node.inputs[1], "weight (B)", node)
+        w = self._weight(node.inputs[1], "weight (B)", node)
         _check_float(w, node)
         c_in = node.inputs[2] if len(node.inputs) > 2 else None
         c = None if c_in is None else self._const(c_in, "bias (C)", node)
@@ -432,7 +439,7 @@ class _Folder:
         beta = _float(node, "beta", 1.0)
         trans_a = _int(node, "transA", 0)
         trans_b = _int(node, "transB", 0)
-        weight = w.astype(np.float64) * alpha if alpha != 1.0 else w
+        weight = np.asarray(w, dtype=np.float64) * alpha if alpha != 1.0 else w
         bias = None if c is None else (c.astype(np.float64) * beta if beta != 1.0 else c)
         lin = LinearWeights("dense" if trans_b else "dense_t", weight, bias, 1, w.dtype)
         refusal = (
@@ -445,7 +452,7 @@ class _Folder:
     def _read_matmul(self, node: ir.Node) -> _Linear:
         x, wv = node.inputs[0], node.inputs[1]
         try:
-            w = self.consts.resolve(wv)
+            w = self.consts.resolve_weight(wv)
         except NotConstant as exc:
             raise _Refused(
                 f"the right operand of {_label(node)} is not constant ({exc}), so it is not a "
@@ -963,8 +970,7 @@ class _Folder:
         """Fold this weight lazily: it is file-backed, large, and used as stored (no Gemm alpha)."""
         source = lin.node.inputs[1].const_value if lin.node.inputs[1] is not None else None
         return (
-            not self.options.dry_run
-            and isinstance(source, ir.ExternalTensor)
+            isinstance(source, ir.ExternalTensor)
             and source.nbytes >= LARGE_BYTES
             and lin.weights.weight.dtype == lin.weights.out_dtype
         )
@@ -977,8 +983,17 @@ class _Folder:
         factor, dtype = folded.factor, folded.dtype
         assert isinstance(source, ir.ExternalTensor) and factor is not None and dtype is not None
 
+        label = lin.label
+
         def compute() -> ir.Tensor:
-            return ir.Tensor(algebra.scale_weight(read_tensor(source), factor, dtype))
+            values = read_tensor(source)
+            result = algebra.scale_weight(values, factor, dtype)
+            if not np.all(np.isfinite(result)) and np.all(np.isfinite(values)):
+                raise InputError(
+                    f"the folded weight of {label} overflows {dtype}; nothing was written",
+                    "check the BatchNorm statistics of that layer",
+                )
+            return ir.Tensor(result)
 
         return ir.LazyTensor(
             compute, dtype=ir.DataType.from_numpy(dtype), shape=ir.Shape(source.shape.numpy())

@@ -382,3 +382,21 @@ def test_outputs_get_ordinary_permissions(model, tmp_path):
             assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     finally:
         os.umask(mask)
+
+
+def test_deferred_fold_before_a_big_file_backed_conv(rng, tmp_path):
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    inits = [*bn_params(rng, 512), tensor("W", normal(rng, [512, 512, 1, 1]) * 0.05)]  # 1 MiB
+    nodes = [bn_node("x", "b"), helper.make_node("Conv", ["b", "W"], ["y"], name="pw")]
+    model = make_model(nodes, [("x", F, [1, 512, 3, 3])], [("y", F, [1, 512, 3, 3])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(tmp_path / "f.onnx")])
+    assert result.exit_code == 0, result.output
+    folded = onnx.load(tmp_path / "f.onnx")
+    assert op_types(folded) == ["Conv"]
+    eager, _ = normfuse.fold(model, check=False)
+    assert folded == eager
