@@ -812,8 +812,11 @@ class _Folder:
         if value.dtype is not None:
             return value.dtype
         producer = value.producer()
-        if producer is not None and len(producer.inputs) > 1:
-            w = self.consts.try_resolve(producer.inputs[1])
+        weight = producer.inputs[1] if producer is not None and len(producer.inputs) > 1 else None
+        if weight is not None:
+            if weight.const_value is not None:
+                return weight.const_value.dtype  # from the tensor's header, nothing is read
+            w = self.consts.try_resolve(weight)
             if w is not None:
                 return ir.DataType.from_numpy(w.dtype)
         return None

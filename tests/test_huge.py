@@ -1,0 +1,149 @@
+"""A model above 2 GiB, built on the fly: fold memory stays bounded, inspect reads no weights."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper, numpy_helper
+
+WIDTH, LAYERS = 2048, 15  # 15 x 151 MB of conv weights = 2.26 GB
+NEEDED = 3 * WIDTH * WIDTH * 9 * 4 * LAYERS  # input, output and slack
+
+
+def _build(folder: Path) -> tuple[Path, int]:
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal(1 << 20) / np.sqrt(WIDTH * 9)).astype(np.float32)
+    nodes, inits, prev, offset = [], [], "input", 0
+    with open(folder / "huge.onnx.data", "wb") as data:
+        for i in range(LAYERS):
+            w = np.resize(np.roll(block, i * 7919), (WIDTH, WIDTH, 3, 3))
+            w.tofile(data)
+            t = onnx.TensorProto(
+                name=f"w{i}", data_type=TP.FLOAT, dims=w.shape, data_location=TP.EXTERNAL
+            )
+            for key, value in (
+                ("location", "huge.onnx.data"),
+                ("offset", str(offset)),
+                ("length", str(w.nbytes)),
+            ):
+                t.external_data.add(key=key, value=value)
+            offset += w.nbytes
+            inits.append(t)
+            stats = (
+                rng.uniform(0.5, 2, WIDTH),
+                rng.normal(size=WIDTH),
+                rng.normal(size=WIDTH) * 0.1,
+                rng.uniform(0.5, 2, WIDTH),
+            )
+            inits += [
+                numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}")
+                for k, v in zip("gbmv", stats, strict=True)
+            ]
+            out = "output" if i == LAYERS - 1 else f"r{i}"
+            nodes += [
+                helper.make_node(
+                    "Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
+                ),
+                helper.make_node(
+                    "BatchNormalization",
+                    [f"c{i}", *(f"bn{i}_{k}" for k in "gbmv")],
+                    [f"b{i}"],
+                    name=f"bn{i}",
+                ),
+                helper.make_node("Relu", [f"b{i}"], [out]),
+            ]
+            prev = out
+    graph = helper.make_graph(
+        nodes,
+        "huge",
+        [helper.make_tensor_value_info("input", TP.FLOAT, [1, WIDTH, 4, 4])],
+        [helper.make_tensor_value_info("output", TP.FLOAT, [1, WIDTH, 4, 4])],
+        inits,
+    )
+    path = folder / "huge.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path
+    )
+    return path, offset
+
+
+_PROBE = """
+import sys
+from normfuse.cli import main
+sys.argv = ["normfuse", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = 0
+status = open("/proc/self/status").read()
+peak = [int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith("VmHWM")][0]
+rchar = [int(l.split()[1]) for l in open("/proc/self/io").read().splitlines() if l.startswith("rchar")][0]
+print(f"PROBE {code} {peak} {rchar}")
+"""
+
+
+def _probe(*args: str) -> tuple[int, int, int]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=600
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE")]
+    assert line, proc.stdout + proc.stderr
+    code, peak, rchar = (int(v) for v in line[-1].split()[1:])
+    return code, peak, rchar
+
+
+@pytest.fixture(scope="module")
+def huge(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("huge")
+    if shutil.disk_usage(folder).free < NEEDED:
+        pytest.skip(f"needs {NEEDED / 1e9:.1f} GB of free disk for a model above 2 GiB")
+    if not Path("/proc/self/status").exists():
+        pytest.skip("measures memory through /proc")
+    return _build(folder)
+
+
+def test_fold_of_a_model_above_2gib_keeps_memory_bounded(huge):
+    path, size = huge
+    assert size > 2**31
+    out = path.with_name("folded.onnx")
+    code, peak, _ = _probe("fold", str(path), "-o", str(out), "--no-check")
+    print(f"fold of {size / 1e9:.2f} GB: peak RSS {peak / 1e6:.0f} MB")
+    assert code == 0
+    largest = WIDTH * WIDTH * 9 * 4
+    assert peak < 0.25 * size, f"peak RSS {peak / 1e6:.0f} MB for a {size / 1e9:.2f} GB model"
+    assert peak < 3 * largest + 300e6  # the tensors in flight plus a fixed overhead
+    folded = onnx.load(str(out), load_external_data=False)
+    assert not [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
+    # spot-check one folded layer against float64
+    src = onnx.load(str(path), load_external_data=False)
+    init = {t.name: t for t in src.graph.initializer}
+    offset = int(next(e.value for e in init["w3"].external_data if e.key == "offset"))
+    w = np.fromfile(
+        path.with_name("huge.onnx.data"), np.float32, WIDTH * WIDTH * 9, offset=offset
+    ).reshape(WIDTH, WIDTH, 3, 3)
+    g, v = (numpy_helper.to_array(init[f"bn3_{k}"]).astype(np.float64) for k in "gv")
+    expected = (w * (g / np.sqrt(v + 1e-5))[:, None, None, None]).astype(np.float32)
+    new = {t.name: t for t in folded.graph.initializer}["w3"]
+    location = next(e.value for e in new.external_data if e.key == "location")
+    new_offset = int(next(e.value for e in new.external_data if e.key == "offset"))
+    got = np.fromfile(out.with_name(location), np.float32, WIDTH * WIDTH * 9, offset=new_offset)
+    np.testing.assert_array_equal(got.reshape(expected.shape), expected)
+
+
+def test_inspect_of_a_model_above_2gib_reads_no_weights(huge):
+    path, _ = huge
+    _, _, baseline = _probe("--version")
+    code, peak, rchar = _probe("inspect", str(path))
+    print(f"inspect: read {(rchar - baseline) / 1e6:.2f} MB beyond start-up, peak RSS {peak / 1e6:.0f} MB")
+    assert code == 0
+    assert rchar - baseline < 10e6, f"inspect read {(rchar - baseline) / 1e6:.0f} MB"
+    assert peak < 300e6
