@@ -115,6 +115,9 @@ def cli(debug: bool) -> None:
     """Fold, swap and check normalization layers in ONNX models."""
     _Ctx.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    if not debug:  # what the libraries warn about, normfuse reports itself, in one line
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 _common_check = [

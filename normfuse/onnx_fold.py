@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from normfuse import algebra
@@ -50,6 +51,8 @@ NORM_TAIL_OPS = frozenset(
     {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization"}
 )
 NORM_OPS = NORM_TAIL_OPS | {"BatchNormalization"}
+#: The newest default-domain opset whose semantics normfuse knows (that of the installed onnx).
+KNOWN_OPSET = onnx.defs.onnx_opset_version()
 _FLOAT_TYPES = frozenset(
     {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 )
@@ -298,10 +301,14 @@ class _Folder:
         self.reported: set[int] = set()
         self.is_main = label == ""
         self._wanted_names: list[tuple[ir.Value, str]] = []
+        self.too_new: list[ir.Node] = []
 
     # ----------------------------------------------------------------- finding chains
     def _link(self, node: ir.Node) -> _Link | None:
         if node.domain not in ("", "ai.onnx") or not node.outputs:
+            return None
+        if self.opset > KNOWN_OPSET and node.op_type in NORM_OPS | ELEMENTWISE_OPS:
+            self.too_new.append(node)
             return None
         op = node.op_type
         if op == "BatchNormalization" and node.inputs and node.inputs[0] is not None:
@@ -517,6 +524,13 @@ class _Folder:
         if version < 9 and _int(node, "spatial", 1) == 0:  # type: ignore[arg-type]
             params = [_per_channel(p, node) for p in params]
         gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
+        sizes = {"scale": gamma.size, "bias": beta.size, "mean": mean.size, "var": var.size}
+        if len(set(sizes.values())) != 1:
+            raise _Refused(
+                "its parameters disagree in size ("
+                + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                + "); the model is malformed"
+            )
         for name, p in (("scale", gamma), ("bias", beta), ("mean", mean), ("var", var)):
             if not np.all(np.isfinite(p)):
                 raise _Refused(f"its {name} contains NaN or Inf; folding would spread it")
@@ -760,8 +774,20 @@ class _Folder:
         return suffix, None, None
 
     def lone_norm_entries(self) -> list[Entry]:
-        """Entries for normalization nodes no chain covered (their gamma/beta fold is opt-in)."""
-        entries = []
+        """Entries for normalization nodes no chain covered: opset too new, or opt-in folds."""
+        entries = [
+            Entry(
+                node=node_name(node),
+                op_type=node.op_type,
+                status="skipped",
+                graph=self.label.rstrip("/"),
+                reason=f"opset {self.opset} is newer than normfuse knows ({KNOWN_OPSET}); "
+                "its semantics may have changed",
+                fix="upgrade normfuse (and onnx)",
+            )
+            for node in self.too_new
+            if node.op_type in NORM_OPS
+        ]
         for node in self.container:
             if (
                 node.op_type in NORM_TAIL_OPS

@@ -88,17 +88,18 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         try:
             model = _try_self_backed(path) if lazy else None
             model = model if model is not None else ir.load(path)
-        except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
-            raise InputError(f"{path} is not a readable ONNX model ({_short(exc)})") from None
+        except ir.serde.SerdeError as exc:  # a RuntimeError: it goes first
+            raise InputError(
+                f"{path} is not a readable ONNX model ({_short(_root(exc))})"
+            ) from None
         except UnicodeDecodeError:
             raise InputError(
                 f"{path} is not a readable ONNX model (text that is not UTF-8)"
             ) from None
-        except ir.serde.SerdeError as exc:
-            raise InputError(
-                f"{path} is not a readable ONNX model ({_short(_root(exc))})"
-            ) from None
+        except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
+            raise InputError(f"{path} is not a readable ONNX model ({_short(exc)})") from None
         _check_has_graph(model, str(path))
+        _check_structure(model, str(path))
         if has_external_data(model):
             _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
@@ -111,10 +112,12 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
             raise InputError(f"the bytes are not an ONNX model ({_short(exc)})") from None
         model = ir.from_proto(proto)
         _check_has_graph(model, "bytes")
+        _check_structure(model, "bytes")
         return Loaded(model, "bytes")
     if isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
         _check_has_graph(model, "ModelProto")
+        _check_structure(model, "ModelProto")
         return Loaded(model, "proto")
     if isinstance(source, ir.Model):
         model = ir.from_proto(ir.to_proto(source)) if copy else source
@@ -291,9 +294,52 @@ def _check_has_graph(model: ir.Model, where: str) -> None:
                 ) from None
 
 
+def _check_structure(model: ir.Model, where: str) -> None:
+    """Refuse what is not a graph: undefined inputs, cycles, names defined twice."""
+
+    def walk(graph: ir.Graph, outer: set[int]) -> None:
+        defined = (
+            set(outer)
+            | {id(v) for v in graph.inputs}
+            | {id(v) for v in graph.initializers.values()}
+        )
+        names: set[str] = {v.name for v in graph.inputs if v.name}
+        outputs = [v.name for v in graph.outputs]
+        if len(set(outputs)) != len(outputs):
+            dup = next(n for n in outputs if outputs.count(n) > 1)
+            raise InputError(f"{where}: graph output '{dup}' is listed twice")
+        for node in graph:
+            for v in node.inputs:
+                if v is not None and id(v) not in defined:
+                    what = (
+                        "is produced later (a cycle, or nodes out of order)"
+                        if v.producer() is not None
+                        else "is never defined"
+                    )
+                    raise InputError(
+                        f"{where}: input '{v.name}' of {node.op_type} '{node.name}' {what}"
+                    )
+            for attr in node.attributes.values():
+                subgraphs = (
+                    [attr.value]
+                    if attr.type == ir.AttributeType.GRAPH
+                    else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+                )
+                for sub in subgraphs:
+                    walk(sub, defined)
+            for out in node.outputs:
+                if out.name and out.name in names:
+                    raise InputError(f"{where}: tensor '{out.name}' is produced twice")
+                if out.name:
+                    names.add(out.name)
+                defined.add(id(out))
+
+    walk(model.graph, set())
+
+
 def _root(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return exc
 
 

@@ -171,6 +171,20 @@ def graphs(draw):
     return model, rng.standard_normal(shape).astype(np.float32)
 
 
+def _intermediates(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    from normfuse.parity import _expose_all
+
+    data, _, _ = _expose_all(model.SerializeToString())
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    return [
+        np.asarray(v, np.float64) for v in sess.run(None, {"x": x}) if isinstance(v, np.ndarray)
+    ]
+
+
 @GRAPHS
 @given(graphs())
 def test_random_graphs_fold_exactly_and_idempotently(case):
@@ -182,7 +196,10 @@ def test_random_graphs_fold_exactly_and_idempotently(case):
         run(model, {"x": x})[0].astype(np.float64),
         run(folded, {"x": x})[0].astype(np.float64),
     )
-    assert np.abs(ref - got).max() <= 1e-5 * max(np.abs(ref).max(), 1e-6)
+    # float32 rounding scales with the magnitudes summed along the way, not with the output
+    # alone (outputs can be tiny after cancellation): the floor is the largest intermediate
+    scale = max(float(np.abs(v).max()) for v in _intermediates(model, x) if v.size)
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max() + 1e-6 * scale
     left = [n for n in folded.graph.node if n.op_type == "BatchNormalization"]
     skipped_bn = [e for e in report.skipped if e.op_type == "BatchNormalization"]
     assert len(skipped_bn) == len(left) and all(e.reason for e in skipped_bn)

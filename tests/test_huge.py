@@ -143,7 +143,9 @@ def test_inspect_of_a_model_above_2gib_reads_no_weights(huge):
     path, _ = huge
     _, _, baseline = _probe("--version")
     code, peak, rchar = _probe("inspect", str(path))
-    print(f"inspect: read {(rchar - baseline) / 1e6:.2f} MB beyond start-up, peak RSS {peak / 1e6:.0f} MB")
+    print(
+        f"inspect: read {(rchar - baseline) / 1e6:.2f} MB beyond start-up, peak RSS {peak / 1e6:.0f} MB"
+    )
     assert code == 0
     assert rchar - baseline < 10e6, f"inspect read {(rchar - baseline) / 1e6:.0f} MB"
     assert peak < 300e6
