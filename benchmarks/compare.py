@@ -201,52 +201,6 @@ def _synthetic(work: Path) -> dict[str, Path]:
     return out
 
 
-def _huge(work: Path, layers: int = 16, width: int = 2048) -> Path:
-    """Wide 3x3 conv -> BN -> ReLU layers, 151 MB of weights each: 2.4 GB with external data."""
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "input"
-    for i in range(layers):
-        w = rng.standard_normal((width, width, 3, 3), dtype=np.float32)
-        w *= np.float32(1.0 / np.sqrt(width * 9))
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        del w
-        stats = (
-            rng.uniform(0.5, 2, width),
-            rng.normal(size=width),
-            rng.normal(size=width) * 0.1,
-            rng.uniform(0.5, 2, width),
-        )
-        inits += [
-            numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}")
-            for k, v in zip("gbmv", stats, strict=True)
-        ]
-        out = "output" if i == layers - 1 else f"r{i}"
-        nodes += [
-            helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]),
-            helper.make_node(
-                "BatchNormalization", [f"c{i}", *(f"bn{i}_{k}" for k in "gbmv")], [f"b{i}"]
-            ),
-            helper.make_node("Relu", [f"b{i}"], [out]),
-        ]
-        prev = out
-    graph = helper.make_graph(
-        nodes,
-        "huge",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, width, 4, 4])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, width, 4, 4])],
-        inits,
-    )
-    path = work / "huge.onnx"
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
-        path,
-        save_as_external_data=True,
-        location="huge.onnx.data",
-        size_threshold=1024,
-    )
-    return path
-
-
 def build_models(work: Path, quick: bool) -> list[dict]:
     import torch
 
@@ -290,7 +244,13 @@ def build_models(work: Path, quick: bool) -> list[dict]:
                 items.append(
                     {"model": f"{cls.__name__} ({exporter})", "path": path, "kind": "large"}
                 )
-        items.append({"model": "wide convs, external data", "path": _huge(work), "kind": "huge"})
+        items.append(
+            {
+                "model": "wide convs, external data",
+                "path": build.wide_conv_model(work, 2048, 16)[0],
+                "kind": "huge",
+            }
+        )
     return items
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_all", "export", "quiet", "randomize_batchnorm"]
+__all__ = ["MODELS", "build_all", "export", "quiet", "randomize_batchnorm", "wide_conv_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,75 @@ class DepthwiseSeparable(nn.Module):
         x = self.pw0(self.bn_in(x))
         x = torch.clamp(self.bn_dw(self.dw(x)), 0, 6)
         return self.bn_pw(self.pw(x))
+
+
+def wide_conv_model(folder: Path, width: int = 2048, layers: int = 15) -> tuple[Path, int]:
+    """Conv 3x3 -> BN -> ReLU layers with external data, written straight to disk.
+
+    ``width * width * 9 * 4`` bytes per layer (151 MB at 2048): 15 layers make a 2.26 GB model.
+    Weights are a seeded random block, rolled per layer; BN statistics are random. Returns the
+    model path and the size of its data file.
+    """
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as TP
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    block = (rng.standard_normal(1 << 20) / np.sqrt(width * 9)).astype(np.float32)
+    nodes, inits, prev, offset = [], [], "input", 0
+    data_name = "wide.onnx.data"
+    with open(folder / data_name, "wb") as data:
+        for i in range(layers):
+            w = np.resize(np.roll(block, i * 7919), (width, width, 3, 3))
+            w.tofile(data)
+            t = onnx.TensorProto(
+                name=f"w{i}", data_type=TP.FLOAT, dims=w.shape, data_location=TP.EXTERNAL
+            )
+            for key, value in (
+                ("location", data_name),
+                ("offset", str(offset)),
+                ("length", str(w.nbytes)),
+            ):
+                t.external_data.add(key=key, value=value)
+            offset += w.nbytes
+            inits.append(t)
+            stats = (
+                rng.uniform(0.5, 2, width),
+                rng.normal(size=width),
+                rng.normal(size=width) * 0.1,
+                rng.uniform(0.5, 2, width),
+            )
+            inits += [
+                numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}")
+                for k, v in zip("gbmv", stats, strict=True)
+            ]
+            out = "output" if i == layers - 1 else f"r{i}"
+            nodes += [
+                helper.make_node(
+                    "Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
+                ),
+                helper.make_node(
+                    "BatchNormalization",
+                    [f"c{i}", *(f"bn{i}_{k}" for k in "gbmv")],
+                    [f"b{i}"],
+                    name=f"bn{i}",
+                ),
+                helper.make_node("Relu", [f"b{i}"], [out]),
+            ]
+            prev = out
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("input", TP.FLOAT, [1, width, 4, 4])],
+        [helper.make_tensor_value_info("output", TP.FLOAT, [1, width, 4, 4])],
+        inits,
+    )
+    path = folder / "wide.onnx"
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path
+    )
+    return path, offset
 
 
 def randomize_batchnorm(

@@ -33,6 +33,19 @@ def conv_bn(
     return nn.Sequential(*layers)
 
 
+def vgg_features(cfg: list[int | str]) -> nn.Sequential:
+    """VGG's feature stack: conv-BN-ReLU per number, a 2x2 max-pool per "M"."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in cfg:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers.append(conv_bn(cin, int(v)))
+            cin = int(v)
+    return nn.Sequential(*layers)
+
+
 class Bottleneck(nn.Module):
     def __init__(self, cin: int, mid: int, s: int = 1) -> None:
         super().__init__()
@@ -255,15 +268,7 @@ class VGGBN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         cfg = [16, "M", 32, 32, "M", 64, 64, "M"]
-        layers: list[nn.Module] = []
-        cin = 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers.append(conv_bn(cin, int(v)))
-                cin = int(v)
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_features(cfg)
         self.classifier = nn.Sequential(
             nn.Linear(64 * 4 * 4, 64), nn.ReLU(), nn.Dropout(), nn.Linear(64, 10)
         )
@@ -361,15 +366,7 @@ class VGG16BN(nn.Module):
             512,
             "M",
         ]
-        layers: list[nn.Module] = []
-        cin = 3
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers.append(conv_bn(cin, int(v)))
-                cin = int(v)
-        self.features = nn.Sequential(*layers)
+        self.features = vgg_features(cfg)
         self.pool = nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = nn.Sequential(
             nn.Linear(512 * 7 * 7, 4096),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -19,6 +22,17 @@ NP_TO_ONNX = {
     np.dtype(np.float64): TensorProto.DOUBLE,
     np.dtype(ml_dtypes.bfloat16): TensorProto.BFLOAT16,
 }
+
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+@pytest.fixture
+def resnet(tmp_path) -> Path:
+    """A copy of the bundled ResNet-style model."""
+    dst = tmp_path / "resnet_small.onnx"
+    shutil.copy(MODELS / "resnet_small.onnx", dst)
+    return dst
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +22,6 @@ F = TP.FLOAT
 
 def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def resnet(tmp_path) -> Path:
-    dst = tmp_path / "resnet_small.onnx"
-    shutil.copy(MODELS / "resnet_small.onnx", dst)
-    return dst
 
 
 def _perturb_conv(src: Path, dst: Path, which: int = 2, rel: float = 1e-3) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +28,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 def invoke(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-@pytest.fixture
-def resnet(tmp_path) -> Path:
-    dst = tmp_path / "resnet_small.onnx"
-    shutil.copy(MODELS / "resnet_small.onnx", dst)
-    return dst
 
 
 @pytest.fixture

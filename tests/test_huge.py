@@ -10,68 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto as TP
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
+
+from models.build import wide_conv_model
 
 WIDTH, LAYERS = 2048, 15  # 15 x 151 MB of conv weights = 2.26 GB
 NEEDED = 3 * WIDTH * WIDTH * 9 * 4 * LAYERS  # input, output and slack
-
-
-def _build(folder: Path) -> tuple[Path, int]:
-    rng = np.random.default_rng(0)
-    block = (rng.standard_normal(1 << 20) / np.sqrt(WIDTH * 9)).astype(np.float32)
-    nodes, inits, prev, offset = [], [], "input", 0
-    with open(folder / "huge.onnx.data", "wb") as data:
-        for i in range(LAYERS):
-            w = np.resize(np.roll(block, i * 7919), (WIDTH, WIDTH, 3, 3))
-            w.tofile(data)
-            t = onnx.TensorProto(
-                name=f"w{i}", data_type=TP.FLOAT, dims=w.shape, data_location=TP.EXTERNAL
-            )
-            for key, value in (
-                ("location", "huge.onnx.data"),
-                ("offset", str(offset)),
-                ("length", str(w.nbytes)),
-            ):
-                t.external_data.add(key=key, value=value)
-            offset += w.nbytes
-            inits.append(t)
-            stats = (
-                rng.uniform(0.5, 2, WIDTH),
-                rng.normal(size=WIDTH),
-                rng.normal(size=WIDTH) * 0.1,
-                rng.uniform(0.5, 2, WIDTH),
-            )
-            inits += [
-                numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{k}")
-                for k, v in zip("gbmv", stats, strict=True)
-            ]
-            out = "output" if i == LAYERS - 1 else f"r{i}"
-            nodes += [
-                helper.make_node(
-                    "Conv", [prev, f"w{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
-                ),
-                helper.make_node(
-                    "BatchNormalization",
-                    [f"c{i}", *(f"bn{i}_{k}" for k in "gbmv")],
-                    [f"b{i}"],
-                    name=f"bn{i}",
-                ),
-                helper.make_node("Relu", [f"b{i}"], [out]),
-            ]
-            prev = out
-    graph = helper.make_graph(
-        nodes,
-        "huge",
-        [helper.make_tensor_value_info("input", TP.FLOAT, [1, WIDTH, 4, 4])],
-        [helper.make_tensor_value_info("output", TP.FLOAT, [1, WIDTH, 4, 4])],
-        inits,
-    )
-    path = folder / "huge.onnx"
-    onnx.save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path
-    )
-    return path, offset
 
 
 _PROBE = """
@@ -108,7 +52,7 @@ def huge(tmp_path_factory):
         pytest.skip(f"needs {NEEDED / 1e9:.1f} GB of free disk for a model above 2 GiB")
     if not Path("/proc/self/status").exists():
         pytest.skip("measures memory through /proc")
-    return _build(folder)
+    return wide_conv_model(folder, WIDTH, LAYERS)
 
 
 def test_fold_of_a_model_above_2gib_keeps_memory_bounded(huge):
@@ -128,7 +72,7 @@ def test_fold_of_a_model_above_2gib_keeps_memory_bounded(huge):
     init = {t.name: t for t in src.graph.initializer}
     offset = int(next(e.value for e in init["w3"].external_data if e.key == "offset"))
     w = np.fromfile(
-        path.with_name("huge.onnx.data"), np.float32, WIDTH * WIDTH * 9, offset=offset
+        path.with_name("wide.onnx.data"), np.float32, WIDTH * WIDTH * 9, offset=offset
     ).reshape(WIDTH, WIDTH, 3, 3)
     g, v = (numpy_helper.to_array(init[f"bn3_{k}"]).astype(np.float64) for k in "gv")
     expected = (w * (g / np.sqrt(v + 1e-5))[:, None, None, None]).astype(np.float32)
