@@ -40,7 +40,6 @@ __all__ = [
     "absorb_after",
     "absorb_before",
     "dtype_max",
-    "overflows",
     "scale_weight",
 ]
 
@@ -274,7 +273,7 @@ def _finish(
         weight, peak = None, _bound(np.asarray(w), factor, dtype)
     else:
         weight, peak = _scale_weight(w, factor, dtype)
-    with np.errstate(over="ignore"):  # overflow is detected by overflows() and refused
+    with np.errstate(over="ignore"):  # the caller compares bias64 with the dtype's range
         return Folded(weight, b64.astype(bias_dtype), b64, peak, factor, np.dtype(dtype))
 
 
@@ -355,15 +354,3 @@ def dtype_max(dtype: np.dtype) -> float:
         return float(np.finfo(dt).max)
     except ValueError:
         return float(ml_dtypes.finfo(dt).max)
-
-
-def overflows(values64: np.ndarray, dtype: np.dtype) -> bool:
-    """True when finite float64 values exceed what ``dtype`` can hold."""
-    if values64.size == 0:
-        return False
-    limit = dtype_max(dtype)
-    hi, lo = float(values64.max()), float(values64.min())
-    if np.isfinite(hi) and np.isfinite(lo):  # fast path: two passes, no temporaries
-        return max(hi, -lo) > limit
-    finite = values64[np.isfinite(values64)]
-    return bool(finite.size) and float(np.abs(finite).max()) > limit
