@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "Affine",
     "LinearKind",
     "LinearWeights",
+    "WeightArray",
     "absorb_after",
     "absorb_before",
     "dtype_max",
@@ -55,7 +56,24 @@ LinearKind = Literal["conv", "conv_transpose", "dense", "dense_t"]
 """
 
 
-def _f64(a: np.ndarray) -> np.ndarray:
+class WeightArray(Protocol):
+    """What the algebra needs of a weight: its geometry, and its values through numpy.
+
+    A numpy array is one; so is a file-backed tensor that reads its values only when numpy
+    asks (:class:`normfuse.onnx_const.FileArray`). Values are taken with ``np.asarray``.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def ndim(self) -> int: ...
+
+
+def _f64(a: Any) -> np.ndarray:
     return np.asarray(a).astype(np.float64)
 
 
@@ -161,7 +179,7 @@ class LinearWeights:
     """
 
     kind: LinearKind
-    weight: np.ndarray
+    weight: WeightArray
     bias: np.ndarray | None = None
     groups: int = 1
     dtype: np.dtype | None = None
@@ -169,7 +187,7 @@ class LinearWeights:
     @property
     def out_dtype(self) -> np.dtype:
         """The dtype results are written in."""
-        return np.dtype(self.dtype) if self.dtype is not None else self.weight.dtype
+        return np.dtype(self.dtype) if self.dtype is not None else np.dtype(self.weight.dtype)
 
     @property
     def out_channels(self) -> int:
@@ -225,12 +243,12 @@ def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
-def scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``w * factor`` in float64, rounded once into ``dtype`` (the deferred half of a fold)."""
     return _scale_weight(w, factor, dtype)[0]
 
 
-def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:
+def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:  # w: the values
     """An upper bound of ``|w * factor|``, exact when it exceeds what ``dtype`` holds."""
     if not w.size:
         return 0.0
@@ -240,28 +258,21 @@ def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:
     return float(np.abs(w.astype(np.float64) * factor).max())
 
 
-def _scale_weight(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
+def _scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
     """``w * factor`` computed in float64 and rounded once into ``dtype``.
 
     numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
     float64 copy of the whole weight is made.
     """
-    out = np.empty(w.shape, dtype=dtype)
+    values = np.asarray(w)  # reads a file-backed weight, once
+    out = np.empty(values.shape, dtype=dtype)
     with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
-        np.multiply(w, factor, out=out, dtype=np.float64, casting="unsafe")
-    bound = (
-        max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max())
-        if w.size
-        else 0.0
-    )
-    if bound <= dtype_max(dtype):
-        return out, bound
-    exact = np.abs(w.astype(np.float64) * factor)
-    return out, float(exact.max())
+        np.multiply(values, factor, out=out, dtype=np.float64, casting="unsafe")
+    return out, _bound(values, factor, dtype)
 
 
 def _finish(
-    lin: LinearWeights, w: np.ndarray, factor: np.ndarray, b64: np.ndarray, defer: bool
+    lin: LinearWeights, w: WeightArray, factor: np.ndarray, b64: np.ndarray, defer: bool
 ) -> Folded:
     dtype = lin.out_dtype
     bias_dtype = lin.bias.dtype if lin.bias is not None and lin.dtype is None else dtype

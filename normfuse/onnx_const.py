@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -50,7 +51,7 @@ class FileArray:
         self.size = int(np.prod(self.shape))
         self.nbytes = self.size * self.dtype.itemsize
 
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         array = read_tensor(self.tensor)
         return array if dtype is None else array.astype(dtype)
 
@@ -76,7 +77,7 @@ class NotConstant(Exception):
     """The value is not a compile-time constant; ``str(exc)`` says why."""
 
 
-def _attr(node: ir.Node, name: str, default: object = None) -> object:
+def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
     a = node.attributes.get(name)
     return default if a is None else a.value
 
@@ -84,7 +85,7 @@ def _attr(node: ir.Node, name: str, default: object = None) -> object:
 def _axes(node: ir.Node, inputs: list[np.ndarray | None], opset: int, since: int) -> list[int]:
     if opset >= since:
         return [int(v) for v in inputs[1]] if len(inputs) > 1 and inputs[1] is not None else []
-    return [int(v) for v in _attr(node, "axes", [])]  # type: ignore[union-attr]
+    return [int(v) for v in _attr(node, "axes", [])]
 
 
 def _constant_node(node: ir.Node) -> np.ndarray:
@@ -166,9 +167,10 @@ class ConstantResolver:
         """Like :meth:`resolve`, but a large file-backed tensor comes back as a :class:`FileArray`."""
         tensor = value.const_value if value is not None else None
         if (
-            isinstance(tensor, ir.ExternalTensor)
+            value is not None
+            and isinstance(tensor, ir.ExternalTensor)
             and tensor.nbytes >= LARGE_BYTES
-            and not self.is_overridable_input(value)  # type: ignore[arg-type]
+            and not self.is_overridable_input(value)
             and tensor.dtype.bitwidth == np.dtype(tensor.dtype.numpy()).itemsize * 8
         ):
             return FileArray(tensor)
@@ -241,7 +243,7 @@ def _ev_identity(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
 
 
 def _ev_cast(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
-    to = ir.DataType(int(_attr(node, "to")))  # type: ignore[arg-type]
+    to = ir.DataType(int(_attr(node, "to")))
     return r.resolve(node.inputs[0], depth).astype(to.numpy())
 
 
@@ -259,12 +261,12 @@ def _ev_shape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     elif (arr := r.try_resolve(src)) is not None:
         dims = list(arr.shape)
     elif src.shape is not None and src.shape.is_static():
-        dims = [int(d) for d in src.shape]  # type: ignore[arg-type]
+        dims = [int(d) for d in src.shape.numpy()]
     else:
         raise NotConstant(f"the shape of '{src.name}' is only known at run time")
-    start = int(_attr(node, "start", 0))  # type: ignore[arg-type]
+    start = int(_attr(node, "start", 0))
     end = _attr(node, "end", None)
-    return np.array(dims[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[arg-type]
+    return np.array(dims[start : None if end is None else int(end)], dtype=np.int64)
 
 
 def _ev_expand(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
@@ -278,7 +280,7 @@ def _ev_reshape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     data, shape = r._inputs(node, depth)
     assert data is not None and shape is not None
     dims = [int(s) for s in shape]
-    if not int(_attr(node, "allowzero", 0)):  # type: ignore[arg-type]
+    if not int(_attr(node, "allowzero", 0)):
         dims = [data.shape[i] if d == 0 else d for i, d in enumerate(dims)]
     return data.reshape(dims)
 
@@ -306,25 +308,25 @@ def _ev_squeeze(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
 def _ev_transpose(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     data = r.resolve(node.inputs[0], depth)
     perm = _attr(node, "perm", None)
-    return np.transpose(data, None if perm is None else [int(p) for p in perm])  # type: ignore[union-attr]
+    return np.transpose(data, None if perm is None else [int(p) for p in perm])
 
 
 def _ev_concat(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     parts = [p for p in r._inputs(node, depth) if p is not None]
-    return np.concatenate(parts, axis=int(_attr(node, "axis", 0)))  # type: ignore[arg-type]
+    return np.concatenate(parts, axis=int(_attr(node, "axis", 0)))
 
 
 def _ev_constant_of_shape(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     shape = r.resolve(node.inputs[0], depth)
     value = _attr(node, "value", None)
-    fill = np.zeros(1, dtype=np.float32) if value is None else value.numpy().reshape(-1)  # type: ignore[union-attr]
+    fill = np.zeros(1, dtype=np.float32) if value is None else value.numpy().reshape(-1)
     return np.full([int(s) for s in shape], fill[0], dtype=fill.dtype)
 
 
 def _ev_gather(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     data, idx = r._inputs(node, depth)
     assert data is not None and idx is not None
-    return np.take(data, idx.astype(np.int64), axis=int(_attr(node, "axis", 0)))  # type: ignore[arg-type]
+    return np.take(data, idx.astype(np.int64), axis=int(_attr(node, "axis", 0)))
 
 
 def _ev_slice(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -39,7 +40,7 @@ from normfuse import algebra
 from normfuse.algebra import Affine, LinearWeights
 from normfuse.errors import InputError
 from normfuse.onnx_const import LARGE_BYTES, ConstantResolver, NotConstant, read_tensor
-from normfuse.report import Entry, ModelStats
+from normfuse.report import Entry, ModelStats, Status
 
 __all__ = ["FoldOptions", "fold_model", "model_stats"]
 
@@ -95,7 +96,7 @@ def node_name(node: ir.Node) -> str:
     return f"<{node.op_type}:{out}>"
 
 
-def _attr(node: ir.Node, name: str, default: object) -> object:
+def _attr(node: ir.Node, name: str, default: Any) -> Any:
     a = node.attributes.get(name)
     if a is None:
         return default
@@ -106,21 +107,21 @@ def _attr(node: ir.Node, name: str, default: object) -> object:
 
 def _int(node: ir.Node, name: str, default: int) -> int:
     try:
-        return int(_attr(node, name, default))  # type: ignore[arg-type]
+        return int(_attr(node, name, default))
     except (TypeError, ValueError):
         raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
 
 
 def _float(node: ir.Node, name: str, default: float) -> float:
     try:
-        return float(_attr(node, name, default))  # type: ignore[arg-type]
+        return float(_attr(node, name, default))
     except (TypeError, ValueError):
         raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
 
 
 def _ints(node: ir.Node, name: str, default: list[int]) -> list[int]:
     try:
-        return [int(v) for v in _attr(node, name, default)]  # type: ignore[union-attr]
+        return [int(v) for v in _attr(node, name, default)]
     except (TypeError, ValueError):
         raise _Refused(f"{_label(node)} has a malformed attribute '{name}'") from None
 
@@ -141,7 +142,7 @@ def _exclusive(value: ir.Value, node: ir.Node) -> bool:
 
 
 def _others(value: ir.Value, node: ir.Node) -> str:
-    names = [_label(u) for u in _uses(value) if u is not node]
+    names: list[str] = [_label(u) for u in _uses(value) if u is not node]
     if value.is_graph_output():
         names.append("a graph output")
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -328,7 +329,8 @@ class _Folder:
         return None
 
     def _is_matmul_bias(self, add: ir.Node, data_index: int) -> bool:
-        producer = add.inputs[data_index].producer()  # type: ignore[union-attr]
+        data = add.inputs[data_index]
+        producer = data.producer() if data is not None else None
         if producer is None or producer.op_type != "MatMul":
             return False
         lin = self._linear(producer)
@@ -389,9 +391,9 @@ class _Folder:
             return self._read_gemm(node)
         return self._read_matmul(node)
 
-    def _weight(self, value: ir.Value | None, what: str, op: ir.Node) -> np.ndarray:
+    def _weight(self, value: ir.Value | None, what: str, op: ir.Node) -> algebra.WeightArray:
         try:
-            return self.consts.resolve_weight(value)  # type: ignore[return-value]
+            return self.consts.resolve_weight(value)
         except NotConstant as exc:
             raise _Refused(f"the {what} of {_label(op)} is not constant: {exc}") from None
 
@@ -404,8 +406,8 @@ class _Folder:
             raise _Refused(f"{_label(node)} has a weight of rank {w.ndim}")
         _check_float(w, node)
         transpose = node.op_type == "ConvTranspose"
-        kind = "conv_transpose" if transpose else "conv"
-        lin = LinearWeights(kind, w, b, groups)  # type: ignore[arg-type]
+        kind: algebra.LinearKind = "conv_transpose" if transpose else "conv"
+        lin = LinearWeights(kind, w, b, groups)
         spatial = w.ndim - 2
         pads = _ints(node, "pads", [0] * 2 * spatial)
         auto_pad = _attr(node, "auto_pad", "NOTSET")
@@ -502,7 +504,7 @@ class _Folder:
 
     def _bn_affine(self, node: ir.Node, rank: int | None) -> Affine:
         version = node.version or self.opset
-        if version >= 14 and _int(node, "training_mode", 0):  # type: ignore[arg-type]
+        if version >= 14 and _int(node, "training_mode", 0):
             raise _Refused(
                 "training_mode=1: the node normalises with batch statistics, which cannot fold",
                 "export the model in eval mode (model.eval()) or set training_mode=0",
@@ -510,10 +512,10 @@ class _Folder:
         extra = [o for o in node.outputs[1:] if o is not None]
         if version < 14 and any(o.name for o in extra):
             raise _Refused(
-                f"it declares training outputs ({', '.join(o.name for o in extra if o.name)}); "
+                f"it declares training outputs ({', '.join(o.name or '?' for o in extra if o.name)}); "
                 f"BatchNormalization-{version} then runs in training mode"
             )
-        used = [o.name for o in extra if o.uses() or o.is_graph_output()]
+        used = [o.name or "?" for o in extra if o.uses() or o.is_graph_output()]
         if used:
             raise _Refused(f"its extra outputs are in use ({', '.join(used)})")
         params = []
@@ -521,7 +523,7 @@ class _Folder:
             value = node.inputs[i + 1] if len(node.inputs) > i + 1 else None
             params.append(self._const(value, what, node))
         eps = _float(node, "epsilon", 1e-5)
-        if version < 9 and _int(node, "spatial", 1) == 0:  # type: ignore[arg-type]
+        if version < 9 and _int(node, "spatial", 1) == 0:
             params = [_per_channel(p, node) for p in params]
         gamma, beta, mean, var = (p.astype(np.float64).reshape(-1) for p in params)
         sizes = {"scale": gamma.size, "bias": beta.size, "mean": mean.size, "var": var.size}
@@ -643,14 +645,14 @@ class _Folder:
             if not reportable[i]:
                 continue
             self.reported.add(id(link.node))
-            common = {
+            common: dict[str, Any] = {
                 "node": names[i],
                 "op_type": link.node.op_type,
                 "graph": self.label.rstrip("/"),
             }
             if i in done:
                 direction, target = done[i]
-                status = "foldable" if self.options.dry_run else "applied"
+                status: Status = "foldable" if self.options.dry_run else "applied"
                 entries.append(
                     Entry(
                         **common,
@@ -763,9 +765,11 @@ class _Folder:
                 fix = "pass --norm-affine (norm_affine=True)"
                 return suffix, f"folding a Mul/Add chain into the following {names} is opt-in", fix
             return suffix, "nothing linear to fold into", None
-        acc = affines[suffix[0]]
-        for i in suffix[1:]:
-            acc = acc.then(affines[i])  # type: ignore[union-attr]
+        maps = [affines[i] for i in suffix]
+        assert all(isinstance(a, Affine) for a in maps)  # the suffix is valid maps only
+        acc = maps[0]
+        for a in maps[1:]:
+            acc = acc.then(a)  # type: ignore[union-attr, arg-type]
         try:
             target = self._apply_before(links, acc, rank)  # type: ignore[arg-type]
         except _Refused as exc:
@@ -1008,7 +1012,8 @@ class _Folder:
         """The folded weight, or a tensor that computes it from the file when it is written."""
         if folded.weight is not None:
             return folded.weight
-        source = lin.node.inputs[1].const_value  # type: ignore[union-attr]
+        weight = lin.node.inputs[1]
+        source = weight.const_value if weight is not None else None
         factor, dtype = folded.factor, folded.dtype
         assert isinstance(source, ir.ExternalTensor) and factor is not None and dtype is not None
 
@@ -1135,9 +1140,9 @@ class _Folder:
                     continue
             if v.is_initializer():
                 graph = v.graph
-                if graph is not None and v.name in graph.initializers:
+                if graph is not None and v.name is not None and v.name in graph.initializers:
                     graph.initializers.pop(v.name)
-                    self.names.discard(v.name or "")
+                    self.names.discard(v.name)
                 self.consts.forget(v)
                 continue
             producer = v.producer()
@@ -1167,7 +1172,7 @@ def _as_tensor(data: np.ndarray | ir.LazyTensor, name: str | None) -> ir.TensorP
     return ir.Tensor(data, name=name)
 
 
-def _check_float(w: np.ndarray, node: ir.Node) -> None:
+def _check_float(w: algebra.WeightArray, node: ir.Node) -> None:
     if not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
         raise _Refused(f"{_label(node)} has {w.dtype} weights; only floating-point weights fold")
 
@@ -1231,7 +1236,7 @@ def _check_range(folded: algebra.Folded, lin: _Linear) -> None:
         ),
     )
     for what, peak, dtype in checks:
-        if peak > algebra.dtype_max(dtype):
+        if dtype is not None and peak > algebra.dtype_max(dtype):
             raise _Refused(
                 f"the folded {what} of {lin.label} would reach {peak:.3g}, beyond the range of "
                 f"{dtype} ({algebra.dtype_max(dtype):.3g})"

@@ -454,7 +454,7 @@ class _Deferred:
             raise ValueError(
                 f"tensor '{self.tensor.name}' produced {array.nbytes} bytes, not {self.nbytes}"
             )
-        out.write(memoryview(array.reshape(-1).view(np.uint8)))
+        out.write(array.reshape(-1).view(np.uint8).data)
 
 
 def _copy_range(src: _FileRange, out: Any) -> None:
@@ -520,7 +520,7 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | No
         array = tensor.numpy()
         if not array.flags.c_contiguous:
             array = np.array(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
-        return _header(name, tensor), memoryview(array.reshape(-1).view(np.uint8))
+        return _header(name, tensor), array.reshape(-1).view(np.uint8).data
     if isinstance(tensor, ir.serde.TensorProtoTensor):
         return _header(name, tensor), tensor.tobytes()
     return None
@@ -592,6 +592,7 @@ def write_streaming(
     try:
         for v, t in zip(values, tensors, strict=True):
             name = v.name or ""
+            assert t is not None  # only initializers with values were collected
             parts = _tensor_parts(name, t)
             if parts is None:
                 t.name = name

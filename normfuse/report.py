@@ -19,7 +19,7 @@ __all__ = ["Divergence", "Entry", "ModelStats", "OutputParity", "ParityResult", 
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["applied", "skipped"]
+Status = Literal["applied", "foldable", "skipped"]
 
 
 @dataclasses.dataclass
@@ -223,8 +223,8 @@ class Report:
 
     @property
     def applied(self) -> list[Entry]:
-        """The entries that were folded."""
-        return [e for e in self.entries if e.status == "applied"]
+        """The entries that were folded (or would fold, for ``inspect``)."""
+        return [e for e in self.entries if e.status in ("applied", "foldable")]
 
     @property
     def skipped(self) -> list[Entry]:
