@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import onnx
 import onnx_ir as ir
 
 from normfuse import onnx_io
@@ -100,8 +101,8 @@ def fold(
     """
     report = Report(action="fold")
     t0 = time.perf_counter()
-    reference = None if isinstance(model, (str, os.PathLike)) else _reference_bytes(model, check)
     loaded = onnx_io.load(model)
+    reference = _reference_bytes(model, loaded) if check else None
     report.timings["load"] = time.perf_counter() - t0
     run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
     if check:
@@ -215,15 +216,15 @@ def check(
         )
 
 
-def _reference_bytes(model: object, needed: bool) -> bytes | None:
-    if not needed:
-        return None
+def _reference_bytes(model: object, loaded: onnx_io.Loaded) -> bytes | None:
+    """The original model for the check, taken before folding, without another round trip."""
+    if loaded.path is not None or onnx_io.has_external_data(loaded.model):
+        return None  # checked from the file
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
-    inner = onnx_io.unwrap(model)
-    if onnx_io.has_external_data(inner):
-        return None
-    return ir.to_proto(inner).SerializeToString()
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    return ir.to_proto(loaded.model).SerializeToString()  # the private copy, not yet folded
 
 
 def _as_source(model: object, spill: Path) -> str | bytes:
