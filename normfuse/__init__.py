@@ -8,6 +8,13 @@ Public API::
     normfuse.inspect("model.onnx").render()          # what would fold, and why not
     normfuse.check("a.onnx", "b.onnx")               # parity of any two models
 
+PyTorch (torch imported only when a torch model is passed)::
+
+    folded, report = normfuse.fold(model.eval(), example_inputs=x)   # keeps the class
+    gn_model, report = normfuse.swap(model, to="groupnorm")
+    normfuse.recalibrate(model, loader, num_batches=100)
+    normfuse.export(model.eval(), (x,), "model.onnx")                # fold + ORT parity
+
 torch is optional: nothing here imports it.
 """
 
@@ -16,7 +23,18 @@ from __future__ import annotations
 import logging
 
 from normfuse.algebra import Affine, LinearWeights, absorb_after, absorb_before
-from normfuse.api import StrictError, check, fold, inspect, load, save
+from normfuse.api import (
+    StrictError,
+    check,
+    export,
+    fold,
+    insert,
+    inspect,
+    load,
+    recalibrate,
+    save,
+    swap,
+)
 from normfuse.errors import InputError, NormfuseError, OutputExistsError, ParityError, ProviderError
 from normfuse.report import Entry, OutputParity, ParityResult, Report
 
@@ -36,10 +54,14 @@ __all__ = [
     "absorb_after",
     "absorb_before",
     "check",
+    "export",
     "fold",
+    "insert",
     "inspect",
     "load",
+    "recalibrate",
     "save",
+    "swap",
 ]
 
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,12 +25,23 @@ import onnx
 import onnx_ir as ir
 
 from normfuse import onnx_io
-from normfuse.errors import NormfuseError, ParityError
+from normfuse.errors import InputError, NormfuseError, ParityError
 from normfuse.onnx_fold import FoldOptions, fold_model, model_stats
 from normfuse.parity import FOLD_TOLERANCES, check_models
 from normfuse.report import ParityResult, Report
 
-__all__ = ["StrictError", "check", "fold", "inspect", "load", "save"]
+__all__ = [
+    "StrictError",
+    "check",
+    "export",
+    "fold",
+    "insert",
+    "inspect",
+    "load",
+    "recalibrate",
+    "save",
+    "swap",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +84,12 @@ def fold(
     seed: int = 0,
     shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    example_inputs: Any = None,
 ) -> tuple[M | ir.Model, Report]:
     """Fold inference-mode normalization into neighbouring linear ops.
+
+    PyTorch models (``nn.Module``, ``torch.fx.GraphModule``, ``torch.export.ExportedProgram``)
+    are folded by :func:`normfuse.fx_fold.fold_torch` (``example_inputs`` then serve the check).
 
     The input is never modified. The result has the type of the input (``onnx.ModelProto``,
     ``bytes``, ``onnx_ir.Model``, ``torch.onnx.ONNXProgram``); a path gives an ``onnx_ir.Model``
@@ -99,6 +115,10 @@ def fold(
         ParityError: ``check`` found a mismatch (``exc.report`` has the figures).
         StrictError: ``strict`` and something was skipped.
     """
+    if _is_torch(model):
+        from normfuse.fx_fold import fold_torch
+
+        return fold_torch(model, example_inputs=example_inputs, check=check, strict=strict)  # type: ignore[no-any-return]
     report = Report(action="fold")
     t0 = time.perf_counter()
     loaded = onnx_io.load(model)
@@ -248,3 +268,51 @@ def _check_in_memory(
             raise NormfuseError("the original model was not kept for the check")
         cand = _as_source(loaded.model, Path(tmp) / "folded.onnx")
         return check_models(ref, cand, **kwargs)
+
+
+def _is_torch(model: object) -> bool:
+    """True for torch modules and exported programs, without importing torch."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    return isinstance(model, torch.nn.Module | torch.export.ExportedProgram)
+
+
+def _require_torch(model: object, what: str) -> None:
+    if not _is_torch(model):
+        raise InputError(
+            f"{what} takes a PyTorch nn.Module, not a {type(model).__name__}",
+            "for ONNX models use normfuse fold",
+        )
+
+
+def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
+    """Replace BatchNorm layers by another norm kind; see :func:`normfuse.fx_swap.swap`."""
+    _require_torch(model, "swap")
+    from normfuse.fx_swap import swap as swap_torch
+
+    return swap_torch(model, to, **options)
+
+
+def insert(model: Any, example_inputs: Any, **options: Any) -> tuple[Any, Report]:
+    """Add a norm after each Conv/Linear that has none; see :func:`normfuse.fx_swap.insert`."""
+    _require_torch(model, "insert")
+    from normfuse.fx_swap import insert as insert_torch
+
+    return insert_torch(model, example_inputs, **options)
+
+
+def recalibrate(model: Any, batches: Any, **options: Any) -> Report:
+    """Recompute BatchNorm statistics from data; see :func:`normfuse.fx_swap.recalibrate`."""
+    _require_torch(model, "recalibrate")
+    from normfuse.fx_swap import recalibrate as recalibrate_torch
+
+    return recalibrate_torch(model, batches, **options)
+
+
+def export(model: Any, example_inputs: Any, path: str | os.PathLike, **options: Any) -> Report:
+    """Export to ONNX, fold and prove parity with PyTorch; see :func:`normfuse.fx_export.export`."""
+    _require_torch(model, "export")
+    from normfuse.fx_export import export as export_torch
+
+    return export_torch(model, example_inputs, path, **options)

@@ -924,8 +924,12 @@ class _Folder:
         if not uses:
             raise _Refused("its output is unused")
         targets: list[tuple[_Linear, int]] = []
+        type_only: list[Any] = []  # onnx_ir Usage pairs
         for use in uses:
             consumer = use.node
+            if consumer.op_type == "CastLike" and use.idx == 1 and consumer.domain == "":
+                type_only.append(use)  # reads only the dtype, which the fold keeps
+                continue
             if consumer.graph is not links[-1].node.graph:
                 raise _Refused(f"its output is used in a subgraph ({_label(consumer)})")
             if consumer.op_type not in LINEAR_OPS:
@@ -958,6 +962,8 @@ class _Folder:
                     "the borders"
                 )
             targets.append((found, use.idx))
+        if not targets:
+            raise _Refused("its output is only used for its type (CastLike)")
         foldeds = []
         for found, _ in targets:
             folded = algebra.absorb_before(found.weights, affine, defer=self._deferrable(found))
@@ -991,6 +997,8 @@ class _Folder:
             elif np.any(folded.bias64 != 0):
                 self._insert_bias(node, folded.bias)
             node.replace_input_with(idx, source)
+        for use in type_only:
+            use.node.replace_input_with(use.idx, source)
         if removed:
             removed_inputs = [v for link in removed for v in link.node.inputs if v is not None]
             self.container.remove([link.node for link in removed], safe=True)

@@ -37,6 +37,8 @@ class Entry:
         reason: Why it was skipped.
         fix: How the user could make it fold, when there is a way.
         warnings: Things worth knowing about an applied fold.
+        exact: For swaps and insertions: whether the change keeps the model's function
+            exactly (``None`` for folds, which always do).
     """
 
     node: str
@@ -48,6 +50,7 @@ class Entry:
     reason: str | None = None
     fix: str | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    exact: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -211,6 +214,7 @@ class Report:
         timings: Seconds per phase (``load``, ``fold``, ``save``, ``check``).
         parity: The parity check, when it ran.
         notes: Other facts worth a line (IR version lowered for the check, ...).
+        framework: ``onnx`` or ``torch``: what the entries name (nodes or modules).
     """
 
     action: str = "fold"
@@ -220,6 +224,7 @@ class Report:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     parity: ParityResult | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    framework: str = "onnx"
 
     @property
     def applied(self) -> list[Entry]:
@@ -248,6 +253,7 @@ class Report:
             "timings": dict(self.timings),
             "parity": self.parity.to_dict() if self.parity else None,
             "notes": list(self.notes),
+            "framework": self.framework,
         }
 
     def render(self, console: Console | None = None, *, verbose: bool = False) -> None:
@@ -262,7 +268,8 @@ class Report:
 
     def _renderable(self, *, verbose: bool) -> Group:
         parts: list[Any] = []
-        shown = self.entries if verbose or self.action == "inspect" else self.skipped
+        listed = self.action in ("inspect", "swap", "insert", "recalibrate")
+        shown = self.entries if verbose or listed else self.skipped
         if shown:
             table = Table(title=None, show_lines=False, expand=False)
             table.add_column("node", overflow="fold")
@@ -273,7 +280,9 @@ class Report:
                 style = "green" if e.status == "applied" else "yellow"
                 where = f"{e.graph}: " if e.graph else ""
                 if e.status == "applied":
-                    detail = f"{e.target} ({e.direction})"
+                    detail = f"{e.target} ({e.direction})" if e.direction else str(e.target)
+                    if e.exact is not None:
+                        detail += " — exact" if e.exact else " — changes the function"
                     if e.warnings:
                         detail += " — warning: " + "; ".join(e.warnings)
                 else:
@@ -284,11 +293,19 @@ class Report:
             parts.append(table)
         b, a = self.before, self.after
         summary = Text()
-        verb = "foldable" if self.action == "inspect" else "folded"
+        verb = _VERBS.get(self.action, self.action)
         summary.append(f"{len(self.applied)} {verb}, {len(self.skipped)} skipped", style="bold")
         if self.action != "inspect":
+            nodes, bn = (
+                ("modules", "BatchNorm")
+                if self.framework == "torch"
+                else (
+                    "nodes",
+                    "BatchNormalization",
+                )
+            )
             summary.append(
-                f" | nodes {b.nodes} -> {a.nodes}, BatchNormalization {b.batchnorm_nodes} -> "
+                f" | {nodes} {b.nodes} -> {a.nodes}, {bn} {b.batchnorm_nodes} -> "
                 f"{a.batchnorm_nodes}, parameters {_human_bytes(b.param_bytes)} -> "
                 f"{_human_bytes(a.param_bytes)}"
             )
@@ -310,6 +327,16 @@ class Report:
             for n in self.parity.notes:
                 parts.append(Text(f"note: {n}", style="dim"))
         return Group(*parts)
+
+
+_VERBS = {
+    "fold": "folded",
+    "inspect": "foldable",
+    "swap": "swapped",
+    "insert": "inserted",
+    "recalibrate": "recalibrated",
+    "export": "folded",
+}
 
 
 def _human_bytes(n: int) -> str:
