@@ -118,7 +118,7 @@ def fold(
     if _is_torch(model):
         from normfuse.fx_fold import fold_torch
 
-        return fold_torch(model, example_inputs=example_inputs, check=check, strict=strict)  # type: ignore[no-any-return]
+        return fold_torch(model, example_inputs=example_inputs, check=check, strict=strict)
     report = Report(action="fold")
     t0 = time.perf_counter()
     loaded = onnx_io.load(model)

@@ -202,12 +202,17 @@ def fold(
     seed: int,
     inputs_path: Path | None,
 ) -> None:
-    """Fold inference-mode BatchNorm (and per-channel Mul/Add) into Conv/Gemm/MatMul."""
+    """Fold inference-mode BatchNorm (and per-channel Mul/Add) into Conv/Gemm/MatMul.
+
+    MODEL is an .onnx file, or a torch.export archive (.pt2, needs torch; no pickled code is
+    executed), written back as .pt2 or, with -o x.onnx, exported, folded and checked as ONNX.
+    """
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         if in_place and output is not None and output != model:
             raise InputError("--in-place and --output name different files", "use one of them")
-        out = model if in_place else (output or model.with_name(model.stem + ".folded.onnx"))
+        suffix = ".pt2" if model.suffix == ".pt2" else ".onnx"
+        out = model if in_place else (output or model.with_name(model.stem + ".folded" + suffix))
         shapes = _shapes(shape)
         inputs = load_inputs(inputs_path) if inputs_path is not None and not no_check else None
         if not in_place:
@@ -219,6 +224,17 @@ def fold(
                 raise InputError(f"{out} exists", "pass --force to replace it")
         if not out.parent.is_dir():
             raise InputError(f"the output folder {out.parent} does not exist")
+        if model.suffix == ".pt2":
+            _fold_pt2(
+                model,
+                out,
+                console,
+                check=not no_check,
+                verbose=verbose,
+                json_target=json_target,
+                strict=strict,
+            )
+            return
         t0 = time.perf_counter()
         loaded = onnx_io.load(model, lazy=True)  # the model is saved once, before the file changes
         report = Report(action="fold")
@@ -266,6 +282,44 @@ def fold(
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
+
+
+def _fold_pt2(
+    model: Path,
+    out: Path,
+    console: Console,
+    *,
+    check: bool,
+    verbose: bool,
+    json_target: str | None,
+    strict: bool,
+) -> None:
+    """Fold a torch.export archive into a .pt2 again, or export the result to ONNX."""
+    try:
+        from normfuse.fx_export import export, load_pt2, save_pt2
+        from normfuse.fx_fold import fold_torch
+    except ImportError:
+        raise InputError(
+            f"{model} is a torch.export archive, and torch is not installed",
+            "pip install 'normfuse[torch]'",
+        ) from None
+    ep = load_pt2(model)
+    folded, report = fold_torch(ep, check=check)
+    if out.suffix == ".onnx":
+        args, kwargs = ep.example_inputs or ((), {})
+        exported = export(
+            folded, kwargs if kwargs and not args else args, out, check=check, force=True
+        )
+        report.notes += exported.notes
+        report.parity = exported.parity or report.parity
+        report.timings.update({k: v for k, v in exported.timings.items() if k != "fold"})
+    else:
+        save_pt2(folded, out, force=True)
+    report.render(console, verbose=verbose)
+    _emit_json(report.to_dict(), json_target)
+    console.print(f"wrote {out}", highlight=False)
+    if strict:
+        raise_for_strict(report)
 
 
 @cli.command()

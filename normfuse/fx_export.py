@@ -93,7 +93,7 @@ def _export_onnx(
         torch.onnx.export(
             model,
             args,
-            buffer,
+            buffer,  # type: ignore[arg-type]
             kwargs=kwargs or None,
             dynamo=False,
             opset_version=opset or 17,
@@ -178,24 +178,27 @@ def export(
         )
     else:
         report.before = report.after = model_stats(onnx_model)
-    t1 = time.perf_counter()
-    out = onnx_io.save(onnx_model, path, force=force)
-    report.timings["save"] = time.perf_counter() - t1
-    if check:
+
+    def verify(tmp: Path) -> None:  # runs on the written file before it takes the final name
+        if not check:
+            return
         t2 = time.perf_counter()
         report.parity = _check_against_torch(
-            model, out, args, kwargs, runs=runs, seed=seed, provider=provider, tolerances=tolerances
+            model, tmp, args, kwargs, runs=runs, seed=seed, provider=provider, tolerances=tolerances
         )
         report.timings["check"] = time.perf_counter() - t2
         if not report.parity.passed:
             failed = [o.name for o in report.parity.outputs if not o.passed]
             raise ParityError(
                 f"the exported model differs from PyTorch on output(s) {', '.join(failed)} "
-                f"(max rel {report.parity.max_rel:.3g})",
+                f"(max rel {report.parity.max_rel:.3g}); nothing was written",
                 report,
-                f"{out} was written for inspection; compare with fold=False to see whether the "
-                "exporter or the fold differs",
+                "export with fold=False to see whether the exporter or the fold differs",
             )
+
+    t1 = time.perf_counter()
+    onnx_io.save(onnx_model, path, force=force, verify=verify, discard=True)
+    report.timings["save"] = time.perf_counter() - t1 - report.timings.get("check", 0.0)
     return report
 
 
@@ -279,14 +282,14 @@ def _no_pickled_code() -> Iterator[None]:
         )
 
     saved = (_package.torch.load, _package.pickle.loads, torch._C._pickle_load_obj)
-    torch.load = safe_load  # type: ignore[assignment]
-    _package.pickle.loads = refuse  # type: ignore[assignment]
+    torch.load = safe_load
+    _package.pickle.loads = refuse
     torch._C._pickle_load_obj = refuse
     try:
         yield
     finally:
-        torch.load = saved[0]  # type: ignore[assignment]
-        _package.pickle.loads = saved[1]  # type: ignore[assignment]
+        torch.load = saved[0]
+        _package.pickle.loads = saved[1]
         torch._C._pickle_load_obj = saved[2]
 
 
@@ -300,12 +303,19 @@ def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
     if not p.is_file():
         raise InputError(f"{p} does not exist")
     try:
-        with _no_pickled_code():
+        with _no_pickled_code(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.export.load(str(p))
     except InputError:
         raise
     except Exception as exc:
         text = str(exc).strip().splitlines()
+        if "Weights only load failed" in str(exc):
+            raise InputError(
+                f"{p} holds pickled data that is not plain tensors",
+                "normfuse loads tensors only with torch.load(weights_only=True) and runs no "
+                "pickled code; re-export the model from trusted code",
+            ) from None
         raise InputError(
             f"cannot read {p} as a torch.export archive: {text[0] if text else type(exc).__name__}",
             "write it with torch.export.save(torch.export.export(model, args), path)",

@@ -93,6 +93,7 @@ _FUNC_LINEAR: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.linear: ("dense", _LINEAR_ARGS),
     _aten.linear.default: ("dense", _LINEAR_ARGS),
 }
+_f: Any
 for _f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
     _FUNC_LINEAR[_f] = ("conv", _CONV_ARGS)
 for _f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
@@ -162,9 +163,7 @@ def _plain(m: nn.Module) -> bool:
         base = next(c for c in type(m).__mro__ if c.__module__ == "torch.nn.modules.conv")
         if type(m)._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
             return False
-    return not (
-        isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()  # type: ignore[operator]
-    )
+    return not (isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params())
 
 
 def _is_linear_module(m: nn.Module) -> bool:
@@ -279,24 +278,24 @@ def _as_linear(gm: fx.GraphModule, node: Any) -> _Linear | None:
     if not isinstance(node, fx.Node):
         return None
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m: Any = gm.get_submodule(str(node.target))
         if not _is_linear_module(m):
             return None
         if isinstance(m, nn.Linear):
             return _Linear(node, "dense", 1, False, str(node.target), m, m.weight, m.bias, "Linear")
-        transposed = bool(m.transposed)  # type: ignore[union-attr]
+        transposed = bool(m.transposed)
         kernel = tuple(m.weight.shape[2:])
-        zero_padded = m.padding_mode == "zeros" and _padded(m.padding, kernel)  # type: ignore[union-attr]
+        zero_padded = m.padding_mode == "zeros" and _padded(m.padding, kernel)
         kind: LinearKind = "conv_transpose" if transposed else "conv"
         return _Linear(
             node,
             kind,
-            int(m.groups),  # type: ignore[union-attr]
+            int(m.groups),
             zero_padded or transposed,
             str(node.target),
             m,
             m.weight,
-            m.bias,  # type: ignore[arg-type]
+            m.bias,
             type(m).__name__,
         )
     if node.op != "call_function" or node.target not in _FUNC_LINEAR:
@@ -313,7 +312,7 @@ def _as_linear(gm: fx.GraphModule, node: Any) -> _Linear | None:
     padding = a.get("padding", 0)
     if not isinstance(groups, int) or isinstance(padding, fx.Node):
         return None
-    kind: LinearKind = flavour  # type: ignore[assignment]
+    kind = flavour  # type: ignore[assignment]
     zero_padded = kind == "conv_transpose" or (
         kind == "conv" and _padded(padding, tuple(weight.shape[2:]))
     )
@@ -353,7 +352,7 @@ def _affine(
 
 def _as_norm(gm: fx.GraphModule, node: fx.Node) -> _Norm | None:
     if node.op == "call_module":
-        m = gm.get_submodule(str(node.target))
+        m: Any = gm.get_submodule(str(node.target))
         if not _is_bn_module(m) or not node.args:
             return None
         rm = getattr(m, "running_mean", None)
@@ -658,7 +657,7 @@ def _unique(gm: fx.GraphModule, base: str) -> str:
 def _make_private(gm: fx.GraphModule, lin: _Linear, k: int) -> None:
     """Give this call of the op its own copy of the weights."""
     if lin.module is not None:
-        copy_ = copy.deepcopy(lin.module)
+        copy_: Any = copy.deepcopy(lin.module)
         name = _unique(gm, f"{lin.owner.replace('.', '_')}_folded")
         gm.add_submodule(name, copy_)
         lin.node.target = name
@@ -933,6 +932,8 @@ def fold_torch(
     """
     report = Report(action="fold", framework="torch")
     t0 = time.perf_counter()
+    folded: Any
+    reference: Any
     if isinstance(model, torch.export.ExportedProgram):
         folded, reference, example_inputs = _fold_exported(model, example_inputs, report)
     elif isinstance(model, nn.Module):
@@ -1029,7 +1030,7 @@ def _fold_exported(
 ) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, Any]:
     with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
-        gm = copy.deepcopy(ep.module())  # its tensors are ep's own: fold a private copy
+        gm: Any = copy.deepcopy(ep.module())  # its tensors are ep's own: fold a private copy
     report.before = _ep_stats(ep)
     if example_inputs is None and ep.example_inputs is not None:
         args, kwargs = ep.example_inputs
@@ -1039,8 +1040,8 @@ def _fold_exported(
             "the ExportedProgram carries no example inputs",
             "pass example_inputs=... (needed to export the folded program again)",
         )
-    entries, folded = _fold_graph(gm, graph_mode=True)  # type: ignore[arg-type]
-    _drop_unused(gm, folded)  # type: ignore[arg-type]
+    entries, folded = _fold_graph(gm, graph_mode=True)
+    _drop_unused(gm, folded)
     report.entries.extend(entries)
     args, kwargs = _example_args(example_inputs)
     dynamic = _dynamic_shapes(ep, args, kwargs)

@@ -159,7 +159,7 @@ def _has_stats(module: nn.Module) -> bool:
 
 
 def _is_lazy(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()  # type: ignore[operator]
+    return isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params()
 
 
 def _origin_of(module: nn.Module) -> tuple[type, dict[str, Any]] | None:
@@ -174,20 +174,27 @@ _SHELL_SKIP = frozenset(
 
 def _restore_origin(src: nn.Module, cls: type, shell: dict[str, Any]) -> nn.Module:
     """Rebuild an instance of ``cls`` (the class swapped to SyncBatchNorm) around ``src``'s tensors."""
-    obj = cls.__new__(cls)
+    obj: Any = object.__new__(cls)
     state = {k: (copy.copy(v) if isinstance(v, dict | set) else v) for k, v in shell.items()}
     obj.__dict__.update(state)
     obj.__dict__["_parameters"] = {}
     obj.__dict__["_buffers"] = {}
     obj.__dict__["_modules"] = {}
     obj.__dict__["_non_persistent_buffers_set"] = set()
-    for name, p in src.named_parameters(recurse=False):
-        obj.register_parameter(name, p)
-    for name in ("weight", "bias"):
-        if name not in obj._parameters and name in src._parameters:
+    for name in ("weight", "bias"):  # Parameters again (FrozenBatchNorm holds buffers)
+        t = getattr(src, name, None)
+        if isinstance(t, nn.Parameter):
+            obj.register_parameter(name, t)
+        elif isinstance(t, torch.Tensor):
+            obj.register_parameter(name, nn.Parameter(t.detach().clone()))
+        else:
             obj.register_parameter(name, None)
     for name, b in src._buffers.items():
-        obj.register_buffer(name, b)
+        if name not in ("weight", "bias"):
+            obj.register_buffer(name, b)
+    if "num_batches_tracked" not in obj._buffers and isinstance(src, FrozenBatchNorm):
+        device = src.running_mean.device
+        obj.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
     for attr in ("eps", "momentum", "affine", "track_running_stats", "num_features"):
         if hasattr(src, attr):
             obj.__dict__[attr] = getattr(src, attr)
@@ -325,7 +332,7 @@ def _is_candidate(m: nn.Module, kind: norms.NormKind) -> bool:
 
 
 def _build(
-    m: nn.Module,
+    m: Any,
     kind: norms.NormKind,
     entry: Entry,
     groups: int | str,
@@ -373,7 +380,8 @@ def _build(
     built: nn.Module = kind.build_torch(args)
     reuse = kind.name in ("syncbn", "batchnorm") and not is_frozen_batchnorm(m)
     _copy_state(m, built, reuse=reuse)
-    if kind.name == "syncbn":
+    if kind.name in ("syncbn", "frozen") and isinstance(m, _BatchNorm):
+        # remember the class, so that swapping back restores it (subclass included)
         shell = {k: v for k, v in m.__dict__.items() if k not in _SHELL_SKIP}
         built.__dict__[_ORIGIN] = (type(m), shell)
     built.train(m.training)
@@ -467,14 +475,18 @@ def _trace_calls(module: nn.Module, example_inputs: Any) -> tuple[list[_Call], s
     return calls, inputs, outputs
 
 
-def _identity_norm(kind: norms.NormKind, channels: int, dims: int, like: torch.Tensor) -> nn.Module:
+def _identity_norm(
+    kind: norms.NormKind, channels: int, dims: int, like: Any, last: bool = False
+) -> Any:
+    if last and kind.name == "layernorm":  # a Linear's features are its last axis
+        return nn.LayerNorm(channels, device=like.device, dtype=like.dtype)
     args = norms.TorchNormArgs(
         channels=channels,
         dims=dims,
         groups=norms.auto_groups(channels),
         factory_kwargs={"device": like.device, "dtype": like.dtype},
     )
-    m: nn.Module = kind.build_torch(args)
+    m: Any = kind.build_torch(args)
     if _has_stats(m):
         with torch.no_grad():
             # (x - 0) / sqrt((1 - eps) + eps) * 1 + 0 = x: the identity in eval mode
@@ -547,7 +559,9 @@ def insert(
             continue
         rank = len(sites[0].shape or ())
         channels = m.out_channels if isinstance(m, nn.modules.conv._ConvNd) else m.out_features
-        new_norm = _identity_norm(kind, channels, max(rank - 2, 0), m.weight)
+        new_norm = _identity_norm(
+            kind, channels, max(rank - 2, 0), m.weight, last=isinstance(m, nn.Linear)
+        )
         new_norm.train(m.training)
         wrapped[id(m)] = nn.Sequential(OrderedDict(op=m, norm=new_norm))
         _applied(entry, kind, f"{name}.norm = {_describe(new_norm)}")
@@ -610,7 +624,7 @@ def _insert_input_norm(
             Entry("<input>", "input", "skipped", reason="no Conv/Linear reads a model input")
         )
         return
-    m = first.module
+    m: Any = first.module
     name = names[id(m)][0]
     entry = Entry(f"{name} input", type(m).__name__, "skipped", direction="before")
     report.entries.append(entry)
@@ -619,7 +633,9 @@ def _insert_input_norm(
     if isinstance(m, nn.Linear) and rank > 2 and kind.name != "layernorm":
         entry.reason, entry.fix = "input has rank > 2 for a Linear", "use norm='layernorm'"
         return
-    new_norm = _identity_norm(kind, channels, max(rank - 2, 0), m.weight)
+    new_norm = _identity_norm(
+        kind, channels, max(rank - 2, 0), m.weight, last=isinstance(m, nn.Linear)
+    )
     new_norm.train(m.training)
     after = wrapped.get(id(m))
     layers = OrderedDict(norm0=new_norm, op=m)
@@ -708,7 +724,7 @@ def recalibrate(
     report = Report(action="recalibrate", framework="torch", before=module_stats(module))
     names = _names(module)
     match = _matcher(where)
-    targets: dict[int, nn.Module] = {}
+    targets: dict[int, Any] = {}
     for m in module.modules():
         if id(m) in targets or not _is_bn_like(m) or not match(names[id(m)][0], m):
             continue

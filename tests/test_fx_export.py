@@ -1,0 +1,161 @@
+"""normfuse.export (torch -> ONNX -> fold -> parity with PyTorch) and .pt2 archives in the CLI."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+torch = pytest.importorskip("torch")
+from click.testing import CliRunner  # noqa: E402
+from torch import nn  # noqa: E402
+
+import normfuse  # noqa: E402
+from models import build  # noqa: E402
+from normfuse.cli import cli  # noqa: E402
+from normfuse.fx_export import load_pt2  # noqa: E402
+from tests.conftest import op_types  # noqa: E402
+from tests.torch_models import count_bn, randomize  # noqa: E402
+
+
+def _bundled(name: str):
+    cls, shape, _ = build.MODELS[name]
+    torch.manual_seed(0)
+    model = cls()
+    example = torch.randn(shape)
+    build.randomize_batchnorm(model, example)
+    return model.eval(), example
+
+
+@pytest.mark.parametrize("name", sorted(build.MODELS))
+def test_export_of_the_bundled_models_folds_everything_and_matches_pytorch(tmp_path, name):
+    model, example = _bundled(name)
+    out = tmp_path / f"{name}.onnx"
+    report = normfuse.export(model, (example,), out)
+    proto = onnx.load(out)
+    assert "BatchNormalization" not in op_types(proto)
+    assert report.after.batchnorm_nodes == 0 and len(report.applied) == count_bn(model)
+    assert report.parity is not None and report.parity.passed and report.parity.runs == 3
+    assert report.parity.max_rel <= 1e-5
+    assert any("wrote" in n and "BatchNormalization" in n for n in report.notes)
+    # independent of the report: run the file ourselves
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(5).standard_normal(example.shape).astype(np.float32)
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_legacy_exporter_and_no_fold(tmp_path):
+    model, example = _bundled("resnet_small")
+    report = normfuse.export(model, example, tmp_path / "a.onnx", dynamo=False)
+    assert "legacy" in report.notes[0] and report.parity.passed
+    report = normfuse.export(model, example, tmp_path / "b.onnx", fold=False)
+    assert op_types(onnx.load(tmp_path / "b.onnx")).count("BatchNormalization") == 9
+    assert report.parity.passed
+
+
+def test_export_refuses_training_mode_and_existing_output(tmp_path):
+    model, example = _bundled("mlp")
+    with pytest.raises(normfuse.InputError, match="training mode"):
+        normfuse.export(model.train(), example, tmp_path / "m.onnx")
+    model.eval()
+    (tmp_path / "m.onnx").write_bytes(b"keep")
+    with pytest.raises(normfuse.OutputExistsError):
+        normfuse.export(model, example, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == b"keep"
+
+
+def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
+    import normfuse.fx_export as fx_export
+
+    model, example = _bundled("mlp")
+    real = fx_export._reference
+    monkeypatch.setattr(fx_export, "_reference", lambda m: lambda *a, **k: real(m)(*a, **k) * 1.001)
+    with pytest.raises(normfuse.ParityError, match="nothing was written"):
+        normfuse.export(model, example, tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def _pt2(tmp_path, name="resnet_small"):
+    model, example = _bundled(name)
+    path = tmp_path / "model.pt2"
+    torch.export.save(torch.export.export(model, (example,)), str(path))
+    return model, example, path
+
+
+def test_cli_folds_a_pt2_archive_into_pt2_and_onnx(tmp_path):
+    model, example, path = _pt2(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(cli, ["fold", str(path), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    ep = load_pt2(tmp_path / "model.folded.pt2")
+    assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
+    with torch.no_grad():
+        got = ep.module()(example)
+        assert float((got - model(example)).abs().max() / model(example).abs().max()) <= 1e-5
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["applied"] == 9 and report["framework"] == "torch"
+    result = runner.invoke(cli, ["fold", str(path), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization" not in op_types(onnx.load(tmp_path / "m.onnx"))
+    assert "PASSED" in result.output
+
+
+class _Evil:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pt2_with_a_pickled_payload_is_refused_without_running_it(tmp_path):
+    _, _, path = _pt2(tmp_path, "mlp")
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(evil, "w") as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            if info.filename.endswith("model_weights_config.json"):
+                config = json.loads(data)
+                first = next(iter(config["config"].values()))
+                first["use_pickle"] = True
+                target = first["path_name"]
+                data = json.dumps(config).encode()
+            dst.writestr(info, data)
+        # the pickled weight: loading it with weights_only=False would create the marker file
+        name = next(n for n in src.namelist() if n.endswith(f"weights/{target}"))
+    with zipfile.ZipFile(evil, "a") as dst:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dst.writestr(name, pickle.dumps(_Evil(str(marker))))
+    result = CliRunner().invoke(cli, ["fold", str(evil), "-o", str(tmp_path / "out.pt2")])
+    assert result.exit_code == 2
+    assert result.output.startswith("error:") and "Traceback" not in result.output
+    assert "pickled" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "out.pt2").exists()
+
+
+def test_pt2_that_is_not_an_archive_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.pt2"
+    bad.write_bytes(b"not a zip")
+    result = CliRunner().invoke(cli, ["fold", str(bad)])
+    assert result.exit_code == 2 and "torch.export archive" in result.output
+
+
+def test_export_of_an_nn_module_with_a_custom_bn_subclass(tmp_path):
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), MyBN(4), nn.ReLU()))
+    report = normfuse.export(model, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
+    assert report.after.batchnorm_nodes == 0 and report.parity.passed

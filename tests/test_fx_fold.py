@@ -1,0 +1,409 @@
+"""Folding BatchNorm in PyTorch models: nn.Module, torch.fx.GraphModule, ExportedProgram."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+from torch import fx, nn  # noqa: E402
+
+import normfuse  # noqa: E402
+from normfuse.api import StrictError  # noqa: E402
+from normfuse.fx_fold import fold_torch  # noqa: E402
+from normfuse.torch_layers import FrozenBatchNorm  # noqa: E402
+from tests.torch_models import (  # noqa: E402
+    BNMLP,
+    Conv3dNet,
+    MobileNetish,
+    ResNetish,
+    UNetish,
+    count_bn,
+    max_rel,
+    randomize,
+)
+
+IMAGE = (2, 3, 16, 16)
+
+
+def _x(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2 + 0.3
+
+
+@pytest.mark.parametrize(
+    ("cls", "shape"),
+    [(ResNetish, IMAGE), (MobileNetish, IMAGE), (UNetish, IMAGE), (BNMLP, (6, 12))],
+)
+def test_every_bn_folds_and_outputs_match(cls, shape):
+    model = randomize(cls())
+    x = _x(shape)
+    before = count_bn(model)
+    folded, report = normfuse.fold(model, example_inputs=x)
+    assert before > 0
+    assert count_bn(folded) == 0
+    assert len(report.applied) == before and not report.skipped
+    assert type(folded) is cls  # the user's class survives
+    assert count_bn(model) == before  # the input is untouched
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-5
+        x2 = _x(shape, seed=7)
+        assert max_rel(folded(x2), model(x2)) <= 1e-5
+    assert report.parity is not None and report.parity.passed
+
+
+def test_bn_mlp_input_bn_folds_into_the_following_linear():
+    model = randomize(BNMLP())
+    folded, report = normfuse.fold(model, example_inputs=_x((4, 12)))
+    entry = next(e for e in report.entries if e.node == "bn0")
+    assert entry.status == "applied" and entry.direction == "before" and "fc1" in entry.target
+    assert isinstance(folded.bn0, nn.Identity)
+
+
+def test_conv1d_convtranspose1d_conv3d_and_two_inputs():
+    model = randomize(Conv3dNet())
+    x, v = _x((2, 4, 10)), _x((2, 2, 5, 5, 5), 1)
+    folded, report = normfuse.fold(model, example_inputs=(x, v))
+    assert count_bn(folded) == 0, [(e.node, e.reason) for e in report.skipped]
+    with torch.no_grad():
+        for a, b in zip(folded(x, v), model(x, v), strict=True):
+            assert max_rel(a, b) <= 1e-5
+
+
+def test_grouped_and_depthwise_conv_transpose():
+    """torch.nn.utils.fusion raises or mis-shapes here (pytorch #180995)."""
+    for groups, cin, cout in [(4, 8, 12), (8, 8, 8)]:
+        model = randomize(
+            nn.Sequential(
+                nn.ConvTranspose2d(cin, cout, 3, 2, 1, groups=groups), nn.BatchNorm2d(cout)
+            )
+        )
+        x = _x((2, cin, 5, 5))
+        folded, _ = normfuse.fold(model, example_inputs=x)
+        assert isinstance(folded[1], nn.Identity)
+        with torch.no_grad():
+            assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+class TwiceCalled(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)) + self.conv(x * 0.5)
+
+
+def test_conv_called_twice_is_skipped_in_a_module_with_the_reason():
+    """torch.fx.experimental.optimization.fuse folds it anyway (pytorch #104593)."""
+    model = randomize(TwiceCalled())
+    x = _x(IMAGE)
+    folded, report = normfuse.fold(model, example_inputs=x)
+    (entry,) = report.entries
+    assert entry.status == "skipped" and "also called" in entry.reason
+    assert "symbolic_trace" in entry.fix
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-6
+
+
+def test_conv_called_twice_is_cloned_in_a_graph_module():
+    model = randomize(TwiceCalled())
+    x = _x(IMAGE)
+    gm = fx.symbolic_trace(model)
+    folded, report = normfuse.fold(gm, example_inputs=x)
+    (entry,) = report.entries
+    assert entry.status == "applied" and "copy" in entry.warnings[0]
+    assert isinstance(folded, fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.Conv2d) for m in folded.modules()) == 2
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+class SiameseSameBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(a)) - self.bn(self.conv(b))
+
+
+def test_module_called_twice_with_the_same_bn_folds_once():
+    model = randomize(SiameseSameBN())
+    a, b = _x(IMAGE), _x(IMAGE, 3)
+    folded, report = normfuse.fold(model, example_inputs=(a, b))
+    assert [e.status for e in report.entries] == ["applied", "applied"]
+    assert isinstance(folded.bn, nn.Identity)
+    with torch.no_grad():
+        assert max_rel(folded(a, b), model(a, b)) <= 1e-5  # folded once, not twice
+
+
+class Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, bias=False)
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("var", torch.rand(5) + 0.3)
+        self.gamma = nn.Parameter(torch.randn(5))
+        self.beta = nn.Parameter(torch.randn(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-3
+        )
+
+
+def test_functional_batch_norm_folds_in_a_graph_module_and_is_reported_in_a_module():
+    model = Functional().eval()
+    x = _x(IMAGE)
+    _, report = normfuse.fold(model, example_inputs=x)
+    assert report.entries[0].status == "skipped" and "functional" in report.entries[0].reason
+    gm, report = normfuse.fold(fx.symbolic_trace(model), example_inputs=x)
+    assert report.entries[0].status == "applied"
+    assert "batch_norm" not in gm.code
+    with torch.no_grad():
+        assert max_rel(gm(x), model(x)) <= 1e-5
+
+
+def test_exported_program_folds_and_stays_dynamic():
+    model = randomize(ResNetish())
+    x = _x(IMAGE)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    folded, report = normfuse.fold(ep)
+    assert isinstance(folded, torch.export.ExportedProgram)
+    assert report.before.batchnorm_nodes == count_bn(model) == 6
+    assert report.after.batchnorm_nodes == 0
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    assert not any("running_mean" in k for k in folded.state_dict)
+    x5 = _x((5, 3, 16, 16), 2)  # another batch size: the dynamic dimension survived
+    with torch.no_grad():
+        assert max_rel(folded.module()(x5), model(x5)) <= 1e-5
+    assert report.parity is not None and report.parity.passed
+
+
+def test_training_mode_and_batch_statistics_are_skipped_with_reasons():
+    model = randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 1),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            nn.BatchNorm2d(4, track_running_stats=False),
+        )
+    )
+    model[1].train()
+    folded, report = normfuse.fold(model, check=False)
+    reasons = {e.node: e.reason for e in report.skipped}
+    assert "training mode" in reasons["1"] and "track_running_stats=False" in reasons["3"]
+    assert count_bn(folded) == 2
+
+
+def test_conv_output_used_elsewhere_is_skipped():
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y) * torch.sigmoid(y)
+
+    model = randomize(Branch())
+    _, report = normfuse.fold(model, example_inputs=_x(IMAGE))
+    assert "also feeds" in report.entries[0].reason
+
+
+def test_bn_before_padded_conv_is_refused_and_before_unpadded_conv_folds():
+    model = randomize(
+        nn.Sequential(
+            nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3)
+        )
+    )
+    x = _x(IMAGE)
+    folded, report = normfuse.fold(model, example_inputs=x)
+    by = {e.node: e for e in report.entries}
+    assert by["0"].status == "skipped" and "zeros" in by["0"].reason
+    assert by["2"].status == "applied" and by["2"].direction == "after"
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-5
+    # reflect padding repeats normalised values: folding before it is exact
+    reflect = randomize(
+        nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    )
+    folded, report = normfuse.fold(reflect, example_inputs=x)
+    assert report.entries[0].status == "applied"
+    with torch.no_grad():
+        assert max_rel(folded(x), reflect(x)) <= 1e-5
+
+
+def test_linear_bn1d_on_sequences_is_refused_with_shapes():
+    class Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.bn = nn.Linear(6, 6), nn.BatchNorm1d(6)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))  # (N, 6, 6): BN normalises axis 1, the Linear the last
+
+    model = randomize(Seq())
+    x = _x((2, 6, 6))
+    folded, report = normfuse.fold(model, example_inputs=x)
+    assert "rank 3" in report.entries[0].reason
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) == 0
+
+
+def test_subclasses_and_frozen_batchnorm_look_alikes_fold():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    class FrozenBatchNorm2d(nn.Module):  # torchvision's layout
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.eps = 1e-5
+            for name, v in (
+                ("weight", 1.0),
+                ("bias", 0.0),
+                ("running_mean", 0.0),
+                ("running_var", 1.0),
+            ):
+                self.register_buffer(name, torch.full((n,), v))
+
+        def forward(self, x):
+            scale = self.weight * (self.running_var + self.eps).rsqrt()
+            return x * scale.reshape(1, -1, 1, 1) + (self.bias - self.running_mean * scale).reshape(
+                1, -1, 1, 1
+            )
+
+    model = randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 4, 3),
+            MyBN(4),
+            nn.Conv2d(4, 4, 1),
+            FrozenBatchNorm2d(4),
+            nn.Conv2d(4, 4, 1),
+            FrozenBatchNorm(4),
+        )
+    )
+    x = _x(IMAGE)
+    folded, report = normfuse.fold(model, example_inputs=x)
+    assert [e.status for e in report.entries] == ["applied"] * 3
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+def test_subclass_with_its_own_forward_is_not_taken_for_batchnorm():
+    class Shifted(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), Shifted(4)))
+    x = _x(IMAGE)
+    folded, _ = normfuse.fold(model, example_inputs=x)
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-6
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if x.sum() > 0:  # symbolic tracing cannot decide this
+            return self.a(x)
+        return self.b(x)
+
+
+def test_untraceable_model_folds_along_sequential_order():
+    model = randomize(DataDependent())
+    folded, report = normfuse.fold(model, example_inputs=_x(IMAGE))
+    assert any("could not trace" in n for n in report.notes)
+    assert len(report.applied) == 2 and count_bn(folded) == 0
+    for x in (_x(IMAGE), -_x(IMAGE).abs() - 1):
+        with torch.no_grad():
+            assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+def test_chains_bn_after_bn_fold_completely():
+    model = randomize(nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.BatchNorm1d(7)))
+    x = _x((4, 5))
+    folded, report = normfuse.fold(model, example_inputs=x)
+    assert len(report.applied) == 2
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+def test_idempotent_and_keeps_dtype_device_and_requires_grad():
+    model = randomize(ResNetish()).double()
+    model.head.weight.requires_grad_(False)
+    x = _x(IMAGE).double()
+    once, _ = normfuse.fold(model, example_inputs=x)
+    twice, report = normfuse.fold(once, example_inputs=x)
+    assert not report.entries
+    assert all(p.dtype == torch.float64 for p in twice.parameters())
+    assert once.stem[0].bias is not None and once.stem[0].bias.requires_grad
+    with torch.no_grad():
+        assert max_rel(twice(x), model(x)) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_are_at_least_as_close_as_torch_fusion(dtype):
+    """normfuse rounds the float64 result once; torch.nn.utils.fusion computes in the buffers' dtype."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    gen = torch.Generator().manual_seed(3)
+    conv, bn = nn.Conv2d(16, 32, 3), nn.BatchNorm2d(32)
+    seq = randomize(nn.Sequential(conv, bn))
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        bn.running_var.mul_(0.01)  # large scales: rounding matters
+    low = copy.deepcopy(seq).to(dtype)
+    ref, _ = normfuse.fold(copy.deepcopy(low).double(), check=False)  # the exact fold of `low`
+    ours, _ = normfuse.fold(low, check=False)
+    theirs = fuse_conv_bn_eval(copy.deepcopy(low[0]), copy.deepcopy(low[1]))
+    for name in ("weight", "bias"):
+        r = getattr(ref[0], name).detach().double()
+        e_ours = (getattr(ours[0], name).detach().double() - r).abs()
+        e_theirs = (getattr(theirs, name).detach().double() - r).abs()
+        assert float(e_ours.max()) <= float(e_theirs.max())
+        assert float(e_ours.mean()) < float(e_theirs.mean())
+    x = _x((2, 16, 8, 8)).to(dtype)
+    with torch.no_grad():
+        want = ref(x.double())
+        err_ours = max_rel(ours(x), want)
+        err_theirs = max_rel(theirs(x), want)
+    assert err_ours <= err_theirs * 1.02
+
+
+def test_check_failure_raises_parity_error(monkeypatch):
+    import normfuse.fx_fold as fx_fold
+
+    real = fx_fold._fold_pair
+
+    def corrupt(gm, pair, clone, counter):
+        reason = real(gm, pair, clone, counter)
+        with torch.no_grad():
+            pair.lin.weight.mul_(1.01)
+        return reason
+
+    monkeypatch.setattr(fx_fold, "_fold_pair", corrupt)
+    with pytest.raises(normfuse.ParityError):
+        fold_torch(randomize(ResNetish()), example_inputs=_x(IMAGE))
+
+
+def test_strict_raises_when_something_was_skipped():
+    model = randomize(TwiceCalled())
+    with pytest.raises(StrictError):
+        normfuse.fold(model, example_inputs=_x(IMAGE), strict=True)
+
+
+def test_inplace_changes_the_model_itself():
+    model = randomize(BNMLP())
+    folded, report = fold_torch(model, inplace=True)
+    assert folded is model and count_bn(model) == 0
+    assert any("(N, C) activations assumed" in w for e in report.entries for w in e.warnings)
