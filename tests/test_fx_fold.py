@@ -407,3 +407,48 @@ def test_inplace_changes_the_model_itself():
     folded, report = fold_torch(model, inplace=True)
     assert folded is model and count_bn(model) == 0
     assert any("(N, C) activations assumed" in w for e in report.entries for w in e.warnings)
+
+
+def _conv_cls(transpose: bool, dims: int) -> type:
+    name = f"{'ConvTranspose' if transpose else 'Conv'}{dims}d"
+    return getattr(nn, name)
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+else:
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        transpose=st.booleans(),
+        dims=st.integers(1, 3),
+        groups=st.sampled_from([1, 2, 3]),
+        cin_per=st.integers(1, 3),
+        cout_per=st.integers(1, 3),
+        k=st.integers(1, 3),
+        stride=st.integers(1, 2),
+        pad=st.integers(0, 1),
+        bias=st.booleans(),
+        before=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+    def test_property_random_convolutions_fold_exactly(
+        transpose, dims, groups, cin_per, cout_per, k, stride, pad, bias, before, seed
+    ):
+        cin, cout = groups * cin_per, groups * cout_per
+        conv = _conv_cls(transpose, dims)(cin, cout, k, stride, pad, groups=groups, bias=bias)
+        bn_cls = getattr(nn, f"BatchNorm{dims}d")
+        layers = [bn_cls(cin), conv] if before else [conv, bn_cls(cout)]
+        model = randomize(nn.Sequential(*layers), seed)
+        x = _x((2, cin, *([5] * dims)), seed)
+        folded, report = normfuse.fold(model, example_inputs=x)
+        (entry,) = report.entries
+        if before and (pad or transpose):
+            assert entry.status == "skipped"  # zero padding / transposed: not exact
+        else:
+            assert entry.status == "applied", entry.reason
+        with torch.no_grad():
+            assert max_rel(folded(x), model(x)) <= 1e-5
