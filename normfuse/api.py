@@ -38,6 +38,9 @@ __all__ = [
     "insert",
     "inspect",
     "load",
+    "lower_norms",
+    "onnx_rewrite",
+    "raise_norms",
     "recalibrate",
     "save",
     "swap",
@@ -174,8 +177,9 @@ def raise_for_parity(report: Report) -> None:
     """Raise :class:`ParityError` when the report's parity check failed."""
     if report.parity is not None and not report.parity.passed:
         failed = [o.name for o in report.parity.outputs if not o.passed]
+        what = "folded" if report.action in ("fold", "export") else f"rewritten ({report.action})"
         raise ParityError(
-            f"the folded model differs from the original on output(s) {', '.join(failed)} "
+            f"the {what} model differs from the original on output(s) {', '.join(failed)} "
             f"(max rel {report.parity.max_rel:.3g})",
             report,
             "please report this model; use --no-check only to inspect the result",
@@ -198,6 +202,14 @@ def inspect(model: object, *, norm_affine: bool = False) -> Report:
     loaded = onnx_io.load(model, copy=False)
     report = Report(action="inspect")
     run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
+    from normfuse.onnx_swap import FUSED_MIN_OPSET, raise_model
+
+    if model_stats(loaded.model).param_bytes < 256 * 2**20:
+        _infer_shapes(loaded.model)  # LayerNorm matching needs the normalised dimensions
+    _, raisable, _ = raise_model(
+        loaded.model, target_opset=max(FUSED_MIN_OPSET.values()), dry_run=True
+    )
+    report.entries.extend(raisable)  # decomposed norms, and what `normfuse raise` would write
     return report
 
 
@@ -278,36 +290,201 @@ def _is_torch(model: object) -> bool:
     return isinstance(model, torch.nn.Module | torch.export.ExportedProgram)
 
 
+def _infer_shapes(model: ir.Model) -> None:
+    """Fill in value shapes (ranks are needed to write per-channel constants)."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:
+        logger.info("shape inference failed: %s", exc)
+
+
+def onnx_rewrite(
+    model: Any,
+    action: str,
+    rewrite: Callable[[ir.Model], tuple[ir.Model, list[Any], list[str]]],
+    *,
+    exact: bool,
+    check: bool = True,
+    provider: str = "auto",
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    what: str = "",
+) -> tuple[Any, Report]:
+    """Load ``model``, apply ``rewrite`` (returns model, entries, notes), check parity.
+
+    With ``exact`` a parity failure raises :class:`ParityError`; otherwise the difference is
+    only reported (the rewrite is meant to change the function).
+    """
+    from normfuse.onnx_swap import functions_note
+
+    report = Report(action=action)
+    t0 = time.perf_counter()
+    loaded = onnx_io.load(model)
+    reference = _reference_bytes(model, loaded) if check else None
+    report.timings["load"] = time.perf_counter() - t0
+    report.before = model_stats(loaded.model)
+    t1 = time.perf_counter()
+    _infer_shapes(loaded.model)
+    new, entries, notes = rewrite(loaded.model)
+    report.entries.extend(entries)
+    report.notes.extend(notes)
+    note = functions_note(new, action)
+    if note:
+        report.notes.append(note)
+    report.after = model_stats(new)
+    report.timings[action] = time.perf_counter() - t1
+    if check and report.applied:
+        t2 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
+            ref = str(loaded.path) if loaded.path is not None else reference
+            if ref is None:
+                raise NormfuseError("the original model was not kept for the check")
+            cand = _as_source(new, Path(tmp) / "candidate.onnx")
+            report.parity = check_models(
+                ref, cand, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
+            )
+        report.timings["check"] = time.perf_counter() - t2
+        if exact:
+            raise_for_parity(report)
+        elif not report.parity.passed:
+            report.notes.append(
+                f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
+                f"expected: {what or action} changes the function"
+            )
+    return onnx_io.to_kind(loaded, new), report
+
+
+def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
+    """Replace BatchNorm layers by another norm kind.
+
+    PyTorch modules: see :func:`normfuse.fx_swap.swap`. ONNX models (any form
+    :func:`normfuse.fold` takes): see :func:`normfuse.onnx_swap.swap_model`; options ``where``
+    (node-name glob), ``groups``, ``allow_single_channel_groups``, ``check``, ``provider``,
+    ``seed``, ``shapes``. Exact swaps (``frozen``) are checked on onnxruntime and raise
+    :class:`ParityError` on a mismatch; the others report the difference.
+    """
+    if _is_torch(model):
+        from normfuse.fx_swap import swap as swap_torch
+
+        return swap_torch(model, to, **options)
+    from normfuse import norms
+    from normfuse.onnx_swap import swap_model
+
+    kind = norms.lookup(to)
+    check_opts = {
+        k: options.pop(k) for k in ("check", "provider", "seed", "shapes") if k in options
+    }
+    return onnx_rewrite(
+        model,
+        "swap",
+        lambda m: (m, swap_model(m, to, **options), []),
+        exact=kind.exact,
+        what=f"swapping to {kind.name}",
+        **check_opts,
+    )
+
+
+def insert(model: Any, example_inputs: Any = None, **options: Any) -> tuple[Any, Report]:
+    """Add a norm after each linear op that has none.
+
+    PyTorch modules (``example_inputs`` required): :func:`normfuse.fx_swap.insert`. ONNX
+    models: :func:`normfuse.onnx_swap.insert_model` (``norm``, ``after``,
+    ``before_activation``, ``where``), checked like :func:`swap`.
+    """
+    if _is_torch(model):
+        from normfuse.fx_swap import insert as insert_torch
+
+        return insert_torch(model, example_inputs, **options)
+    from normfuse import norms
+    from normfuse.onnx_swap import insert_model
+
+    kind = norms.lookup(options.get("norm", "batchnorm"))
+    check_opts = {
+        k: options.pop(k) for k in ("check", "provider", "seed", "shapes") if k in options
+    }
+    return onnx_rewrite(
+        model,
+        "insert",
+        lambda m: (m, insert_model(m, **options), []),
+        exact=kind.name == "batchnorm",
+        what=f"inserting {kind.name}",
+        **check_opts,
+    )
+
+
+def raise_norms(
+    model: Any, *, target_opset: int | None = None, **check_opts: Any
+) -> tuple[Any, Report]:
+    """Write LayerNormalization/RMSNormalization/GroupNormalization for decomposed chains.
+
+    See :func:`normfuse.onnx_swap.raise_model`; parity-checked (exact).
+    """
+    from normfuse.onnx_swap import raise_model
+
+    return onnx_rewrite(
+        model,
+        "raise",
+        lambda m: raise_model(m, target_opset=target_opset),
+        exact=True,
+        **check_opts,
+    )
+
+
+def lower_norms(model: Any, target_opset: int, **check_opts: Any) -> tuple[Any, Report]:
+    """Decompose fused norm ops the target opset lacks; see :func:`normfuse.onnx_swap.lower_model`."""
+    from normfuse.onnx_swap import lower_model
+
+    return onnx_rewrite(
+        model, "lower", lambda m: lower_model(m, target_opset), exact=True, **check_opts
+    )
+
+
+def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
+    """Recompute BatchNorm statistics from data.
+
+    PyTorch modules: :func:`normfuse.fx_swap.recalibrate` (in place, returns the report).
+    ONNX models: ``batches`` is a path (``.npz`` file or folder of them) or a list of
+    ``{input name: array}``; returns ``(model, report)`` (see
+    :func:`normfuse.onnx_swap.recalibrate_model`); options ``num_batches``, ``where``,
+    ``provider``, ``progress``, ``check``.
+    """
+    if _is_torch(model):
+        from normfuse.fx_swap import recalibrate as recalibrate_torch
+
+        return recalibrate_torch(model, batches, **options)
+    from normfuse.onnx_swap import recalibrate_model
+    from normfuse.parity import _check_feeds, _make_session, load_inputs, select_provider
+
+    data = load_inputs(batches) if isinstance(batches, (str, os.PathLike)) else list(batches)
+    num = options.pop("num_batches", None)
+    if num is not None:
+        data = data[:num]
+    if not data:
+        raise InputError("recalibrate got no batches", "pass an .npz file or a folder of them")
+    providers, label = select_provider(options.pop("provider", "auto"))
+    session_notes: list[str] = []
+
+    def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
+        session = _make_session(payload, providers, "disable", session_notes)
+        return lambda feeds: session.run(names, _check_feeds(session, feeds, "the data"))
+
+    where, progress = options.pop("where", None), options.pop("progress", None)
+
+    def rewrite(m: ir.Model) -> tuple[ir.Model, list[Any], list[str]]:
+        entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
+        return m, entries, [f"{len(data)} batch(es) on {label}", *session_notes]
+
+    return onnx_rewrite(model, "recalibrate", rewrite, exact=False, what="recalibration", **options)
+
+
 def _require_torch(model: object, what: str) -> None:
     if not _is_torch(model):
         raise InputError(
             f"{what} takes a PyTorch nn.Module, not a {type(model).__name__}",
             "for ONNX models use normfuse fold",
         )
-
-
-def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
-    """Replace BatchNorm layers by another norm kind; see :func:`normfuse.fx_swap.swap`."""
-    _require_torch(model, "swap")
-    from normfuse.fx_swap import swap as swap_torch
-
-    return swap_torch(model, to, **options)
-
-
-def insert(model: Any, example_inputs: Any, **options: Any) -> tuple[Any, Report]:
-    """Add a norm after each Conv/Linear that has none; see :func:`normfuse.fx_swap.insert`."""
-    _require_torch(model, "insert")
-    from normfuse.fx_swap import insert as insert_torch
-
-    return insert_torch(model, example_inputs, **options)
-
-
-def recalibrate(model: Any, batches: Any, **options: Any) -> Report:
-    """Recompute BatchNorm statistics from data; see :func:`normfuse.fx_swap.recalibrate`."""
-    _require_torch(model, "recalibrate")
-    from normfuse.fx_swap import recalibrate as recalibrate_torch
-
-    return recalibrate_torch(model, batches, **options)
 
 
 def export(model: Any, example_inputs: Any, path: str | os.PathLike, **options: Any) -> Report:

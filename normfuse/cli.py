@@ -19,7 +19,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from normfuse import __version__, onnx_io
+from normfuse import __version__, api, onnx_io
 from normfuse.api import raise_for_parity, raise_for_strict, run_fold
 from normfuse.errors import InputError, NormfuseError, ParityError
 from normfuse.onnx_fold import FoldOptions
@@ -332,9 +332,7 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     """List every normalization, what it can fold into, and why not."""
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
-        loaded = onnx_io.load(model, copy=False)
-        report = Report(action="inspect")
-        run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
+        report = api.inspect(model, norm_affine=norm_affine)
         report.render(console)
         _emit_json(report.to_dict(), json_target)
     except BaseException as exc:

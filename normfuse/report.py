@@ -279,7 +279,7 @@ class Report:
             for e in shown:
                 style = "green" if e.status == "applied" else "yellow"
                 where = f"{e.graph}: " if e.graph else ""
-                if e.status == "applied":
+                if e.status in ("applied", "foldable"):
                     detail = f"{e.target} ({e.direction})" if e.direction else str(e.target)
                     if e.exact is not None:
                         detail += " — exact" if e.exact else " — changes the function"
@@ -335,6 +335,8 @@ _VERBS = {
     "swap": "swapped",
     "insert": "inserted",
     "recalibrate": "recalibrated",
+    "raise": "raised",
+    "lower": "lowered",
     "export": "folded",
 }
 
