@@ -12,6 +12,9 @@ default: the legacy exporter in eval mode, the dynamo exporter with ``optimize=T
 * ``decoder.onnx``: a ConvTranspose decoder, one grouped, one with output_padding (legacy
   exporter, ``TrainingMode.PRESERVE``).
 * ``dwsep.onnx``: a MobileNet-style depthwise-separable block (legacy exporter, PRESERVE).
+* ``norm_block.onnx``: LayerNorm (with and without affine), an RMSNorm written as PyTorch code
+  (``x * rsqrt(mean(x^2) + eps) * w``) and a GroupNorm, exported by the legacy exporter at
+  opset 13, which has no fused norm ops: they arrive decomposed (``normfuse raise``).
 
 Usage: ``python models/build.py [OUT_DIR]`` (default: this folder). Needs torch.
 """
@@ -24,11 +27,20 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "build_all", "export", "quiet", "randomize_batchnorm", "wide_conv_model"]
+__all__ = [
+    "MODELS",
+    "NORM_MODELS",
+    "build_all",
+    "export",
+    "quiet",
+    "randomize_batchnorm",
+    "wide_conv_model",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +133,30 @@ class DepthwiseSeparable(nn.Module):
         x = self.pw0(self.bn_in(x))
         x = torch.clamp(self.bn_dw(self.dw(x)), 0, 6)
         return self.bn_pw(self.pw(x))
+
+
+class NormBlock(nn.Module):
+    """Transformer-style token mixing with LayerNorm/RMSNorm, and a conv with GroupNorm."""
+
+    def __init__(self, dim: int = 16, channels: int = 8) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, dim)
+        self.ln = nn.LayerNorm(dim)
+        self.ln_plain = nn.LayerNorm(dim, elementwise_affine=False)
+        self.rms_weight = nn.Parameter(torch.rand(dim) + 0.5)
+        self.conv = nn.Conv2d(4, channels, 3, padding=1)
+        self.gn = nn.GroupNorm(4, channels)
+        with torch.no_grad():
+            for norm in (self.ln, self.gn):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0.0, 0.5)
+
+    def forward(
+        self, tokens: torch.Tensor, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.ln_plain(torch.relu(self.ln(self.fc(tokens))))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * self.rms_weight
+        return h, self.gn(self.conv(image))
 
 
 def wide_conv_model(folder: Path, width: int = 2048, layers: int = 15) -> tuple[Path, int]:
@@ -222,24 +258,27 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def export(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> None:
+def export(
+    model: nn.Module, example: Any, path: Path, dynamo: bool, opset: int | None = None
+) -> None:
     """Export keeping BatchNormalization nodes (dynamo: ``optimize=False``; legacy: PRESERVE)."""
+    args = example if isinstance(example, tuple) else (example,)
     with quiet():
         if dynamo:
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, optimize=False, verbose=False
-            )
+            program = torch.onnx.export(model, args, dynamo=True, optimize=False, verbose=False)
             program.save(str(path))
         else:
+            names = ["input"] if len(args) == 1 else [f"input{i}" for i in range(len(args))]
             torch.onnx.export(
                 model,
-                (example,),
+                args,
                 str(path),
                 dynamo=False,
+                opset_version=opset,
                 training=torch.onnx.TrainingMode.PRESERVE,
                 do_constant_folding=False,
-                input_names=["input"],
-                output_names=["output"],
+                input_names=names,
+                output_names=["output"] if len(args) == 1 else None,
             )
 
 
@@ -249,6 +288,10 @@ MODELS = {
     "decoder": (Decoder, (1, 32, 8, 8), False),
     "dwsep": (DepthwiseSeparable, (1, 16, 16, 16), False),
 }
+"""BatchNorm models: name -> (class, example input shape, dynamo exporter)."""
+
+NORM_MODELS = {"norm_block": (NormBlock, ((2, 5, 16), (2, 4, 6, 6)), 13)}
+"""Models with LayerNorm/RMSNorm/GroupNorm: name -> (class, input shapes, legacy opset)."""
 
 
 def build_all(out_dir: Path) -> list[Path]:
@@ -261,6 +304,12 @@ def build_all(out_dir: Path) -> list[Path]:
         randomize_batchnorm(model, example)
         path = out_dir / f"{name}.onnx"
         export(model, example, path, dynamo)
+        written.append(path)
+    for name, (norm_cls, shapes, opset) in NORM_MODELS.items():
+        path = out_dir / f"{name}.onnx"
+        torch.manual_seed(0)
+        model = norm_cls().eval()
+        export(model, tuple(torch.randn(s) for s in shapes), path, dynamo=False, opset=opset)
         written.append(path)
     return written
 

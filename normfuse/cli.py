@@ -112,7 +112,7 @@ def _progress(
 @click.version_option(__version__, prog_name="normfuse")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
-    """Fold, swap and check normalization layers in ONNX models."""
+    """Fold, swap, raise, lower, insert, recalibrate and check normalization layers."""
     _Ctx.debug = debug
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
     if not debug:  # what the libraries warn about, normfuse reports itself, in one line
@@ -320,6 +320,286 @@ def _fold_pt2(
     console.print(f"wrote {out}", highlight=False)
     if strict:
         raise_for_strict(report)
+
+
+_rewrite_options = [
+    click.argument("model", type=click.Path(path_type=Path)),
+    click.option("-o", "--output", type=click.Path(path_type=Path), help="Output file."),
+    click.option("--force", is_flag=True, help="Replace an existing output."),
+    click.option("--in-place", is_flag=True, help="Overwrite the input model."),
+    click.option("--no-check", is_flag=True, help="Skip the parity check on onnxruntime."),
+    click.option(
+        "--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout)."
+    ),
+    click.option("-v", "--verbose", is_flag=True, help="List every entry."),
+    click.option(
+        "--provider",
+        type=click.Choice(["auto", "cuda", "cpu"]),
+        default="auto",
+        show_default=True,
+        help="onnxruntime provider for the parity check.",
+    ),
+    click.option(
+        "--shape",
+        "shape",
+        multiple=True,
+        metavar="NAME=1x3x224x224",
+        help="Shape of an input with dynamic dimensions (repeatable).",
+    ),
+    click.option(
+        "--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."
+    ),
+]
+
+
+def _run_rewrite(
+    action: str,
+    rewrite: Callable[[Any], tuple[Any, list[Any], list[str]]],
+    *,
+    exact: bool,
+    what: str,
+    model: Path,
+    output: Path | None,
+    force: bool,
+    in_place: bool,
+    no_check: bool,
+    json_target: str | None,
+    verbose: bool,
+    provider: str,
+    shape: tuple[str, ...],
+    seed: int,
+) -> None:
+    """load -> rewrite -> save (checked on the temporary file) -> report, for ONNX rewrites."""
+    from normfuse.api import _infer_shapes
+    from normfuse.onnx_fold import model_stats
+    from normfuse.onnx_swap import functions_note
+
+    console = Console(stderr=json_target == "-", soft_wrap=True)
+    try:
+        if in_place and output is not None and output != model:
+            raise InputError("--in-place and --output name different files", "use one of them")
+        out = model if in_place else (output or model.with_name(f"{model.stem}.{action}.onnx"))
+        if not in_place:
+            if out.exists() and model.exists() and out.resolve() == model.resolve():
+                raise InputError(
+                    f"the output {out} is the input", "pass --in-place to overwrite it"
+                )
+            if out.exists() and not force:
+                raise InputError(f"{out} exists", "pass --force to replace it")
+        if not out.parent.is_dir():
+            raise InputError(f"the output folder {out.parent} does not exist")
+        shapes = _shapes(shape)
+        t0 = time.perf_counter()
+        loaded = onnx_io.load(model)
+        report = Report(action=action)
+        report.timings["load"] = time.perf_counter() - t0
+        report.before = model_stats(loaded.model)
+        t1 = time.perf_counter()
+        _infer_shapes(loaded.model)
+        new, entries, notes = rewrite(loaded.model)
+        report.entries.extend(entries)
+        report.notes.extend(notes)
+        note = functions_note(new, action)
+        if note:
+            report.notes.append(note)
+        report.after = model_stats(new)
+        report.timings[action] = time.perf_counter() - t1
+
+        def verify(tmp: Path) -> None:
+            if no_check or not report.applied:
+                return
+            t = time.perf_counter()
+            report.parity = check_models(
+                model, tmp, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
+            )
+            report.timings["check"] = time.perf_counter() - t
+            if exact:
+                raise_for_parity(report)  # the temporary file is then removed, not renamed
+            elif not report.parity.passed:
+                report.notes.append(
+                    f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), "
+                    f"as expected: {what} changes the function"
+                )
+
+        try:
+            onnx_io.save(new, out, force=True, verify=verify, discard=True)
+        except ParityError:
+            report.render(console, verbose=verbose)
+            _emit_json(report.to_dict(), json_target)
+            raise
+        report.render(console, verbose=verbose)
+        _emit_json(report.to_dict(), json_target)
+        console.print(f"wrote {out}", highlight=False)
+    except BaseException as exc:
+        if isinstance(exc, SystemExit):
+            raise
+        _fail(exc, _Ctx.debug)
+
+
+@cli.command()
+@_with(_rewrite_options)
+@click.option(
+    "--to", "to", required=True, help="groupnorm, instancenorm, layernorm, frozen or identity."
+)
+@click.option(
+    "--where", default=None, metavar="GLOB", help="Only BatchNorm nodes whose name matches."
+)
+@click.option("--groups", default="auto", show_default=True, help="GroupNorm groups: N or auto.")
+@click.option(
+    "--allow-single-channel-groups", is_flag=True, help="Allow 1 channel per group on (N, C) data."
+)
+def swap(
+    to: str, where: str | None, groups: str, allow_single_channel_groups: bool, **common: Any
+) -> None:
+    """Replace BatchNormalization by another norm (exact for frozen; the others change the function)."""
+    from normfuse import norms
+    from normfuse.onnx_swap import swap_model
+
+    try:
+        kind = norms.lookup(to)
+        g: int | str = groups if groups == "auto" else int(groups)
+    except (NormfuseError, ValueError) as exc:
+        _fail(
+            InputError(f"--groups {groups!r} is not a number or auto")
+            if isinstance(exc, ValueError)
+            else exc,
+            _Ctx.debug,
+        )
+        return
+    _run_rewrite(
+        "swap",
+        lambda m: (
+            m,
+            swap_model(
+                m,
+                to,
+                where=where,
+                groups=g,
+                allow_single_channel_groups=allow_single_channel_groups,
+            ),
+            [],
+        ),
+        exact=kind.exact,
+        what=f"swapping to {kind.name}",
+        **common,
+    )
+
+
+@cli.command(name="raise")
+@_with(_rewrite_options)
+@click.option(
+    "--target-opset",
+    type=int,
+    default=None,
+    help="Highest opset the model may be raised to (never raised without it).",
+)
+def raise_command(target_opset: int | None, **common: Any) -> None:
+    """Write LayerNormalization / RMSNormalization / GroupNormalization for decomposed chains."""
+    from normfuse.onnx_swap import raise_model
+
+    _run_rewrite(
+        "raise",
+        lambda m: raise_model(m, target_opset=target_opset),
+        exact=True,
+        what="raise",
+        **common,
+    )
+
+
+@cli.command()
+@_with(_rewrite_options)
+@click.option("--target-opset", type=int, required=True, help="The opset the result must run at.")
+def lower(target_opset: int, **common: Any) -> None:
+    """Decompose fused norm ops the target opset lacks, and lower the model's opset."""
+    from normfuse.onnx_swap import lower_model
+
+    _run_rewrite(
+        "lower", lambda m: lower_model(m, target_opset), exact=True, what="lower", **common
+    )
+
+
+@cli.command()
+@_with(_rewrite_options)
+@click.option(
+    "--norm",
+    default="batchnorm",
+    show_default=True,
+    help="batchnorm, groupnorm, instancenorm or layernorm.",
+)
+@click.option(
+    "--after", default="Conv,Gemm,MatMul", show_default=True, help="Op types that get a norm."
+)
+@click.option(
+    "--before-activation/--after-activation",
+    default=True,
+    show_default=True,
+    help="Put the norm between the op and its activation, or after the activation.",
+)
+@click.option("--where", default=None, metavar="GLOB", help="Only ops whose name matches.")
+def insert(
+    norm: str, after: str, before_activation: bool, where: str | None, **common: Any
+) -> None:
+    """Add a norm after each linear op that has none (BatchNorm: the identity in inference)."""
+    from normfuse import norms
+    from normfuse.onnx_swap import insert_model
+
+    try:
+        kind = norms.lookup(norm)
+    except NormfuseError as exc:
+        _fail(exc, _Ctx.debug)
+        return
+    ops = [a.strip() for a in after.split(",") if a.strip()]
+    _run_rewrite(
+        "insert",
+        lambda m: (
+            m,
+            insert_model(m, norm=norm, after=ops, before_activation=before_activation, where=where),
+            [],
+        ),
+        exact=kind.name == "batchnorm",
+        what=f"inserting {kind.name}",
+        **common,
+    )
+
+
+@cli.command()
+@_with(_rewrite_options)
+@click.option(
+    "--data",
+    "data_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Batches: an .npz file, or a folder of .npz files (one batch each), keyed by input name.",
+)
+@click.option("--batches", type=int, default=None, help="Use at most this many batches.")
+@click.option(
+    "--where", default=None, metavar="GLOB", help="Only BatchNorm nodes whose name matches."
+)
+def recalibrate(data_path: Path, batches: int | None, where: str | None, **common: Any) -> None:
+    """Recompute BatchNormalization mean/variance from data (float64, level by level)."""
+    from normfuse.onnx_swap import recalibrate_model
+    from normfuse.parity import _check_feeds, _make_session, select_provider
+
+    try:
+        data = load_inputs(data_path)[: batches if batches is not None else None]
+        providers, label = select_provider(common["provider"])
+    except NormfuseError as exc:
+        _fail(exc, _Ctx.debug)
+        return
+    notes: list[str] = []
+
+    def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
+        session = _make_session(payload, providers, "disable", notes)
+        return lambda feeds: session.run(names, _check_feeds(session, feeds, str(data_path)))
+
+    console = Console(stderr=True)
+
+    def rewrite(m: Any) -> tuple[Any, list[Any], list[str]]:
+        with _progress(console.is_terminal, console, "recalibrating", minimum=1) as progress:
+            entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
+        return m, entries, [f"{len(data)} batch(es) on {label}", *notes]
+
+    _run_rewrite("recalibrate", rewrite, exact=False, what="recalibration", **common)
 
 
 @cli.command()
