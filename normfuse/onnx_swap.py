@@ -151,6 +151,8 @@ class _Editor:
 
     def take_over(self, old: ir.Value, new: ir.Value) -> None:
         """``new`` replaces ``old`` everywhere, graph outputs included, and takes its name."""
+        if old.is_graph_output() and (new.is_graph_input() or new.producer() is None):
+            new = self.op(old.producer(), "Identity", [new])  # an input keeps its own name
         outputs = self.graph.outputs
         for i, v in enumerate(outputs):
             if v is old:
@@ -289,10 +291,10 @@ def _emit_groupnorm(
     dtype: Any,
     group_affine: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> ir.Value:
-    """GroupNorm in the best form ``ed.opset`` allows. ``gamma``/``beta`` per channel,
-    ``group_affine`` per group (GroupNormalization-18's own scale and bias)."""
-    ones, zeros = np.ones(groups, dtype), np.zeros(groups, dtype)
-    gs, gb = group_affine if group_affine is not None else (ones, zeros)
+    """GroupNorm in the best form ``ed.opset`` allows: GroupNormalization-21 with per-channel
+    ``gamma``/``beta``; below 21, Reshape/InstanceNormalization/Reshape and a per-channel
+    Mul/Add (GroupNormalization-18 is deprecated: onnx's checker refuses it). ``group_affine``
+    is a per-group scale and bias (what GroupNormalization-18 carries)."""
     if ed.opset >= 21 and group_affine is None and gamma is not None and beta is not None:
         return ed.op(
             anchor,
@@ -300,29 +302,16 @@ def _emit_groupnorm(
             [x, ed.const("gn_scale", gamma.astype(dtype)), ed.const("gn_bias", beta.astype(dtype))],
             {"epsilon": float(eps), "num_groups": groups},
         )
-    if ed.opset >= 18:
-        y = ed.op(
-            anchor,
-            "GroupNormalization",
-            [x, ed.const("gn_scale", gs.astype(dtype)), ed.const("gn_bias", gb.astype(dtype))],
-            {"epsilon": float(eps), "num_groups": groups},
-        )
-        if ed.opset >= 21 and group_affine is not None:
-            raise AssertionError("per-group affine is GroupNormalization-18 only")
-    else:
-        shape = ed.const("gn_shape", np.asarray([0, groups, -1], np.int64))
-        grouped = ed.op(anchor, "Reshape", [x, shape])
-        normed = ed.op(
-            anchor,
-            "InstanceNormalization",
-            [
-                grouped,
-                ed.const("in_scale", gs.astype(dtype)),
-                ed.const("in_bias", gb.astype(dtype)),
-            ],
-            {"epsilon": float(eps)},
-        )
-        y = ed.op(anchor, "Reshape", [normed, _shape_of(ed, anchor, x)])
+    gs, gb = group_affine if group_affine is not None else (np.ones(groups), np.zeros(groups))
+    shape = ed.const("gn_shape", np.asarray([0, groups, -1], np.int64))
+    grouped = ed.op(anchor, "Reshape", [x, shape])
+    normed = ed.op(
+        anchor,
+        "InstanceNormalization",
+        [grouped, ed.const("in_scale", gs.astype(dtype)), ed.const("in_bias", gb.astype(dtype))],
+        {"epsilon": float(eps)},
+    )
+    y = ed.op(anchor, "Reshape", [normed, _shape_of(ed, anchor, x)])
     return _emit_channel_affine(ed, anchor, y, gamma, beta, rank, dtype)
 
 
@@ -532,8 +521,6 @@ def _swap_one(
         form = (
             "GroupNormalization-21"
             if ed.opset >= 21
-            else "GroupNormalization-18 + Mul/Add"
-            if ed.opset >= 18
             else "Reshape/InstanceNormalization/Reshape + Mul/Add"
         )
         entry.target = f"{form} ({g} groups)"
@@ -803,8 +790,6 @@ class _Decomposed:
 
     @property
     def needs(self) -> int:
-        if self.kind == "GroupNorm":
-            return 18
         return FUSED_MIN_OPSET[self.op]
 
 
@@ -1123,10 +1108,7 @@ def raise_model(
 
 
 def _goal(dec: _Decomposed, limit: int) -> int | None:
-    """The opset this match would like (GroupNorm: 21, else 18), if ``limit`` allows one."""
-    preferred = 21 if dec.kind == "GroupNorm" else dec.needs
-    if preferred <= limit:
-        return preferred
+    """The opset this match needs, if ``limit`` allows it."""
     return dec.needs if dec.needs <= limit else None
 
 
@@ -1143,51 +1125,22 @@ def _raise_one(
     if dtype is None:
         return "its input type is unknown or not float/double/float16"
     anchor = dec.nodes[-1]
-    if dec.kind == "GroupNorm":
-        rank = dec.rank
-        if rank is None:
-            return "the rank of its input is unknown"
-        form = (
-            "GroupNormalization-21"
-            if ed.opset >= 21 and dec.group_affine is None
-            else "GroupNormalization-18 + Mul/Add"
-        )
-        if ed.opset >= 21 and dec.group_affine is not None:
-            c = _channels(x)
-            if c is None:
-                return "per-group scale/bias and an unknown channel count"
+    if dec.kind == "GroupNorm":  # needs opset 21 (checked by the caller)
+        c = _channels(x)
+        if dec.rank is None or c is None:
+            return "the rank or channel count of its input is unknown"
+        gamma = dec.scale if dec.scale is not None else np.ones(c)
+        beta = dec.bias if dec.bias is not None else np.zeros(c)
+        if dec.group_affine is not None:  # a per-group affine inside: per channel, then ours
             per = c // dec.groups
-            gamma = np.repeat(dec.group_affine[0], per) * (
-                dec.scale if dec.scale is not None else 1.0
+            gamma, beta = (
+                np.repeat(dec.group_affine[0], per) * gamma,
+                np.repeat(dec.group_affine[1], per) * gamma + beta,
             )
-            beta = np.repeat(dec.group_affine[1], per) * (
-                dec.scale if dec.scale is not None else 1.0
-            ) + (dec.bias if dec.bias is not None else 0.0)
-            dec = dataclasses.replace(dec, scale=gamma, bias=beta, group_affine=None)
-            form = "GroupNormalization-21"
-        entry.target = f"{form} ({dec.groups} groups)"
+        entry.target = f"GroupNormalization-21 ({dec.groups} groups)"
         if dry_run:
             return None
-        if ed.opset >= 21:
-            c = _channels(x)
-            if c is None:
-                return "its channel count is unknown"
-            gamma = dec.scale if dec.scale is not None else np.ones(c)
-            beta = dec.bias if dec.bias is not None else np.zeros(c)
-            y = _emit_groupnorm(ed, anchor, x, dec.groups, dec.eps, gamma, beta, rank, dtype)
-        else:
-            y = _emit_groupnorm(
-                ed,
-                anchor,
-                x,
-                dec.groups,
-                dec.eps,
-                dec.scale,
-                dec.bias,
-                rank,
-                dtype,
-                dec.group_affine,
-            )
+        y = _emit_groupnorm(ed, anchor, x, dec.groups, dec.eps, gamma, beta, dec.rank, dtype)
     else:
         normalized = _normalized_shape(x, dec.axes)
         scale, bias = dec.scale, dec.bias
@@ -1287,6 +1240,11 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
     proto = ir.to_proto(model)
     current = opset_of(model)
     consts = {i.name: i for i in proto.graph.initializer}
+    for n in proto.graph.node:  # the version converter writes axes as Constant nodes
+        if n.op_type == "Constant" and len(n.output) == 1:
+            value = next((a.t for a in n.attribute if a.name == "value"), None)
+            if value is not None:
+                consts[n.output[0]] = value
     changed: set[str] = set()
     moved: set[str] = set()
 
@@ -1335,6 +1293,9 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
     still = {i for n in proto.graph.node for i in n.input}
     for init in [i for i in proto.graph.initializer if i.name in moved and i.name not in still]:
         proto.graph.initializer.remove(init)  # axes constants now attributes
+    for node in [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] in moved]:
+        if node.output[0] not in still:
+            proto.graph.node.remove(node)
     return ir.from_proto(proto), (
         f"nodes relabelled where only types or unused attributes changed ({', '.join(sorted(changed))})"
         if changed
@@ -1675,11 +1636,12 @@ def _write_stats(node: ir.Node, mean: np.ndarray, var: np.ndarray) -> None:
         dtype = old.type.dtype.numpy() if old.type is not None else np.dtype(np.float32)
         shape = tuple(old.const_value.shape) if old.const_value is not None else arr.shape
         tensor = ir.tensor(np.array(arr.astype(dtype).reshape(shape), order="C"))
-        own = (
-            old.name in graph.initializers
-            and graph.initializers[old.name or ""] is old
+        own = (  # an initializer (of this graph or an outer one) that only this node reads
+            old.const_value is not None
+            and old.producer() is None
             and len(list(old.uses())) == 1
             and not old.is_graph_input()
+            and not old.is_graph_output()
         )
         if own:
             old.const_value = tensor
