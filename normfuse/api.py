@@ -346,6 +346,7 @@ def onnx_rewrite(
                 ref, cand, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
             )
         report.timings["check"] = time.perf_counter() - t2
+        report.parity.informational = not exact
         if exact:
             raise_for_parity(report)
         elif not report.parity.passed:

@@ -157,6 +157,8 @@ class ParityResult:
         notes: Facts about the run (IR lowered, batch dimension set to 1, ...).
         divergence: With bisect, the first intermediate tensor that differs.
         cross_check: With cross-check, the reference on CPU vs on CUDA, per output.
+        informational: The rewrite was meant to change the function: differences are
+            reported (``DIFFERS``), not failures.
     """
 
     provider: str
@@ -166,10 +168,18 @@ class ParityResult:
     notes: list[str] = dataclasses.field(default_factory=list)
     divergence: Divergence | None = None
     cross_check: list[OutputParity] | None = None
+    informational: bool = False
+
+    def output_line(self, o: OutputParity) -> str:
+        """One output's line; ``DIFFERS`` instead of ``FAILED`` when a change was intended."""
+        line = o.line()
+        if self.informational and not o.passed:
+            line = "DIFFERS" + line[len("FAILED") :]
+        return line
 
     def lines(self) -> list[str]:
         """The human-readable result, one line each."""
-        out = [o.line() for o in self.outputs]
+        out = [self.output_line(o) for o in self.outputs]
         if self.divergence is not None:
             out.append(self.divergence.line())
         if self.cross_check is not None:
@@ -196,6 +206,7 @@ class ParityResult:
             "notes": list(self.notes),
             "outputs": [o.to_dict() for o in self.outputs],
             "divergence": dataclasses.asdict(self.divergence) if self.divergence else None,
+            "informational": self.informational,
             "cross_check": [o.to_dict() for o in self.cross_check]
             if self.cross_check is not None
             else None,
@@ -321,7 +332,8 @@ class Report:
         if self.parity is not None:
             parts.append(Text(f"parity on {self.parity.provider}:", style="bold"))
             for o in self.parity.outputs:
-                parts.append(Text(o.line(), style="green" if o.passed else "red"))
+                style = "green" if o.passed else "yellow" if self.parity.informational else "red"
+                parts.append(Text(self.parity.output_line(o), style=style))
             if self.parity.divergence is not None:
                 parts.append(Text(self.parity.divergence.line(), style="red"))
             for n in self.parity.notes:

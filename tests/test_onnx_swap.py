@@ -433,3 +433,40 @@ def test_cli_bad_input_is_one_line(tmp_path):
         ],
     )
     assert too_low.exit_code in (0, 2) and "Traceback" not in too_low.output
+
+
+def test_recalibrate_reaches_batchnorm_inside_a_loop_body(rng):
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            bn_node("x", "b", "bn"),
+            helper.make_node("Add", ["carry", "b"], ["carry_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TP.INT64, []),
+            helper.make_tensor_value_info("cond_in", TP.BOOL, []),
+            helper.make_tensor_value_info("carry", TP.FLOAT, None),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TP.BOOL, []),
+            helper.make_tensor_value_info("carry_out", TP.FLOAT, None),
+        ],
+    )
+    model = make_model(
+        [helper.make_node("Loop", ["n", "", "init"], ["y"], body=body)],
+        [("x", TP.FLOAT, [2, 4, 3]), ("n", TP.INT64, []), ("init", TP.FLOAT, [2, 4, 3])],
+        [("y", TP.FLOAT, None)],
+        bn_params(rng, 4),
+        opset=17,
+    )
+    xs = [normal(rng, (2, 4, 3)) * 2 - 1 for _ in range(2)]
+    feeds = [
+        {"x": x, "n": np.array(3, np.int64), "init": np.zeros((2, 4, 3), np.float32)} for x in xs
+    ]
+    new, report = normfuse.recalibrate(model, feeds)
+    assert report.entries[0].status == "applied", report.entries[0].reason
+    flat = np.moveaxis(np.concatenate(xs).astype(np.float64), 1, 0).reshape(4, -1)
+    p = _params(new)
+    np.testing.assert_allclose(p["bn_mean"], flat.mean(1), rtol=1e-4)  # 3 iterations, same data
+    np.testing.assert_allclose(p["bn_var"], flat.var(1), rtol=1e-4)
