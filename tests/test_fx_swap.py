@@ -324,3 +324,19 @@ def test_recalibrate_leaves_statistics_unchanged_when_a_batch_fails():
     with pytest.raises(RuntimeError):
         normfuse.recalibrate(model, [_x(IMAGE), _x((2, 5, 16, 16))], progress=False)
     assert torch.equal(model[1].running_mean, before) and not model.training
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_recalibrate_after_dynamic_quantization():
+    model = randomize(BNMLP())
+    quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    assert type(quantized.fc1) is not nn.Linear  # the Linear layers are quantized now
+    batches = [_x((16, 12), s) for s in range(4)]
+    inputs = []
+    hook = quantized.bn1.register_forward_pre_hook(lambda m, a: inputs.append(a[0].double()))
+    report = normfuse.recalibrate(quantized, batches, progress=False)
+    hook.remove()
+    assert len(report.applied) == 3
+    data = torch.cat(inputs)
+    assert torch.allclose(quantized.bn1.running_mean.double(), data.mean(0), rtol=1e-4, atol=1e-5)
+    assert torch.allclose(quantized.bn1.running_var.double(), data.var(0), rtol=1e-4)
