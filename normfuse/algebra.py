@@ -35,6 +35,7 @@ import numpy as np
 
 __all__ = [
     "Affine",
+    "ChannelMoments",
     "LinearKind",
     "LinearWeights",
     "WeightArray",
@@ -365,3 +366,38 @@ def dtype_max(dtype: np.dtype) -> float:
         return float(np.finfo(dt).max)
     except ValueError:
         return float(ml_dtypes.finfo(dt).max)
+
+
+class ChannelMoments:
+    """Per-channel count, mean and sum of squared deviations over batches, in float64.
+
+    Batches are merged with the parallel algorithm of Chan, Golub and LeVeque (1979), which
+    stays accurate where a running sum of squares would cancel. The channel axis is 1.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> None:
+        """Add the values of one batch ``x`` (``(N, C, ...)``)."""
+        if x.size == 0 or x.ndim < 2:
+            return
+        v = np.moveaxis(np.asarray(x, np.float64), 1, 0).reshape(x.shape[1], -1)
+        n = v.shape[1]
+        mean = v.mean(axis=1)
+        m2 = ((v - mean[:, None]) ** 2).sum(axis=1)
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
+        self.n = total
+
+    def var(self, ddof: int = 0) -> np.ndarray:
+        """The variance, population (``ddof=0``) or unbiased (``ddof=1``)."""
+        assert self.m2 is not None
+        return self.m2 / max(self.n - ddof, 1)

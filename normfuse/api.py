@@ -32,11 +32,13 @@ from normfuse.report import ParityResult, Report
 
 __all__ = [
     "StrictError",
+    "apply_rewrite",
     "check",
     "export",
     "fold",
     "insert",
     "inspect",
+    "judge_parity",
     "load",
     "lower_norms",
     "onnx_rewrite",
@@ -300,6 +302,43 @@ def _infer_shapes(model: ir.Model) -> None:
         logger.info("shape inference failed: %s", exc)
 
 
+def apply_rewrite(
+    model: ir.Model,
+    action: str,
+    rewrite: Callable[[ir.Model], tuple[ir.Model, list[Any], list[str]]],
+    report: Report,
+) -> ir.Model:
+    """Infer shapes, run ``rewrite`` (returns model, entries, notes), fill ``report``."""
+    from normfuse.onnx_swap import functions_note
+
+    report.before = model_stats(model)
+    t = time.perf_counter()
+    _infer_shapes(model)
+    new, entries, notes = rewrite(model)
+    report.entries.extend(entries)
+    report.notes.extend(notes)
+    note = functions_note(new, action)
+    if note:
+        report.notes.append(note)
+    report.after = model_stats(new)
+    report.timings[action] = time.perf_counter() - t
+    return new
+
+
+def judge_parity(report: Report, *, exact: bool, what: str) -> None:
+    """Exact rewrites raise :class:`ParityError` on a mismatch; others note the difference."""
+    if report.parity is None:
+        return
+    report.parity.informational = not exact
+    if exact:
+        raise_for_parity(report)
+    elif not report.parity.passed:
+        report.notes.append(
+            f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
+            f"expected: {what} changes the function"
+        )
+
+
 def onnx_rewrite(
     model: Any,
     action: str,
@@ -317,24 +356,12 @@ def onnx_rewrite(
     With ``exact`` a parity failure raises :class:`ParityError`; otherwise the difference is
     only reported (the rewrite is meant to change the function).
     """
-    from normfuse.onnx_swap import functions_note
-
     report = Report(action=action)
     t0 = time.perf_counter()
     loaded = onnx_io.load(model)
     reference = _reference_bytes(model, loaded) if check else None
     report.timings["load"] = time.perf_counter() - t0
-    report.before = model_stats(loaded.model)
-    t1 = time.perf_counter()
-    _infer_shapes(loaded.model)
-    new, entries, notes = rewrite(loaded.model)
-    report.entries.extend(entries)
-    report.notes.extend(notes)
-    note = functions_note(new, action)
-    if note:
-        report.notes.append(note)
-    report.after = model_stats(new)
-    report.timings[action] = time.perf_counter() - t1
+    new = apply_rewrite(loaded.model, action, rewrite, report)
     if check and report.applied:
         t2 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
@@ -346,14 +373,7 @@ def onnx_rewrite(
                 ref, cand, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
             )
         report.timings["check"] = time.perf_counter() - t2
-        report.parity.informational = not exact
-        if exact:
-            raise_for_parity(report)
-        elif not report.parity.passed:
-            report.notes.append(
-                f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
-                f"expected: {what or action} changes the function"
-            )
+        judge_parity(report, exact=exact, what=what or action)
     return onnx_io.to_kind(loaded, new), report
 
 

@@ -332,23 +332,7 @@ _rewrite_options = [
         "--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout)."
     ),
     click.option("-v", "--verbose", is_flag=True, help="List every entry."),
-    click.option(
-        "--provider",
-        type=click.Choice(["auto", "cuda", "cpu"]),
-        default="auto",
-        show_default=True,
-        help="onnxruntime provider for the parity check.",
-    ),
-    click.option(
-        "--shape",
-        "shape",
-        multiple=True,
-        metavar="NAME=1x3x224x224",
-        help="Shape of an input with dynamic dimensions (repeatable).",
-    ),
-    click.option(
-        "--seed", type=int, default=0, show_default=True, help="Seed of the check inputs."
-    ),
+    *_common_check[:3],  # --provider, --shape, --seed
 ]
 
 
@@ -370,10 +354,6 @@ def _run_rewrite(
     seed: int,
 ) -> None:
     """load -> rewrite -> save (checked on the temporary file) -> report, for ONNX rewrites."""
-    from normfuse.api import _infer_shapes
-    from normfuse.onnx_fold import model_stats
-    from normfuse.onnx_swap import functions_note
-
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         if in_place and output is not None and output != model:
@@ -393,17 +373,7 @@ def _run_rewrite(
         loaded = onnx_io.load(model)
         report = Report(action=action)
         report.timings["load"] = time.perf_counter() - t0
-        report.before = model_stats(loaded.model)
-        t1 = time.perf_counter()
-        _infer_shapes(loaded.model)
-        new, entries, notes = rewrite(loaded.model)
-        report.entries.extend(entries)
-        report.notes.extend(notes)
-        note = functions_note(new, action)
-        if note:
-            report.notes.append(note)
-        report.after = model_stats(new)
-        report.timings[action] = time.perf_counter() - t1
+        new = api.apply_rewrite(loaded.model, action, rewrite, report)
 
         def verify(tmp: Path) -> None:
             if no_check or not report.applied:
@@ -413,14 +383,7 @@ def _run_rewrite(
                 model, tmp, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
             )
             report.timings["check"] = time.perf_counter() - t
-            report.parity.informational = not exact
-            if exact:
-                raise_for_parity(report)  # the temporary file is then removed, not renamed
-            elif not report.parity.passed:
-                report.notes.append(
-                    f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), "
-                    f"as expected: {what} changes the function"
-                )
+            api.judge_parity(report, exact=exact, what=what)  # raising keeps the file out
 
         try:
             onnx_io.save(new, out, force=True, verify=verify, discard=True)

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse import norms
+from normfuse.algebra import ChannelMoments
 from normfuse.errors import InputError
 from normfuse.report import Entry, ModelStats, Report
 from normfuse.torch_layers import FrozenBatchNorm, is_frozen_batchnorm
@@ -662,32 +663,6 @@ def _move(inputs: Any, module: nn.Module) -> Any:
 # ----------------------------------------------------------------------------------- recalibrate
 
 
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations in float64 (Chan et al. merge)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, x: torch.Tensor) -> None:
-        c = x.shape[1] if x.ndim > 1 else x.shape[0]
-        v = x.detach().to(torch.float64).transpose(0, 1).reshape(c, -1) if x.ndim > 1 else x
-        n = v.shape[1]
-        if n == 0:
-            return
-        mean = v.mean(dim=1)
-        m2 = ((v - mean[:, None]) ** 2).sum(dim=1)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
-        self.n = total
-
-
 def recalibrate(
     module: nn.Module,
     batches: Iterable[Any],
@@ -739,10 +714,10 @@ def recalibrate(
             )
             continue
         targets[id(m)] = m
-    moments = {k: _Moments() for k in targets}
+    moments = {k: ChannelMoments() for k in targets}
 
     def pre_hook(m: nn.Module, args: Any) -> None:
-        moments[id(m)].add(args[0])
+        moments[id(m)].add(args[0].detach().to(torch.float64).cpu().numpy())
 
     flags = {id(m): m.training for m in module.modules()}
     saved = {
@@ -781,9 +756,10 @@ def recalibrate(
             if acc.mean is None or acc.m2 is None:
                 entry.reason = "never called on these batches"
                 continue
-            var = acc.m2 / max(acc.n - 1, 1)
-            m.running_mean.copy_(acc.mean.to(m.running_mean))
-            m.running_var.copy_(var.to(m.running_var))
+            m.running_mean.copy_(torch.from_numpy(acc.mean).to(m.running_mean))
+            m.running_var.copy_(
+                torch.from_numpy(acc.var(ddof=1)).to(m.running_var)
+            )  # as PyTorch keeps it
             counter = getattr(m, "num_batches_tracked", None)
             if isinstance(counter, torch.Tensor):
                 counter.add_(seen)

@@ -39,6 +39,7 @@ import onnx
 import onnx_ir as ir
 
 from normfuse import norms
+from normfuse.algebra import ChannelMoments
 from normfuse.errors import InputError
 from normfuse.onnx_const import ConstantResolver
 from normfuse.onnx_fold import containers, node_name
@@ -290,12 +291,14 @@ def _emit_groupnorm(
     rank: int,
     dtype: Any,
     group_affine: tuple[np.ndarray, np.ndarray] | None = None,
+    fused: bool = True,
 ) -> ir.Value:
     """GroupNorm in the best form ``ed.opset`` allows: GroupNormalization-21 with per-channel
     ``gamma``/``beta``; below 21, Reshape/InstanceNormalization/Reshape and a per-channel
     Mul/Add (GroupNormalization-18 is deprecated: onnx's checker refuses it). ``group_affine``
-    is a per-group scale and bias (what GroupNormalization-18 carries)."""
-    if ed.opset >= 21 and group_affine is None and gamma is not None and beta is not None:
+    is a per-group scale and bias (what GroupNormalization-18 carries); ``fused=False`` always
+    writes the decomposed form (for ``lower``)."""
+    if fused and ed.opset >= 21 and group_affine is None and gamma is not None and beta is not None:
         return ed.op(
             anchor,
             "GroupNormalization",
@@ -1394,72 +1397,27 @@ def _lower_one(
         if s is None or b is None or rank is None or groups < 1:
             return "scale/bias not constant, or rank unknown"
         s64, b64 = np.asarray(s, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
-        if ed.opset < 21:  # GroupNormalization-18: per-group scale and bias
-            y = _emit_groupnorm_at(
-                ed, node, x, groups, eps, None, None, rank, dtype, (s64, b64), 17
-            )
-            entry.target = "Reshape/InstanceNormalization/Reshape"
-        else:  # GroupNormalization-21; its -18 form is deprecated and cannot sit in this opset
-            y = _emit_groupnorm_at(ed, node, x, groups, eps, s64, b64, rank, dtype, None, 17)
-            entry.target = "Reshape/InstanceNormalization/Reshape + Mul/Add"
+        per_group = ed.opset < 21  # GroupNormalization-18 carries a per-group scale and bias
+        y = _emit_groupnorm(
+            ed,
+            node,
+            x,
+            groups,
+            eps,
+            None if per_group else s64,
+            None if per_group else b64,
+            rank,
+            dtype,
+            (s64, b64) if per_group else None,
+            fused=False,
+        )
+        entry.target = "Reshape/InstanceNormalization/Reshape" + ("" if per_group else " + Mul/Add")
     ed.take_over(node.outputs[0], y)
     ed.remove([node])
     return None
 
 
-def _emit_groupnorm_at(
-    ed: _Editor,
-    anchor: ir.Node,
-    x: ir.Value,
-    groups: int,
-    eps: float,
-    gamma: np.ndarray | None,
-    beta: np.ndarray | None,
-    rank: int,
-    dtype: Any,
-    group_affine: tuple[np.ndarray, np.ndarray] | None,
-    at_most: int,
-) -> ir.Value:
-    """GroupNorm written for an opset no higher than ``at_most`` (then converted down)."""
-    saved = ed.opset
-    ed.opset = min(ed.opset, at_most)
-    try:
-        return _emit_groupnorm(ed, anchor, x, groups, eps, gamma, beta, rank, dtype, group_affine)
-    finally:
-        ed.opset = saved
-
-
 # ----------------------------------------------------------------------------- recalibrate
-
-
-class _Moments:
-    """Per-channel count, mean and sum of squared deviations, float64, merged batch by batch."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None
-
-    def add(self, x: np.ndarray) -> None:
-        if x.size == 0 or x.ndim < 2:
-            return
-        v = np.moveaxis(np.asarray(x, np.float64), 1, 0).reshape(x.shape[1], -1)
-        n = v.shape[1]
-        mean = v.mean(axis=1)
-        m2 = ((v - mean[:, None]) ** 2).sum(axis=1)
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.n + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
-        self.n = total
-
-    @property
-    def var(self) -> np.ndarray:
-        assert self.m2 is not None
-        return self.m2 / max(self.n, 1)
 
 
 def _bn_levels(model: ir.Model) -> dict[int, int]:
@@ -1601,7 +1559,7 @@ def recalibrate_model(
             exposed[xname] = result
         order = list(exposed)
         run = runner(proto.SerializeToString(), [exposed[k][0] for k in order])
-        moments = {k: _Moments() for k in order}
+        moments = {k: ChannelMoments() for k in order}
         for feeds in batches:
             for xname, value in zip(order, run(feeds), strict=True):
                 arr = np.asarray(value)
@@ -1619,7 +1577,7 @@ def recalibrate_model(
             if acc.mean is None:
                 entry.reason = "never ran on these batches (a branch not taken)"
                 continue
-            _write_stats(node, acc.mean, acc.var)
+            _write_stats(node, acc.mean, acc.var())
             entry.status = "applied"
             entry.target = f"statistics over {acc.n} values per channel (level {level})"
             entry.exact = False

@@ -99,3 +99,18 @@ def test_import_and_onnx_commands_work_without_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "PASSED" in proc.stdout and (tmp_path / "o.onnx").exists()
+
+
+def test_channel_moments_merge_batches_exactly_and_stably():
+    from normfuse.algebra import ChannelMoments
+
+    rng = np.random.default_rng(5)
+    batches = [rng.normal(1e4, 0.5, (int(rng.integers(1, 9)), 3, 4, 5)) for _ in range(7)]
+    acc = ChannelMoments()
+    for b in batches:
+        acc.add(b.astype(np.float32))
+    flat = np.moveaxis(np.concatenate(batches).astype(np.float32).astype(np.float64), 1, 0).reshape(3, -1)
+    np.testing.assert_allclose(acc.mean, flat.mean(1), rtol=1e-12)
+    np.testing.assert_allclose(acc.var(), flat.var(1), rtol=1e-9)  # a large mean cancels nothing
+    np.testing.assert_allclose(acc.var(ddof=1), flat.var(1, ddof=1), rtol=1e-9)
+    assert acc.n == flat.shape[1]
