@@ -96,7 +96,7 @@ def low_precision() -> None:
 def recalibration() -> None:
     model, example = _bundled("resnet_small")
     gen = torch.Generator().manual_seed(0)
-    batches = [torch.randn((1, 3, 32, 32), generator=gen) * 1.5 + 0.7 for _ in range(16)]
+    batches = [torch.randn(example.shape, generator=gen) * 1.5 + 0.7 for _ in range(16)]
     captured: dict[str, list[torch.Tensor]] = {}
     for n, m in model.named_modules():
         if isinstance(m, nn.BatchNorm2d):
