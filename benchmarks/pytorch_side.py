@@ -31,15 +31,6 @@ import normfuse  # noqa: E402
 from models import build  # noqa: E402
 
 
-def _bundled(name: str) -> tuple[nn.Module, torch.Tensor]:
-    cls, shape, _ = build.MODELS[name]
-    torch.manual_seed(0)
-    model = cls()
-    example = torch.randn(shape)
-    build.randomize_batchnorm(model, example)
-    return model.eval(), example
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
@@ -49,7 +40,7 @@ def fold_and_export() -> None:
         f"{'model':14} {'fold max rel':>13} {'export dynamo':>14} {'export legacy':>14} {'BN left':>8}"
     )
     for name in build.MODELS:
-        model, example = _bundled(name)
+        model, example = build.bundled(name)
         folded, _ = normfuse.fold(model, example_inputs=example)
         gen = torch.Generator().manual_seed(1)
         errors = []
@@ -94,7 +85,7 @@ def low_precision() -> None:
 
 
 def recalibration() -> None:
-    model, example = _bundled("resnet_small")
+    model, example = build.bundled("resnet_small")
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randn(example.shape, generator=gen) * 1.5 + 0.7 for _ in range(16)]
     captured: dict[str, list[torch.Tensor]] = {}

@@ -36,6 +36,7 @@ __all__ = [
     "MODELS",
     "NORM_MODELS",
     "build_all",
+    "bundled",
     "export",
     "quiet",
     "randomize_batchnorm",
@@ -292,6 +293,16 @@ MODELS = {
 
 NORM_MODELS = {"norm_block": (NormBlock, ((2, 5, 16), (2, 4, 6, 6)), 13)}
 """Models with LayerNorm/RMSNorm/GroupNorm: name -> (class, input shapes, legacy opset)."""
+
+
+def bundled(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """The PyTorch model behind ``models/<name>.onnx`` (eval mode) and an example input."""
+    cls, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = cls()
+    example = torch.randn(shape)
+    randomize_batchnorm(model, example)
+    return model.eval(), example
 
 
 def build_all(out_dir: Path) -> list[Path]:

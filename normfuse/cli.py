@@ -59,6 +59,28 @@ def _fail(exc: BaseException, debug: bool) -> None:
     sys.exit(code)
 
 
+def _output_path(
+    model: Path, output: Path | None, in_place: bool, force: bool, suffix: str
+) -> Path:
+    """Where a command writes: ``-o``, the input itself with ``--in-place``, or MODEL+suffix.
+
+    Raises:
+        InputError: The output is the input without ``--in-place``, exists without
+            ``--force``, or its folder is missing.
+    """
+    if in_place and output is not None and output != model:
+        raise InputError("--in-place and --output name different files", "use one of them")
+    out = model if in_place else (output or model.with_name(model.stem + suffix))
+    if not in_place:
+        if out.exists() and model.exists() and out.resolve() == model.resolve():
+            raise InputError(f"the output {out} is the input", "pass --in-place to overwrite it")
+        if out.exists() and not force:
+            raise InputError(f"{out} exists", "pass --force to replace it")
+    if not out.parent.is_dir():
+        raise InputError(f"the output folder {out.parent} does not exist")
+    return out
+
+
 def _shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
     return dict(parse_shape(v) for v in values)
 
@@ -209,21 +231,10 @@ def fold(
     """
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
-        if in_place and output is not None and output != model:
-            raise InputError("--in-place and --output name different files", "use one of them")
         suffix = ".pt2" if model.suffix == ".pt2" else ".onnx"
-        out = model if in_place else (output or model.with_name(model.stem + ".folded" + suffix))
+        out = _output_path(model, output, in_place, force, f".folded{suffix}")
         shapes = _shapes(shape)
         inputs = load_inputs(inputs_path) if inputs_path is not None and not no_check else None
-        if not in_place:
-            if out.exists() and model.exists() and out.resolve() == model.resolve():
-                raise InputError(
-                    f"the output {out} is the input", "pass --in-place to overwrite it"
-                )
-            if out.exists() and not force:
-                raise InputError(f"{out} exists", "pass --force to replace it")
-        if not out.parent.is_dir():
-            raise InputError(f"the output folder {out.parent} does not exist")
         if model.suffix == ".pt2":
             _fold_pt2(
                 model,
@@ -356,18 +367,7 @@ def _run_rewrite(
     """load -> rewrite -> save (checked on the temporary file) -> report, for ONNX rewrites."""
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
-        if in_place and output is not None and output != model:
-            raise InputError("--in-place and --output name different files", "use one of them")
-        out = model if in_place else (output or model.with_name(f"{model.stem}.{action}.onnx"))
-        if not in_place:
-            if out.exists() and model.exists() and out.resolve() == model.resolve():
-                raise InputError(
-                    f"the output {out} is the input", "pass --in-place to overwrite it"
-                )
-            if out.exists() and not force:
-                raise InputError(f"{out} exists", "pass --force to replace it")
-        if not out.parent.is_dir():
-            raise InputError(f"the output folder {out.parent} does not exist")
+        out = _output_path(model, output, in_place, force, f".{action}.onnx")
         shapes = _shapes(shape)
         t0 = time.perf_counter()
         loaded = onnx_io.load(model)

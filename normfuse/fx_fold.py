@@ -428,6 +428,22 @@ def _describe_node(node: Any) -> str:
     return f"{target} '{node.name}'"
 
 
+def _dense_checked(pair: _Pair, activation: fx.Node) -> _Pair | tuple[str, str | None]:
+    """A BatchNorm acts on axis 1, a Linear on the last: they line up only on ``(N, C)`` data."""
+    if pair.lin.kind != "dense":
+        return pair
+    rank = _rank(activation)
+    if rank is None:
+        pair.warnings.append("(N, C) activations assumed (pass example_inputs to verify)")
+    elif rank != 2:
+        return (
+            f"{'follows' if pair.direction == 'after' else 'precedes'} {pair.lin.label} on "
+            f"data of rank {rank}: the norm acts on axis 1, Linear on the last",
+            None,
+        )
+    return pair
+
+
 def _match(gm: fx.GraphModule, norm: _Norm) -> _Pair | tuple[str, str | None]:
     """The fold for ``norm``, or ``(reason, fix)``."""
     assert norm.affine is not None
@@ -444,17 +460,7 @@ def _match(gm: fx.GraphModule, norm: _Norm) -> _Pair | tuple[str, str | None]:
                 f"{lin.label} has {lin.channels('out')} output channels, the norm {norm.channels}",
                 None,
             )
-        pair = _Pair(norm, lin, "after")
-        if lin.kind == "dense":
-            rank = _rank(lin.node)
-            if rank is not None and rank != 2:
-                return (
-                    f"{lin.label} output has rank {rank}: the norm acts on axis 1, Linear on the last",
-                    None,
-                )
-            if rank is None:
-                pair.warnings.append("(N, C) activations assumed (pass example_inputs to verify)")
-        return pair
+        return _dense_checked(_Pair(norm, lin, "after"), lin.node)
     users = _users(norm.node)
     if len(users) == 1:
         lin = _as_linear(gm, users[0])
@@ -472,16 +478,7 @@ def _match(gm: fx.GraphModule, norm: _Norm) -> _Pair | tuple[str, str | None]:
                     f"precedes {lin.label}, which {what}: folding would change the borders",
                     None,
                 )
-            pair = _Pair(norm, lin, "before")
-            if lin.kind == "dense":
-                rank = _rank(norm.node)
-                if rank is not None and rank != 2:
-                    return f"precedes {lin.label} on rank-{rank} data: axes differ", None
-                if rank is None:
-                    pair.warnings.append(
-                        "(N, C) activations assumed (pass example_inputs to verify)"
-                    )
-            return pair
+            return _dense_checked(_Pair(norm, lin, "before"), norm.node)
     after = ", ".join(_describe_node(u) for u in users) or "nothing"
     return (
         f"follows {_describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",

@@ -109,7 +109,9 @@ def test_channel_moments_merge_batches_exactly_and_stably():
     acc = ChannelMoments()
     for b in batches:
         acc.add(b.astype(np.float32))
-    flat = np.moveaxis(np.concatenate(batches).astype(np.float32).astype(np.float64), 1, 0).reshape(3, -1)
+    flat = np.moveaxis(np.concatenate(batches).astype(np.float32).astype(np.float64), 1, 0).reshape(
+        3, -1
+    )
     np.testing.assert_allclose(acc.mean, flat.mean(1), rtol=1e-12)
     np.testing.assert_allclose(acc.var(), flat.var(1), rtol=1e-9)  # a large mean cancels nothing
     np.testing.assert_allclose(acc.var(ddof=1), flat.var(1, ddof=1), rtol=1e-9)

@@ -23,18 +23,9 @@ from tests.conftest import op_types  # noqa: E402
 from tests.torch_models import count_bn, randomize  # noqa: E402
 
 
-def _bundled(name: str):
-    cls, shape, _ = build.MODELS[name]
-    torch.manual_seed(0)
-    model = cls()
-    example = torch.randn(shape)
-    build.randomize_batchnorm(model, example)
-    return model.eval(), example
-
-
 @pytest.mark.parametrize("name", sorted(build.MODELS))
 def test_export_of_the_bundled_models_folds_everything_and_matches_pytorch(tmp_path, name):
-    model, example = _bundled(name)
+    model, example = build.bundled(name)
     out = tmp_path / f"{name}.onnx"
     report = normfuse.export(model, (example,), out)
     proto = onnx.load(out)
@@ -53,7 +44,7 @@ def test_export_of_the_bundled_models_folds_everything_and_matches_pytorch(tmp_p
 
 
 def test_legacy_exporter_and_no_fold(tmp_path):
-    model, example = _bundled("resnet_small")
+    model, example = build.bundled("resnet_small")
     report = normfuse.export(model, example, tmp_path / "a.onnx", dynamo=False)
     assert "legacy" in report.notes[0] and report.parity.passed
     report = normfuse.export(model, example, tmp_path / "b.onnx", fold=False)
@@ -62,7 +53,7 @@ def test_legacy_exporter_and_no_fold(tmp_path):
 
 
 def test_export_refuses_training_mode_and_existing_output(tmp_path):
-    model, example = _bundled("mlp")
+    model, example = build.bundled("mlp")
     with pytest.raises(normfuse.InputError, match="training mode"):
         normfuse.export(model.train(), example, tmp_path / "m.onnx")
     model.eval()
@@ -75,7 +66,7 @@ def test_export_refuses_training_mode_and_existing_output(tmp_path):
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
     import normfuse.fx_export as fx_export
 
-    model, example = _bundled("mlp")
+    model, example = build.bundled("mlp")
     real = fx_export._reference
     monkeypatch.setattr(fx_export, "_reference", lambda m: lambda *a, **k: real(m)(*a, **k) * 1.001)
     with pytest.raises(normfuse.ParityError, match="nothing was written"):
@@ -84,7 +75,7 @@ def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
 
 
 def _pt2(tmp_path, name="resnet_small"):
-    model, example = _bundled(name)
+    model, example = build.bundled(name)
     path = tmp_path / "model.pt2"
     torch.export.save(torch.export.export(model, (example,)), str(path))
     return model, example, path
