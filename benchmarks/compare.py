@@ -431,6 +431,112 @@ def summary(rows: list[dict], tools: list[str]) -> list[str]:
     return lines
 
 
+def targets(rows: list[dict], tools: list[str], fp16_runs: dict | None) -> list[str]:
+    """Issue 6's targets, each with normfuse's figure and ``met`` or ``missed``."""
+    peers = [t for t in tools if t != "normfuse"]
+    mine = {r["model"]: r for r in rows if r["tool"] == "normfuse"}
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["tool"]] = r
+    out = ["| target | normfuse | verdict |", "|---|---|---|"]
+
+    def add(target: str, figure: str, ok: bool) -> None:
+        out.append(f"| {target} | {figure} | {'met' if ok else '**missed**'} |")
+
+    worse = [
+        m
+        for m, t in by_model.items()
+        if bn_left(t["normfuse"]) > min(bn_left(t[p]) for p in peers if p in t)
+    ]
+    fewer = [
+        m
+        for m, t in by_model.items()
+        if bn_left(t["normfuse"]) < min(bn_left(t[p]) for p in peers if p in t)
+    ]
+    add(
+        "coverage: no more BN left than the best peer on every model",
+        f"more on {len(worse)}/{len(by_model)} models, fewer on {len(fewer)}",
+        not worse,
+    )
+    fp32 = [r.get("max_rel") for r in mine.values() if r["kind"] != "fp16"]
+    worst = max((e for e in fp32 if e is not None), default=float("nan"))
+    add(
+        "exactness: fp32 max relative error <= 1e-5 everywhere",
+        f"{worst:.1e}",
+        worst <= 1e-5 and verdict_all(mine),
+    )
+    if fp16_runs:
+        ranked = [t for t in fp16_runs["tools"] if t not in ("onnxoptimizer",)]
+        lost = []
+        for family, runs in fp16_runs["results"].items():
+            mean = {t: sum(r["fp32"][t] for r in runs) / len(runs) for t in ranked}
+            if mean["normfuse"] > min(mean[t] for t in ranked if t != "normfuse"):
+                lost.append(family)
+        seeds = len(next(iter(fp16_runs["results"].values())))
+        add(
+            f"fp16 error vs the fp32 original no worse than any peer's (benchmarks/fp16.py, mean of {seeds} seeds per family)",
+            f"lowest on {len(fp16_runs['results']) - len(lost)}/{len(fp16_runs['results'])} families"
+            + (f" (not on {', '.join(lost)})" if lost else ""),
+            not lost,
+        )
+    single = [
+        m
+        for m, t in by_model.items()
+        if t["normfuse"]["kind"] == "fp16"
+        and "fp16_original_rel" in t["normfuse"]
+        and t["normfuse"]["max_rel"]
+        > min(
+            t[p]["max_rel"]
+            for p in peers
+            if p in t and verdict(t[p]) == "ok" and p != "onnxoptimizer"
+        )
+    ]
+    n16 = sum(1 for t in by_model.values() if "fp16_original_rel" in t["normfuse"])
+    out.append(
+        "| fp16 in this run: one model realisation and one input each (max relative error; "
+        "too noisy to rank, see the row above) "
+        f"| lowest on {n16 - len(single)}/{n16} fp16 models | not a verdict |"
+    )
+    big = {m: r for m, r in mine.items() if r["size_mb"] > 20 and "ratio" in r}
+    if big:
+        med = statistics.median(r["ratio"] for r in big.values())
+        add("speed: median time <= 1.2x the I/O floor, models > 20 MB", f"{med:.2f}x", med <= 1.2)
+        slower = [
+            m
+            for m in big
+            if "ort-basic" in by_model[m]
+            and big[m]["seconds"] >= by_model[m]["ort-basic"].get("seconds", float("inf"))
+        ]
+        add(
+            "speed: faster than onnxruntime's offline optimizer on every model > 20 MB",
+            f"slower on {len(slower)}/{len(big)}",
+            not slower,
+        )
+    allmed = statistics.median(r["ratio"] for r in mine.values() if "ratio" in r)
+    add(
+        "speed: median time <= 1.2x the I/O floor, all models (KB-sized ones: fixed cost of a few ms)",
+        f"{allmed:.2f}x",
+        allmed <= 1.2,
+    )
+    for label, kind, bound in (
+        ("in-memory models > 20 MB", "large", 1.5),
+        (">2 GB external-data model", "huge", 0.5),
+    ):
+        sel = [r for r in mine.values() if r["kind"] == kind and "work_rss_mb" in r]
+        if sel:
+            ratio = max(r["work_rss_mb"] / r["size_mb"] for r in sel)
+            add(
+                f"memory: peak RSS after imports <= {bound}x the model size, {label}",
+                f"{ratio:.2f}x",
+                ratio <= bound,
+            )
+    return out
+
+
+def verdict_all(rows: dict[str, dict]) -> bool:
+    return all(verdict(r) == "ok" for r in rows.values())
+
+
 def chart(rows: list[dict], tools: list[str], path: Path) -> bool:
     if importlib.util.find_spec("matplotlib") is None:
         return False
@@ -509,19 +615,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="skip ResNet-50 and VGG-16-BN")
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool on large models")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="rewrite RESULTS.md and the chart from the saved compare.json (and fp16.json) only",
+    )
     args = parser.parse_args()
     tools = ["normfuse"] + [
         t for t, mod in PEERS.items() if importlib.util.find_spec(mod) is not None
     ]
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="normfuse-compare-") as tmp:
-        work = Path(tmp)
-        items = build_models(work, args.quick)
-        rows = measure(items, tools, args.repeat, work)
-        lat = latency(items, work)
-    (args.out / "compare.json").write_text(
-        json.dumps({"tools": tools, "rows": rows, "latency": lat}, indent=1, default=str)
-    )
+    if args.from_json:
+        saved = json.loads((args.out / "compare.json").read_text())
+        tools, rows, lat = saved["tools"], saved["rows"], saved["latency"]
+    else:
+        with tempfile.TemporaryDirectory(prefix="normfuse-compare-") as tmp:
+            work = Path(tmp)
+            items = build_models(work, args.quick)
+            rows = measure(items, tools, args.repeat, work)
+            lat = latency(items, work)
+        (args.out / "compare.json").write_text(
+            json.dumps({"tools": tools, "rows": rows, "latency": lat}, indent=1, default=str)
+        )
+    fp16_json = args.out / "fp16.json"
+    fp16_runs = json.loads(fp16_json.read_text()) if fp16_json.exists() else None
     md = [
         "# normfuse beside its peers",
         "",
@@ -536,6 +653,10 @@ def main() -> None:
         "(a max relative error above 1e-3, fp16: 5e-2): a wrong fold removes nodes but is no fold. "
         "`bn_training_mode` must keep its BN (batch statistics). Work memory is peak RSS (VmHWM) "
         "minus the RSS after the tool's imports.",
+        "",
+        "## Targets (issue 6)",
+        "",
+        *targets(rows, tools, fp16_runs),
         "",
         "## Inference latency, original vs folded by normfuse (onnxruntime CPU, median)",
         "",
