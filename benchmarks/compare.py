@@ -574,13 +574,16 @@ LATENCY_MODELS = (
 
 
 def latency(items: list[dict], work: Path) -> list[dict]:
-    """Inference latency of original vs normfuse-folded models, CPU, both ORT levels."""
+    """Inference latency of original vs normfuse-folded models, both ORT levels, on CPU and,
+    where onnxruntime's CUDA provider loads, on CUDA."""
     from normfuse import onnx_io
     from normfuse.api import run_fold
     from normfuse.bench import measure_latency
     from normfuse.onnx_fold import FoldOptions
+    from normfuse.parity import select_provider
     from normfuse.report import Report
 
+    providers = ["cpu"] + (["cuda"] if select_provider("auto")[1] == "CUDA" else [])
     rows = []
     for item in items:
         if item["model"] not in LATENCY_MODELS:
@@ -589,24 +592,26 @@ def latency(items: list[dict], work: Path) -> list[dict]:
         run_fold(loaded.model, Report(), FoldOptions())
         folded = onnx_io.save(loaded.model, work / "latency_folded.onnx", force=True)
         big = item["kind"] == "large"
-        results = measure_latency(
-            [item["path"], folded],
-            provider="cpu",
-            opt_levels=("disable", "all"),
-            warmup=3 if big else 20,
-            reps=15 if big else 200,
-        )
-        for level in ("disable", "all"):
-            orig, fold = (r for r in results if r.opt_level == level)
-            rows.append(
-                {
-                    "model": item["model"],
-                    "level": level,
-                    "original_ms": orig.median_ms,
-                    "folded_ms": fold.median_ms,
-                    "ratio": fold.median_ms / orig.median_ms,
-                }
+        for provider in providers:
+            results = measure_latency(
+                [item["path"], folded],
+                provider=provider,
+                opt_levels=("disable", "all"),
+                warmup=3 if big and provider == "cpu" else 20,
+                reps=15 if big and provider == "cpu" else 200,
             )
+            for level in ("disable", "all"):
+                orig, fold = (r for r in results if r.opt_level == level)
+                rows.append(
+                    {
+                        "model": item["model"],
+                        "provider": provider.upper(),
+                        "level": level,
+                        "original_ms": orig.median_ms,
+                        "folded_ms": fold.median_ms,
+                        "ratio": fold.median_ms / orig.median_ms,
+                    }
+                )
     return rows
 
 
@@ -658,12 +663,16 @@ def main() -> None:
         "",
         *targets(rows, tools, fp16_runs),
         "",
-        "## Inference latency, original vs folded by normfuse (onnxruntime CPU, median)",
+        "## Inference latency, original vs folded by normfuse (onnxruntime, median)",
         "",
-        "| model | onnxruntime level | original | folded | folded / original |",
-        "|---|---|---|---|---|",
+        "CUDA rows appear where onnxruntime's CUDA provider loads; this run: "
+        + ("CPU and CUDA." if any(r.get("provider") == "CUDA" for r in lat) else "CPU only."),
+        "",
+        "| model | provider | onnxruntime level | original | folded | folded / original |",
+        "|---|---|---|---|---|---|",
         *(
-            f"| {r['model']} | {r['level']} | {r['original_ms']:.3f} ms | {r['folded_ms']:.3f} ms "
+            f"| {r['model']} | {r.get('provider', 'CPU')} | {r['level']} "
+            f"| {r['original_ms']:.3f} ms | {r['folded_ms']:.3f} ms "
             f"| {r['ratio']:.2f}× |"
             for r in lat
         ),
