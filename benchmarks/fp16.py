@@ -29,13 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import onnx  # noqa: E402
 
-from benchmarks.compare import PEERS, _session, run_tool  # noqa: E402
+from benchmarks.compare import PEERS, RUNTIME_SUBGRAPH, _session, run_tool  # noqa: E402
 
 FAMILIES = ["resnet", "mobilenet_v2", "efficientnet"]
-#: Tools that replace BN by a runtime subgraph computing the folded weights at inference
-#: (Cast/Sqrt/Div/Mul before each conv) rather than folded constants: they match the unfolded
-#: model by construction and are not ranked.
-RUNTIME_SUBGRAPH = {"onnxoptimizer"}
 
 
 def upcast(src: Path, dst: Path) -> None:
