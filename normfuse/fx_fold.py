@@ -633,13 +633,7 @@ def _fold_pair(gm: fx.GraphModule, pair: _Pair, clone: bool, counter: list[int])
         counter[0] += 1
         _make_private(gm, lin, counter[0])
     _write(gm, lin, new_w, new_b)
-    if pair.direction == "after":
-        norm.node.replace_all_uses_with(lin.node)
-    else:
-        lin.node.replace_input_with(norm.node, norm.input)
-    for n in norm.erase:
-        if not n.users:
-            gm.graph.erase_node(n)
+    _detach_norm(gm, pair)
     return None
 
 
