@@ -6,18 +6,21 @@ Usage::
     pip install onnxsim onnxslim onnxoptimizer matplotlib   # the peers (any subset) and the chart
     python benchmarks/compare.py [--quick] [--repeat 3] [--out benchmarks/results]
 
-Models are built here with torch (no downloads): the torchvision-style families of
-``models/zoo.py`` exported by the legacy exporter (``TrainingMode.PRESERVE``) and the dynamo
-exporter (``optimize=False``), fp16 exports of three of them, the bundled sample models, two
-small hand-written ONNX graphs with patterns the peers miss (BN inside a model-local function,
-a decomposed BN as Mul/Add after a conv), and, unless ``--quick``, ResNet-50 (102 MB, both
-exporters) and VGG-16-BN (553 MB) for speed and memory.
+Models are built here with torch (no downloads, random weights, BN statistics moved by
+training passes): the families of ``models/zoo.py`` at their full torchvision sizes (ResNet-50,
+MobileNet V2, MobileNet V3 Large, EfficientNet-B0, RegNetX-400MF, ShuffleNet V2, MnasNet,
+VGG-16-BN, DenseNet-121, GoogLeNet, ConvNeXt-Tiny, DeepLabV3 and FCN on ResNet-50; 9 MB to
+553 MB), exported by the legacy exporter (``TrainingMode.PRESERVE``) and the dynamo exporter
+(``optimize=False``), fp16 exports of three of them, the bundled sample models, small
+hand-written ONNX graphs with patterns the peers miss (BN inside a model-local function, a
+decomposed BN as Mul/Add after a conv, ...), and a 2.4 GB model with external data.
+``--quick`` builds the families at a tiny width instead and skips the 2.4 GB model.
 
 Every tool runs in its own process (``benchmarks/peers.py``) on every model, alternating, so
 drift hits all alike. Per model and tool: BatchNormalization nodes left, total nodes,
 ``onnx.checker`` (full check) pass, max relative error against the original on onnxruntime
 CPU at ``ORT_DISABLE_ALL`` (fp16 models: against the fp32 original), the time from file in to
-file out (imports excluded; median of ``--repeat`` on large models) and its ratio to the I/O
+file out (imports excluded; median of ``--repeat`` runs) and its ratio to the I/O
 floor (``onnx.load`` + ``onnx.save`` of the same file), and peak RSS minus the RSS after the
 tool's imports. Writes ``compare.json``, ``RESULTS.md`` and, with matplotlib, ``compare.png``.
 """
@@ -202,22 +205,28 @@ def _synthetic(work: Path) -> dict[str, Path]:
 
 
 def build_models(work: Path, quick: bool) -> list[dict]:
+    """The run's models: the families at full size (tiny with ``quick``), both exporters, fp16
+    exports of three, the bundled and hand-written pattern models, and (not ``quick``) the
+    external-data model above 2 GB."""
     import torch
 
     from models import build, zoo
 
+    def make(name: str):
+        return zoo.build(name) if quick else zoo.build_full(name)
+
+    shape = (1, 3, 32, 32) if quick else (1, 3, 224, 224)
     items: list[dict] = []
     for name in sorted(zoo.FAMILIES):
-        model = zoo.build(name)
+        model = make(name)
         for exporter in ("legacy", "dynamo"):
             path = work / f"{name}_{exporter}.onnx"
-            build.export(model, torch.randn(1, 3, 32, 32), path, dynamo=exporter == "dynamo")
+            build.export(model, torch.randn(*shape), path, dynamo=exporter == "dynamo")
             items.append({"model": f"{name} ({exporter})", "path": path, "kind": "family"})
+        del model
         if name in FP16_FAMILIES:
             path = work / f"{name}_fp16.onnx"
-            build.export(
-                zoo.build(name).half(), torch.randn(1, 3, 32, 32).half(), path, dynamo=False
-            )
+            build.export(make(name).half(), torch.randn(*shape).half(), path, dynamo=False)
             items.append(
                 {
                     "model": f"{name} (legacy, fp16)",
@@ -231,19 +240,6 @@ def build_models(work: Path, quick: bool) -> list[dict]:
     for name, p in _synthetic(work).items():
         items.append({"model": name, "path": p, "kind": "fp16" if "fp16" in name else "pattern"})
     if not quick:
-        torch.manual_seed(0)
-        for cls, shape, exporters in (
-            (zoo.ResNet50, (1, 3, 224, 224), ("legacy", "dynamo")),
-            (zoo.VGG16BN, (1, 3, 224, 224), ("legacy",)),
-        ):
-            model = cls()
-            build.randomize_batchnorm(model, torch.randn(2, 3, 64, 64), passes=2)
-            for exporter in exporters:
-                path = work / f"{cls.__name__.lower()}_{exporter}.onnx"
-                build.export(model, torch.randn(*shape), path, dynamo=exporter == "dynamo")
-                items.append(
-                    {"model": f"{cls.__name__} ({exporter})", "path": path, "kind": "large"}
-                )
         items.append(
             {
                 "model": "wide convs, external data",
@@ -312,7 +308,7 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
     rows = []
     for item in items:
         src: Path = item["path"]
-        reps = repeat if item["kind"] == "large" else 1
+        reps = 1 if item["kind"] == "huge" else repeat
         runs: dict[str, list[dict]] = {t: [] for t in ["floor", *tools]}
         for _ in range(reps):
             for tool in runs:  # alternate
@@ -523,11 +519,15 @@ def targets(rows: list[dict], tools: list[str], fp16_runs: dict | None) -> list[
         f"{allmed:.2f}x",
         allmed <= 1.2,
     )
-    for label, kind, bound in (
-        ("in-memory models > 20 MB", "large", 1.5),
-        (">2 GB external-data model", "huge", 0.5),
+    for label, huge, bound in (
+        ("in-memory models > 20 MB", False, 1.5),
+        (">2 GB external-data model", True, 0.5),
     ):
-        sel = [r for r in mine.values() if r["kind"] == kind and "work_rss_mb" in r]
+        sel = [
+            r
+            for r in mine.values()
+            if (r["kind"] == "huge") == huge and r["size_mb"] > 20 and "work_rss_mb" in r
+        ]
         if sel:
             ratio = max(r["work_rss_mb"] / r["size_mb"] for r in sel)
             add(
@@ -567,10 +567,10 @@ def chart(rows: list[dict], tools: list[str], path: Path) -> bool:
 
 
 LATENCY_MODELS = (
-    "ResNet50 (legacy)",
+    "resnet (legacy)",
+    "resnet (dynamo)",
     "mobilenet_v2 (legacy)",
     "efficientnet (legacy)",
-    "resnet (dynamo)",
 )
 
 
@@ -592,7 +592,7 @@ def latency(items: list[dict], work: Path) -> list[dict]:
         loaded = onnx_io.load(item["path"], lazy=True)
         run_fold(loaded.model, Report(), FoldOptions())
         folded = onnx_io.save(loaded.model, work / "latency_folded.onnx", force=True)
-        big = item["kind"] == "large"
+        big = item["path"].stat().st_size > 20e6
         for provider in providers:
             results = measure_latency(
                 [item["path"], folded],
@@ -618,8 +618,14 @@ def latency(items: list[dict], work: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="normfuse beside its peers")
-    parser.add_argument("--quick", action="store_true", help="skip ResNet-50 and VGG-16-BN")
-    parser.add_argument("--repeat", type=int, default=3, help="runs per tool on large models")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny-width families and no >2 GB model (minutes instead of an hour)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs per tool and model (median; the >2 GB model: 1)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
         "--from-json",

@@ -125,6 +125,7 @@ class ConstantResolver:
         self.opset = opset
         self.ir_version = ir_version
         self._cache: dict[int, np.ndarray | NotConstant] = {}
+        self._large: list[int] = []  # keys of cached arrays of at least LARGE_BYTES
 
     def is_overridable_input(self, value: ir.Value) -> bool:
         """True when the value is a graph input that a caller may feed at run time."""
@@ -155,6 +156,8 @@ class ConstantResolver:
             except NotConstant as exc:
                 hit = exc
             self._cache[key] = hit
+            if isinstance(hit, np.ndarray) and hit.nbytes >= LARGE_BYTES:
+                self._large.append(key)
         if isinstance(hit, NotConstant):
             raise hit
         return hit
@@ -178,12 +181,9 @@ class ConstantResolver:
 
     def drop_large(self) -> None:
         """Forget cached arrays of at least :data:`LARGE_BYTES`, to bound memory on big models."""
-        for key in [
-            k
-            for k, v in self._cache.items()
-            if isinstance(v, np.ndarray) and v.nbytes >= LARGE_BYTES
-        ]:
-            del self._cache[key]
+        for key in self._large:
+            self._cache.pop(key, None)
+        self._large.clear()
 
     def _resolve(self, value: ir.Value, depth: int) -> np.ndarray:
         name = value.name or "<unnamed>"

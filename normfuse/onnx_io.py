@@ -457,27 +457,50 @@ class _Deferred:
         out.write(array.reshape(-1).view(np.uint8).data)
 
 
-def _copy_range(src: _FileRange, out: Any) -> None:
-    out.flush()
-    with open(src.path, "rb") as f:
-        offset, left = src.offset, src.length
-        fd_in, fd_out = f.fileno(), out.fileno()
+#: Ranges below this are read and written through the output's buffer; larger ones are copied
+#: file to file in the kernel (copy_file_range), which needs the buffer flushed first.
+_KERNEL_COPY_MIN = 1 << 20
+
+
+class _Sources:
+    """The input files that ranges are copied from, each opened once per write."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def fd(self, path: str) -> int:
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb")  # noqa: SIM115 - closed by close()
+        return f.fileno()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _copy_range(src: _FileRange, out: Any, sources: _Sources) -> None:
+    fd_in = sources.fd(src.path)
+    offset, left = src.offset, src.length
+    if left >= _KERNEL_COPY_MIN:
+        out.flush()
         try:
             while left:
-                n = os.copy_file_range(fd_in, fd_out, left, offset)
+                n = os.copy_file_range(fd_in, out.fileno(), left, offset)
                 if n == 0:
                     raise OSError(f"{src.path} ended early")
                 offset += n
                 left -= n
         except (AttributeError, OSError):  # no copy_file_range here, or across filesystems
-            while left:
-                chunk = os.pread(fd_in, min(left, 1 << 24), offset)
-                if not chunk:
-                    raise OSError(f"{src.path} ended early") from None
-                out.write(chunk)
-                out.flush()
-                offset += len(chunk)
-                left -= len(chunk)
+            pass
+    while left:
+        chunk = os.pread(fd_in, min(left, 1 << 24), offset)
+        if not chunk:
+            raise OSError(f"{src.path} ended early") from None
+        out.write(chunk)
+        offset += len(chunk)
+        left -= len(chunk)
 
 
 _Data = bytes | memoryview | _FileRange | _Deferred
@@ -526,9 +549,9 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | No
     return None
 
 
-def _write_data(piece: _Data, out: Any) -> None:
+def _write_data(piece: _Data, out: Any, sources: _Sources) -> None:
     if isinstance(piece, _FileRange):
-        _copy_range(piece, out)
+        _copy_range(piece, out, sources)
     elif isinstance(piece, _Deferred):
         piece.write(out)
     else:
@@ -589,6 +612,7 @@ def write_streaming(
     data_file = None
     data_tmp: Path | None = None
     offset = 0
+    sources = _Sources()
     try:
         for v, t in zip(values, tensors, strict=True):
             name = v.name or ""
@@ -607,7 +631,7 @@ def write_streaming(
                         )
                         data_tmp = Path(tmp_name)
                         data_file = os.fdopen(fd, "wb")
-                    _write_data(data, data_file)
+                    _write_data(data, data_file, sources)
                     header.data_location = onnx.TensorProto.EXTERNAL
                     for key, value in (
                         ("location", external_data),
@@ -627,26 +651,27 @@ def write_streaming(
             os.chmod(data_tmp, _default_mode())  # type: ignore[arg-type]
             os.replace(data_tmp, folder / external_data)  # type: ignore[arg-type, operator]
             data_tmp = None
+        graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
+        if graph_len + len(head) > _TWO_GIB - 1:
+            raise InputError(
+                "the model is above protobuf's 2 GiB limit without external data",
+                "pass --external-data",
+            )
+        with open(path, "wb") as f:
+            f.write(head)
+            f.write(_field(_MODEL_GRAPH, graph_len))
+            f.write(graph_bytes)
+            for tag, pieces, _ in entries:
+                f.write(tag)
+                for piece in pieces:
+                    _write_data(piece, f, sources)
     finally:
+        sources.close()
         if data_file is not None:
             data_file.close()
         if data_tmp is not None:
             with contextlib.suppress(OSError):
                 data_tmp.unlink()
-    graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
-    if graph_len + len(head) > _TWO_GIB - 1:
-        raise InputError(
-            "the model is above protobuf's 2 GiB limit without external data",
-            "pass --external-data",
-        )
-    with open(path, "wb") as f:
-        f.write(head)
-        f.write(_field(_MODEL_GRAPH, graph_len))
-        f.write(graph_bytes)
-        for tag, pieces, _ in entries:
-            f.write(tag)
-            for piece in pieces:
-                _write_data(piece, f)
 
 
 def _data_name(folder: Path, out_name: str) -> str:

@@ -32,7 +32,7 @@ def _rows(**normfuse: object) -> list[dict]:
     for model in ("a", "b"):
         rows.append(_row(model, "normfuse", **(normfuse if model == "b" else {})))
         rows += [_row(model, t, bn_after=2) for t in TOOLS[1:]]
-    big = {"kind": "large", "size_mb": 100.0, "ratio": 0.4, "seconds": 0.4, "work_rss_mb": 30.0}
+    big = {"kind": "family", "size_mb": 100.0, "ratio": 0.4, "seconds": 0.4, "work_rss_mb": 30.0}
     rows.append(_row("big", "normfuse", **big))
     rows += [_row("big", t, **(big | {"seconds": 0.8, "ratio": 0.8})) for t in TOOLS[1:]]
     return rows
