@@ -19,13 +19,21 @@ Anything else is "not constant" with its reason.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["LARGE_BYTES", "ConstantResolver", "FileArray", "NotConstant", "read_tensor"]
+__all__ = [
+    "LARGE_BYTES",
+    "ConstantResolver",
+    "FileArray",
+    "NotConstant",
+    "OpenFiles",
+    "read_tensor",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +64,55 @@ class FileArray:
         return array if dtype is None else array.astype(dtype)
 
 
-def read_tensor(tensor: ir.TensorProtocol) -> np.ndarray:
+class OpenFiles:
+    """Files read from many times (the tensors of one model), each opened once until closed."""
+
+    def __init__(self) -> None:
+        self._files: dict[str, Any] = {}
+
+    def fd(self, path: str | os.PathLike) -> int:
+        key = os.fspath(path)
+        f = self._files.get(key)
+        if f is None:
+            f = self._files[key] = open(key, "rb")  # noqa: SIM115 - closed by close()
+        return f.fileno()
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def read_tensor(tensor: ir.TensorProtocol, files: OpenFiles | None = None) -> np.ndarray:
     """The tensor's values; a file-backed tensor is read into fresh memory, not memory-mapped.
 
     Mapped pages of a large model would stay resident (and count as the process's memory)
-    until the map is closed; a plain read leaves only the page cache behind.
+    until the map is closed; a plain read leaves only the page cache behind. ``files`` keeps
+    the data files open between reads.
     """
     if isinstance(tensor, ir.ExternalTensor):
         dtype = tensor.dtype.numpy()
         if dtype.itemsize and tensor.dtype.bitwidth == dtype.itemsize * 8:
-            count = int(np.prod(tensor.shape.numpy()))
-            array = np.fromfile(tensor.path, dtype=dtype, count=count, offset=tensor.offset or 0)
-            if array.size != count:
+            shape = tensor.shape.numpy()
+            count = int(np.prod(shape))
+            if files is None:
+                array = np.fromfile(
+                    tensor.path, dtype=dtype, count=count, offset=tensor.offset or 0
+                )
+                got = array.size
+            else:
+                array = np.empty(count, dtype=dtype)
+                view = array.view(np.uint8).data
+                fd, offset, done = files.fd(tensor.path), tensor.offset or 0, 0
+                while done < len(view):  # one read returns at most ~2 GiB
+                    n = os.preadv(fd, [view[done:]], offset + done)
+                    if n == 0:
+                        break
+                    done += n
+                got = done // max(dtype.itemsize, 1)
+            if got != count:
                 raise NotConstant(f"the external data of '{tensor.name}' is shorter than its shape")
-            return array.reshape(tensor.shape.numpy())
+            return array.reshape(shape)
     return tensor.numpy()
 
 
@@ -119,13 +162,20 @@ class ConstantResolver:
     Args:
         opset: The default-domain opset version of the graph the values live in.
         ir_version: The model's IR version (before 4, initializers are listed as inputs).
+        keep_open: Keep data files open between reads; the owner calls :meth:`close`.
     """
 
-    def __init__(self, opset: int, ir_version: int = 10) -> None:
+    def __init__(self, opset: int, ir_version: int = 10, keep_open: bool = False) -> None:
         self.opset = opset
         self.ir_version = ir_version
         self._cache: dict[int, np.ndarray | NotConstant] = {}
         self._large: list[int] = []  # keys of cached arrays of at least LARGE_BYTES
+        self.files = OpenFiles() if keep_open else None
+
+    def close(self) -> None:
+        """Close the data files kept open (``keep_open``); they reopen if read again."""
+        if self.files is not None:
+            self.files.close()
 
     def is_overridable_input(self, value: ir.Value) -> bool:
         """True when the value is a graph input that a caller may feed at run time."""
@@ -194,7 +244,7 @@ class ConstantResolver:
             )
         if value.const_value is not None:
             try:
-                return read_tensor(value.const_value)
+                return read_tensor(value.const_value, self.files)
             except (ValueError, TypeError, OSError) as exc:  # bytes that do not fit dtype/shape
                 raise NotConstant(f"the tensor '{name}' is malformed ({exc})") from None
         node = value.producer()

@@ -257,18 +257,22 @@ def fold_model(
         )
         opset = opset or model.opset_imports.get("ai.onnx") or 1
         work.append(_Folder(container, label, opset, model.ir_version, names, options))
-    plans = [(folder, folder.chains()) for folder in work]
-    total = sum(len(chains) for _, chains in plans)
-    done = 0
-    entries: list[Entry] = []
-    for folder, chains in plans:
-        for chain in chains:
-            entries.extend(folder.fold_chain(chain))
-            folder.consts.drop_large()
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        entries.extend(folder.lone_norm_entries())
+    try:
+        plans = [(folder, folder.chains()) for folder in work]
+        total = sum(len(chains) for _, chains in plans)
+        done = 0
+        entries: list[Entry] = []
+        for folder, chains in plans:
+            for chain in chains:
+                entries.extend(folder.fold_chain(chain))
+                folder.consts.drop_large()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            entries.extend(folder.lone_norm_entries())
+    finally:
+        for folder in work:
+            folder.consts.close()
     return entries
 
 
@@ -298,11 +302,12 @@ class _Folder:
         self.ir_version = ir_version
         self.names = names
         self.options = options
-        self.consts = ConstantResolver(opset, ir_version)
+        self.consts = ConstantResolver(opset, ir_version, keep_open=True)
         self.reported: set[int] = set()
         self.is_main = label == ""
         self._wanted_names: list[tuple[ir.Value, str]] = []
         self.too_new: list[ir.Node] = []
+        self._linears: dict[int, tuple[ir.Node, _Linear | str]] = {}
 
     # ----------------------------------------------------------------- finding chains
     def _link(self, node: ir.Node) -> _Link | None:
@@ -374,10 +379,16 @@ class _Folder:
             raise _Refused(f"the {what} of {_label(op)} is not constant: {exc}") from None
 
     def _linear(self, node: ir.Node) -> _Linear | str:
+        """The linear op's reading, cached until the graph next changes (:meth:`_set_input`)."""
+        hit = self._linears.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
         try:
-            return self._read_linear(node)
+            found: _Linear | str = self._read_linear(node)
         except _Refused as exc:
-            return exc.reason
+            found = exc.reason
+        self._linears[id(node)] = (node, found)
+        return found
 
     def _read_linear(self, node: ir.Node) -> _Linear:
         op = node.op_type
@@ -625,6 +636,7 @@ class _Folder:
     # ----------------------------------------------------------------- the decision
     def fold_chain(self, chain: list[_Link]) -> list[Entry]:
         """Fold what can fold in one chain; one entry per reportable node."""
+        self._linears.clear()
         rank = self._chain_rank(chain)
         warnings = [self._warnings(link) for link in chain]
         names = [node_name(link.node) for link in chain]
@@ -914,6 +926,7 @@ class _Folder:
         for v in removed_inputs:
             self._prune(v)
         self._restore_names()
+        self._linears.clear()
 
     def _apply_before(self, links: list[_Link], affine: Affine, rank: int | None) -> str:
         """Fold into every consumer of the chain's output; returns the targets' labels."""
@@ -1005,6 +1018,7 @@ class _Folder:
             for v in removed_inputs:
                 self._prune(v)
         self._restore_names()
+        self._linears.clear()
         return label
 
     def _deferrable(self, lin: _Linear) -> bool:
@@ -1065,6 +1079,7 @@ class _Folder:
         self, node: ir.Node, index: int, array: np.ndarray | ir.LazyTensor, role: str = "weight"
     ) -> None:
         """Give ``node`` a new constant input, in place when nothing else uses the old one."""
+        self._linears.clear()
         old = node.inputs[index] if index < len(node.inputs) else None
         shape = tuple(array.shape.numpy()) if isinstance(array, ir.LazyTensor) else array.shape
         if (
@@ -1115,6 +1130,7 @@ class _Folder:
 
     def _insert_bias(self, node: ir.Node, bias: np.ndarray) -> ir.Value:
         """Add ``bias`` after ``node``'s output; the sum takes over the output's name and uses."""
+        self._linears.clear()
         out = node.outputs[0]
         const = self._new_const(self._fresh(f"{node_name(node)}_bias"), bias, before=node)
         add = ir.Node("", "Add", [out, const], name=self._fresh(f"{node_name(node)}_bias_add"))

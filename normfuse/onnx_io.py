@@ -29,6 +29,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from normfuse.errors import InputError, OutputExistsError
+from normfuse.onnx_const import OpenFiles
 
 __all__ = ["Loaded", "has_external_data", "load", "save", "to_kind", "unwrap", "write_streaming"]
 
@@ -462,25 +463,7 @@ class _Deferred:
 _KERNEL_COPY_MIN = 1 << 20
 
 
-class _Sources:
-    """The input files that ranges are copied from, each opened once per write."""
-
-    def __init__(self) -> None:
-        self._files: dict[str, Any] = {}
-
-    def fd(self, path: str) -> int:
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb")  # noqa: SIM115 - closed by close()
-        return f.fileno()
-
-    def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
-
-
-def _copy_range(src: _FileRange, out: Any, sources: _Sources) -> None:
+def _copy_range(src: _FileRange, out: Any, sources: OpenFiles) -> None:
     fd_in = sources.fd(src.path)
     offset, left = src.offset, src.length
     if left >= _KERNEL_COPY_MIN:
@@ -549,7 +532,7 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | No
     return None
 
 
-def _write_data(piece: _Data, out: Any, sources: _Sources) -> None:
+def _write_data(piece: _Data, out: Any, sources: OpenFiles) -> None:
     if isinstance(piece, _FileRange):
         _copy_range(piece, out, sources)
     elif isinstance(piece, _Deferred):
@@ -612,7 +595,7 @@ def write_streaming(
     data_file = None
     data_tmp: Path | None = None
     offset = 0
-    sources = _Sources()
+    sources = OpenFiles()
     try:
         for v, t in zip(values, tensors, strict=True):
             name = v.name or ""
