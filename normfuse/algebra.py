@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any, Literal, Protocol
 
 import ml_dtypes
@@ -245,31 +246,41 @@ def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 
 def scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """``w * factor`` in float64, rounded once into ``dtype`` (the deferred half of a fold)."""
-    return _scale_weight(w, factor, dtype)[0]
+    """``w * factor`` computed in float64 and rounded once into ``dtype``.
+
+    numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
+    float64 copy of the whole weight is made. A file-backed weight is read here, once.
+    """
+    values = np.asarray(w)
+    out = np.empty(values.shape, dtype=dtype)
+    with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
+        np.multiply(values, factor, out=out, dtype=np.float64, casting="unsafe")
+    return out
+
+
+def _peak(w: np.ndarray) -> float:
+    """``max |w|`` (``nan`` if some value is NaN). For 2-byte floats (float16, bfloat16) numpy's
+    float reductions are slow; their magnitudes order like the integers of their bits without
+    the sign, which reduce fast."""
+    if w.dtype.itemsize == 2 and w.dtype.kind in "fV":
+        top = (w.reshape(-1).view(np.uint16) & np.uint16(0x7FFF)).max()
+        return float(np.array([top], dtype=np.uint16).view(w.dtype)[0])
+    return max(abs(float(w.max())), abs(float(w.min())))
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """No NaN or infinity in ``a`` (one fast reduction, also for float16 and bfloat16)."""
+    return not a.size or math.isfinite(_peak(a))
 
 
 def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:  # w: the values
     """An upper bound of ``|w * factor|``, exact when it exceeds what ``dtype`` holds."""
     if not w.size:
         return 0.0
-    bound = max(abs(float(w.max())), abs(float(w.min()))) * float(np.abs(factor).max())
+    bound = _peak(w) * float(np.abs(factor).max())
     if bound <= dtype_max(dtype):
         return bound
     return float(np.abs(w.astype(np.float64) * factor).max())
-
-
-def _scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, float]:
-    """``w * factor`` computed in float64 and rounded once into ``dtype``.
-
-    numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
-    float64 copy of the whole weight is made.
-    """
-    values = np.asarray(w)  # reads a file-backed weight, once
-    out = np.empty(values.shape, dtype=dtype)
-    with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
-        np.multiply(values, factor, out=out, dtype=np.float64, casting="unsafe")
-    return out, _bound(values, factor, dtype)
 
 
 def _finish(
@@ -284,7 +295,8 @@ def _finish(
     elif defer:
         weight, peak = None, _bound(np.asarray(w), factor, dtype)
     else:
-        weight, peak = _scale_weight(w, factor, dtype)
+        values = np.asarray(w)  # reads a file-backed weight, once
+        weight, peak = scale_weight(values, factor, dtype), _bound(values, factor, dtype)
     with np.errstate(over="ignore"):  # the caller compares bias64 with the dtype's range
         return Folded(weight, b64.astype(bias_dtype), b64, peak, factor, np.dtype(dtype))
 

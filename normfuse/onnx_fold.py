@@ -1044,7 +1044,7 @@ class _Folder:
         def compute() -> ir.Tensor:
             values = read_tensor(source)
             result = algebra.scale_weight(values, factor, dtype)
-            if not np.all(np.isfinite(result)) and np.all(np.isfinite(values)):
+            if not algebra.all_finite(result) and algebra.all_finite(values):
                 raise InputError(
                     f"the folded weight of {label} overflows {dtype}; nothing was written",
                     "check the BatchNorm statistics of that layer",

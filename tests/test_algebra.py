@@ -116,3 +116,33 @@ def test_channel_moments_merge_batches_exactly_and_stably():
     np.testing.assert_allclose(acc.var(), flat.var(1), rtol=1e-9)  # a large mean cancels nothing
     np.testing.assert_allclose(acc.var(ddof=1), flat.var(1, ddof=1), rtol=1e-9)
     assert acc.n == flat.shape[1]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_peak_magnitude_matches_float64(rng, dtype):
+    import ml_dtypes
+
+    from normfuse.algebra import _peak
+
+    dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    w = (rng.standard_normal((64, 3, 5, 5)) * rng.uniform(0.1, 300.0)).astype(dt)
+    w.reshape(-1)[17] = -float(np.abs(w.astype(np.float64)).max()) * 1.5  # the peak is negative
+    assert _peak(w) == float(np.abs(w.astype(np.float64)).max())
+    w.reshape(-1)[3] = np.inf
+    assert _peak(w) == np.inf
+    w.reshape(-1)[4] = np.nan
+    assert np.isnan(_peak(w))
+
+
+def test_all_finite(rng):
+    import ml_dtypes
+
+    from normfuse.algebra import all_finite
+
+    for dt in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
+        a = rng.standard_normal(100).astype(dt)
+        assert all_finite(a) and all_finite(a[:0])
+        for bad in (np.inf, -np.inf, np.nan):
+            b = a.copy()
+            b[50] = bad
+            assert not all_finite(b)
