@@ -95,21 +95,21 @@ def read_tensor(tensor: ir.TensorProtocol, files: OpenFiles | None = None) -> np
         if dtype.itemsize and tensor.dtype.bitwidth == dtype.itemsize * 8:
             shape = tensor.shape.numpy()
             count = int(np.prod(shape))
-            if files is None:
-                array = np.fromfile(
-                    tensor.path, dtype=dtype, count=count, offset=tensor.offset or 0
-                )
-                got = array.size
-            else:
-                array = np.empty(count, dtype=dtype)
-                view = array.view(np.uint8).data
-                fd, offset, done = files.fd(tensor.path), tensor.offset or 0, 0
+            own = files is None
+            opened = OpenFiles() if files is None else files
+            array = np.empty(count, dtype=dtype)
+            view = array.view(np.uint8).data
+            try:
+                fd, offset, done = opened.fd(tensor.path), tensor.offset or 0, 0
                 while done < len(view):  # one read returns at most ~2 GiB
                     n = os.preadv(fd, [view[done:]], offset + done)
                     if n == 0:
                         break
                     done += n
-                got = done // max(dtype.itemsize, 1)
+            finally:
+                if own:
+                    opened.close()
+            got = done // max(dtype.itemsize, 1)
             if got != count:
                 raise NotConstant(f"the external data of '{tensor.name}' is shorter than its shape")
             return array.reshape(shape)
