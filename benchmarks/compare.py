@@ -212,21 +212,17 @@ def build_models(work: Path, quick: bool) -> list[dict]:
 
     from models import build, zoo
 
-    def make(name: str):
-        return zoo.build(name) if quick else zoo.build_full(name)
-
     shape = (1, 3, 32, 32) if quick else (1, 3, 224, 224)
     items: list[dict] = []
     for name in sorted(zoo.FAMILIES):
-        model = make(name)
+        model = zoo.build(name) if quick else zoo.build_full(name)
         for exporter in ("legacy", "dynamo"):
             path = work / f"{name}_{exporter}.onnx"
             build.export(model, torch.randn(*shape), path, dynamo=exporter == "dynamo")
             items.append({"model": f"{name} ({exporter})", "path": path, "kind": "family"})
-        del model
-        if name in FP16_FAMILIES:
+        if name in FP16_FAMILIES:  # the same weights, rounded to fp16
             path = work / f"{name}_fp16.onnx"
-            build.export(make(name).half(), torch.randn(*shape).half(), path, dynamo=False)
+            build.export(model.half(), torch.randn(*shape).half(), path, dynamo=False)
             items.append(
                 {
                     "model": f"{name} (legacy, fp16)",
@@ -235,6 +231,7 @@ def build_models(work: Path, quick: bool) -> list[dict]:
                     "fp32": work / f"{name}_legacy.onnx",
                 }
             )
+        del model
     for p in sorted((ROOT / "models").glob("*.onnx")):
         items.append({"model": f"bundled {p.stem}", "path": p, "kind": "pattern"})
     for name, p in _synthetic(work).items():

@@ -379,7 +379,10 @@ class _Folder:
             raise _Refused(f"the {what} of {_label(op)} is not constant: {exc}") from None
 
     def _linear(self, node: ir.Node) -> _Linear | str:
-        """The linear op's reading, cached until the graph next changes (:meth:`_set_input`)."""
+        """The linear op's reading, cached within a chain until its first rewrite.
+
+        Every rewrite starts with :meth:`_set_input` or :meth:`_insert_bias`, which empty the
+        cache; :meth:`fold_chain` empties it too."""
         hit = self._linears.get(id(node))
         if hit is not None and hit[0] is node:
             return hit[1]
@@ -926,7 +929,6 @@ class _Folder:
         for v in removed_inputs:
             self._prune(v)
         self._restore_names()
-        self._linears.clear()
 
     def _apply_before(self, links: list[_Link], affine: Affine, rank: int | None) -> str:
         """Fold into every consumer of the chain's output; returns the targets' labels."""
@@ -1018,7 +1020,6 @@ class _Folder:
             for v in removed_inputs:
                 self._prune(v)
         self._restore_names()
-        self._linears.clear()
         return label
 
     def _deferrable(self, lin: _Linear) -> bool:
