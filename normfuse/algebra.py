@@ -27,8 +27,11 @@ This module is pure numpy; it knows nothing about graphs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
 import ml_dtypes
@@ -245,16 +248,56 @@ def _expand_dims(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
     return v.reshape(shape)
 
 
+#: Weights of at least this many elements are scaled by several threads (numpy's loops release
+#: the GIL); below it handing the work over costs more than it saves.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+_POOL: tuple[int, ThreadPoolExecutor | None, int] | None = None
+
+
+def _pool() -> tuple[ThreadPoolExecutor | None, int]:
+    """A thread pool with one worker per usable core (at most 8) and its size; no pool on one
+    core. Made again in a forked child, whose copy of the parent's pool has no threads."""
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+        workers = min(cores, 8)
+        pool = ThreadPoolExecutor(workers, "normfuse") if workers > 1 else None
+        _POOL = (os.getpid(), pool, workers)
+    return _POOL[1], _POOL[2]
+
+
 def scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """``w * factor`` computed in float64 and rounded once into ``dtype``.
 
     numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
-    float64 copy of the whole weight is made. A file-backed weight is read here, once.
+    float64 copy of the whole weight is made. A file-backed weight is read here, once. Large
+    weights are cut into blocks of rows that threads scale side by side; every element is the
+    same product either way.
     """
     values = np.asarray(w)
     out = np.empty(values.shape, dtype=dtype)
-    with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
-        np.multiply(values, factor, out=out, dtype=np.float64, casting="unsafe")
+    rows = values.shape[0] if values.ndim else 0
+    per_row = rows > 1 and factor.ndim == values.ndim and factor.shape[0] == rows
+
+    def scale(block: Any) -> None:  # a slice of rows, or ... for all
+        with np.errstate(over="ignore"):  # overflow is reported through the peak, and refused
+            np.multiply(
+                values[block],
+                factor[block] if per_row else factor,
+                out=out[block],
+                dtype=np.float64,
+                casting="unsafe",
+            )
+
+    pool, workers = _pool() if values.size >= PARALLEL_MIN_ELEMENTS else (None, 1)
+    if pool is None or rows < 2:
+        scale(...)
+        return out
+    edges = np.linspace(0, rows, min(workers, rows) + 1).astype(int).tolist()
+    for done in pool.map(scale, [slice(a, b) for a, b in itertools.pairwise(edges)]):
+        assert done is None  # pool.map re-raises a worker's exception here
     return out
 
 
@@ -263,8 +306,13 @@ def _peak(w: np.ndarray) -> float:
     float reductions are slow; their magnitudes order like the integers of their bits without
     the sign, which reduce fast."""
     if w.dtype.itemsize == 2 and w.dtype.kind in "fV":
-        top = (w.reshape(-1).view(np.uint16) & np.uint16(0x7FFF)).max()
-        return float(np.array([top], dtype=np.uint16).view(w.dtype)[0])
+        # without the sign bit: the top positive is the int16 maximum, the top negative the
+        # uint16 maximum; two reductions, no temporary array
+        bits = w.reshape(-1)
+        positive = max(int(bits.view(np.int16).max()), 0)
+        negative = max(int(bits.view(np.uint16).max()) - 0x8000, 0)
+        top = np.array([max(positive, negative)], dtype=np.uint16)
+        return float(top.view(w.dtype)[0])
     return max(abs(float(w.max())), abs(float(w.min())))
 
 

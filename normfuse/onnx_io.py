@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,9 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
 
 
 def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    byte = buf[pos]
+    if byte < 0x80:  # one byte: most tags, small lengths
+        return byte, pos + 1
     result = shift = 0
     while True:
         byte = buf[pos]
@@ -169,23 +173,32 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
         pos = value_end
 
 
-def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
-    """A TensorProto whose large raw_data stays in the file: an external-data reference to it."""
+def _externalize(buf: Any, start: int, end: int, location: bytes) -> bytes | None:
+    """A TensorProto whose large raw_data stays in the file: an external-data reference to it.
+
+    Written in the wire format directly: the tensor's other fields as they are, then the
+    ``external_data`` entries and ``data_location = EXTERNAL`` (a later scalar field wins).
+    """
     raw: tuple[int, int] | None = None
     rest = bytearray()
+    kept = start  # fields from here on are copied as they are
     for number, wire, fstart, vstart, vend in _fields(buf, start, end):
         if number == _TENSOR_RAW_DATA and wire == 2 and vend - vstart >= LAZY_MIN_BYTES:
             raw = (vstart, vend - vstart)
-            continue
-        rest += buf[fstart:vend]
+            rest += buf[kept:fstart]
+            kept = vend
     if raw is None:
         return None
-    tensor = onnx.TensorProto()
-    tensor.ParseFromString(bytes(rest))
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    for key, value in (("location", location), ("offset", str(raw[0])), ("length", str(raw[1]))):
-        tensor.external_data.add(key=key, value=value)
-    return tensor.SerializeToString()
+    rest += buf[kept:end]
+    for key, value in (
+        (b"location", location),
+        (b"offset", str(raw[0]).encode()),
+        (b"length", str(raw[1]).encode()),
+    ):
+        entry = _field(1, len(key)) + key + _field(2, len(value)) + value
+        rest += _field(_TENSOR_EXTERNAL_DATA, len(entry)) + entry
+    rest += _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
+    return bytes(rest)
 
 
 def _load_self_backed(path: Path) -> ir.Model | None:
@@ -203,20 +216,23 @@ def _load_self_backed(path: Path) -> ir.Model | None:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             model_bytes = bytearray()
             found = False
+            location = path.name.encode()
             for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
                 if number != _MODEL_GRAPH or wire != 2:
                     model_bytes += buf[fstart:vend]
                     continue
                 graph = bytearray()
+                kept = vstart  # runs of fields that stay as they are are copied at once
                 for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
-                    tensor = None
-                    if gnum == _GRAPH_INITIALIZER and gwire == 2:
-                        tensor = _externalize(buf, gvstart, gvend, path.name)
-                    if tensor is None:
-                        graph += buf[gstart:gvend]
-                    else:
+                    if gnum != _GRAPH_INITIALIZER or gwire != 2:
+                        continue
+                    tensor = _externalize(buf, gvstart, gvend, location)
+                    if tensor is not None:
+                        graph += buf[kept:gstart]
                         graph += _field(_GRAPH_INITIALIZER, len(tensor)) + tensor
+                        kept = gvend
                         found = True
+                graph += buf[kept:vend]
                 model_bytes += _field(_MODEL_GRAPH, len(graph)) + graph
     if not found:
         return None
@@ -388,6 +404,8 @@ def _total_bytes(model: ir.Model) -> int:
 _MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+_TENSOR_EXTERNAL_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["external_data"].number
+_TENSOR_DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
 _RAW_OK = frozenset(
     {
         ir.DataType.FLOAT,
@@ -447,7 +465,7 @@ class _Deferred:
     def nbytes(self) -> int:
         return int(self.tensor.nbytes)
 
-    def write(self, out: Any) -> None:
+    def compute(self) -> np.ndarray:
         array = self.tensor.numpy()
         if not array.flags.c_contiguous:
             array = np.array(array, order="C")
@@ -455,7 +473,35 @@ class _Deferred:
             raise ValueError(
                 f"tensor '{self.tensor.name}' produced {array.nbytes} bytes, not {self.nbytes}"
             )
+        return array
+
+
+class _Ahead:
+    """Computes the deferred tensors in a thread, one ahead of the writer: while one is
+    written, the next is read and computed (at most two are in memory at a time)."""
+
+    def __init__(self, pieces: list[_Deferred]) -> None:
+        self._index = {id(p): i for i, p in enumerate(pieces)}
+        self._pieces = pieces
+        self._pool = ThreadPoolExecutor(1, "normfuse-write") if len(pieces) > 1 else None
+        self._futures: dict[int, Future[np.ndarray]] = {}
+        self._submit(0)
+
+    def _submit(self, i: int) -> None:
+        if self._pool is not None and i < len(self._pieces) and i not in self._futures:
+            self._futures[i] = self._pool.submit(self._pieces[i].compute)
+
+    def write(self, piece: _Deferred, out: Any) -> None:
+        i = self._index[id(piece)]
+        self._submit(i)
+        self._submit(i + 1)
+        future = self._futures.pop(i, None)
+        array = future.result() if future is not None else piece.compute()
         out.write(array.reshape(-1).view(np.uint8).data)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 #: Ranges below this are read and written through the output's buffer; larger ones are copied
@@ -532,11 +578,11 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | No
     return None
 
 
-def _write_data(piece: _Data, out: Any, sources: OpenFiles) -> None:
+def _write_data(piece: _Data, out: Any, sources: OpenFiles, ahead: _Ahead) -> None:
     if isinstance(piece, _FileRange):
         _copy_range(piece, out, sources)
     elif isinstance(piece, _Deferred):
-        piece.write(out)
+        ahead.write(piece, out)
     else:
         out.write(piece)
 
@@ -596,11 +642,12 @@ def write_streaming(
     data_tmp: Path | None = None
     offset = 0
     sources = OpenFiles()
+    parted = [_tensor_parts(v.name or "", t) for v, t in zip(values, tensors, strict=True)]
+    ahead = _Ahead([p[1] for p in parted if p is not None and isinstance(p[1], _Deferred)])
     try:
-        for v, t in zip(values, tensors, strict=True):
+        for v, t, parts in zip(values, tensors, parted, strict=True):
             name = v.name or ""
             assert t is not None  # only initializers with values were collected
-            parts = _tensor_parts(name, t)
             if parts is None:
                 t.name = name
                 pieces: list[_Data] = [ir.serde.serialize_tensor(t).SerializeToString()]
@@ -614,7 +661,7 @@ def write_streaming(
                         )
                         data_tmp = Path(tmp_name)
                         data_file = os.fdopen(fd, "wb")
-                    _write_data(data, data_file, sources)
+                    _write_data(data, data_file, sources, ahead)
                     header.data_location = onnx.TensorProto.EXTERNAL
                     for key, value in (
                         ("location", external_data),
@@ -647,8 +694,9 @@ def write_streaming(
             for tag, pieces, _ in entries:
                 f.write(tag)
                 for piece in pieces:
-                    _write_data(piece, f, sources)
+                    _write_data(piece, f, sources, ahead)
     finally:
+        ahead.close()
         sources.close()
         if data_file is not None:
             data_file.close()

@@ -146,3 +146,87 @@ def test_all_finite(rng):
             b = a.copy()
             b[50] = bad
             assert not all_finite(b)
+
+
+def test_peak_of_half_floats_by_sign(rng):
+    from normfuse.algebra import _peak
+
+    w = np.abs(rng.standard_normal(1000)).astype(np.float16) + np.float16(0.5)
+    assert _peak(w) == float(w.max())  # all positive
+    assert _peak(-w) == float(w.max())  # all negative
+    assert _peak(np.array([-0.0, 0.0, -0.0], np.float16)) == 0.0
+    w[10] = -np.nan
+    assert np.isnan(_peak(w))
+
+
+_FACTOR_SHAPES = {  # the factor each kind of linear op scales its weight by (absorb_after)
+    "conv": ((67, 5, 3, 3), (67, 1, 1, 1)),
+    "conv_transpose": ((12, 7, 3, 3), (12, 7, 1, 1)),
+    "dense": ((67, 40), (67, 1)),
+    "matmul": ((40, 67), (1, 67)),
+}
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """A pool of three workers, used for every weight however small."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normfuse import algebra
+
+    pool = ThreadPoolExecutor(3)
+    monkeypatch.setattr(algebra, "_POOL", (os.getpid(), pool, 3))
+    monkeypatch.setattr(algebra, "PARALLEL_MIN_ELEMENTS", 1)
+    yield pool
+    pool.shutdown()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("kind", sorted(_FACTOR_SHAPES))
+def test_threaded_scaling_is_bit_identical(rng, threads, dtype, kind):
+    from normfuse.algebra import scale_weight
+
+    shape, factor_shape = _FACTOR_SHAPES[kind]
+    w = (rng.standard_normal(shape) * 3).astype(dtype)
+    factor = rng.uniform(-3.0, 3.0, factor_shape)
+    expected = (w.astype(np.float64) * factor).astype(dtype)  # float64, rounded once
+    assert scale_weight(w, factor, np.dtype(dtype)).tobytes() == expected.tobytes()
+    one = np.array(2.5, dtype)  # a 0-d weight has no rows to split
+    assert scale_weight(one, np.array(3.0), np.dtype(dtype)) == np.array(7.5, dtype)
+
+
+def _scale_in_child(queue) -> None:
+    from normfuse.algebra import scale_weight
+
+    w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
+    queue.put(scale_weight(w, np.full((64, 1), 2.0), np.dtype(np.float32)).sum())
+
+
+def test_a_forked_child_makes_its_own_threads(rng, monkeypatch):
+    """The parent's pool has no threads in a forked child: using it there would wait forever."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from normfuse import algebra
+    from normfuse.algebra import scale_weight
+
+    # one thread, four blocks: afterwards the pool counts its thread idle four times, so in the
+    # child it would queue the blocks for a thread that the fork did not copy
+    pool = ThreadPoolExecutor(1)
+    monkeypatch.setattr(algebra, "_POOL", (os.getpid(), pool, 4))
+    monkeypatch.setattr(algebra, "PARALLEL_MIN_ELEMENTS", 1)
+
+    w = rng.standard_normal((64, 32)).astype(np.float32)
+    scale_weight(w, np.full((64, 1), 2.0), np.dtype(np.float32))  # the parent's pool has run
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_scale_in_child, args=(queue,))
+    child.start()
+    child.join(30)
+    if child.is_alive():
+        child.kill()
+    pool.shutdown()
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == float(np.arange(64 * 32).sum() * 2)

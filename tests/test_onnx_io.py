@@ -400,3 +400,40 @@ def test_deferred_fold_before_a_big_file_backed_conv(rng, tmp_path):
     assert op_types(folded) == ["Conv"]
     eager, _ = normfuse.fold(model, check=False)
     assert folded == eager
+
+
+def test_a_deferred_weight_that_overflows_leaves_nothing(rng, tmp_path):
+    """float32 weights are scaled only while the output is written; an overflow found there
+    (the second of three deferred weights, computed in the writer's thread) stops the write and
+    leaves no file behind."""
+    inits, nodes, prev = [], [], "x"
+    for i in range(3):
+        w = normal(rng, [256, 256, 3, 3]) * 0.05  # 2.4 MB: deferred
+        if i == 1:
+            w[5] = 1e37  # |W| * scale is above float32's 3.4e38
+        gamma, beta, mean, var = bn_params(rng, 256, f"bn{i}")
+        if i == 1:
+            gamma = tensor("bn1_scale", np.full(256, 1e3, np.float32))
+        inits += [tensor(f"W{i}", w), gamma, beta, mean, var]
+        nodes += [
+            helper.make_node(
+                "Conv", [prev, f"W{i}"], [f"c{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]
+            ),
+            bn_node(f"c{i}", f"y{i}" if i < 2 else "y", f"bn{i}"),
+        ]
+        prev = f"y{i}"
+    model = make_model(nodes, [("x", F, [1, 256, 3, 3])], [("y", F, [1, 256, 3, 3])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    loaded = onnx_io.load(src, lazy=True).model
+    from normfuse.api import run_fold
+    from normfuse.onnx_fold import FoldOptions
+    from normfuse.report import Report
+
+    run_fold(loaded, Report(), FoldOptions())
+    assert all(
+        isinstance(loaded.graph.initializers[f"W{i}"].const_value, ir.LazyTensor) for i in range(3)
+    )
+    with pytest.raises(normfuse.InputError, match="overflows"):
+        onnx_io.save(loaded, tmp_path / "out.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
