@@ -17,7 +17,8 @@ decomposed BN as Mul/Add after a conv, ...), and a 2.4 GB model with external da
 ``--quick`` builds the families at a tiny width instead and skips the 2.4 GB model.
 
 Every tool runs in its own process (``benchmarks/peers.py``) on every model, alternating, so
-drift hits all alike. Per model and tool: BatchNormalization nodes left, total nodes,
+drift hits all alike; each repeat starts one tool later in the order, and the page cache's
+dirty pages are written back (``sync``) before every run, so no tool pays for another's output. Per model and tool: BatchNormalization nodes left, total nodes,
 ``onnx.checker`` (full check) pass, max relative error against the original on onnxruntime
 CPU at ``ORT_DISABLE_ALL`` (fp16 models: against the fp32 original), the time from file in to
 file out (imports excluded; median of ``--repeat`` runs) and its ratio to the I/O
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -307,13 +309,18 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
         src: Path = item["path"]
         reps = 1 if item["kind"] == "huge" else repeat
         runs: dict[str, list[dict]] = {t: [] for t in ["floor", *tools]}
-        for _ in range(reps):
-            for tool in runs:  # alternate
+        order = list(runs)
+        for rep in range(reps):
+            # alternate, each repeat starting one tool later, so that no tool always runs
+            # right after the same one; sync first, so that no run pays for the writeback of
+            # the previous run's output
+            for tool in order[rep % len(order) :] + order[: rep % len(order)]:
                 dst = work / f"out_{tool}.onnx"
                 for stale in work.glob(f"out_{tool}.onnx*"):
                     stale.unlink()
+                os.sync()
                 runs[tool].append(run_tool(tool, src, dst, item["kind"] == "huge"))
-                if tool != "floor" and _ == reps - 1:
+                if tool != "floor" and rep == reps - 1:
                     runs[tool][-1]["_out"] = dst
                 else:
                     dst.unlink(missing_ok=True)

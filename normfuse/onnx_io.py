@@ -19,7 +19,7 @@ import mmap
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -100,9 +100,15 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
             ) from None
         except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
             raise InputError(f"{path} is not a readable ONNX model ({_short(exc)})") from None
-        _check_has_graph(model, str(path))
+        tensors = _tensors(model)
+        _check_has_graph(model, str(path), tensors)
         _check_structure(model, str(path))
-        if has_external_data(model):
+        external = False
+        for _, tensor, initializer in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.base_dir = path.parent  # where relative locations start
+                external = external or (initializer and not tensor.meta.get(SELF_BACKED_KEY))
+        if external:
             _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
         return Loaded(model, "path", path=path)
@@ -173,7 +179,7 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
         pos = value_end
 
 
-def _externalize(buf: Any, start: int, end: int, location: bytes) -> bytes | None:
+def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
     """A TensorProto whose large raw_data stays in the file: an external-data reference to it.
 
     Written in the wire format directly: the tensor's other fields as they are, then the
@@ -190,14 +196,7 @@ def _externalize(buf: Any, start: int, end: int, location: bytes) -> bytes | Non
     if raw is None:
         return None
     rest += buf[kept:end]
-    for key, value in (
-        (b"location", location),
-        (b"offset", str(raw[0]).encode()),
-        (b"length", str(raw[1]).encode()),
-    ):
-        entry = _field(1, len(key)) + key + _field(2, len(value)) + value
-        rest += _field(_TENSOR_EXTERNAL_DATA, len(entry)) + entry
-    rest += _varint(_TENSOR_DATA_LOCATION << 3) + _varint(onnx.TensorProto.EXTERNAL)
+    rest += _external_reference(location, raw[0], raw[1])
     return bytes(rest)
 
 
@@ -216,7 +215,7 @@ def _load_self_backed(path: Path) -> ir.Model | None:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             model_bytes = bytearray()
             found = False
-            location = path.name.encode()
+            location = path.name
             for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
                 if number != _MODEL_GRAPH or wire != 2:
                     model_bytes += buf[fstart:vend]
@@ -238,8 +237,7 @@ def _load_self_backed(path: Path) -> ir.Model | None:
         return None
     proto = onnx.ModelProto()
     proto.ParseFromString(bytes(model_bytes))
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    model = ir.serde.deserialize_model(proto)  # load() sets the tensors' base folder
     for value in model.graph.initializers.values():
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value.meta[SELF_BACKED_KEY] = True
@@ -258,19 +256,23 @@ def _try_self_backed(path: Path) -> ir.Model | None:
 def _check_external_data(model: ir.Model, base: Path) -> None:
     """Refuse, before anything is read, external data outside ``base``, missing or too short."""
     root = base.resolve()
-    for graph in model.graphs():
+    sizes: dict[str, int | None] = {}  # location -> file size (None: missing), each looked up once
+    for graph in _graphs(model):
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.ExternalTensor):
                 continue
             location = os.fspath(tensor.location)
-            target = (root / location).resolve()
-            if os.path.isabs(location) or not target.is_relative_to(root):
-                raise InputError(
-                    f"tensor '{value.name}' points outside the model's folder ({location})",
-                    "external data must lie in the model's folder; refusing to read it",
-                )
-            if not target.is_file():
+            if location not in sizes:
+                target = (root / location).resolve()
+                if os.path.isabs(location) or not target.is_relative_to(root):
+                    raise InputError(
+                        f"tensor '{value.name}' points outside the model's folder ({location})",
+                        "external data must lie in the model's folder; refusing to read it",
+                    )
+                sizes[location] = target.stat().st_size if target.is_file() else None
+            size = sizes[location]
+            if size is None:
                 raise InputError(
                     f"the external data file '{location}' of tensor '{value.name}' is missing",
                     f"put it next to the model in {base}",
@@ -278,37 +280,71 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
             end = (tensor.offset or 0) + (
                 tensor.length if tensor.length is not None else tensor.nbytes
             )
-            if target.stat().st_size < end:
+            if size < end:
                 raise InputError(
                     f"the external data file '{location}' is shorter than tensor '{value.name}' needs "
-                    f"({target.stat().st_size} < {end} bytes)",
+                    f"({size} < {end} bytes)",
                     "the file is truncated or belongs to another model",
                 )
 
 
-def _check_has_graph(model: ir.Model, where: str) -> None:
+def _graphs(model: ir.Model) -> list[ir.Graph]:
+    """The main graph and its subgraphs, depth first (one pass over the nodes' attributes)."""
+    found: list[ir.Graph] = []
+
+    def walk(graph: ir.Graph) -> None:
+        found.append(graph)
+        for node in graph:
+            if not node.attributes:
+                continue
+            for attr in node.attributes.values():
+                if attr.type == ir.AttributeType.GRAPH:
+                    walk(attr.value)
+                elif attr.type == ir.AttributeType.GRAPHS:
+                    for sub in attr.value:
+                        walk(sub)
+
+    walk(model.graph)
+    return found
+
+
+def _tensors(model: ir.Model) -> list[tuple[str, Any, bool]]:
+    """``(label, tensor, is_initializer)`` for every initializer and tensor attribute."""
+    found: list[tuple[str, Any, bool]] = []
+    for graph in _graphs(model):
+        found += [(v.name or "", v.const_value, True) for v in graph.initializers.values()]
+        for node in graph:
+            if not node.attributes:
+                continue
+            for a in node.attributes.values():
+                if a.is_ref():
+                    continue
+                if a.type == ir.AttributeType.TENSOR:
+                    found.append((f"{node.op_type} '{node.name}'.{a.name}", a.value, False))
+                elif a.type == ir.AttributeType.TENSORS:
+                    found += [
+                        (f"{node.op_type} '{node.name}'.{a.name}[{i}]", t, False)
+                        for i, t in enumerate(a.value)
+                    ]
+    return found
+
+
+def _check_has_graph(
+    model: ir.Model, where: str, tensors: list[tuple[str, Any, bool]] | None = None
+) -> None:
+    """Refuse a model without a graph, and tensors whose type or shape cannot be decoded."""
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(f"{where} holds no graph (empty or not an ONNX model)")
-    for graph in model.graphs():
-        tensors = [(v.name, v.const_value) for v in graph.initializers.values()]
-        tensors += [
-            (f"{node.op_type} '{node.name}'.{a.name}", a.value)
-            for node in graph
-            for a in node.attributes.values()
-            if a.type == ir.AttributeType.TENSOR
-        ]
-        for name, tensor in tensors:
-            if tensor is None:
-                continue
-            try:
-                if tensor.dtype == ir.DataType.UNDEFINED:
-                    raise ValueError("its element type is undefined")
-                tensor.shape  # noqa: B018 - decoding the shape is the check
-                tensor.nbytes  # noqa: B018
-            except (ValueError, TypeError) as exc:
-                raise InputError(
-                    f"tensor {name!r} in {where} is malformed ({_short(exc)})"
-                ) from None
+    for name, tensor, _ in _tensors(model) if tensors is None else tensors:
+        if tensor is None:
+            continue
+        try:
+            if tensor.dtype == ir.DataType.UNDEFINED:
+                raise ValueError("its element type is undefined")
+            tensor.shape  # noqa: B018 - decoding the shape is the check
+            tensor.nbytes  # noqa: B018
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"tensor {name!r} in {where} is malformed ({_short(exc)})") from None
 
 
 def _check_structure(model: ir.Model, where: str) -> None:
@@ -384,7 +420,7 @@ def unwrap(model: object) -> ir.Model:
 
 def has_external_data(model: ir.Model) -> bool:
     """True when some initializer of the model lives in an external file."""
-    for graph in model.graphs():
+    for graph in _graphs(model):
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and not tensor.meta.get(SELF_BACKED_KEY):
@@ -395,7 +431,7 @@ def has_external_data(model: ir.Model) -> bool:
 def _total_bytes(model: ir.Model) -> int:
     return sum(
         v.const_value.nbytes
-        for g in model.graphs()
+        for g in _graphs(model)
         for v in g.initializers.values()
         if v.const_value is not None
     )
@@ -405,6 +441,11 @@ _MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 _GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
 _TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
 _TENSOR_EXTERNAL_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["external_data"].number
+_TENSOR_DIMS = onnx.TensorProto.DESCRIPTOR.fields_by_name["dims"].number
+_TENSOR_DATA_TYPE = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+_TENSOR_NAME = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
+_TENSOR_DOC_STRING = onnx.TensorProto.DESCRIPTOR.fields_by_name["doc_string"].number
+_TENSOR_METADATA_PROPS = onnx.TensorProto.DESCRIPTOR.fields_by_name["metadata_props"].number
 _TENSOR_DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
 _RAW_OK = frozenset(
     {
@@ -542,18 +583,46 @@ def _default_mode() -> int:
     return 0o666 & ~mask
 
 
-def _header(name: str, tensor: Any) -> onnx.TensorProto:
-    header = onnx.TensorProto(
-        name=name, data_type=tensor.dtype.value, dims=list(tensor.shape.numpy())
+def _string_field(number: int, text: str) -> bytes:
+    data = text.encode()
+    return _field(number, len(data)) + data
+
+
+def _entries(number: int, pairs: Iterable[tuple[str, str]]) -> bytes:
+    """Repeated StringStringEntryProto (key = 1, value = 2) fields."""
+    out = bytearray()
+    for key, value in pairs:
+        entry = _string_field(1, key) + _string_field(2, value)
+        out += _field(number, len(entry)) + entry
+    return bytes(out)
+
+
+def _external_reference(location: str, offset: int, length: int) -> bytes:
+    """TensorProto fields that point at ``length`` bytes of ``location`` from ``offset``: the
+    ``external_data`` entries and ``data_location = EXTERNAL`` (appended, they win over earlier
+    values)."""
+    entries = (("location", location), ("offset", str(offset)), ("length", str(length)))
+    return (
+        _entries(_TENSOR_EXTERNAL_DATA, entries)
+        + _varint(_TENSOR_DATA_LOCATION << 3)
+        + _varint(onnx.TensorProto.EXTERNAL)
     )
+
+
+def _header(name: str, tensor: Any) -> bytes:
+    """The TensorProto of ``tensor`` without its data, in the wire format."""
+    out = bytearray()
+    for dim in tensor.shape.numpy():  # repeated int64, not packed (proto2)
+        out += _varint(_TENSOR_DIMS << 3) + _varint(int(dim) & 0xFFFF_FFFF_FFFF_FFFF)
+    out += _varint(_TENSOR_DATA_TYPE << 3) + _varint(tensor.dtype.value)
+    out += _string_field(_TENSOR_NAME, name)
     if tensor.doc_string:
-        header.doc_string = tensor.doc_string
-    for key, value in tensor.metadata_props.items():
-        header.metadata_props.add(key=key, value=value)
-    return header
+        out += _string_field(_TENSOR_DOC_STRING, tensor.doc_string)
+    out += _entries(_TENSOR_METADATA_PROPS, tensor.metadata_props.items())
+    return bytes(out)
 
 
-def _tensor_parts(name: str, tensor: Any) -> tuple[onnx.TensorProto, _Data] | None:
+def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
     """A tensor as (its TensorProto without data, its raw bytes), or None for onnx_ir to serialize.
 
     File-backed tensors are copied file to file, deferred ones are computed when written, and
@@ -662,17 +731,10 @@ def write_streaming(
                         data_tmp = Path(tmp_name)
                         data_file = os.fdopen(fd, "wb")
                     _write_data(data, data_file, sources, ahead)
-                    header.data_location = onnx.TensorProto.EXTERNAL
-                    for key, value in (
-                        ("location", external_data),
-                        ("offset", str(offset)),
-                        ("length", str(size)),
-                    ):
-                        header.external_data.add(key=key, value=value)
+                    pieces = [header + _external_reference(external_data, offset, size)]
                     offset += size
-                    pieces = [header.SerializeToString()]
                 else:
-                    pieces = [header.SerializeToString(), _field(_TENSOR_RAW_DATA, size), data]
+                    pieces = [header, _field(_TENSOR_RAW_DATA, size), data]
             size = sum(_nbytes(p) for p in pieces)
             entries.append((_field(_GRAPH_INITIALIZER, size), pieces, size))
         if data_file is not None:
@@ -740,12 +802,13 @@ def _our_data_files(out: Path) -> set[Path]:
 
 
 def _sources(model: ir.Model) -> set[Path]:
-    return {
-        Path(os.fspath(v.const_value.path)).resolve()
-        for g in model.graphs()
+    paths = {
+        os.fspath(v.const_value.path)
+        for g in _graphs(model)
         for v in g.initializers.values()
         if isinstance(v.const_value, ir.ExternalTensor)
     }
+    return {Path(p).resolve() for p in paths}  # each file once: resolving stats every folder
 
 
 def save(

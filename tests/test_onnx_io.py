@@ -197,14 +197,24 @@ def test_streaming_writer_equals_onnx_ir_serialization(tmp_path, rng):
         ("i64", np.arange(6, dtype=np.int64).reshape(2, 3)),
         ("flags", np.array([True, False])),
         ("scalar", np.array(1.5, np.float32)),
+        ("größe", normal(rng, [3])),
     ):
         m.graph.register_initializer(ir.Value(name=name, const_value=ir.Tensor(array, name=name)))
     m.graph.initializers["kept"].name = "kept_renamed"
     m.graph.initializers["f32"].const_value.doc_string = "new weights"
+    m.graph.initializers["i64"].const_value.metadata_props["origin"] = "tests, ünïcode"
     out = tmp_path / "s.onnx"
     onnx_io.write_streaming(m, out)
     assert onnx.load(out) == ir.to_proto(m)
     onnx.checker.check_model(out, full_check=True)
+    # the same tensors through a data file (every tensor of 4 bytes or more goes there)
+    onnx_io.write_streaming(m, tmp_path / "e.onnx", external_data="e.data", size_threshold=4)
+    refs = onnx.load(tmp_path / "e.onnx", load_external_data=False).graph.initializer
+    assert {"f32", "i64", "größe", "scalar"} <= {t.name for t in refs if t.external_data}
+    written = onnx.load(tmp_path / "e.onnx")
+    for t in written.graph.initializer:
+        t.ClearField("data_location")  # onnx.load leaves DEFAULT set explicitly
+    assert written == ir.to_proto(m)
     # the model is left as it was
     assert all(v.const_value is not None for v in m.graph.initializers.values())
 
@@ -437,3 +447,40 @@ def test_a_deferred_weight_that_overflows_leaves_nothing(rng, tmp_path):
     with pytest.raises(normfuse.InputError, match="overflows"):
         onnx_io.save(loaded, tmp_path / "out.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_lazy_load_finds_an_external_tensor_in_an_attribute(rng, tmp_path):
+    """A model read from its own file (large embedded weights) that also has a Constant whose
+    tensor lies in a data file beside it: the constant is read from the source folder, and the
+    folded model written elsewhere computes the same."""
+    from normfuse.api import run_fold
+    from normfuse.onnx_fold import FoldOptions
+    from normfuse.report import Report
+
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    c = normal(rng, [1, 64, 1, 1])
+    c.tofile(src_dir / "c.bin")
+    ct = TP(name="c", data_type=TP.FLOAT, dims=c.shape, data_location=TP.EXTERNAL)
+    for k, v in (("location", "c.bin"), ("offset", "0"), ("length", str(c.nbytes))):
+        ct.external_data.add(key=k, value=v)
+    inits = [tensor("W", normal(rng, [64, 32, 3, 3]) * 0.1), *bn_params(rng, 64)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["cv"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("cv", "b"),
+        helper.make_node("Constant", [], ["k"], value=ct),
+        helper.make_node("Add", ["b", "k"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", F, [1, 32, 5, 5])], [("y", F, [1, 64, 5, 5])], inits)
+    onnx.save(model, src_dir / "m.onnx")
+    loaded = onnx_io.load(src_dir / "m.onnx", lazy=True)
+    assert loaded.model.meta.get(onnx_io.SELF_BACKED_KEY)  # the weights stay in the file
+    run_fold(loaded.model, Report(), FoldOptions())
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    onnx_io.save(loaded.model, out_dir / "f.onnx")
+    assert op_types(onnx.load(out_dir / "f.onnx")) == ["Conv"]  # the constant was read, and folded
+    feeds = {"x": normal(rng, [1, 32, 5, 5])}
+    ref = run(onnx.load(src_dir / "m.onnx"), feeds)[0]
+    got = run(onnx.load(out_dir / "f.onnx"), feeds)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
