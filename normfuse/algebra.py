@@ -255,29 +255,45 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 _POOL: tuple[int, ThreadPoolExecutor | None, int] | None = None
 
 
+def threads() -> int:
+    """How many threads normfuse computes with: ``NORMFUSE_THREADS`` when set to a positive
+    integer, else one per core this process may run on, at most 8."""
+    setting = os.environ.get("NORMFUSE_THREADS", "").strip()
+    if setting:
+        if setting.isdigit() and int(setting) > 0:
+            return int(setting)
+        logger.warning("NORMFUSE_THREADS=%r is not a positive integer; ignored", setting)
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return min(cores, 8)
+
+
 def _pool() -> tuple[ThreadPoolExecutor | None, int]:
-    """A thread pool with one worker per usable core (at most 8) and its size; no pool on one
-    core. Made again in a forked child, whose copy of the parent's pool has no threads."""
+    """A pool of :func:`threads` workers and its size; no pool for one thread. Made again in a
+    forked child, whose copy of the parent's pool has no threads."""
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-        workers = min(cores, 8)
+        workers = threads()
         pool = ThreadPoolExecutor(workers, "normfuse") if workers > 1 else None
         _POOL = (os.getpid(), pool, workers)
     return _POOL[1], _POOL[2]
 
 
-def scale_weight(w: WeightArray, factor: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def scale_weight(
+    w: WeightArray, factor: np.ndarray, dtype: np.dtype, *, in_place: bool = False
+) -> np.ndarray:
     """``w * factor`` computed in float64 and rounded once into ``dtype``.
 
     numpy's buffered ufunc loop does the float64 product and the cast chunk by chunk, so no
     float64 copy of the whole weight is made. A file-backed weight is read here, once. Large
     weights are cut into blocks of rows that threads scale side by side; every element is the
-    same product either way.
+    same product either way. ``in_place``: write the result over ``w`` (an array of ``dtype``
+    the caller owns), so no second weight-sized array is made.
     """
     values = np.asarray(w)
-    out = np.empty(values.shape, dtype=dtype)
+    if in_place and values.dtype != dtype:
+        raise ValueError(f"cannot scale {values.dtype} values into {dtype} in place")
+    out = values if in_place else np.empty(values.shape, dtype=dtype)
     rows = values.shape[0] if values.ndim else 0
     per_row = rows > 1 and factor.ndim == values.ndim and factor.shape[0] == rows
 

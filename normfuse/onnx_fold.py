@@ -1043,9 +1043,11 @@ class _Folder:
         label = lin.label
 
         def compute() -> ir.Tensor:
-            values = read_tensor(source)
-            result = algebra.scale_weight(values, factor, dtype)
-            if not algebra.all_finite(result) and algebra.all_finite(values):
+            values = read_tensor(source)  # a fresh array, unless the tensor had to map it
+            finite = algebra.all_finite(values)
+            own = values.flags.writeable and values.dtype == dtype
+            result = algebra.scale_weight(values, factor, dtype, in_place=own)
+            if finite and not algebra.all_finite(result):
                 raise InputError(
                     f"the folded weight of {label} overflows {dtype}; nothing was written",
                     "check the BatchNorm statistics of that layer",

@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from normfuse.algebra import threads
 from normfuse.errors import InputError, OutputExistsError
 from normfuse.onnx_const import OpenFiles
 
@@ -524,7 +525,8 @@ class _Ahead:
     def __init__(self, pieces: list[_Deferred]) -> None:
         self._index = {id(p): i for i, p in enumerate(pieces)}
         self._pieces = pieces
-        self._pool = ThreadPoolExecutor(1, "normfuse-write") if len(pieces) > 1 else None
+        ahead = len(pieces) > 1 and threads() > 1
+        self._pool = ThreadPoolExecutor(1, "normfuse-write") if ahead else None
         self._futures: dict[int, Future[np.ndarray]] = {}
         self._submit(0)
 

@@ -192,6 +192,11 @@ def test_threaded_scaling_is_bit_identical(rng, threads, dtype, kind):
     factor = rng.uniform(-3.0, 3.0, factor_shape)
     expected = (w.astype(np.float64) * factor).astype(dtype)  # float64, rounded once
     assert scale_weight(w, factor, np.dtype(dtype)).tobytes() == expected.tobytes()
+    again = w.copy()
+    assert scale_weight(again, factor, np.dtype(dtype), in_place=True) is again
+    assert again.tobytes() == expected.tobytes()
+    with pytest.raises(ValueError, match="in place"):
+        scale_weight(w.astype(np.float64), factor, np.dtype(dtype), in_place=True)
     one = np.array(2.5, dtype)  # a 0-d weight has no rows to split
     assert scale_weight(one, np.array(3.0), np.dtype(dtype)) == np.array(7.5, dtype)
 
@@ -230,3 +235,31 @@ def test_a_forked_child_makes_its_own_threads(rng, monkeypatch):
     pool.shutdown()
     assert child.exitcode == 0
     assert queue.get(timeout=5) == float(np.arange(64 * 32).sum() * 2)
+
+
+def test_thread_count_follows_the_environment(monkeypatch, caplog):
+    import os
+
+    from normfuse.algebra import threads
+
+    monkeypatch.setenv("NORMFUSE_THREADS", "3")
+    assert threads() == 3
+    monkeypatch.delenv("NORMFUSE_THREADS")
+    assert threads() == min(len(os.sched_getaffinity(0)), 8)
+    monkeypatch.setenv("NORMFUSE_THREADS", "zero")
+    with caplog.at_level("WARNING", logger="normfuse.algebra"):
+        assert threads() == min(len(os.sched_getaffinity(0)), 8)
+    assert "NORMFUSE_THREADS='zero' is not a positive integer" in caplog.text
+
+
+def test_one_thread_scales_without_a_pool(rng, monkeypatch):
+    from normfuse import algebra
+
+    monkeypatch.setenv("NORMFUSE_THREADS", "1")
+    monkeypatch.setattr(algebra, "_POOL", None)
+    monkeypatch.setattr(algebra, "PARALLEL_MIN_ELEMENTS", 1)
+    w = rng.standard_normal((64, 9)).astype(np.float32)
+    factor = rng.uniform(0.5, 2.0, (64, 1))
+    got = algebra.scale_weight(w, factor, np.dtype(np.float32))
+    assert algebra._POOL is not None and algebra._POOL[1] is None  # no threads were started
+    assert got.tobytes() == (w.astype(np.float64) * factor).astype(np.float32).tobytes()

@@ -335,10 +335,17 @@ def big_model(rng) -> onnx.ModelProto:
     return make_model(nodes, [("x", F, [1, 128, 6, 6])], [("y", F, [1, 256, 6, 6])], inits)
 
 
-def test_deferred_fold_through_the_cli_is_exact(big_model, tmp_path, rng):
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_deferred_fold_through_the_cli_is_exact(big_model, tmp_path, rng, monkeypatch, threads):
+    """With one thread, and with several (scaling split by rows, the next weight computed while
+    one is written): the same bytes as the eager fold."""
     from click.testing import CliRunner
 
+    from normfuse import algebra
     from normfuse.cli import cli
+
+    monkeypatch.setenv("NORMFUSE_THREADS", threads)
+    monkeypatch.setattr(algebra, "_POOL", None)
 
     src = tmp_path / "big.onnx"
     onnx.save(big_model, src)
