@@ -312,8 +312,7 @@ def scale_weight(
         scale(...)
         return out
     edges = np.linspace(0, rows, min(workers, rows) + 1).astype(int).tolist()
-    for done in pool.map(scale, [slice(a, b) for a, b in itertools.pairwise(edges)]):
-        assert done is None  # pool.map re-raises a worker's exception here
+    list(pool.map(scale, [slice(a, b) for a, b in itertools.pairwise(edges)]))  # re-raises
     return out
 
 

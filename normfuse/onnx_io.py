@@ -258,7 +258,7 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
     """Refuse, before anything is read, external data outside ``base``, missing or too short."""
     root = base.resolve()
     sizes: dict[str, int | None] = {}  # location -> file size (None: missing), each looked up once
-    for graph in _graphs(model):
+    for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
             if not isinstance(tensor, ir.ExternalTensor):
@@ -289,30 +289,10 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
                 )
 
 
-def _graphs(model: ir.Model) -> list[ir.Graph]:
-    """The main graph and its subgraphs, depth first (one pass over the nodes' attributes)."""
-    found: list[ir.Graph] = []
-
-    def walk(graph: ir.Graph) -> None:
-        found.append(graph)
-        for node in graph:
-            if not node.attributes:
-                continue
-            for attr in node.attributes.values():
-                if attr.type == ir.AttributeType.GRAPH:
-                    walk(attr.value)
-                elif attr.type == ir.AttributeType.GRAPHS:
-                    for sub in attr.value:
-                        walk(sub)
-
-    walk(model.graph)
-    return found
-
-
 def _tensors(model: ir.Model) -> list[tuple[str, Any, bool]]:
     """``(label, tensor, is_initializer)`` for every initializer and tensor attribute."""
     found: list[tuple[str, Any, bool]] = []
-    for graph in _graphs(model):
+    for graph in model.graphs():
         found += [(v.name or "", v.const_value, True) for v in graph.initializers.values()]
         for node in graph:
             if not node.attributes:
@@ -421,7 +401,7 @@ def unwrap(model: object) -> ir.Model:
 
 def has_external_data(model: ir.Model) -> bool:
     """True when some initializer of the model lives in an external file."""
-    for graph in _graphs(model):
+    for graph in model.graphs():
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and not tensor.meta.get(SELF_BACKED_KEY):
@@ -432,7 +412,7 @@ def has_external_data(model: ir.Model) -> bool:
 def _total_bytes(model: ir.Model) -> int:
     return sum(
         v.const_value.nbytes
-        for g in _graphs(model)
+        for g in model.graphs()
         for v in g.initializers.values()
         if v.const_value is not None
     )
@@ -806,7 +786,7 @@ def _our_data_files(out: Path) -> set[Path]:
 def _sources(model: ir.Model) -> set[Path]:
     paths = {
         os.fspath(v.const_value.path)
-        for g in _graphs(model)
+        for g in model.graphs()
         for v in g.initializers.values()
         if isinstance(v.const_value, ir.ExternalTensor)
     }
