@@ -255,6 +255,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 _POOL: tuple[int, ThreadPoolExecutor | None, int] | None = None
 
 
+_IGNORED_SETTINGS: set[str] = set()
+
+
 def threads() -> int:
     """How many threads normfuse computes with: ``NORMFUSE_THREADS`` when set to a positive
     integer, else one per core this process may run on, at most 8."""
@@ -262,7 +265,9 @@ def threads() -> int:
     if setting:
         if setting.isdigit() and int(setting) > 0:
             return int(setting)
-        logger.warning("NORMFUSE_THREADS=%r is not a positive integer; ignored", setting)
+        if setting not in _IGNORED_SETTINGS:  # said once
+            _IGNORED_SETTINGS.add(setting)
+            logger.warning("NORMFUSE_THREADS=%r is not a positive integer; ignored", setting)
     affinity = getattr(os, "sched_getaffinity", None)
     cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     return min(cores, 8)
