@@ -1044,10 +1044,13 @@ class _Folder:
 
         def compute() -> ir.Tensor:
             values = read_tensor(source)  # a fresh array, unless the tensor had to map it
-            finite = algebra.all_finite(values)
             own = values.flags.writeable and values.dtype == dtype
             result = algebra.scale_weight(values, factor, dtype, in_place=own)
-            if finite and not algebra.all_finite(result):
+            # not finite: an overflow, unless the stored weight was not finite already (read
+            # again when the product overwrote it; this path is the rare one)
+            if not algebra.all_finite(result) and algebra.all_finite(
+                read_tensor(source) if own else values
+            ):
                 raise InputError(
                     f"the folded weight of {label} overflows {dtype}; nothing was written",
                     "check the BatchNorm statistics of that layer",
