@@ -227,8 +227,9 @@ class Folded:
         weight: The new weight, in the op's dtype; ``None`` when deferred (see ``factor``).
         bias: The new bias, in the op's dtype.
         bias64: The bias in float64, before rounding.
-        weight_peak: The largest ``|W'|`` in float64 (``inf`` if some value is not finite); for a
-            deferred weight an upper bound, exact when the bound exceeds the dtype's range.
+        weight_peak: An upper bound of ``|W'|`` in float64, exact when it exceeds the dtype's
+            range (``inf``: the fold overflows); weights that were NaN or infinite before the
+            fold are left out, as the fold keeps them.
         factor: ``W' = W * factor`` (float64, broadcastable): :func:`scale_weight` computes the
             weight from it later, bit for bit the same.
         dtype: The dtype of the weight.
@@ -342,13 +343,19 @@ def all_finite(a: np.ndarray) -> bool:
 
 
 def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:  # w: the values
-    """An upper bound of ``|w * factor|``, exact when it exceeds what ``dtype`` holds."""
+    """An upper bound of ``|w * factor|``, exact when it exceeds what ``dtype`` holds.
+
+    Elements that are NaN or infinite in ``w`` are left out: they stay what they were (the op
+    computed with them before the fold too), so they are no overflow of the fold."""
     if not w.size:
         return 0.0
     bound = _peak(w) * float(np.abs(factor).max())
     if bound <= dtype_max(dtype):
         return bound
-    return float(np.abs(w.astype(np.float64) * factor).max())
+    stored = w.astype(np.float64)
+    product = np.abs(stored * factor)
+    product[~np.isfinite(np.broadcast_to(stored, product.shape))] = 0.0
+    return float(product.max())
 
 
 def _finish(

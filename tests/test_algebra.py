@@ -266,3 +266,19 @@ def test_one_thread_scales_without_a_pool(rng, monkeypatch):
     got = algebra.scale_weight(w, factor, np.dtype(np.float32))
     assert algebra._POOL is not None and algebra._POOL[1] is None  # no threads were started
     assert got.tobytes() == (w.astype(np.float64) * factor).astype(np.float32).tobytes()
+
+
+def test_a_weight_that_was_infinite_is_no_overflow(rng):
+    """The range check is about what the fold creates: a stored infinity stays infinite (and a
+    NaN stays NaN) in its own element; a finite weight pushed past the range is an overflow."""
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    w[1, 2, 0, 0] = np.inf
+    w[2, 0, 1, 1] = np.nan
+    lin = LinearWeights("conv", w, None)
+    scale = np.array([2.0, -3.0, 0.5, 1.0])
+    folded = absorb_after(lin, Affine(scale, np.zeros(4)))
+    product = np.abs(w.astype(np.float64) * scale[:, None, None, None])
+    assert folded.weight_peak == product[np.isfinite(w)].max()
+    assert folded.weight[1, 2, 0, 0] == -np.inf and np.isnan(folded.weight[2, 0, 1, 1])
+    big = absorb_after(lin, Affine(np.array([1.0, 1e39, 1.0, 1.0]), np.zeros(4)))
+    assert big.weight_peak > dtype_max(np.float32)  # finite weights times 1e39: overflow
