@@ -18,8 +18,9 @@ decomposed BN as Mul/Add after a conv, ...), and a 2.4 GB model with external da
 
 Every tool runs in its own process (``benchmarks/peers.py``) on every model, alternating, so
 drift hits all alike; each repeat starts one tool later in the order, and the page cache's
-dirty pages are written back (``sync``) before every run, so no tool pays for another's output. Per model and tool: BatchNormalization nodes left, total nodes,
-``onnx.checker`` (full check) pass, max relative error against the original on onnxruntime
+dirty pages are written back (``sync``) before every run, so no tool pays for another's output.
+Per model and tool: BatchNormalization nodes left, total nodes, ``onnx.checker`` (full check)
+pass, max relative error against the original on onnxruntime
 CPU at ``ORT_DISABLE_ALL`` (fp16 models: against the fp32 original), the time from file in to
 file out (imports excluded; median of ``--repeat`` runs) and its ratio to the I/O
 floor (``onnx.load`` + ``onnx.save`` of the same file), and peak RSS minus the RSS after the

@@ -46,6 +46,7 @@ __all__ = [
     "absorb_after",
     "absorb_before",
     "dtype_max",
+    "overflowed",
     "scale_weight",
 ]
 
@@ -340,6 +341,12 @@ def _peak(w: np.ndarray) -> float:
 def all_finite(a: np.ndarray) -> bool:
     """No NaN or infinity in ``a`` (one fast reduction, also for float16 and bfloat16)."""
     return not a.size or math.isfinite(_peak(a))
+
+
+def overflowed(stored: np.ndarray, result: np.ndarray) -> bool:
+    """Some element of ``result`` is not finite where ``stored`` was (a NaN or infinity the
+    weight had before the fold stays one, and is no overflow)."""
+    return bool(np.any(~np.isfinite(result) & np.isfinite(stored)))
 
 
 def _bound(w: np.ndarray, factor: np.ndarray, dtype: np.dtype) -> float:  # w: the values

@@ -1046,10 +1046,10 @@ class _Folder:
             values = read_tensor(source)  # a fresh array, unless the tensor had to map it
             own = values.flags.writeable and values.dtype == dtype
             result = algebra.scale_weight(values, factor, dtype, in_place=own)
-            # not finite: an overflow, unless the stored weight was not finite already (read
-            # again when the product overwrote it; this path is the rare one)
-            if not algebra.all_finite(result) and algebra.all_finite(
-                read_tensor(source) if own else values
+            # an element that is not finite overflowed unless it was stored so (the stored
+            # weight is read again when the product overwrote it; this path is the rare one)
+            if not algebra.all_finite(result) and algebra.overflowed(
+                read_tensor(source) if own else values, result
             ):
                 raise InputError(
                     f"the folded weight of {label} overflows {dtype}; nothing was written",

@@ -428,6 +428,7 @@ def test_a_deferred_weight_that_overflows_leaves_nothing(rng, tmp_path):
         w = normal(rng, [256, 256, 3, 3]) * 0.05  # 2.4 MB: deferred
         if i == 1:
             w[5] = 1e37  # |W| * scale is above float32's 3.4e38
+            w[7, 0, 0, 0] = np.nan  # a NaN stored elsewhere does not hide the overflow
         gamma, beta, mean, var = bn_params(rng, 256, f"bn{i}")
         if i == 1:
             gamma = tensor("bn1_scale", np.full(256, 1e3, np.float32))
