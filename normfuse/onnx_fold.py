@@ -88,6 +88,25 @@ def _label(node: ir.Node) -> str:
     return f"{node.op_type} '{node_name(node)}'"
 
 
+def take_over(old: ir.Value, new: ir.Value, computing: set[int], renamed: str) -> None:
+    """``new`` stands in for ``old``: every reader of ``old`` but the nodes that compute ``new``
+    from it (ids in ``computing``) reads ``new``, graph outputs included, and ``new`` takes
+    ``old``'s name, type and shape; ``old`` is renamed ``renamed``."""
+    for use in list(old.uses()):
+        if id(use.node) not in computing:
+            use.node.replace_input_with(use.idx, new)
+    graph = old.graph
+    if graph is not None and old.is_graph_output():
+        outputs = graph.outputs
+        for i, v in enumerate(outputs):
+            if v is old:
+                outputs[i] = new
+    name = old.name
+    old.name = renamed
+    new.name = name
+    new.type, new.shape = old.type, old.shape
+
+
 def node_name(node: ir.Node) -> str:
     """The node's name, or ``<op_type>:<first output>`` when it has none."""
     if node.name:
@@ -1140,21 +1159,9 @@ class _Folder:
         out = node.outputs[0]
         const = self._new_const(self._fresh(f"{node_name(node)}_bias"), bias, before=node)
         add = ir.Node("", "Add", [out, const], name=self._fresh(f"{node_name(node)}_bias_add"))
-        result = add.outputs[0]
-        for use in list(out.uses()):
-            if use.node is not add:
-                use.node.replace_input_with(use.idx, result)
-        graph_outputs = self.container.outputs
-        for i, v in enumerate(graph_outputs):
-            if v is out:
-                graph_outputs[i] = result
-        old_name = out.name
-        out.name = self._fresh(f"{old_name}_matmul")
-        result.name = old_name
-        result.shape = out.shape
-        result.type = out.type
+        take_over(out, add.outputs[0], {id(add)}, self._fresh(f"{out.name}_matmul"))
         self.container.insert_after(node, add)
-        return result
+        return add.outputs[0]
 
     def _prune(self, value: ir.Value) -> None:
         """Remove what became dead: unused initializers and constant-producing nodes."""

@@ -42,7 +42,7 @@ from normfuse import norms
 from normfuse.algebra import ChannelMoments
 from normfuse.errors import InputError
 from normfuse.onnx_const import ConstantResolver
-from normfuse.onnx_fold import containers, node_name
+from normfuse.onnx_fold import containers, node_name, take_over
 from normfuse.report import Entry
 
 __all__ = [
@@ -651,7 +651,8 @@ def insert_model(
             y = _insert_one(ed, anchor, site, kind, c, rank, dtype, channel_axis, entry)
             if y is None:
                 continue
-            _redirect(ed, site, y, {id(n) for n in ed.created[start:]})
+            new_nodes = {id(n) for n in ed.created[start:]}
+            take_over(site, y, new_nodes, ed.fresh(f"{site.name}_before_norm"))
             entry.status = "applied"
             entry.exact = kind.name == "batchnorm"
             if site is not out:
@@ -666,22 +667,6 @@ def _next_node(graph: ir.Graph, value: ir.Value) -> ir.Node | None:
     nodes = list(graph)
     i = nodes.index(producer)
     return nodes[i + 1] if i + 1 < len(nodes) else None
-
-
-def _redirect(ed: _Editor, site: ir.Value, y: ir.Value, new_nodes: set[int]) -> None:
-    """Every reader of ``site`` except the new norm's own nodes reads ``y`` instead."""
-    for use in list(site.uses()):
-        if id(use.node) not in new_nodes:
-            use.node.replace_input_with(use.idx, y)
-    if site.is_graph_output():
-        outputs = ed.graph.outputs
-        for i, v in enumerate(outputs):
-            if v is site:
-                outputs[i] = y
-        name = site.name
-        site.name = ed.fresh(f"{name}_before_norm")
-        y.name = name
-        y.type, y.shape = site.type, site.shape
 
 
 def _insert_one(

@@ -188,6 +188,9 @@ def test_insert_after_activation_and_layernorm_on_sequences(rng):
     relu = next(n for n in new.graph.node if n.op_type == "Relu")
     ln = next(n for n in new.graph.node if n.op_type == "LayerNormalization")
     assert ln.input[0] == relu.output[0]
+    # the norm's output takes the tensor's name, so the readers after it read what they did
+    assert relu.output[0] == "r_before_norm" and ln.output[0] == "r"
+    assert next(n for n in new.graph.node if n.output[0] == "y").input[0] == "r"
 
 
 # ------------------------------------------------------------------------------ raise / lower
