@@ -37,10 +37,9 @@ import onnx  # noqa: E402
 import onnx_ir as ir  # noqa: E402
 
 import normfuse  # noqa: E402
-from normfuse import onnx_io  # noqa: E402
-from normfuse.api import run_fold  # noqa: E402
-from normfuse.onnx_fold import FoldOptions  # noqa: E402
-from normfuse.report import Report  # noqa: E402
+from normfuse.core.report import Report  # noqa: E402
+from normfuse.onnxgraph import io as onnx_io  # noqa: E402
+from normfuse.onnxgraph.fold import FoldOptions, run_fold  # noqa: E402
 
 
 def _export(model, path: Path, exporter: str, shape) -> None:

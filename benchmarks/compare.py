@@ -582,12 +582,11 @@ LATENCY_MODELS = (
 def latency(items: list[dict], work: Path) -> list[dict]:
     """Inference latency of original vs normfuse-folded models, both ORT levels, on CPU and,
     where onnxruntime's CUDA provider loads, on CUDA."""
-    from normfuse import onnx_io
-    from normfuse.api import run_fold
-    from normfuse.bench import measure_latency
-    from normfuse.onnx_fold import FoldOptions
-    from normfuse.parity import select_provider
-    from normfuse.report import Report
+    from normfuse.core.report import Report
+    from normfuse.onnxgraph import io as onnx_io
+    from normfuse.onnxgraph.fold import FoldOptions, run_fold
+    from normfuse.runtime.bench import measure_latency
+    from normfuse.runtime.sessions import select_provider
 
     providers = ["cpu"] + (["cuda"] if select_provider("auto")[1] == "CUDA" else [])
     rows = []

@@ -61,10 +61,9 @@ def _prepare(tool: str, external: bool):
     if tool == "floor":
         return lambda src, dst: save(onnx.load(src), dst)
     if tool == "normfuse":
-        from normfuse import onnx_io
-        from normfuse.api import run_fold
-        from normfuse.onnx_fold import FoldOptions
-        from normfuse.report import Report
+        from normfuse.core.report import Report
+        from normfuse.onnxgraph import io as onnx_io
+        from normfuse.onnxgraph.fold import FoldOptions, run_fold
 
         def run(src, dst):
             loaded = onnx_io.load(src, lazy=True)  # as the CLI does

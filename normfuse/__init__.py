@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from normfuse.algebra import Affine, LinearWeights, absorb_after, absorb_before
 from normfuse.api import (
-    StrictError,
     check,
     export,
     fold,
@@ -37,8 +35,16 @@ from normfuse.api import (
     save,
     swap,
 )
-from normfuse.errors import InputError, NormfuseError, OutputExistsError, ParityError, ProviderError
-from normfuse.report import Entry, OutputParity, ParityResult, Report
+from normfuse.core.algebra import Affine, LinearWeights, absorb_after, absorb_before
+from normfuse.core.errors import (
+    InputError,
+    NormfuseError,
+    OutputExistsError,
+    ParityError,
+    ProviderError,
+    StrictError,
+)
+from normfuse.core.report import Entry, OutputParity, ParityResult, Report
 
 __all__ = [
     "Affine",

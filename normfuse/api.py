@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 import onnx
 import onnx_ir as ir
 
-from normfuse import onnx_io
-from normfuse.errors import InputError, NormfuseError, ParityError
-from normfuse.onnx_fold import FoldOptions, fold_model, model_stats
-from normfuse.parity import FOLD_TOLERANCES, check_models
-from normfuse.report import ParityResult, Report
+from normfuse.core.errors import InputError, NormfuseError, StrictError
+from normfuse.core.report import ParityResult, Report
+from normfuse.core.verdict import FOLD_TOLERANCES, judge_parity, raise_for_parity, raise_for_strict
+from normfuse.onnxgraph import io as onnx_io
+from normfuse.onnxgraph.fold import FoldOptions, model_stats, run_fold
+from normfuse.runtime.parity import check_models
 
 __all__ = [
     "StrictError",
@@ -53,16 +54,6 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M")
 
 
-class StrictError(NormfuseError):
-    """``strict=True`` and some candidates were skipped."""
-
-    exit_code = 1
-
-    def __init__(self, message: str, report: Report, note: str | None = None) -> None:
-        super().__init__(message, note)
-        self.report = report
-
-
 def load(source: object) -> ir.Model:
     """Read a model (path with lazy external data, bytes, ModelProto, onnx_ir.Model, ONNXProgram)."""
     return onnx_io.load(source, copy=False).model
@@ -75,7 +66,7 @@ def save(
     force: bool = False,
     external_data: bool | None = None,
 ) -> Path:
-    """Write a model atomically; see :func:`normfuse.onnx_io.save`."""
+    """Write a model atomically; see :func:`normfuse.onnxgraph.io.save`."""
     return onnx_io.save(model, path, force=force, external_data=external_data)
 
 
@@ -94,7 +85,7 @@ def fold(
     """Fold inference-mode normalization into neighbouring linear ops.
 
     PyTorch models (``nn.Module``, ``torch.fx.GraphModule``, ``torch.export.ExportedProgram``)
-    are folded by :func:`normfuse.fx_fold.fold_torch` (``example_inputs`` then serve the check).
+    are folded by :func:`normfuse.torchmodel.fold.fold_torch` (``example_inputs`` then serve the check).
 
     The input is never modified. The result has the type of the input (``onnx.ModelProto``,
     ``bytes``, ``onnx_ir.Model``, ``torch.onnx.ONNXProgram``); a path gives an ``onnx_ir.Model``
@@ -121,7 +112,7 @@ def fold(
         StrictError: ``strict`` and something was skipped.
     """
     if _is_torch(model):
-        from normfuse.fx_fold import fold_torch
+        from normfuse.torchmodel.fold import fold_torch
 
         return fold_torch(model, example_inputs=example_inputs, check=check, strict=strict)
     report = Report(action="fold")
@@ -142,69 +133,13 @@ def fold(
     return onnx_io.to_kind(loaded, loaded.model), report
 
 
-def run_fold(
-    model: ir.Model,
-    report: Report,
-    options: FoldOptions,
-    progress: Callable[[int, int], None] | None = None,
-) -> None:
-    """Fold ``model`` in place and fill ``report`` (entries, statistics, fold time)."""
-    t = time.perf_counter()
-    if not options.dry_run:
-        report.before = model_stats(model)
-    report.entries.extend(fold_model(model, options, progress))
-    report.after = model_stats(model)
-    low = sorted({d for d in _low_precision_weights(model)})
-    if low and report.applied:
-        report.notes.append(
-            f"the folded weights are {'/'.join(low)}: folding rounds them a second time, which "
-            "about doubles their rounding noise (benchmarks/fp16.py); for the best accuracy fold the "
-            "float32 model before converting it"
-        )
-    if options.dry_run:
-        report.before = report.after
-    report.timings["fold"] = time.perf_counter() - t
-
-
-def _low_precision_weights(model: ir.Model) -> set[str]:
-    kinds = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
-    return {
-        kinds[v.const_value.dtype]
-        for v in model.graph.initializers.values()
-        if v.const_value is not None and v.const_value.dtype in kinds
-    }
-
-
-def raise_for_parity(report: Report) -> None:
-    """Raise :class:`ParityError` when the report's parity check failed."""
-    if report.parity is not None and not report.parity.passed:
-        failed = [o.name for o in report.parity.outputs if not o.passed]
-        what = "folded" if report.action in ("fold", "export") else f"rewritten ({report.action})"
-        raise ParityError(
-            f"the {what} model differs from the original on output(s) {', '.join(failed)} "
-            f"(max rel {report.parity.max_rel:.3g})",
-            report,
-            "please report this model; use --no-check only to inspect the result",
-        )
-
-
-def raise_for_strict(report: Report) -> None:
-    """Raise :class:`StrictError` when some candidate was skipped."""
-    if report.skipped:
-        first = report.skipped[0]
-        raise StrictError(
-            f"{len(report.skipped)} candidate(s) not folded, first {first.op_type} "
-            f"'{first.node}': {first.reason}",
-            report,
-        )
-
-
 def inspect(model: object, *, norm_affine: bool = False) -> Report:
     """What :func:`fold` would do, without changing anything."""
     loaded = onnx_io.load(model, copy=False)
     report = Report(action="inspect")
     run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
-    from normfuse.onnx_swap import FUSED_MIN_OPSET, raise_model
+    from normfuse.onnxgraph.edit import FUSED_MIN_OPSET
+    from normfuse.onnxgraph.raise_norms import raise_model
 
     if model_stats(loaded.model).param_bytes < 256 * 2**20:
         _infer_shapes(loaded.model)  # LayerNorm matching needs the normalised dimensions
@@ -230,7 +165,7 @@ def check(
     bisect: bool = False,
     cross_check: bool = False,
 ) -> ParityResult:
-    """Compare two models on onnxruntime; see :func:`normfuse.parity.check_models`."""
+    """Compare two models on onnxruntime; see :func:`normfuse.runtime.parity.check_models`."""
     with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
         a = _as_source(reference, Path(tmp) / "reference.onnx")
         b = _as_source(candidate, Path(tmp) / "candidate.onnx")
@@ -309,7 +244,7 @@ def apply_rewrite(
     report: Report,
 ) -> ir.Model:
     """Infer shapes, run ``rewrite`` (returns model, entries, notes), fill ``report``."""
-    from normfuse.onnx_swap import functions_note
+    from normfuse.onnxgraph.edit import functions_note
 
     report.before = model_stats(model)
     t = time.perf_counter()
@@ -323,20 +258,6 @@ def apply_rewrite(
     report.after = model_stats(new)
     report.timings[action] = time.perf_counter() - t
     return new
-
-
-def judge_parity(report: Report, *, exact: bool, what: str) -> None:
-    """Exact rewrites raise :class:`ParityError` on a mismatch; others note the difference."""
-    if report.parity is None:
-        return
-    report.parity.informational = not exact
-    if exact:
-        raise_for_parity(report)
-    elif not report.parity.passed:
-        report.notes.append(
-            f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
-            f"expected: {what} changes the function"
-        )
 
 
 def onnx_rewrite(
@@ -380,18 +301,18 @@ def onnx_rewrite(
 def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
     """Replace BatchNorm layers by another norm kind.
 
-    PyTorch modules: see :func:`normfuse.fx_swap.swap`. ONNX models (any form
-    :func:`normfuse.fold` takes): see :func:`normfuse.onnx_swap.swap_model`; options ``where``
+    PyTorch modules: see :func:`normfuse.torchmodel.swap.swap`. ONNX models (any form
+    :func:`normfuse.fold` takes): see :func:`normfuse.onnxgraph.swap.swap_model`; options ``where``
     (node-name glob), ``groups``, ``allow_single_channel_groups``, ``check``, ``provider``,
     ``seed``, ``shapes``. Exact swaps (``frozen``) are checked on onnxruntime and raise
     :class:`ParityError` on a mismatch; the others report the difference.
     """
     if _is_torch(model):
-        from normfuse.fx_swap import swap as swap_torch
+        from normfuse.torchmodel.swap import swap as swap_torch
 
         return swap_torch(model, to, **options)
-    from normfuse import norms
-    from normfuse.onnx_swap import swap_model
+    from normfuse.core import norms
+    from normfuse.onnxgraph.swap import swap_model
 
     kind = norms.lookup(to)
     check_opts = {
@@ -410,16 +331,16 @@ def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
 def insert(model: Any, example_inputs: Any = None, **options: Any) -> tuple[Any, Report]:
     """Add a norm after each linear op that has none.
 
-    PyTorch modules (``example_inputs`` required): :func:`normfuse.fx_swap.insert`. ONNX
-    models: :func:`normfuse.onnx_swap.insert_model` (``norm``, ``after``,
+    PyTorch modules (``example_inputs`` required): :func:`normfuse.torchmodel.insert.insert`. ONNX
+    models: :func:`normfuse.onnxgraph.insert.insert_model` (``norm``, ``after``,
     ``before_activation``, ``where``), checked like :func:`swap`.
     """
     if _is_torch(model):
-        from normfuse.fx_swap import insert as insert_torch
+        from normfuse.torchmodel.insert import insert as insert_torch
 
         return insert_torch(model, example_inputs, **options)
-    from normfuse import norms
-    from normfuse.onnx_swap import insert_model
+    from normfuse.core import norms
+    from normfuse.onnxgraph.insert import insert_model
 
     kind = norms.lookup(options.get("norm", "batchnorm"))
     check_opts = {
@@ -440,9 +361,9 @@ def raise_norms(
 ) -> tuple[Any, Report]:
     """Write LayerNormalization/RMSNormalization/GroupNormalization for decomposed chains.
 
-    See :func:`normfuse.onnx_swap.raise_model`; parity-checked (exact).
+    See :func:`normfuse.onnxgraph.raise_norms.raise_model`; parity-checked (exact).
     """
-    from normfuse.onnx_swap import raise_model
+    from normfuse.onnxgraph.raise_norms import raise_model
 
     return onnx_rewrite(
         model,
@@ -454,8 +375,8 @@ def raise_norms(
 
 
 def lower_norms(model: Any, target_opset: int, **check_opts: Any) -> tuple[Any, Report]:
-    """Decompose fused norm ops the target opset lacks; see :func:`normfuse.onnx_swap.lower_model`."""
-    from normfuse.onnx_swap import lower_model
+    """Decompose fused norm ops the target opset lacks; see :func:`normfuse.onnxgraph.lower_norms.lower_model`."""
+    from normfuse.onnxgraph.lower_norms import lower_model
 
     return onnx_rewrite(
         model, "lower", lambda m: lower_model(m, target_opset), exact=True, **check_opts
@@ -465,18 +386,19 @@ def lower_norms(model: Any, target_opset: int, **check_opts: Any) -> tuple[Any, 
 def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     """Recompute BatchNorm statistics from data.
 
-    PyTorch modules: :func:`normfuse.fx_swap.recalibrate` (in place, returns the report).
+    PyTorch modules: :func:`normfuse.torchmodel.recalibrate.recalibrate` (in place, returns the report).
     ONNX models: ``batches`` is a path (``.npz`` file or folder of them) or a list of
     ``{input name: array}``; returns ``(model, report)`` (see
-    :func:`normfuse.onnx_swap.recalibrate_model`); options ``num_batches``, ``where``,
+    :func:`normfuse.onnxgraph.recalibrate.recalibrate_model`); options ``num_batches``, ``where``,
     ``provider``, ``progress``, ``check``.
     """
     if _is_torch(model):
-        from normfuse.fx_swap import recalibrate as recalibrate_torch
+        from normfuse.torchmodel.recalibrate import recalibrate as recalibrate_torch
 
         return recalibrate_torch(model, batches, **options)
-    from normfuse.onnx_swap import recalibrate_model
-    from normfuse.parity import _check_feeds, _make_session, load_inputs, select_provider
+    from normfuse.onnxgraph.recalibrate import recalibrate_model
+    from normfuse.runtime.inputs import load_inputs
+    from normfuse.runtime.sessions import check_feeds, make_session, select_provider
 
     data = load_inputs(batches) if isinstance(batches, (str, os.PathLike)) else list(batches)
     num = options.pop("num_batches", None)
@@ -488,8 +410,8 @@ def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     session_notes: list[str] = []
 
     def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
-        session = _make_session(payload, providers, "disable", session_notes)
-        return lambda feeds: session.run(names, _check_feeds(session, feeds, "the data"))
+        session = make_session(payload, providers, "disable", session_notes)
+        return lambda feeds: session.run(names, check_feeds(session, feeds, "the data"))
 
     where, progress = options.pop("where", None), options.pop("progress", None)
 
@@ -509,8 +431,8 @@ def _require_torch(model: object, what: str) -> None:
 
 
 def export(model: Any, example_inputs: Any, path: str | os.PathLike, **options: Any) -> Report:
-    """Export to ONNX, fold and prove parity with PyTorch; see :func:`normfuse.fx_export.export`."""
+    """Export to ONNX, fold and prove parity with PyTorch; see :func:`normfuse.torchmodel.export.export`."""
     _require_torch(model, "export")
-    from normfuse.fx_export import export as export_torch
+    from normfuse.torchmodel.export import export as export_torch
 
     return export_torch(model, example_inputs, path, **options)

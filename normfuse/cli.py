@@ -19,18 +19,14 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from normfuse import __version__, api, onnx_io
-from normfuse.api import raise_for_parity, raise_for_strict, run_fold
-from normfuse.errors import InputError, NormfuseError, ParityError
-from normfuse.onnx_fold import FoldOptions
-from normfuse.parity import (
-    FOLD_TOLERANCES,
-    check_models,
-    load_inputs,
-    parse_shape,
-    parse_tolerances,
-)
-from normfuse.report import Report
+from normfuse import __version__, api
+from normfuse.core.errors import InputError, NormfuseError, ParityError
+from normfuse.core.report import Report
+from normfuse.core.verdict import FOLD_TOLERANCES, raise_for_parity, raise_for_strict
+from normfuse.onnxgraph import io as onnx_io
+from normfuse.onnxgraph.fold import FoldOptions, run_fold
+from normfuse.runtime.inputs import load_inputs, parse_shape, parse_tolerances
+from normfuse.runtime.parity import check_models
 
 __all__ = ["main"]
 
@@ -307,8 +303,8 @@ def _fold_pt2(
 ) -> None:
     """Fold a torch.export archive into a .pt2 again, or export the result to ONNX."""
     try:
-        from normfuse.fx_export import export, load_pt2, save_pt2
-        from normfuse.fx_fold import fold_torch
+        from normfuse.torchmodel.export import export, load_pt2, save_pt2
+        from normfuse.torchmodel.fold import fold_torch
     except ImportError:
         raise InputError(
             f"{model} is a torch.export archive, and torch is not installed",
@@ -416,8 +412,8 @@ def swap(
     to: str, where: str | None, groups: str, allow_single_channel_groups: bool, **common: Any
 ) -> None:
     """Replace BatchNormalization by another norm (exact for frozen; the others change the function)."""
-    from normfuse import norms
-    from normfuse.onnx_swap import swap_model
+    from normfuse.core import norms
+    from normfuse.onnxgraph.swap import swap_model
 
     try:
         kind = norms.lookup(to)
@@ -459,7 +455,7 @@ def swap(
 )
 def raise_command(target_opset: int | None, **common: Any) -> None:
     """Write LayerNormalization / RMSNormalization / GroupNormalization for decomposed chains."""
-    from normfuse.onnx_swap import raise_model
+    from normfuse.onnxgraph.raise_norms import raise_model
 
     _run_rewrite(
         "raise",
@@ -475,7 +471,7 @@ def raise_command(target_opset: int | None, **common: Any) -> None:
 @click.option("--target-opset", type=int, required=True, help="The opset the result must run at.")
 def lower(target_opset: int, **common: Any) -> None:
     """Decompose fused norm ops the target opset lacks, and lower the model's opset."""
-    from normfuse.onnx_swap import lower_model
+    from normfuse.onnxgraph.lower_norms import lower_model
 
     _run_rewrite(
         "lower", lambda m: lower_model(m, target_opset), exact=True, what="lower", **common
@@ -504,8 +500,8 @@ def insert(
     norm: str, after: str, before_activation: bool, where: str | None, **common: Any
 ) -> None:
     """Add a norm after each linear op that has none (BatchNorm: the identity in inference)."""
-    from normfuse import norms
-    from normfuse.onnx_swap import insert_model
+    from normfuse.core import norms
+    from normfuse.onnxgraph.insert import insert_model
 
     try:
         kind = norms.lookup(norm)
@@ -541,8 +537,8 @@ def insert(
 )
 def recalibrate(data_path: Path, batches: int | None, where: str | None, **common: Any) -> None:
     """Recompute BatchNormalization mean/variance from data (float64, level by level)."""
-    from normfuse.onnx_swap import recalibrate_model
-    from normfuse.parity import _check_feeds, _make_session, select_provider
+    from normfuse.onnxgraph.recalibrate import recalibrate_model
+    from normfuse.runtime.sessions import check_feeds, make_session, select_provider
 
     try:
         data = load_inputs(data_path)[: batches if batches is not None else None]
@@ -553,8 +549,8 @@ def recalibrate(data_path: Path, batches: int | None, where: str | None, **commo
     notes: list[str] = []
 
     def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
-        session = _make_session(payload, providers, "disable", notes)
-        return lambda feeds: session.run(names, _check_feeds(session, feeds, str(data_path)))
+        session = make_session(payload, providers, "disable", notes)
+        return lambda feeds: session.run(names, check_feeds(session, feeds, str(data_path)))
 
     console = Console(stderr=True)
 
@@ -711,7 +707,7 @@ def bench(
 
     from rich.table import Table
 
-    from normfuse.bench import measure_latency
+    from normfuse.runtime.bench import measure_latency
 
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from normfuse.algebra import Affine, LinearWeights, absorb_after, absorb_before, dtype_max
+from normfuse.core.algebra import Affine, LinearWeights, absorb_after, absorb_before, dtype_max
 
 
 def test_composition_equals_sequential_application(rng):
@@ -102,7 +102,7 @@ def test_import_and_onnx_commands_work_without_torch(tmp_path):
 
 
 def test_channel_moments_merge_batches_exactly_and_stably():
-    from normfuse.algebra import ChannelMoments
+    from normfuse.core.algebra import ChannelMoments
 
     rng = np.random.default_rng(5)
     batches = [rng.normal(1e4, 0.5, (int(rng.integers(1, 9)), 3, 4, 5)) for _ in range(7)]
@@ -122,7 +122,7 @@ def test_channel_moments_merge_batches_exactly_and_stably():
 def test_peak_magnitude_matches_float64(rng, dtype):
     import ml_dtypes
 
-    from normfuse.algebra import _peak
+    from normfuse.core.algebra import _peak
 
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     w = (rng.standard_normal((64, 3, 5, 5)) * rng.uniform(0.1, 300.0)).astype(dt)
@@ -137,7 +137,7 @@ def test_peak_magnitude_matches_float64(rng, dtype):
 def test_all_finite(rng):
     import ml_dtypes
 
-    from normfuse.algebra import all_finite
+    from normfuse.core.algebra import all_finite
 
     for dt in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64):
         a = rng.standard_normal(100).astype(dt)
@@ -149,7 +149,7 @@ def test_all_finite(rng):
 
 
 def test_peak_of_half_floats_by_sign(rng):
-    from normfuse.algebra import _peak
+    from normfuse.core.algebra import _peak
 
     w = np.abs(rng.standard_normal(1000)).astype(np.float16) + np.float16(0.5)
     assert _peak(w) == float(w.max())  # all positive
@@ -173,7 +173,7 @@ def threads(monkeypatch):
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from normfuse import algebra
+    from normfuse.core import algebra
 
     pool = ThreadPoolExecutor(3)
     monkeypatch.setattr(algebra, "_POOL", (os.getpid(), pool, 3))
@@ -185,7 +185,7 @@ def threads(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("kind", sorted(_FACTOR_SHAPES))
 def test_threaded_scaling_is_bit_identical(rng, threads, dtype, kind):
-    from normfuse.algebra import scale_weight
+    from normfuse.core.algebra import scale_weight
 
     shape, factor_shape = _FACTOR_SHAPES[kind]
     w = (rng.standard_normal(shape) * 3).astype(dtype)
@@ -202,7 +202,7 @@ def test_threaded_scaling_is_bit_identical(rng, threads, dtype, kind):
 
 
 def _scale_in_child(queue) -> None:
-    from normfuse.algebra import scale_weight
+    from normfuse.core.algebra import scale_weight
 
     w = np.arange(64 * 32, dtype=np.float32).reshape(64, 32)
     queue.put(scale_weight(w, np.full((64, 1), 2.0), np.dtype(np.float32)).sum())
@@ -214,8 +214,8 @@ def test_a_forked_child_makes_its_own_threads(rng, monkeypatch):
     import os
     from concurrent.futures import ThreadPoolExecutor
 
-    from normfuse import algebra
-    from normfuse.algebra import scale_weight
+    from normfuse.core import algebra
+    from normfuse.core.algebra import scale_weight
 
     # one thread, four blocks: afterwards the pool counts its thread idle four times, so in the
     # child it would queue the blocks for a thread that the fork did not copy
@@ -240,8 +240,8 @@ def test_a_forked_child_makes_its_own_threads(rng, monkeypatch):
 def test_thread_count_follows_the_environment(monkeypatch, caplog):
     import os
 
-    from normfuse import algebra
-    from normfuse.algebra import threads
+    from normfuse.core import algebra
+    from normfuse.core.algebra import threads
 
     monkeypatch.setattr(algebra, "_IGNORED_SETTINGS", set())
     monkeypatch.setenv("NORMFUSE_THREADS", "3")
@@ -249,14 +249,14 @@ def test_thread_count_follows_the_environment(monkeypatch, caplog):
     monkeypatch.delenv("NORMFUSE_THREADS")
     assert threads() == min(len(os.sched_getaffinity(0)), 8)
     monkeypatch.setenv("NORMFUSE_THREADS", "zero")
-    with caplog.at_level("WARNING", logger="normfuse.algebra"):
+    with caplog.at_level("WARNING", logger="normfuse.core.algebra"):
         assert threads() == min(len(os.sched_getaffinity(0)), 8)
         assert threads() == min(len(os.sched_getaffinity(0)), 8)
     assert caplog.text.count("NORMFUSE_THREADS='zero' is not a positive integer") == 1
 
 
 def test_one_thread_scales_without_a_pool(rng, monkeypatch):
-    from normfuse import algebra
+    from normfuse.core import algebra
 
     monkeypatch.setenv("NORMFUSE_THREADS", "1")
     monkeypatch.setattr(algebra, "_POOL", None)

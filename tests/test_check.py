@@ -173,9 +173,9 @@ def test_models_with_different_inputs_are_refused(rng, tmp_path):
 
 
 def test_cross_check_without_cuda_is_a_clear_error(resnet):
-    from normfuse import parity
+    from normfuse.runtime import sessions
 
-    if parity.select_provider("auto")[1] == "CUDA":
+    if sessions.select_provider("auto")[1] == "CUDA":
         result = invoke("check", resnet, resnet, "--cross-check")
         assert result.exit_code == 0 and "CPU vs CUDA" in result.output
     else:
@@ -184,7 +184,7 @@ def test_cross_check_without_cuda_is_a_clear_error(resnet):
 
 
 def test_tolerance_parsing():
-    from normfuse.parity import parse_tolerances
+    from normfuse.runtime.inputs import parse_tolerances
 
     assert parse_tolerances(["1e-4"], "--atol") == 1e-4
     assert parse_tolerances(["a=1e-3", "2e-5"], "--rtol") == {"a": 1e-3, "*": 2e-5}

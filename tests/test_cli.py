@@ -178,7 +178,7 @@ def test_real_process_no_traceback(tmp_path):
 
 def test_parity_failure_keeps_output_unwritten(tmp_path, rng, monkeypatch):
     """If the folded model ever disagreed, nothing is written and the exit code is 1."""
-    from normfuse import algebra
+    from normfuse.core import algebra
 
     inits = [tensor("W", normal(rng, [4, 3, 3, 3])), *bn_params(rng, 4)]
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]

@@ -173,9 +173,9 @@ def graphs(draw):
 def _intermediates(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    from normfuse.parity import _expose_all
+    from normfuse.runtime.bisect import expose_all
 
-    data, _, _ = _expose_all(model.SerializeToString())
+    data, _, _ = expose_all(model.SerializeToString())
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])

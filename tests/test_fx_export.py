@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 import normfuse  # noqa: E402
 from models import build  # noqa: E402
 from normfuse.cli import cli  # noqa: E402
-from normfuse.fx_export import load_pt2  # noqa: E402
+from normfuse.torchmodel.export import load_pt2  # noqa: E402
 from tests.conftest import op_types  # noqa: E402
 from tests.torch_models import count_bn, randomize  # noqa: E402
 
@@ -64,7 +64,7 @@ def test_export_refuses_training_mode_and_existing_output(tmp_path):
 
 
 def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
-    import normfuse.fx_export as fx_export
+    import normfuse.torchmodel.export as fx_export
 
     model, example = build.bundled("mlp")
     real = fx_export._reference

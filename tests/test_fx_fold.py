@@ -11,9 +11,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import fx, nn  # noqa: E402
 
 import normfuse  # noqa: E402
-from normfuse.api import StrictError  # noqa: E402
-from normfuse.fx_fold import fold_torch  # noqa: E402
-from normfuse.torch_layers import FrozenBatchNorm  # noqa: E402
+from normfuse.core.errors import StrictError  # noqa: E402
+from normfuse.torchmodel.fold import fold_torch  # noqa: E402
+from normfuse.torchmodel.layers import FrozenBatchNorm  # noqa: E402
 from tests.torch_models import (  # noqa: E402
     BNMLP,
     Conv3dNet,
@@ -381,9 +381,9 @@ def test_low_precision_weights_are_at_least_as_close_as_torch_fusion(dtype):
 
 
 def test_check_failure_raises_parity_error(monkeypatch):
-    import normfuse.fx_fold as fx_fold
+    import normfuse.torchmodel.surgery as surgery
 
-    real = fx_fold._fold_pair
+    real = surgery.fold_pair
 
     def corrupt(gm, pair, clone, counter):
         reason = real(gm, pair, clone, counter)
@@ -391,7 +391,7 @@ def test_check_failure_raises_parity_error(monkeypatch):
             pair.lin.weight.mul_(1.01)
         return reason
 
-    monkeypatch.setattr(fx_fold, "_fold_pair", corrupt)
+    monkeypatch.setattr(surgery, "fold_pair", corrupt)
     with pytest.raises(normfuse.ParityError):
         fold_torch(randomize(ResNetish()), example_inputs=_x(IMAGE))
 

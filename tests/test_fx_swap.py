@@ -8,8 +8,8 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 import normfuse  # noqa: E402
-from normfuse import norms  # noqa: E402
-from normfuse.torch_layers import ChannelLayerNorm, FrozenBatchNorm  # noqa: E402
+from normfuse.core import norms  # noqa: E402
+from normfuse.torchmodel.layers import ChannelLayerNorm, FrozenBatchNorm  # noqa: E402
 from tests.torch_models import BNMLP, ResNetish, count_bn, max_rel, randomize  # noqa: E402
 
 IMAGE = (2, 3, 16, 16)

@@ -10,7 +10,7 @@ from onnx import TensorProto as TP
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
-from normfuse.onnx_const import ConstantResolver, NotConstant
+from normfuse.onnxgraph.const import ConstantResolver, NotConstant
 from tests.conftest import make_model, tensor
 
 A = np.arange(24, dtype=np.float32).reshape(2, 3, 4) / 7 + 0.5

@@ -10,7 +10,8 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 import normfuse
-from normfuse import onnx_io
+from normfuse.onnxgraph import io as onnx_io
+from normfuse.onnxgraph import wire
 from tests.conftest import bn_node, bn_params, make_model, normal, op_types, run, tensor
 
 F = TP.FLOAT
@@ -204,11 +205,11 @@ def test_streaming_writer_equals_onnx_ir_serialization(tmp_path, rng):
     m.graph.initializers["f32"].const_value.doc_string = "new weights"
     m.graph.initializers["i64"].const_value.metadata_props["origin"] = "tests, ünïcode"
     out = tmp_path / "s.onnx"
-    onnx_io.write_streaming(m, out)
+    wire.write_streaming(m, out)
     assert onnx.load(out) == ir.to_proto(m)
     onnx.checker.check_model(out, full_check=True)
     # the same tensors through a data file (every tensor of 4 bytes or more goes there)
-    onnx_io.write_streaming(m, tmp_path / "e.onnx", external_data="e.data", size_threshold=4)
+    wire.write_streaming(m, tmp_path / "e.onnx", external_data="e.data", size_threshold=4)
     refs = onnx.load(tmp_path / "e.onnx", load_external_data=False).graph.initializer
     assert {"f32", "i64", "größe", "scalar"} <= {t.name for t in refs if t.external_data}
     written = onnx.load(tmp_path / "e.onnx")
@@ -270,11 +271,11 @@ def test_lazy_load_reads_no_tensor_bytes_and_round_trips(model, tmp_path, rng):
     onnx.save(model, path)
     loaded = onnx_io.load(path, lazy=True).model
     w = loaded.graph.initializers["W"].const_value
-    assert isinstance(w, ir.ExternalTensor) and w.meta.get(onnx_io.SELF_BACKED_KEY)
+    assert isinstance(w, ir.ExternalTensor) and w.meta.get(wire.SELF_BACKED_KEY)
     assert not onnx_io.has_external_data(loaded)  # it is still an ordinary single-file model
     np.testing.assert_array_equal(w.numpy(), onnx.numpy_helper.to_array(model.graph.initializer[0]))
-    onnx_io.write_streaming(loaded, tmp_path / "lazy.onnx")
-    onnx_io.write_streaming(onnx_io.load(path).model, tmp_path / "eager.onnx")
+    wire.write_streaming(loaded, tmp_path / "lazy.onnx")
+    wire.write_streaming(onnx_io.load(path).model, tmp_path / "eager.onnx")
     assert (tmp_path / "lazy.onnx").read_bytes() == (tmp_path / "eager.onnx").read_bytes()
 
 
@@ -341,8 +342,8 @@ def test_deferred_fold_through_the_cli_is_exact(big_model, tmp_path, rng, monkey
     one is written): the same bytes as the eager fold."""
     from click.testing import CliRunner
 
-    from normfuse import algebra
     from normfuse.cli import cli
+    from normfuse.core import algebra
 
     monkeypatch.setenv("NORMFUSE_THREADS", threads)
     monkeypatch.setattr(algebra, "_POOL", None)
@@ -350,9 +351,8 @@ def test_deferred_fold_through_the_cli_is_exact(big_model, tmp_path, rng, monkey
     src = tmp_path / "big.onnx"
     onnx.save(big_model, src)
     loaded = onnx_io.load(src, lazy=True).model
-    from normfuse.api import run_fold
-    from normfuse.onnx_fold import FoldOptions
-    from normfuse.report import Report
+    from normfuse.core.report import Report
+    from normfuse.onnxgraph.fold import FoldOptions, run_fold
 
     run_fold(loaded, Report(), FoldOptions())
     assert isinstance(loaded.graph.initializers["W"].const_value, ir.LazyTensor)  # deferred
@@ -444,9 +444,8 @@ def test_a_deferred_weight_that_overflows_leaves_nothing(rng, tmp_path):
     src = tmp_path / "m.onnx"
     onnx.save(model, src)
     loaded = onnx_io.load(src, lazy=True).model
-    from normfuse.api import run_fold
-    from normfuse.onnx_fold import FoldOptions
-    from normfuse.report import Report
+    from normfuse.core.report import Report
+    from normfuse.onnxgraph.fold import FoldOptions, run_fold
 
     run_fold(loaded, Report(), FoldOptions())
     assert all(
@@ -461,9 +460,8 @@ def test_lazy_load_finds_an_external_tensor_in_an_attribute(rng, tmp_path):
     """A model read from its own file (large embedded weights) that also has a Constant whose
     tensor lies in a data file beside it: the constant is read from the source folder, and the
     folded model written elsewhere computes the same."""
-    from normfuse.api import run_fold
-    from normfuse.onnx_fold import FoldOptions
-    from normfuse.report import Report
+    from normfuse.core.report import Report
+    from normfuse.onnxgraph.fold import FoldOptions, run_fold
 
     src_dir = tmp_path / "src"
     src_dir.mkdir()
@@ -482,7 +480,7 @@ def test_lazy_load_finds_an_external_tensor_in_an_attribute(rng, tmp_path):
     model = make_model(nodes, [("x", F, [1, 32, 5, 5])], [("y", F, [1, 64, 5, 5])], inits)
     onnx.save(model, src_dir / "m.onnx")
     loaded = onnx_io.load(src_dir / "m.onnx", lazy=True)
-    assert loaded.model.meta.get(onnx_io.SELF_BACKED_KEY)  # the weights stay in the file
+    assert loaded.model.meta.get(wire.SELF_BACKED_KEY)  # the weights stay in the file
     run_fold(loaded.model, Report(), FoldOptions())
     out_dir = tmp_path / "out"
     out_dir.mkdir()
@@ -498,9 +496,8 @@ def test_a_deferred_weight_that_was_already_infinite_is_no_overflow(big_model, t
     """A stored weight with an infinity stays infinite when scaled, in its own element: the
     write is not refused as an overflow (the scaled copy overwrote the read, so the check reads
     the stored weight again), and the model computes what the original does."""
-    from normfuse.api import run_fold
-    from normfuse.onnx_fold import FoldOptions
-    from normfuse.report import Report
+    from normfuse.core.report import Report
+    from normfuse.onnxgraph.fold import FoldOptions, run_fold
 
     model = onnx.ModelProto()
     model.CopyFrom(big_model)

@@ -14,7 +14,7 @@ from onnx import helper
 
 import normfuse
 from normfuse.cli import cli
-from normfuse.onnx_swap import identity_variance
+from normfuse.onnxgraph.edit import identity_variance
 from tests.conftest import MODELS, bn_node, bn_params, make_model, normal, op_types, run, tensor
 
 

@@ -9,55 +9,56 @@ from onnx import TensorProto as TP
 from onnx import helper
 
 import normfuse
-from normfuse import parity
+from normfuse.core import verdict
+from normfuse.runtime import inputs, parity, sessions
 from tests.conftest import make_model
 
 
 def test_metrics_and_rule():
     ref = np.array([0.0, 1.0, -4.0, 2.0], np.float32)
     test = ref + np.array([0.0, 1e-4, 0.0, -2e-4], np.float32)
-    r = parity.compare_outputs("y", ref, test, atol=0.0, rtol=1e-4)
+    r = verdict.compare_outputs("y", ref, test, atol=0.0, rtol=1e-4)
     assert r.max_abs == pytest.approx(2e-4, rel=1e-3)
     assert r.max_rel == pytest.approx(2e-4 / 4, rel=1e-3)  # relative to max|ref|, no NaN on zeros
     assert r.passed  # 2e-4 <= 1e-4 * 4
     assert 0.999 < r.cosine <= 1.0
-    strict = parity.compare_outputs("y", ref, test, atol=0.0, rtol=1e-5)
+    strict = verdict.compare_outputs("y", ref, test, atol=0.0, rtol=1e-5)
     assert not strict.passed and strict.min_rtol == pytest.approx(5e-5, rel=1e-3)
     assert "would pass with rtol>=" in strict.line() and strict.line().startswith("FAILED | y |")
 
 
 def test_zero_reference_does_not_give_nan():
     z = np.zeros(5, np.float32)
-    r = parity.compare_outputs("z", z, z)
+    r = verdict.compare_outputs("z", z, z)
     assert r.passed and r.max_rel == 0.0 and r.cosine == 1.0
 
 
 def test_nan_mismatch_fails():
     ref = np.array([1.0, np.nan, 3.0], np.float32)
-    same = parity.compare_outputs("n", ref, ref.copy())
+    same = verdict.compare_outputs("n", ref, ref.copy())
     assert same.passed and same.nonfinite_mismatch == 0
-    diff = parity.compare_outputs("n", ref, np.array([1.0, 2.0, 3.0], np.float32))
+    diff = verdict.compare_outputs("n", ref, np.array([1.0, 2.0, 3.0], np.float32))
     assert not diff.passed and diff.nonfinite_mismatch == 1 and diff.min_rtol is None
 
 
 def test_default_tolerances_per_dtype():
-    a16 = parity.compare_outputs("h", np.ones(3, np.float16), np.ones(3, np.float16))
-    a32 = parity.compare_outputs("f", np.ones(3, np.float32), np.ones(3, np.float32))
-    i64 = parity.compare_outputs("i", np.arange(3), np.arange(3) + np.array([0, 0, 1]))
+    a16 = verdict.compare_outputs("h", np.ones(3, np.float16), np.ones(3, np.float16))
+    a32 = verdict.compare_outputs("f", np.ones(3, np.float32), np.ones(3, np.float32))
+    i64 = verdict.compare_outputs("i", np.arange(3), np.arange(3) + np.array([0, 0, 1]))
     assert a16.rtol > a32.rtol
     assert not i64.passed  # integers compare exactly
 
 
 def test_provider_selection_is_quiet_and_honest(capfd):
-    providers, label = parity.select_provider("auto")
+    providers, label = sessions.select_provider("auto")
     assert label in ("CPU", "CUDA")
     assert providers[-1] == "CPUExecutionProvider"
     captured = capfd.readouterr()
     assert "Failed to load library" not in captured.err + captured.out
-    assert parity.select_provider("cpu") == (["CPUExecutionProvider"], "CPU")
+    assert sessions.select_provider("cpu") == (["CPUExecutionProvider"], "CPU")
     if label == "CPU":
         with pytest.raises(normfuse.ProviderError, match="--provider cpu"):
-            parity.select_provider("cuda")
+            sessions.select_provider("cuda")
 
 
 def _relu_model(ir_version: int, shape) -> onnx.ModelProto:
@@ -103,8 +104,8 @@ def test_generated_inputs_are_seeded_normal(tmp_path):
 
     model = _relu_model(10, [1000])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    a = parity.generate_inputs(sess, seed=3)["x"]
-    b = parity.generate_inputs(sess, seed=3)["x"]
+    a = inputs.generate_inputs(sess, seed=3)["x"]
+    b = inputs.generate_inputs(sess, seed=3)["x"]
     np.testing.assert_array_equal(a, b)
     assert a.min() < -1 and a.max() > 1  # not uniform [0, 1)
 

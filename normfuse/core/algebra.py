@@ -66,7 +66,7 @@ class WeightArray(Protocol):
     """What the algebra needs of a weight: its geometry, and its values through numpy.
 
     A numpy array is one; so is a file-backed tensor that reads its values only when numpy
-    asks (:class:`normfuse.onnx_const.FileArray`). Values are taken with ``np.asarray``.
+    asks (:class:`normfuse.onnxgraph.const.FileArray`). Values are taken with ``np.asarray``.
     """
 
     @property

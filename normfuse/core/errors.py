@@ -15,6 +15,7 @@ __all__ = [
     "OutputExistsError",
     "ParityError",
     "ProviderError",
+    "StrictError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -52,11 +53,21 @@ class ParityError(NormfuseError):
     """The rewritten model does not match the original within tolerance.
 
     Attributes:
-        report: The :class:`normfuse.report.Report` with the per-output results.
+        report: The :class:`normfuse.core.report.Report` with the per-output results.
     """
 
     exit_code = 1
 
     def __init__(self, message: str, report: object = None, note: str | None = None) -> None:
+        super().__init__(message, note)
+        self.report = report
+
+
+class StrictError(NormfuseError):
+    """``strict=True`` and some candidates were skipped."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: object, note: str | None = None) -> None:
         super().__init__(message, note)
         self.report = report

@@ -27,13 +27,14 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from normfuse import onnx_io
-from normfuse.errors import InputError, ParityError
-from normfuse.fx_fold import TORCH_TOLERANCES, _example_args, fold_torch
-from normfuse.fx_swap import _tensors, module_stats
-from normfuse.onnx_fold import FoldOptions, model_stats
-from normfuse.parity import _make_session, _worse, compare_outputs, select_provider
-from normfuse.report import OutputParity, ParityResult, Report
+from normfuse.core.errors import InputError, ParityError
+from normfuse.core.report import OutputParity, ParityResult, Report
+from normfuse.core.verdict import TORCH_TOLERANCES, compare_outputs, worse
+from normfuse.onnxgraph import io as onnx_io
+from normfuse.onnxgraph.fold import FoldOptions, model_stats, run_fold
+from normfuse.runtime.sessions import make_session, select_provider
+from normfuse.torchmodel.fold import example_args, fold_torch
+from normfuse.torchmodel.modules import module_stats, tensors_of
 
 __all__ = ["export", "load_pt2", "save_pt2"]
 
@@ -152,7 +153,7 @@ def export(
         )
     if not isinstance(model, nn.Module | torch.export.ExportedProgram):
         raise InputError(f"cannot export a {type(model).__name__}", "pass an nn.Module")
-    args, kwargs = _example_args(example_inputs)
+    args, kwargs = example_args(example_inputs)
     t0 = time.perf_counter()
     bn_modules = (
         module_stats(model).batchnorm_nodes
@@ -169,8 +170,6 @@ def export(
         + ("" if written == bn_modules else " (the exporter folded or dropped the others itself)")
     )
     if fold:
-        from normfuse.api import run_fold
-
         run_fold(onnx_model, report, FoldOptions())
         report.notes.append(
             f"normfuse folded {len(report.applied)}, left {report.after.batchnorm_nodes} "
@@ -221,7 +220,7 @@ def _check_against_torch(
 ) -> ParityResult:
     providers, label = select_provider(provider)
     notes: list[str] = ["reference: the PyTorch model (eval mode, no grad)"]
-    session = _make_session(path, providers, "disable", notes)
+    session = make_session(path, providers, "disable", notes)
     names = [i.name for i in session.get_inputs()]
     reference = _reference(model)
     gen = torch.Generator().manual_seed(seed)
@@ -235,13 +234,13 @@ def _check_against_torch(
                 n: _random_like(v, gen) if isinstance(v, torch.Tensor) else v
                 for n, v in kwargs.items()
             }
-        flat = [*(_tensors(a)), *(_tensors(k))]
+        flat = [*(tensors_of(a)), *(tensors_of(k))]
         if len(flat) != len(names):
             raise InputError(
                 f"the ONNX model has {len(names)} inputs but the example has {len(flat)} tensors"
             )
         with torch.no_grad():
-            expected = _tensors(reference(*a, **k))
+            expected = tensors_of(reference(*a, **k))
         feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, flat, strict=True)}
         got = session.run(None, feeds)
         onames = [o.name for o in session.get_outputs()]
@@ -256,7 +255,7 @@ def _check_against_torch(
                 rtol,
             )
             res.dtype = dtype
-            if name not in worst or _worse(res, worst[name]):
+            if name not in worst or worse(res, worst[name]):
                 worst[name] = res
     return ParityResult(label, list(worst.values()), runs=max(runs, 1), seed=seed, notes=notes)
 
@@ -328,7 +327,7 @@ def save_pt2(
     """Write an ExportedProgram atomically (temporary file, then rename)."""
     out = Path(path)
     if out.exists() and not force:
-        from normfuse.errors import OutputExistsError
+        from normfuse.core.errors import OutputExistsError
 
         raise OutputExistsError(f"{out} exists", "pass --force to replace it")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from normfuse.parity import _make_session, generate_inputs, select_provider
+from normfuse.runtime.inputs import generate_inputs
+from normfuse.runtime.sessions import make_session, select_provider
 
 __all__ = ["Latency", "measure_latency"]
 
@@ -73,7 +74,7 @@ def measure_latency(
     done = 0
     for level in opt_levels:
         notes: list[str] = []
-        sessions = [_make_session(m, providers, level, notes, "the") for m in models]
+        sessions = [make_session(m, providers, level, notes, "the") for m in models]
         feeds = generate_inputs(sessions[0], seed, shapes)
         for sess in sessions:
             for _ in range(warmup):

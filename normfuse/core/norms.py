@@ -1,9 +1,10 @@
 """The table of norm kinds that ``swap`` and ``insert`` can write.
 
 Each kind has a name (looked up case- and punctuation-insensitively, with aliases), whether it
-keeps the function of an inference-mode BatchNorm exactly, and a torch factory that builds it
-channels first (``num_channels`` first, channel axis 1, as every ``torch.nn`` norm and timm's
-norm layers). torch is imported only inside the factories.
+keeps the function of an inference-mode BatchNorm exactly, and the fused ONNX op that writes it.
+The torch modules of each kind are built by :func:`normfuse.torchmodel.layers.build_norm`.
+
+Imports: :mod:`normfuse.core` only.
 
 GroupNorm groups: ``groups="auto"`` picks the largest divisor ``g`` of ``C`` with ``g <= 32``
 (the default of Wu and He, 2018) that leaves at least :data:`MIN_CHANNELS_PER_GROUP` channels
@@ -18,17 +19,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable
-from typing import Any
 
-from normfuse.errors import InputError
+from normfuse.core.errors import InputError
 
 __all__ = [
     "KINDS",
     "MAX_GROUPS",
     "MIN_CHANNELS_PER_GROUP",
     "NormKind",
-    "TorchNormArgs",
     "auto_groups",
     "lookup",
 ]
@@ -40,94 +38,6 @@ MAX_GROUPS = 32
 
 MIN_CHANNELS_PER_GROUP = 4
 """The fewest channels per group ``groups="auto"`` accepts (unless ``C`` itself is smaller)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class TorchNormArgs:
-    """What a torch factory needs to build a norm for ``channels`` channels.
-
-    Attributes:
-        channels: Number of channels ``C``.
-        dims: Spatial rank of the data (0 for ``(N, C)``, 1 for ``(N, C, L)``, 2, 3), or
-            ``None`` when unknown (BatchNorm1d takes both ``(N, C)`` and ``(N, C, L)``).
-        eps: Added to the variance.
-        momentum: Running-statistics momentum (BatchNorm kinds).
-        affine: Learn gamma/beta.
-        track_running_stats: Keep running statistics (BatchNorm kinds).
-        groups: GroupNorm groups, already resolved to an int.
-        factory_kwargs: ``device`` and ``dtype``.
-    """
-
-    channels: int
-    dims: int | None = 2
-    eps: float = 1e-5
-    momentum: float | None = 0.1
-    affine: bool = True
-    track_running_stats: bool = True
-    groups: int = 1
-    factory_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def _batchnorm(a: TorchNormArgs) -> Any:
-    from torch import nn
-
-    cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(
-        a.dims if a.dims is not None else 1, nn.BatchNorm2d
-    )
-    return cls(
-        a.channels,
-        eps=a.eps,
-        momentum=a.momentum,
-        affine=a.affine,
-        track_running_stats=a.track_running_stats,
-        **a.factory_kwargs,
-    )
-
-
-def _frozen(a: TorchNormArgs) -> Any:
-    from normfuse.torch_layers import FrozenBatchNorm
-
-    return FrozenBatchNorm(a.channels, eps=a.eps, **a.factory_kwargs)
-
-
-def _groupnorm(a: TorchNormArgs) -> Any:
-    from torch import nn
-
-    return nn.GroupNorm(a.groups, a.channels, eps=a.eps, affine=a.affine, **a.factory_kwargs)
-
-
-def _instancenorm(a: TorchNormArgs) -> Any:
-    from torch import nn
-
-    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}.get(
-        a.dims if a.dims is not None else 1, nn.InstanceNorm2d
-    )
-    return cls(a.channels, eps=a.eps, affine=a.affine, **a.factory_kwargs)
-
-
-def _layernorm(a: TorchNormArgs) -> Any:
-    from normfuse.torch_layers import ChannelLayerNorm
-
-    return ChannelLayerNorm(a.channels, eps=a.eps, elementwise_affine=a.affine, **a.factory_kwargs)
-
-
-def _syncbn(a: TorchNormArgs) -> Any:
-    from torch import nn
-
-    return nn.SyncBatchNorm(
-        a.channels,
-        eps=a.eps,
-        momentum=a.momentum,
-        affine=a.affine,
-        track_running_stats=a.track_running_stats,
-        **a.factory_kwargs,
-    )
-
-
-def _identity(a: TorchNormArgs) -> Any:
-    from torch import nn
-
-    return nn.Identity()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +53,6 @@ class NormKind:
         has_statistics: It keeps running statistics (they are copied over on a swap).
         onnx_op: The fused ONNX op, if there is one.
         onnx_min_opset: The opset that op needs.
-        build_torch: The torch factory.
     """
 
     name: str
@@ -154,7 +63,6 @@ class NormKind:
     has_statistics: bool
     onnx_op: str | None
     onnx_min_opset: int | None
-    build_torch: Callable[[TorchNormArgs], Any]
 
 
 KINDS: dict[str, NormKind] = {
@@ -169,7 +77,6 @@ KINDS: dict[str, NormKind] = {
             True,
             "BatchNormalization",
             1,
-            _batchnorm,
         ),
         NormKind(
             "frozen",
@@ -180,7 +87,6 @@ KINDS: dict[str, NormKind] = {
             True,
             None,
             None,
-            _frozen,
         ),
         NormKind(
             "groupnorm",
@@ -191,7 +97,6 @@ KINDS: dict[str, NormKind] = {
             False,
             "GroupNormalization",
             18,
-            _groupnorm,
         ),
         NormKind(
             "instancenorm",
@@ -202,7 +107,6 @@ KINDS: dict[str, NormKind] = {
             False,
             "InstanceNormalization",
             6,
-            _instancenorm,
         ),
         NormKind(
             "layernorm",
@@ -213,7 +117,6 @@ KINDS: dict[str, NormKind] = {
             False,
             "LayerNormalization",
             17,
-            _layernorm,
         ),
         NormKind(
             "syncbn",
@@ -224,7 +127,6 @@ KINDS: dict[str, NormKind] = {
             True,
             "BatchNormalization",
             1,
-            _syncbn,
         ),
         NormKind(
             "identity",
@@ -235,7 +137,6 @@ KINDS: dict[str, NormKind] = {
             False,
             None,
             None,
-            _identity,
         ),
     )
 }

@@ -11,14 +11,24 @@ This module imports torch; the rest of normfuse imports it only when torch is ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ChannelLayerNorm", "FrozenBatchNorm", "is_frozen_batchnorm"]
+from normfuse.core.norms import NormKind
+
+__all__ = [
+    "ChannelLayerNorm",
+    "FrozenBatchNorm",
+    "TorchNormArgs",
+    "build_norm",
+    "is_frozen_batchnorm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +146,93 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
     return all(isinstance(buffers.get(n), torch.Tensor) for n in _FROZEN_BUFFERS) and isinstance(
         getattr(module, "eps", None), (float, int)
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchNormArgs:
+    """What a torch factory needs to build a norm for ``channels`` channels.
+
+    Attributes:
+        channels: Number of channels ``C``.
+        dims: Spatial rank of the data (0 for ``(N, C)``, 1 for ``(N, C, L)``, 2, 3), or
+            ``None`` when unknown (BatchNorm1d takes both ``(N, C)`` and ``(N, C, L)``).
+        eps: Added to the variance.
+        momentum: Running-statistics momentum (BatchNorm kinds).
+        affine: Learn gamma/beta.
+        track_running_stats: Keep running statistics (BatchNorm kinds).
+        groups: GroupNorm groups, already resolved to an int.
+        factory_kwargs: ``device`` and ``dtype``.
+    """
+
+    channels: int
+    dims: int | None = 2
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    groups: int = 1
+    factory_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _batchnorm(a: TorchNormArgs) -> Any:
+    cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}.get(
+        a.dims if a.dims is not None else 1, nn.BatchNorm2d
+    )
+    return cls(
+        a.channels,
+        eps=a.eps,
+        momentum=a.momentum,
+        affine=a.affine,
+        track_running_stats=a.track_running_stats,
+        **a.factory_kwargs,
+    )
+
+
+def _frozen(a: TorchNormArgs) -> Any:
+    return FrozenBatchNorm(a.channels, eps=a.eps, **a.factory_kwargs)
+
+
+def _groupnorm(a: TorchNormArgs) -> Any:
+    return nn.GroupNorm(a.groups, a.channels, eps=a.eps, affine=a.affine, **a.factory_kwargs)
+
+
+def _instancenorm(a: TorchNormArgs) -> Any:
+    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}.get(
+        a.dims if a.dims is not None else 1, nn.InstanceNorm2d
+    )
+    return cls(a.channels, eps=a.eps, affine=a.affine, **a.factory_kwargs)
+
+
+def _layernorm(a: TorchNormArgs) -> Any:
+    return ChannelLayerNorm(a.channels, eps=a.eps, elementwise_affine=a.affine, **a.factory_kwargs)
+
+
+def _syncbn(a: TorchNormArgs) -> Any:
+    return nn.SyncBatchNorm(
+        a.channels,
+        eps=a.eps,
+        momentum=a.momentum,
+        affine=a.affine,
+        track_running_stats=a.track_running_stats,
+        **a.factory_kwargs,
+    )
+
+
+def _identity(a: TorchNormArgs) -> Any:
+    return nn.Identity()
+
+
+_FACTORIES: dict[str, Callable[[TorchNormArgs], nn.Module]] = {
+    "batchnorm": _batchnorm,
+    "frozen": _frozen,
+    "groupnorm": _groupnorm,
+    "instancenorm": _instancenorm,
+    "layernorm": _layernorm,
+    "syncbn": _syncbn,
+    "identity": _identity,
+}
+
+
+def build_norm(kind: NormKind, args: TorchNormArgs) -> nn.Module:
+    """A torch module of ``kind`` for ``args`` (channels first, channel axis 1)."""
+    return _FACTORIES[kind.name](args)

@@ -1,0 +1,158 @@
+"""The parity rule: how an original and a rewritten model are compared, and what a failure does.
+
+Both frontends use it: onnxruntime runs (:mod:`normfuse.runtime.parity`) and PyTorch runs
+(:mod:`normfuse.torchmodel.fold`) compare each output with :func:`compare_outputs` and turn a
+failed comparison or a strict skip into an error with :func:`raise_for_parity` /
+:func:`raise_for_strict`.
+
+The pass rule, elementwise: ``|test - ref| <= atol + rtol * max|ref|`` (relative to the
+reference's largest magnitude, so zeros in the reference give neither NaN nor a demand for
+exactness). NaN/Inf must match in position and kind.
+
+Imports: numpy and :mod:`normfuse.core` only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+
+from normfuse.core.errors import ParityError, StrictError
+from normfuse.core.report import OutputParity, Report
+
+__all__ = [
+    "DEFAULT_TOLERANCES",
+    "FOLD_TOLERANCES",
+    "TORCH_TOLERANCES",
+    "compare_outputs",
+    "judge_parity",
+    "raise_for_parity",
+    "raise_for_strict",
+    "worse",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``(atol, rtol)`` per element type for ``normfuse check``; rtol multiplies the reference's
+#: largest magnitude. fp32 5e-5 flags a 1e-3 change in one conv weight of a small CNN (it moves
+#: the output by 1-2e-4) and passes exact folds of deep networks (~2e-5).
+DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float": (1e-6, 5e-5),
+    "double": (1e-12, 1e-9),
+    "float16": (1e-3, 1e-2),
+    "bfloat16": (1e-2, 5e-2),
+}
+
+#: The defaults of the check built into ``normfuse fold``: a wrong fold moves outputs by orders
+#: of magnitude more than fp32 rounding, which reaches ~1e-4 on deep segmentation networks.
+FOLD_TOLERANCES: dict[str, tuple[float, float]] = {**DEFAULT_TOLERANCES, "float": (1e-6, 2e-4)}
+
+TORCH_TOLERANCES: dict[str, tuple[float, float]] = {
+    "float": (0.0, 1e-5),
+    "float32": (0.0, 1e-5),
+    "double": (0.0, 1e-12),
+    "float64": (0.0, 1e-12),
+    "float16": (0.0, 4e-3),
+    "bfloat16": (0.0, 3e-2),
+}
+"""``(atol, rtol)`` per output dtype for the folded-vs-original check (rule of
+:func:`compare_outputs`: ``|a - b| <= atol + rtol * max|ref|``)."""
+
+
+def compare_outputs(
+    name: str,
+    ref: np.ndarray,
+    test: np.ndarray,
+    atol: float | None = None,
+    rtol: float | None = None,
+    defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
+) -> OutputParity:
+    """Compare one output; see the module docstring for the rule."""
+    dtype = str(ref.dtype)
+    default = defaults.get({"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0))
+    atol = default[0] if atol is None else atol
+    rtol = default[1] if rtol is None else rtol
+    if ref.shape != test.shape:
+        return OutputParity(
+            name, dtype, float("inf"), float("inf"), float("inf"), 0.0, 0, atol, rtol, False, None
+        )
+    r = ref.astype(np.float64)
+    t = test.astype(np.float64)
+    fin_r, fin_t = np.isfinite(r), np.isfinite(t)
+    both = fin_r & fin_t
+    nonfinite_mismatch = int(np.sum(fin_r != fin_t)) + int(
+        np.sum(~fin_r & ~fin_t & ~((r == t) | (np.isnan(r) & np.isnan(t))))
+    )
+    diff = np.abs(r[both] - t[both])
+    max_abs = float(diff.max()) if diff.size else 0.0
+    mean_abs = float(diff.mean()) if diff.size else 0.0
+    scale = float(np.abs(r[both]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    rv, tv = r[both], t[both]
+    denom = float(np.linalg.norm(rv) * np.linalg.norm(tv))
+    cosine = float(rv @ tv / denom) if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+    passed = nonfinite_mismatch == 0 and max_abs <= atol + rtol * scale
+    if nonfinite_mismatch:
+        min_rtol = None
+    elif scale > 0:
+        min_rtol = max(0.0, (max_abs - atol) / scale)
+    else:
+        min_rtol = 0.0 if max_abs <= atol else None
+    return OutputParity(
+        name,
+        dtype,
+        max_abs,
+        max_rel,
+        mean_abs,
+        cosine,
+        nonfinite_mismatch,
+        atol,
+        rtol,
+        passed,
+        min_rtol,
+    )
+
+
+def worse(a: OutputParity, b: OutputParity) -> bool:
+    """Whether ``a`` is the worse of two results (failed beats passed, then larger error)."""
+    return (not a.passed and b.passed) or (a.passed == b.passed and a.max_rel > b.max_rel)
+
+
+def raise_for_parity(report: Report) -> None:
+    """Raise :class:`ParityError` when the report's parity check failed."""
+    if report.parity is not None and not report.parity.passed:
+        failed = [o.name for o in report.parity.outputs if not o.passed]
+        what = "folded" if report.action in ("fold", "export") else f"rewritten ({report.action})"
+        raise ParityError(
+            f"the {what} model differs from the original on output(s) {', '.join(failed)} "
+            f"(max rel {report.parity.max_rel:.3g})",
+            report,
+            "please report this model; use --no-check only to inspect the result",
+        )
+
+
+def raise_for_strict(report: Report) -> None:
+    """Raise :class:`StrictError` when some candidate was skipped."""
+    if report.skipped:
+        first = report.skipped[0]
+        raise StrictError(
+            f"{len(report.skipped)} candidate(s) not folded, first {first.op_type} "
+            f"'{first.node}': {first.reason}",
+            report,
+        )
+
+
+def judge_parity(report: Report, *, exact: bool, what: str) -> None:
+    """Exact rewrites raise :class:`ParityError` on a mismatch; others note the difference."""
+    if report.parity is None:
+        return
+    report.parity.informational = not exact
+    if exact:
+        raise_for_parity(report)
+    elif not report.parity.passed:
+        report.notes.append(
+            f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
+            f"expected: {what} changes the function"
+        )

@@ -1,0 +1,461 @@
+"""Fold per-channel affine maps into neighbouring linear ops in onnx_ir graphs.
+
+The maths lives in :mod:`normfuse.core.algebra`; this module finds the pairs safely.
+
+A *chain* is a maximal run of affine nodes where each node's output feeds only the next one:
+``BatchNormalization``; ``Mul``/``Add``/``Sub``/``Div`` with one constant operand (``c / x`` is not
+affine and does not count); and, with ``norm_affine``, the gamma/beta tail of
+``LayerNormalization``/``GroupNormalization``/``InstanceNormalization``/``RMSNormalization`` as the
+head of a chain. For each chain:
+
+1. **after**: the longest valid prefix folds into the producing linear op (Conv, ConvTranspose,
+   Gemm, MatMul with a constant 2-D right operand and its optional constant ``Add``) when that
+   op's output feeds nothing else: ``W' = W * s`` along the output channels, ``b' = b * s + t``.
+2. **before**: the longest valid suffix of what is left folds into the consuming linear ops, all
+   of them, when every consumer is one and the fold is exact there: ``W' = W * s`` along the
+   input channels, ``b' = b + sum(W * t)``. A Conv that pads its input with zeros only takes
+   a map without shift. By default only suffixes that contain a BatchNormalization fold this
+   way; ``norm_affine`` also folds plain Mul/Add chains and normalization tails.
+3. every other node of the chain is reported as skipped with the reason.
+
+Every BatchNormalization, every normalization tail considered, and every Mul/Add/Sub/Div of a
+chain that touches a linear op or a normalization gets exactly one report entry. A refused
+fold leaves the graph untouched. Folded tensors keep the name of the last output of the folded
+chain, so the original and the folded model align by tensor name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+
+from normfuse.core import algebra
+from normfuse.core.algebra import Affine
+from normfuse.core.report import Entry, Report, Status
+from normfuse.onnxgraph.affines import AffineBuilder, Link
+from normfuse.onnxgraph.chains import ChainFinder
+from normfuse.onnxgraph.const import ConstantResolver, NotConstant
+from normfuse.onnxgraph.graph import (
+    KNOWN_OPSET,
+    LINEAR_OPS,
+    NORM_OPS,
+    NORM_TAIL_OPS,
+    Container,
+    Refused,
+    containers,
+    exclusive,
+    label_of,
+    model_stats,
+    node_name,
+    others,
+    rank_of,
+    users,
+    values_of,
+)
+from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
+from normfuse.onnxgraph.writer import GraphWriter, deferrable
+
+__all__ = ["FoldOptions", "fold_model", "model_stats", "run_fold"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldOptions:
+    """What :func:`fold_model` may do.
+
+    Attributes:
+        norm_affine: Also fold the gamma/beta of LayerNorm/GroupNorm/InstanceNorm/RMSNorm, and
+            plain Mul/Add chains, into the following linear ops (the norm keeps gamma=1, beta=0).
+        dry_run: Decide and report, change nothing (``normfuse inspect``).
+    """
+
+    norm_affine: bool = False
+    dry_run: bool = False
+
+
+def fold_model(
+    model: ir.Model,
+    options: FoldOptions = FoldOptions(),
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Entry]:
+    """Fold every foldable affine in ``model`` in place.
+
+    Args:
+        model: The model; modified in place unless ``options.dry_run``.
+        options: What may be folded.
+        progress: Called with ``(done, total)`` chains as work proceeds.
+
+    Returns:
+        One entry per candidate, in graph order.
+    """
+    names = {v.name for c, _ in containers(model) for v in values_of(c) if v.name}
+    work: list[_Folder] = []
+    for container, label in containers(model):
+        opset = (
+            container.opset_imports.get("")
+            if isinstance(container, ir.Function)
+            else model.opset_imports.get("")
+        )
+        opset = opset or model.opset_imports.get("ai.onnx") or 1
+        work.append(_Folder(container, label, opset, model.ir_version, names, options))
+    try:
+        plans = [(folder, folder.chains()) for folder in work]
+        total = sum(len(chains) for _, chains in plans)
+        done = 0
+        entries: list[Entry] = []
+        for folder, chains in plans:
+            for chain in chains:
+                entries.extend(folder.fold_chain(chain))
+                folder.consts.drop_large()
+                done += 1
+                if progress is not None:
+                    progress(done, total)
+            entries.extend(folder.lone_norm_entries())
+    finally:
+        for folder in work:
+            folder.consts.close()
+    return entries
+
+
+class _Folder:
+    """Folds the chains of one graph or function: decides, and hands the writes to a writer."""
+
+    def __init__(
+        self,
+        container: Container,
+        label: str,
+        opset: int,
+        ir_version: int,
+        names: set[str],
+        options: FoldOptions,
+    ) -> None:
+        self.container = container
+        self.label = label
+        self.opset = opset
+        self.options = options
+        self.consts = ConstantResolver(opset, ir_version, keep_open=True)
+        self.reader = LinearReader(self.consts)
+        self.affines = AffineBuilder(self.consts, opset)
+        self.finder = ChainFinder(container, self.consts, self.reader, opset, options.norm_affine)
+        self.writer = GraphWriter(
+            container, names, self.consts, self.reader, ir_version, label == ""
+        )
+        self.reported: set[int] = set()
+
+    def chains(self) -> list[list[Link]]:
+        """The maximal chains of affine nodes, in graph order."""
+        return self.finder.chains()
+
+    # ----------------------------------------------------------------- the decision
+    def fold_chain(self, chain: list[Link]) -> list[Entry]:
+        """Fold what can fold in one chain; one entry per reportable node."""
+        self.reader.clear()
+        rank = self._chain_rank(chain)
+        warnings = [self.affines.warnings(link) for link in chain]
+        names = [node_name(link.node) for link in chain]
+        reportable = self._reportable(chain)
+        affines: list[Affine | Refused] = []
+        for link in chain:
+            try:
+                affines.append(self.affines.affine(link, rank))
+            except Refused as exc:
+                affines.append(exc)
+            except NotConstant as exc:
+                affines.append(Refused(str(exc)))
+        done: dict[int, tuple[str, str]] = {}  # chain index -> (direction, target)
+        k, after_reason = self._fold_forward(chain, affines, done)
+        suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
+        entries = []
+        for i, link in enumerate(chain):
+            if not reportable[i]:
+                continue
+            self.reported.add(id(link.node))
+            common: dict[str, Any] = {
+                "node": names[i],
+                "op_type": link.node.op_type,
+                "graph": self.label.rstrip("/"),
+            }
+            if i in done:
+                direction, target = done[i]
+                status: Status = "foldable" if self.options.dry_run else "applied"
+                entries.append(
+                    Entry(
+                        **common,
+                        status=status,
+                        target=target,
+                        direction=direction,
+                        warnings=warnings[i],
+                    )
+                )
+                continue
+            own = affines[i]
+            if isinstance(own, Refused):
+                reason, fix = own.reason, own.fix
+            else:
+                parts = []
+                if after_reason:
+                    parts.append(f"cannot fold into its producer: {after_reason}")
+                if before_reason and i in suffix:
+                    parts.append(f"cannot fold into its consumers: {before_reason}")
+                elif i not in suffix:
+                    parts.append("a node between it and the next linear op cannot fold")
+                reason = "; ".join(parts)
+                fix = before_fix if i in suffix else None
+            entries.append(Entry(**common, status="skipped", reason=reason, fix=fix))
+        return entries
+
+    def _reportable(self, chain: list[Link]) -> list[bool]:
+        """BN and norm nodes always; Mul/Add/... when the chain touches a foldable linear op."""
+        if any(link.kind != "elementwise" for link in chain):
+            return [True] * len(chain)
+        head_input = chain[0].data.producer()
+        touches = head_input is not None and isinstance(
+            self.reader.producer_linear(head_input), Linear
+        )
+        touches = touches or any(
+            isinstance(self.reader.linear(u), Linear)
+            for u in users(chain[-1].out)
+            if u.op_type in LINEAR_OPS
+        )
+        return [touches] * len(chain)
+
+    def _fold_forward(
+        self, chain: list[Link], affines: list[Affine | Refused], done: dict[int, tuple[str, str]]
+    ) -> tuple[int, str | None]:
+        """Fold the longest valid prefix into the producing linear op; (its length, why not more)."""
+        head = chain[0]
+        if head.kind == "norm":
+            return 0, None
+        producer = head.data.producer()
+        if producer is None:
+            return 0, f"its input '{head.data.name}' is a graph input, not a linear op's output"
+        if producer.graph is not head.node.graph:
+            return 0, "its input comes from an outer graph"
+        found = self.reader.producer_linear(producer)
+        if isinstance(found, str):
+            return 0, found
+        if not exclusive(found.out, head.node):
+            return 0, (
+                f"the output of {found.label} also feeds {others(found.out, head.node)}; "
+                "folding would change what they see"
+            )
+        acc: Affine | None = None
+        reason: str | None = None
+        k = 0
+        for a in affines:
+            if isinstance(a, Refused):
+                break
+            mismatch = lines_up(a, found.out_axis, found.weights.out_channels, found.out_rank)
+            if mismatch:
+                reason = f"{mismatch} of {found.label}"
+                break
+            acc = a if acc is None else acc.then(a)
+            k += 1
+        if acc is None:
+            return 0, reason
+        try:
+            self._apply_after(found, chain[:k], acc)
+        except Refused as exc:
+            return 0, exc.reason
+        done.update({i: ("after", found.label) for i in range(k)})
+        return k, reason
+
+    def _fold_backward(
+        self,
+        chain: list[Link],
+        affines: list[Affine | Refused],
+        k: int,
+        rank: int | None,
+        done: dict[int, tuple[str, str]],
+    ) -> tuple[list[int], str | None, str | None]:
+        """Fold the longest valid suffix of ``chain[k:]`` into the consumers.
+
+        Returns:
+            The suffix's chain indices, and why it did not fold (reason, fix) if it did not.
+        """
+        j = len(chain)
+        axis: int | None = None
+        while j > k:  # valid maps with one consistent channel axis
+            a = affines[j - 1]
+            if isinstance(a, Refused) or (not a.is_scalar and axis is not None and a.axis != axis):
+                break
+            axis = axis if a.is_scalar else a.axis
+            j -= 1
+        suffix = list(range(j, len(chain)))
+        if not suffix:
+            return [], None, None
+        links = [chain[i] for i in suffix]
+        if not self.options.norm_affine and not any(link.kind == "bn" for link in links):
+            consumers = users(links[-1].out)
+            if consumers and all(isinstance(self.reader.linear(c), Linear) for c in consumers):
+                names = ", ".join(label_of(c) for c in consumers)
+                fix = "pass --norm-affine (norm_affine=True)"
+                return suffix, f"folding a Mul/Add chain into the following {names} is opt-in", fix
+            return suffix, "nothing linear to fold into", None
+        maps = [affines[i] for i in suffix]
+        assert all(isinstance(a, Affine) for a in maps)  # the suffix is valid maps only
+        acc = maps[0]
+        for a in maps[1:]:
+            acc = acc.then(a)  # type: ignore[union-attr, arg-type]
+        try:
+            target = self._apply_before(links, acc, rank)  # type: ignore[arg-type]
+        except Refused as exc:
+            return suffix, exc.reason, exc.fix
+        done.update({i: ("before", target) for i in suffix})
+        return suffix, None, None
+
+    def lone_norm_entries(self) -> list[Entry]:
+        """Entries for normalization nodes no chain covered: opset too new, or opt-in folds."""
+        entries = [
+            Entry(
+                node=node_name(node),
+                op_type=node.op_type,
+                status="skipped",
+                graph=self.label.rstrip("/"),
+                reason=f"opset {self.opset} is newer than normfuse knows ({KNOWN_OPSET}); "
+                "its semantics may have changed",
+                fix="upgrade normfuse (and onnx)",
+            )
+            for node in self.finder.too_new
+            if node.op_type in NORM_OPS
+        ]
+        for node in self.container:
+            if (
+                node.op_type in NORM_TAIL_OPS
+                and node.domain in ("", "ai.onnx")
+                and id(node) not in self.reported
+                and self.options.dry_run
+            ):
+                entries.append(
+                    Entry(
+                        node=node_name(node),
+                        op_type=node.op_type,
+                        status="skipped",
+                        graph=self.label.rstrip("/"),
+                        reason="its statistics are per sample; only its gamma/beta tail can fold",
+                        fix="pass --norm-affine to fold gamma/beta into the following linear ops",
+                    )
+                )
+        return entries
+
+    def _chain_rank(self, chain: list[Link]) -> int | None:
+        head = chain[0]
+        if head.kind != "norm":
+            producer = head.data.producer()
+            if producer is not None and producer.op_type in LINEAR_OPS | {"Add"}:
+                found = self.reader.producer_linear(producer)
+                if isinstance(found, Linear) and found.out_rank is not None:
+                    return found.out_rank
+        for link in chain:
+            r = rank_of(link.data)
+            if r is not None:
+                return r
+        r = rank_of(chain[-1].out)
+        return r
+
+    # ----------------------------------------------------------------- rewriting
+    def _apply_after(self, lin: Linear, links: list[Link], affine: Affine) -> None:
+        folded = algebra.absorb_after(lin.weights, affine, defer=deferrable(lin))
+        check_range(folded, lin)
+        if self.options.dry_run:
+            return
+        self.writer.write_after(lin, links, folded)
+
+    def _apply_before(self, links: list[Link], affine: Affine, rank: int | None) -> str:
+        """Fold into every consumer of the chain's output; returns the targets' labels."""
+        tail = links[-1].out
+        if tail.is_graph_output():
+            raise Refused(f"its output '{tail.name}' is a graph output")
+        uses = list(tail.uses())
+        if not uses:
+            raise Refused("its output is unused")
+        targets: list[tuple[Linear, int]] = []
+        type_only: list[Any] = []  # onnx_ir Usage pairs
+        for use in uses:
+            consumer = use.node
+            if consumer.op_type == "CastLike" and use.idx == 1 and consumer.domain == "":
+                type_only.append(use)  # reads only the dtype, which the fold keeps
+                continue
+            if consumer.graph is not links[-1].node.graph:
+                raise Refused(f"its output is used in a subgraph ({label_of(consumer)})")
+            if consumer.op_type not in LINEAR_OPS:
+                raise Refused(
+                    f"its output also feeds {label_of(consumer)}, which is not a linear op"
+                )
+            found = self.reader.linear(consumer)
+            if isinstance(found, str):
+                raise Refused(found)
+            if use.idx != 0:
+                raise Refused(f"it feeds {found.label} as a weight, not as its data input")
+            if found.in_axis is None:
+                raise Refused(found.in_refusal or f"{found.label} cannot take it")
+            in_rank = rank_of(tail) if rank_of(tail) is not None else rank
+            if in_rank is None and found.node.op_type in ("Conv", "ConvTranspose"):
+                in_rank = found.out_rank
+            if found.node.op_type == "Gemm":
+                in_rank = 2
+            mismatch = lines_up(affine, found.in_axis, found.weights.in_channels, in_rank, "input")
+            if mismatch:
+                raise Refused(f"{mismatch} of {found.label}")
+            if found.pads_input and affine.has_shift:
+                if found.node.op_type == "ConvTranspose":
+                    raise Refused(
+                        f"{found.label} is not pointwise, so a shift on its input does not fold "
+                        "exactly"
+                    )
+                raise Refused(
+                    f"{found.label} pads its input with zeros: folding the shift would change "
+                    "the borders"
+                )
+            targets.append((found, use.idx))
+        if not targets:
+            raise Refused("its output is only used for its type (CastLike)")
+        foldeds = []
+        for found, _ in targets:
+            folded = algebra.absorb_before(found.weights, affine, defer=deferrable(found))
+            check_range(folded, found)
+            foldeds.append(folded)
+        label = ", ".join(found.label for found, _ in targets)
+        if self.options.dry_run:
+            return label
+        self.writer.write_before(links, targets, foldeds, type_only)
+        return label
+
+
+def run_fold(
+    model: ir.Model,
+    report: Report,
+    options: FoldOptions,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Fold ``model`` in place and fill ``report`` (entries, statistics, fold time)."""
+    t = time.perf_counter()
+    if not options.dry_run:
+        report.before = model_stats(model)
+    report.entries.extend(fold_model(model, options, progress))
+    report.after = model_stats(model)
+    low = sorted({d for d in _low_precision_weights(model)})
+    if low and report.applied:
+        report.notes.append(
+            f"the folded weights are {'/'.join(low)}: folding rounds them a second time, which "
+            "about doubles their rounding noise (benchmarks/fp16.py); for the best accuracy fold the "
+            "float32 model before converting it"
+        )
+    if options.dry_run:
+        report.before = report.after
+    report.timings["fold"] = time.perf_counter() - t
+
+
+def _low_precision_weights(model: ir.Model) -> set[str]:
+    kinds = {ir.DataType.FLOAT16: "float16", ir.DataType.BFLOAT16: "bfloat16"}
+    return {
+        kinds[v.const_value.dtype]
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.dtype in kinds
+    }

@@ -1,0 +1,434 @@
+"""Load and save ONNX models in every form users hold them, safely.
+
+Inputs: a path (external data read lazily through memory maps), ``bytes``, ``onnx.ModelProto``,
+``onnx_ir.Model`` and ``torch.onnx.ONNXProgram`` (recognised without importing torch).
+
+Saving keeps the IR version, opset imports, producer, metadata and doc strings, because the
+model goes through onnx_ir unchanged apart from the rewrite. Writes are atomic: the model is
+written to a temporary file in the target folder and renamed into place. A model that had
+external data, or that exceeds 2 GiB, is written with external data next to the output
+(``<output name>.data``).
+
+The wire-format work (lazy self-backed load, streaming save) is in :mod:`normfuse.onnxgraph.wire`.
+
+Imports: onnx, onnx_ir, :mod:`normfuse.core` and the onnxgraph package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from normfuse.core.errors import InputError, OutputExistsError
+from normfuse.onnxgraph.wire import (
+    SELF_BACKED_KEY,
+    TWO_GIB,
+    default_mode,
+    load_self_backed,
+    root_cause,
+    short_error,
+    write_streaming,
+)
+
+__all__ = ["EXTERNAL_DATA_KEY", "Loaded", "has_external_data", "load", "save", "to_kind", "unwrap"]
+
+logger = logging.getLogger(__name__)
+
+
+#: In-memory flag (``ir.Model.meta``, never serialized): the model was read with external data.
+EXTERNAL_DATA_KEY = "normfuse.external_data"
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A model read into onnx_ir, plus what is needed to give it back in the caller's form.
+
+    Attributes:
+        model: The model in onnx_ir form (owned by normfuse: safe to modify).
+        kind: ``path``, ``bytes``, ``proto``, ``ir`` or ``onnx_program``.
+        path: The file it came from, for ``path`` inputs.
+        original: The caller's object, for ``onnx_program``.
+    """
+
+    model: ir.Model
+    kind: str
+    path: Path | None = None
+    original: Any = None
+
+
+def _is_onnx_program(obj: object) -> bool:
+    return type(obj).__name__ == "ONNXProgram" and hasattr(obj, "model")
+
+
+def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
+    """Read a model from any supported form.
+
+    Args:
+        source: A path, bytes, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``ONNXProgram``.
+        copy: For ``onnx_ir.Model`` and ``ONNXProgram`` inputs, work on a copy so the caller's
+            object is left as it was.
+        lazy: For a path: do not read tensor bytes into memory; large initializers become
+            views into the file (memory maps), and :func:`save` copies the untouched ones
+            file to file. The file must stay in place until the model is saved.
+
+    Raises:
+        InputError: The source is missing, not a file, not ONNX, or of an unknown type.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"no such file: {path}")
+        if path.is_dir():
+            raise InputError(f"{path} is a directory, not an ONNX file")
+        try:
+            model = _try_self_backed(path) if lazy else None
+            model = model if model is not None else ir.load(path)
+        except ir.serde.SerdeError as exc:  # a RuntimeError: it goes first
+            raise InputError(
+                f"{path} is not a readable ONNX model ({short_error(root_cause(exc))})"
+            ) from None
+        except UnicodeDecodeError:
+            raise InputError(
+                f"{path} is not a readable ONNX model (text that is not UTF-8)"
+            ) from None
+        except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
+            raise InputError(f"{path} is not a readable ONNX model ({short_error(exc)})") from None
+        tensors = _tensors(model)
+        _check_has_graph(model, str(path), tensors)
+        _check_structure(model, str(path))
+        external = False
+        for _, tensor, initializer in tensors:
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.base_dir = path.parent  # where relative locations start
+                external = external or (initializer and not tensor.meta.get(SELF_BACKED_KEY))
+        if external:
+            _check_external_data(model, path.parent)
+            model.meta[EXTERNAL_DATA_KEY] = True
+        return Loaded(model, "path", path=path)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        proto = onnx.ModelProto()
+        try:
+            proto.ParseFromString(bytes(source))
+        except DecodeError as exc:
+            raise InputError(f"the bytes are not an ONNX model ({short_error(exc)})") from None
+        model = ir.from_proto(proto)
+        _check_has_graph(model, "bytes")
+        _check_structure(model, "bytes")
+        return Loaded(model, "bytes")
+    if isinstance(source, onnx.ModelProto):
+        model = ir.from_proto(source)
+        _check_has_graph(model, "ModelProto")
+        _check_structure(model, "ModelProto")
+        return Loaded(model, "proto")
+    if isinstance(source, ir.Model):
+        model = ir.from_proto(ir.to_proto(source)) if copy else source
+        return Loaded(model, "ir", original=source)
+    if _is_onnx_program(source):
+        inner = source.model  # type: ignore[attr-defined]
+        model = ir.from_proto(ir.to_proto(inner)) if copy else inner
+        return Loaded(model, "onnx_program", original=source)
+    raise InputError(
+        f"cannot read a model from {type(source).__name__}",
+        "pass a path, bytes, onnx.ModelProto, onnx_ir.Model or torch.onnx.ONNXProgram",
+    )
+
+
+def _try_self_backed(path: Path) -> ir.Model | None:
+    """The self-backed model, or ``None`` so that the normal loader reads (and judges) the file."""
+    try:
+        return load_self_backed(path)
+    except (DecodeError, IndexError, ValueError, OSError):
+        return None
+
+
+def _check_external_data(model: ir.Model, base: Path) -> None:
+    """Refuse, before anything is read, external data outside ``base``, missing or too short."""
+    root = base.resolve()
+    sizes: dict[str, int | None] = {}  # location -> file size (None: missing), each looked up once
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if not isinstance(tensor, ir.ExternalTensor):
+                continue
+            location = os.fspath(tensor.location)
+            if location not in sizes:
+                target = (root / location).resolve()
+                if os.path.isabs(location) or not target.is_relative_to(root):
+                    raise InputError(
+                        f"tensor '{value.name}' points outside the model's folder ({location})",
+                        "external data must lie in the model's folder; refusing to read it",
+                    )
+                sizes[location] = target.stat().st_size if target.is_file() else None
+            size = sizes[location]
+            if size is None:
+                raise InputError(
+                    f"the external data file '{location}' of tensor '{value.name}' is missing",
+                    f"put it next to the model in {base}",
+                )
+            end = (tensor.offset or 0) + (
+                tensor.length if tensor.length is not None else tensor.nbytes
+            )
+            if size < end:
+                raise InputError(
+                    f"the external data file '{location}' is shorter than tensor '{value.name}' needs "
+                    f"({size} < {end} bytes)",
+                    "the file is truncated or belongs to another model",
+                )
+
+
+def _tensors(model: ir.Model) -> list[tuple[str, Any, bool]]:
+    """``(label, tensor, is_initializer)`` for every initializer and tensor attribute."""
+    found: list[tuple[str, Any, bool]] = []
+    for graph in model.graphs():
+        found += [(v.name or "", v.const_value, True) for v in graph.initializers.values()]
+        for node in graph:
+            if not node.attributes:
+                continue
+            for a in node.attributes.values():
+                if a.is_ref():
+                    continue
+                if a.type == ir.AttributeType.TENSOR:
+                    found.append((f"{node.op_type} '{node.name}'.{a.name}", a.value, False))
+                elif a.type == ir.AttributeType.TENSORS:
+                    found += [
+                        (f"{node.op_type} '{node.name}'.{a.name}[{i}]", t, False)
+                        for i, t in enumerate(a.value)
+                    ]
+    return found
+
+
+def _check_has_graph(
+    model: ir.Model, where: str, tensors: list[tuple[str, Any, bool]] | None = None
+) -> None:
+    """Refuse a model without a graph, and tensors whose type or shape cannot be decoded."""
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputError(f"{where} holds no graph (empty or not an ONNX model)")
+    for name, tensor, _ in _tensors(model) if tensors is None else tensors:
+        if tensor is None:
+            continue
+        try:
+            if tensor.dtype == ir.DataType.UNDEFINED:
+                raise ValueError("its element type is undefined")
+            tensor.shape  # noqa: B018 - decoding the shape is the check
+            tensor.nbytes  # noqa: B018
+        except (ValueError, TypeError) as exc:
+            raise InputError(
+                f"tensor {name!r} in {where} is malformed ({short_error(exc)})"
+            ) from None
+
+
+def _check_structure(model: ir.Model, where: str) -> None:
+    """Refuse what is not a graph: undefined inputs, cycles, names defined twice."""
+
+    def walk(graph: ir.Graph, outer: set[int]) -> None:
+        defined = (
+            set(outer)
+            | {id(v) for v in graph.inputs}
+            | {id(v) for v in graph.initializers.values()}
+        )
+        names: set[str] = {v.name for v in graph.inputs if v.name}
+        outputs = [v.name for v in graph.outputs]
+        if len(set(outputs)) != len(outputs):
+            dup = next(n for n in outputs if outputs.count(n) > 1)
+            raise InputError(f"{where}: graph output '{dup}' is listed twice")
+        for node in graph:
+            for v in node.inputs:
+                if v is not None and id(v) not in defined:
+                    what = (
+                        "is produced later (a cycle, or nodes out of order)"
+                        if v.producer() is not None
+                        else "is never defined"
+                    )
+                    raise InputError(
+                        f"{where}: input '{v.name}' of {node.op_type} '{node.name}' {what}"
+                    )
+            for attr in node.attributes.values():
+                subgraphs = (
+                    [attr.value]
+                    if attr.type == ir.AttributeType.GRAPH
+                    else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+                )
+                for sub in subgraphs:
+                    walk(sub, defined)
+            for out in node.outputs:
+                if out.name and out.name in names:
+                    raise InputError(f"{where}: tensor '{out.name}' is produced twice")
+                if out.name:
+                    names.add(out.name)
+                defined.add(id(out))
+
+    walk(model.graph, set())
+
+
+def to_kind(loaded: Loaded, model: ir.Model) -> Any:
+    """Give ``model`` back in the form the caller passed in (a path gives an onnx_ir.Model)."""
+    if loaded.kind == "proto":
+        return ir.to_proto(model)
+    if loaded.kind == "bytes":
+        return ir.to_proto(model).SerializeToString()
+    if loaded.kind == "onnx_program":
+        cls = type(loaded.original)
+        return cls(model, getattr(loaded.original, "exported_program", None))
+    return model
+
+
+def unwrap(model: object) -> ir.Model:
+    """The onnx_ir model inside any supported object (no copy where possible)."""
+    return load(model, copy=False).model
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """True when some initializer of the model lives in an external file."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and not tensor.meta.get(SELF_BACKED_KEY):
+                return True
+    return False
+
+
+def _total_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None
+    )
+
+
+def _data_name(folder: Path, out_name: str) -> str:
+    """A data-file name next to the output that no file has yet: ``<out>.data``, else ``<out>.N.data``.
+
+    Writing under a new name means no file that exists (the input's data, the data the old
+    output still points at) is ever overwritten.
+    """
+    candidates = [f"{out_name}.data"] + [f"{out_name}.{n}.data" for n in range(1, 1000)]
+    for name in candidates:
+        if not (folder / name).exists():
+            return name
+    raise InputError(
+        f"too many data files named {out_name}.N.data in {folder}", "remove stale ones"
+    )
+
+
+def _our_data_files(out: Path) -> set[Path]:
+    """Data files of the current ``out`` that follow normfuse's naming (safe to remove)."""
+    ours = {out.parent / f"{out.name}.data"} | set(out.parent.glob(f"{out.name}.*.data"))
+    ours = {p for p in ours if p.exists()}
+    if not ours or not out.is_file():
+        return set()
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:
+        return set()
+    referenced = {
+        out.parent / entry.value
+        for t in old.graph.initializer
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return ours & referenced
+
+
+def _sources(model: ir.Model) -> set[Path]:
+    paths = {
+        os.fspath(v.const_value.path)
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
+    return {Path(p).resolve() for p in paths}  # each file once: resolving stats every folder
+
+
+def save(
+    model: object,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    external_data: bool | None = None,
+    protect: os.PathLike | str | None = None,
+    verify: Callable[[Path], None] | None = None,
+    discard: bool = False,
+) -> Path:
+    """Write a model atomically, crash-consistent with its external data.
+
+    The model goes to a temporary file in the target folder; external data goes to a file name
+    nothing uses yet (``<output>.data``, or ``<output>.N.data`` while that exists); the model is
+    verified, then renamed into place, and only then is the data file of the replaced output
+    removed. A process killed at any moment leaves the old output with its data, or the new
+    one with its own, never a mix (at worst a hidden temporary file or an unreferenced data
+    file remains).
+
+    Args:
+        model: Any supported model object.
+        path: The output file.
+        force: Replace an existing file.
+        external_data: ``True`` to write tensors to a data file next to the output, ``False``
+            to embed them, ``None`` to do so when the model had external data or exceeds 2 GiB.
+        protect: A path that must not be written (the input, unless in-place was asked).
+        verify: Called with the complete temporary file before it is renamed into place;
+            if it raises, nothing is renamed and the new files are removed.
+        discard: The caller will not use ``model`` afterwards, so data files it reads from may
+            be removed when they belonged to the replaced output (an in-place fold).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputExistsError: The output exists and ``force`` is false, or it is ``protect``.
+        InputError: The output folder does not exist.
+    """
+    ir_model = unwrap(model)
+    out = Path(path)
+    if protect is not None and out.exists() and os.path.samefile(out, protect):
+        raise OutputExistsError(
+            f"the output {out} is the input", "pass --in-place to overwrite the input"
+        )
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists", "pass --force to replace it")
+    if out.is_dir():
+        raise InputError(f"the output {out} is a directory")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"the output folder {folder} does not exist")
+    if external_data is None:
+        external_data = (
+            bool(ir_model.meta.get(EXTERNAL_DATA_KEY))
+            or has_external_data(ir_model)
+            or _total_bytes(ir_model) > TWO_GIB
+        )
+    data_name = _data_name(folder, out.name) if external_data else None
+    stale = _our_data_files(out)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write_streaming(ir_model, tmp, external_data=data_name)
+        os.chmod(tmp, default_mode())
+        if verify is not None:
+            verify(tmp)
+        os.replace(tmp, out)  # the switch: before it the old output stands, after it the new
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if data_name is not None:
+            with contextlib.suppress(OSError):
+                (folder / data_name).unlink()
+        raise
+    in_use = set() if discard else _sources(ir_model)
+    for old in stale:
+        if old.name != data_name and old.resolve() not in in_use:
+            with contextlib.suppress(OSError):
+                old.unlink()
+    logger.info("wrote %s", out)
+    return out

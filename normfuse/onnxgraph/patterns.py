@@ -1,0 +1,329 @@
+"""Decomposed norms as exporters write them, found by pattern: LayerNorm (ReduceMean/Sub/Pow|Mul/
+ReduceMean/Add/Sqrt/Div|Reciprocal, with optional Casts around it and gamma/beta after it),
+RMSNorm (Pow|Mul/ReduceMean/Add/Sqrt/Div|Reciprocal|1/x then Mul) and GroupNorm (Reshape/
+InstanceNormalization/Reshape then Mul/Add). Each match says which fused op it is and what
+opset that op needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from normfuse.onnxgraph.const import ConstantResolver
+from normfuse.onnxgraph.edit import FUSED_MIN_OPSET, all_graphs, attr_value, model_resolver
+from normfuse.onnxgraph.graph import node_name, rank_of
+
+__all__ = ["Decomposed", "channel_count", "decomposed_label", "find_decomposed", "normalized_shape"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Decomposed:
+    kind: str  # "LayerNorm" | "RMSNorm" | "GroupNorm"
+    nodes: list[ir.Node]
+    x: ir.Value
+    out: ir.Value
+    eps: float
+    axes: list[int] = dataclasses.field(default_factory=list)
+    scale: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    groups: int = 0
+    group_affine: tuple[np.ndarray, np.ndarray] | None = None
+    rank: int | None = None
+
+    @property
+    def op(self) -> str:
+        return {
+            "LayerNorm": "LayerNormalization",
+            "RMSNorm": "RMSNormalization",
+            "GroupNorm": "GroupNormalization",
+        }[self.kind]
+
+    @property
+    def needs(self) -> int:
+        return FUSED_MIN_OPSET[self.op]
+
+
+def _only_user(value: ir.Value) -> ir.Node | None:
+    uses = list(value.uses())
+    if len(uses) != 1 or value.is_graph_output():
+        return None
+    return uses[0].node
+
+
+def _other(node: ir.Node, value: ir.Value) -> ir.Value | None:
+    a, b = node.inputs[0], node.inputs[1] if len(node.inputs) > 1 else None
+    if a is value:
+        return b
+    if b is value:
+        return a
+    return None
+
+
+def _scalar(consts: ConstantResolver, value: ir.Value | None) -> float | None:
+    arr = consts.try_resolve(value)
+    if arr is None or arr.size != 1:
+        return None
+    return float(np.asarray(arr, np.float64).reshape(()))
+
+
+def _reduce_axes(node: ir.Node, consts: ConstantResolver, rank: int | None) -> list[int] | None:
+    if node.op_type != "ReduceMean" or attr_value(node, "keepdims", 1) != 1:
+        return None
+    axes = attr_value(node, "axes", None)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = consts.try_resolve(node.inputs[1])
+        axes = None if arr is None else [int(a) for a in np.asarray(arr).reshape(-1)]
+    if not axes:
+        return None
+    out = []
+    for a in axes:
+        if a >= 0:
+            if rank is None:
+                return None
+            a -= rank
+        out.append(int(a))
+    out.sort()
+    if out != list(range(-len(out), 0)):
+        return None  # only trailing, contiguous axes are a LayerNorm
+    return out
+
+
+def _squares(node: ir.Node, x: ir.Value, consts: ConstantResolver) -> bool:
+    """``node`` computes ``x * x`` (Pow(x, 2) or Mul(x, x))."""
+    if node.op_type == "Pow" and node.inputs[0] is x:
+        return _scalar(consts, node.inputs[1]) == 2.0
+    return node.op_type == "Mul" and node.inputs[0] is x and node.inputs[1] is x
+
+
+def _std_from(
+    sq: ir.Node, x: ir.Value, axes: list[int], consts: ConstantResolver
+) -> tuple[list[ir.Node], ir.Value, float] | None:
+    """From a square node: ReduceMean -> Add(eps) -> Sqrt; returns (nodes, sqrt output, eps)."""
+    m2 = _only_user(sq.outputs[0])
+    if m2 is None or _reduce_axes(m2, consts, rank_of(x)) != axes:
+        return None
+    add = _only_user(m2.outputs[0])
+    if add is None or add.op_type != "Add":
+        return None
+    eps = _scalar(consts, _other(add, m2.outputs[0]))
+    sqrt = _only_user(add.outputs[0])
+    if eps is None or sqrt is None or sqrt.op_type != "Sqrt":
+        return None
+    return [sq, m2, add, sqrt], sqrt.outputs[0], eps
+
+
+def _divide(
+    d: ir.Value, std: ir.Value, consts: ConstantResolver
+) -> tuple[list[ir.Node], ir.Value] | None:
+    """``d / std`` as Div(d, std), Mul(d, Reciprocal(std)) or Mul(d, Div(1, std))."""
+    for use in std.uses():
+        n = use.node
+        if n.op_type == "Div" and n.inputs[0] is d and n.inputs[1] is std:
+            return [n], n.outputs[0]
+    user = _only_user(std)
+    if user is None:
+        return None
+    if user.op_type == "Reciprocal" or (
+        user.op_type == "Div" and user.inputs[1] is std and _scalar(consts, user.inputs[0]) == 1.0
+    ):
+        mul = _only_user(user.outputs[0])
+        if mul is not None and mul.op_type == "Mul" and _other(mul, user.outputs[0]) is d:
+            return [user, mul], mul.outputs[0]
+    return None
+
+
+def _affine_tail(
+    out: ir.Value, consts: ConstantResolver, nodes: list[ir.Node], with_bias: bool = True
+) -> tuple[ir.Value, np.ndarray | None, np.ndarray | None]:
+    scale = bias = None
+    user = _only_user(out)
+    if user is not None and user.op_type == "Mul":
+        arr = consts.try_resolve(_other(user, out))
+        if arr is not None:
+            scale, out = np.asarray(arr), user.outputs[0]
+            nodes.append(user)
+            user = _only_user(out)
+    if with_bias and user is not None and user.op_type == "Add":
+        arr = consts.try_resolve(_other(user, out))
+        if arr is not None:
+            bias, out = np.asarray(arr), user.outputs[0]
+            nodes.append(user)
+    return out, scale, bias
+
+
+def _match_layernorm(m1: ir.Node, consts: ConstantResolver) -> Decomposed | None:
+    x = m1.inputs[0]
+    if x is None:
+        return None
+    axes = _reduce_axes(m1, consts, rank_of(x))
+    if axes is None:
+        return None
+    subs = [u.node for u in m1.outputs[0].uses()]
+    if (
+        len(subs) != 1
+        or subs[0].op_type != "Sub"
+        or subs[0].inputs[0] is not x
+        or subs[0].inputs[1] is not m1.outputs[0]
+    ):
+        return None
+    sub = subs[0]
+    d = sub.outputs[0]
+    users = {id(u.node): u.node for u in d.uses()}
+    if d.is_graph_output() or len(users) != 2:
+        return None
+    sq = next((n for n in users.values() if _squares(n, d, consts)), None)
+    if sq is None:
+        return None
+    found = _std_from(sq, d, axes, consts)
+    if found is None:
+        return None
+    std_nodes, std, eps = found
+    div = _divide(d, std, consts)
+    if div is None or id(div[0][-1]) not in users:
+        return None  # d must feed exactly the square and the division
+    nodes = [m1, sub, *std_nodes, *div[0]]
+    out = div[1]
+    source = x
+    cast_back = _only_user(out)
+    producer = x.producer()
+    if (
+        producer is not None
+        and producer.op_type == "Cast"
+        and cast_back is not None
+        and cast_back.op_type == "Cast"
+        and producer.inputs[0] is not None
+        and producer.inputs[0].type is not None
+        and attr_value(cast_back, "to", None) == producer.inputs[0].type.dtype
+        and len(list(x.uses())) == 2
+    ):
+        source = producer.inputs[0]  # computed in float32 around an fp16 input: stash_type=1
+        nodes = [producer, *nodes, cast_back]
+        out = cast_back.outputs[0]
+    out, scale, bias = _affine_tail(out, consts, nodes)
+    return Decomposed("LayerNorm", nodes, source, out, eps, axes, scale, bias, rank=rank_of(x))
+
+
+def _match_rmsnorm(m: ir.Node, consts: ConstantResolver) -> Decomposed | None:
+    sq_value = m.inputs[0]
+    sq = sq_value.producer() if sq_value is not None else None
+    if sq is None or sq.op_type not in ("Pow", "Mul"):
+        return None
+    x = sq.inputs[0]
+    if x is None or not _squares(sq, x, consts) or _only_user(sq.outputs[0]) is not m:
+        return None
+    axes = _reduce_axes(m, consts, rank_of(x))
+    if axes is None:
+        return None
+    found = _std_from(sq, x, axes, consts)
+    if found is None:
+        return None
+    std_nodes, std, eps = found
+    div = _divide(x, std, consts)
+    if div is None:
+        return None
+    nodes = [*std_nodes, *div[0]]
+    out, scale, _ = _affine_tail(div[1], consts, nodes, with_bias=False)
+    return Decomposed("RMSNorm", nodes, x, out, eps, axes, scale, None, rank=rank_of(x))
+
+
+def _match_groupnorm(inorm: ir.Node, consts: ConstantResolver) -> Decomposed | None:
+    grouped = inorm.inputs[0]
+    reshape1 = grouped.producer() if grouped is not None else None
+    if reshape1 is None or reshape1.op_type != "Reshape" or _only_user(grouped) is not inorm:  # type: ignore[arg-type]
+        return None
+    x = reshape1.inputs[0]
+    shape = consts.try_resolve(reshape1.inputs[1])
+    if x is None or shape is None or shape.size != 3 or int(shape[2]) != -1:
+        return None
+    groups = int(shape[1])
+    gs, gb = consts.try_resolve(inorm.inputs[1]), consts.try_resolve(inorm.inputs[2])
+    reshape2 = _only_user(inorm.outputs[0])
+    if gs is None or gb is None or reshape2 is None or reshape2.op_type != "Reshape":
+        return None
+    target = reshape2.inputs[1]
+    shape_node = target.producer() if target is not None else None
+    static = consts.try_resolve(target)
+    x_dims = list(x.shape.dims) if x.shape is not None else None
+    if not (
+        (
+            shape_node is not None
+            and shape_node.op_type == "Shape"
+            and shape_node.inputs[0] is x
+            and not attr_value(shape_node, "start", 0)
+            and attr_value(shape_node, "end", None) is None
+        )
+        or (static is not None and x_dims is not None and list(static) == x_dims)
+    ):
+        return None
+    nodes = [reshape1, inorm, reshape2]
+    if shape_node is not None and shape_node.op_type == "Shape" and len(list(target.uses())) == 1:  # type: ignore[union-attr]
+        nodes.insert(0, shape_node)
+    out, scale, bias = _affine_tail(reshape2.outputs[0], consts, nodes)
+    rank = rank_of(x)
+    eps = float(attr_value(inorm, "epsilon", 1e-5))
+    gs64, gb64 = np.asarray(gs, np.float64).reshape(-1), np.asarray(gb, np.float64).reshape(-1)
+    group_affine = None if np.all(gs64 == 1) and np.all(gb64 == 0) else (gs64, gb64)
+    dec = Decomposed("GroupNorm", nodes, x, out, eps, [], None, None, groups, group_affine, rank)
+    for arr, field in ((scale, "scale"), (bias, "bias")):
+        if arr is None:
+            continue
+        flat = _per_channel(arr, rank)
+        if flat is None:
+            return None  # not per channel: leave it
+        setattr(dec, field, flat)
+    return dec
+
+
+def _per_channel(arr: np.ndarray, rank: int | None) -> np.ndarray | None:
+    if rank is None or arr.ndim > rank:
+        return None
+    shape = (1,) * (rank - arr.ndim) + arr.shape
+    if any(s != 1 for i, s in enumerate(shape) if i != 1) or arr.ndim < rank - 1:
+        return None
+    return np.asarray(arr, np.float64).reshape(-1)
+
+
+def find_decomposed(model: ir.Model) -> list[tuple[ir.Graph, str, Decomposed]]:
+    """Every decomposed LayerNorm, RMSNorm and GroupNorm in the model's graphs."""
+    consts = model_resolver(model)
+    found: list[tuple[ir.Graph, str, Decomposed]] = []
+    for graph, label in all_graphs(model):
+        taken: set[int] = set()
+        for node in graph:
+            if id(node) in taken or node.domain not in ("", "ai.onnx"):
+                continue
+            match: Decomposed | None = None
+            if node.op_type == "ReduceMean":
+                match = _match_layernorm(node, consts) or _match_rmsnorm(node, consts)
+            elif node.op_type == "InstanceNormalization":
+                match = _match_groupnorm(node, consts)
+            if match is None or any(id(n) in taken for n in match.nodes):
+                continue
+            taken.update(id(n) for n in match.nodes)
+            found.append((graph, label, match))
+    return found
+
+
+def decomposed_label(dec: Decomposed) -> str:
+    return node_name(dec.nodes[0])
+
+
+def channel_count(x: ir.Value) -> int | None:
+    if x.shape is None or x.shape.rank() < 2:
+        return None
+    c = x.shape.dims[1]
+    return c if isinstance(c, int) else None
+
+
+def normalized_shape(x: ir.Value, axes: list[int]) -> list[int] | None:
+    if x.shape is None:
+        return None
+    dims = list(x.shape.dims)
+    out = [dims[a] for a in axes]
+    return [d for d in out if isinstance(d, int)] if all(isinstance(d, int) for d in out) else None

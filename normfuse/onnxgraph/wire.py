@@ -1,0 +1,523 @@
+"""The ONNX protobuf wire format, read and written directly where onnx_ir's round trip is the
+cost: a lazy *self-backed* load (large initializers stay in the model file and are read through
+memory maps) and a streaming save (untouched graph fields copied as bytes, tensors written one
+after the other, large ones straight from their source file).
+
+Imports: onnx, onnx_ir, numpy, :mod:`normfuse.core` and :mod:`normfuse.onnxgraph.const`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import mmap
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from normfuse.core.algebra import threads
+from normfuse.core.errors import InputError
+from normfuse.onnxgraph.const import OpenFiles
+
+__all__ = [
+    "LAZY_MIN_BYTES",
+    "SELF_BACKED_KEY",
+    "TWO_GIB",
+    "default_mode",
+    "load_self_backed",
+    "root_cause",
+    "short_error",
+    "write_streaming",
+]
+
+logger = logging.getLogger(__name__)
+
+
+TWO_GIB = 2**31
+
+
+#: In-memory flag on tensors (``tensor.meta``) that are views into the model file itself.
+SELF_BACKED_KEY = "normfuse.self_backed"
+
+
+#: Initializers at least this large are read lazily from the model file by ``load(lazy=True)``.
+LAZY_MIN_BYTES = 1024
+
+
+def _read_varint(buf: Any, pos: int) -> tuple[int, int]:
+    byte = buf[pos]
+    if byte < 0x80:  # one byte: most tags, small lengths
+        return byte, pos + 1
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(number, wire_type, field_start, value_start, value_end)`` for each field in a message."""
+    pos = start
+    while pos < end:
+        key, p = _read_varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value_end = _read_varint(buf, p)[1]
+        elif wire == 1:
+            value_end = p + 8
+        elif wire == 2:
+            length, p = _read_varint(buf, p)
+            value_end = p + length
+        elif wire == 5:
+            value_end = p + 4
+        else:
+            raise DecodeError(f"unsupported protobuf wire type {wire}")
+        if value_end > end:
+            raise DecodeError("truncated protobuf message")
+        yield number, wire, pos, p, value_end
+        pos = value_end
+
+
+def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
+    """A TensorProto whose large raw_data stays in the file: an external-data reference to it.
+
+    Written in the wire format directly: the tensor's other fields as they are, then the
+    ``external_data`` entries and ``data_location = EXTERNAL`` (a later scalar field wins).
+    """
+    raw: tuple[int, int] | None = None
+    rest = bytearray()
+    kept = start  # fields from here on are copied as they are
+    for number, wire, fstart, vstart, vend in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA and wire == 2 and vend - vstart >= LAZY_MIN_BYTES:
+            raw = (vstart, vend - vstart)
+            rest += buf[kept:fstart]
+            kept = vend
+    if raw is None:
+        return None
+    rest += buf[kept:end]
+    rest += _external_reference(location, raw[0], raw[1])
+    return bytes(rest)
+
+
+def load_self_backed(path: Path) -> ir.Model | None:
+    """Parse ``path`` without its large initializer bytes, which become views into the file.
+
+    The protobuf wire format is scanned over a memory map: every field is copied as it is but
+    the main graph's initializers, whose ``raw_data`` is replaced by an external-data reference
+    (location: the model file itself, at the byte offset of that data). Returns ``None`` when
+    nothing is large enough to be worth it, or the file already uses external data.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            model_bytes = bytearray()
+            found = False
+            location = path.name
+            for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
+                if number != _MODEL_GRAPH or wire != 2:
+                    model_bytes += buf[fstart:vend]
+                    continue
+                graph = bytearray()
+                kept = vstart  # runs of fields that stay as they are are copied at once
+                for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
+                    if gnum != _GRAPH_INITIALIZER or gwire != 2:
+                        continue
+                    tensor = _externalize(buf, gvstart, gvend, location)
+                    if tensor is not None:
+                        graph += buf[kept:gstart]
+                        graph += _field(_GRAPH_INITIALIZER, len(tensor)) + tensor
+                        kept = gvend
+                        found = True
+                graph += buf[kept:vend]
+                model_bytes += _field(_MODEL_GRAPH, len(graph)) + graph
+    if not found:
+        return None
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model_bytes))
+    model = ir.serde.deserialize_model(proto)  # load() sets the tensors' base folder
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.meta[SELF_BACKED_KEY] = True
+    model.meta[SELF_BACKED_KEY] = str(path)
+    return model
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return exc
+
+
+def short_error(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]
+
+
+_MODEL_GRAPH = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
+
+
+_GRAPH_INITIALIZER = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
+
+
+_TENSOR_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"].number
+
+
+_TENSOR_EXTERNAL_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["external_data"].number
+
+
+_TENSOR_DIMS = onnx.TensorProto.DESCRIPTOR.fields_by_name["dims"].number
+
+
+_TENSOR_DATA_TYPE = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_type"].number
+
+
+_TENSOR_NAME = onnx.TensorProto.DESCRIPTOR.fields_by_name["name"].number
+
+
+_TENSOR_DOC_STRING = onnx.TensorProto.DESCRIPTOR.fields_by_name["doc_string"].number
+
+
+_TENSOR_METADATA_PROPS = onnx.TensorProto.DESCRIPTOR.fields_by_name["metadata_props"].number
+
+
+_TENSOR_DATA_LOCATION = onnx.TensorProto.DESCRIPTOR.fields_by_name["data_location"].number
+
+
+_RAW_OK = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.BFLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT8,
+        ir.DataType.UINT16,
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+        ir.DataType.BOOL,
+    }
+)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """Tag and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileRange:
+    """Bytes to copy file to file: ``length`` bytes of ``path`` from ``offset``."""
+
+    path: str
+    offset: int
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+    """A tensor computed only when its bytes are written (one at a time, then dropped)."""
+
+    tensor: Any
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.tensor.nbytes)
+
+    def compute(self) -> np.ndarray:
+        array = self.tensor.numpy()
+        if not array.flags.c_contiguous:
+            array = np.array(array, order="C")
+        if array.nbytes != self.nbytes:
+            raise ValueError(
+                f"tensor '{self.tensor.name}' produced {array.nbytes} bytes, not {self.nbytes}"
+            )
+        return array
+
+
+class _Ahead:
+    """Computes the deferred tensors in a thread, one ahead of the writer: while one is
+    written, the next is read and computed (at most two are in memory at a time)."""
+
+    def __init__(self, pieces: list[_Deferred]) -> None:
+        self._index = {id(p): i for i, p in enumerate(pieces)}
+        self._pieces = pieces
+        ahead = len(pieces) > 1 and threads() > 1
+        self._pool = ThreadPoolExecutor(1, "normfuse-write") if ahead else None
+        self._futures: dict[int, Future[np.ndarray]] = {}
+        self._submit(0)
+
+    def _submit(self, i: int) -> None:
+        if self._pool is not None and i < len(self._pieces) and i not in self._futures:
+            self._futures[i] = self._pool.submit(self._pieces[i].compute)
+
+    def write(self, piece: _Deferred, out: Any) -> None:
+        i = self._index[id(piece)]
+        self._submit(i)
+        self._submit(i + 1)
+        future = self._futures.pop(i, None)
+        array = future.result() if future is not None else piece.compute()
+        out.write(array.reshape(-1).view(np.uint8).data)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+#: Ranges below this are read and written through the output's buffer; larger ones are copied
+#: file to file in the kernel (copy_file_range), which needs the buffer flushed first.
+_KERNEL_COPY_MIN = 1 << 20
+
+
+def _copy_range(src: _FileRange, out: Any, sources: OpenFiles) -> None:
+    fd_in = sources.fd(src.path)
+    offset, left = src.offset, src.length
+    if left >= _KERNEL_COPY_MIN:
+        out.flush()
+        try:
+            while left:
+                n = os.copy_file_range(fd_in, out.fileno(), left, offset)
+                if n == 0:
+                    raise OSError(f"{src.path} ended early")
+                offset += n
+                left -= n
+        except (AttributeError, OSError):  # no copy_file_range here, or across filesystems
+            pass
+    while left:
+        chunk = os.pread(fd_in, min(left, 1 << 24), offset)
+        if not chunk:
+            raise OSError(f"{src.path} ended early") from None
+        out.write(chunk)
+        offset += len(chunk)
+        left -= len(chunk)
+
+
+_Data = bytes | memoryview | _FileRange | _Deferred
+
+
+def default_mode() -> int:
+    """The permissions a newly created file gets (0666 less the umask); mkstemp makes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _string_field(number: int, text: str) -> bytes:
+    data = text.encode()
+    return _field(number, len(data)) + data
+
+
+def _entries(number: int, pairs: Iterable[tuple[str, str]]) -> bytes:
+    """Repeated StringStringEntryProto (key = 1, value = 2) fields."""
+    out = bytearray()
+    for key, value in pairs:
+        entry = _string_field(1, key) + _string_field(2, value)
+        out += _field(number, len(entry)) + entry
+    return bytes(out)
+
+
+def _external_reference(location: str, offset: int, length: int) -> bytes:
+    """TensorProto fields that point at ``length`` bytes of ``location`` from ``offset``: the
+    ``external_data`` entries and ``data_location = EXTERNAL`` (appended, they win over earlier
+    values)."""
+    entries = (("location", location), ("offset", str(offset)), ("length", str(length)))
+    return (
+        _entries(_TENSOR_EXTERNAL_DATA, entries)
+        + _varint(_TENSOR_DATA_LOCATION << 3)
+        + _varint(onnx.TensorProto.EXTERNAL)
+    )
+
+
+def _header(name: str, tensor: Any) -> bytes:
+    """The TensorProto of ``tensor`` without its data, in the wire format."""
+    out = bytearray()
+    for dim in tensor.shape.numpy():  # repeated int64, not packed (proto2)
+        out += _varint(_TENSOR_DIMS << 3) + _varint(int(dim) & 0xFFFF_FFFF_FFFF_FFFF)
+    out += _varint(_TENSOR_DATA_TYPE << 3) + _varint(tensor.dtype.value)
+    out += _string_field(_TENSOR_NAME, name)
+    if tensor.doc_string:
+        out += _string_field(_TENSOR_DOC_STRING, tensor.doc_string)
+    out += _entries(_TENSOR_METADATA_PROPS, tensor.metadata_props.items())
+    return bytes(out)
+
+
+def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
+    """A tensor as (its TensorProto without data, its raw bytes), or None for onnx_ir to serialize.
+
+    File-backed tensors are copied file to file, deferred ones are computed when written, and
+    numpy-backed ones (the folded weights) are written from their buffer without a copy.
+    """
+    if tensor.dtype not in _RAW_OK or sys.byteorder != "little":
+        return None
+    if isinstance(tensor, ir.ExternalTensor):
+        data = _FileRange(
+            os.fspath(tensor.path), tensor.offset or 0, tensor.length or tensor.nbytes
+        )
+        return _header(name, tensor), data
+    if isinstance(tensor, ir.LazyTensor):
+        return _header(name, tensor), _Deferred(tensor)
+    if isinstance(tensor, ir.Tensor):
+        array = tensor.numpy()
+        if not array.flags.c_contiguous:
+            array = np.array(array, order="C")  # ascontiguousarray would make 0-d arrays 1-d
+        return _header(name, tensor), array.reshape(-1).view(np.uint8).data
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        return _header(name, tensor), tensor.tobytes()
+    return None
+
+
+def _write_data(piece: _Data, out: Any, sources: OpenFiles, ahead: _Ahead) -> None:
+    if isinstance(piece, _FileRange):
+        _copy_range(piece, out, sources)
+    elif isinstance(piece, _Deferred):
+        ahead.write(piece, out)
+    else:
+        out.write(piece)
+
+
+def _nbytes(piece: _Data) -> int:
+    return len(piece) if isinstance(piece, bytes) else piece.nbytes
+
+
+def write_streaming(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_data: str | None = None,
+    size_threshold: int = 1024,
+) -> None:
+    """Write ``model`` without building a copy of its tensors.
+
+    onnx_ir serializes everything but the main graph's initializers; those are then appended to
+    the graph message as length-delimited fields (protobuf parsing does not depend on field
+    order): tensors read from the input, untouched, keep their bytes (re-emitted, or copied
+    file to file when they live in a file), folded weights are written from their numpy buffers,
+    and deferred ones are computed one at a time while they are written. The model is
+    unchanged afterwards.
+
+    Args:
+        model: The model.
+        path: The ONNX file to write.
+        external_data: A file name next to ``path``: tensors of at least ``size_threshold``
+            bytes go there (written to a temporary file first, then renamed into place).
+        size_threshold: See ``external_data``.
+    """
+    values = [v for v in model.graph.initializers.values() if v.const_value is not None]
+    tensors = [v.const_value for v in values]
+    serde_log = logging.getLogger("onnx_ir.serde")
+    was_disabled = serde_log.disabled
+    serde_log.disabled = True  # it would warn once per detached initializer
+    try:
+        for v in values:
+            v.const_value = None
+        proto = ir.serde.serialize_model(model)
+    except ir.serde.SerdeError as exc:
+        root = root_cause(exc)
+        what = (
+            "text that is not UTF-8" if isinstance(root, UnicodeDecodeError) else short_error(root)
+        )
+        raise InputError(
+            f"the model cannot be written: {what}", "the input model is malformed"
+        ) from None
+    finally:
+        for v, t in zip(values, tensors, strict=True):
+            v.const_value = t
+        serde_log.disabled = was_disabled
+    graph_bytes = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    folder = Path(path).parent
+    entries: list[tuple[bytes, list[_Data], int]] = []
+    data_file = None
+    data_tmp: Path | None = None
+    offset = 0
+    sources = OpenFiles()
+    parted = [_tensor_parts(v.name or "", t) for v, t in zip(values, tensors, strict=True)]
+    ahead = _Ahead([p[1] for p in parted if p is not None and isinstance(p[1], _Deferred)])
+    try:
+        for v, t, parts in zip(values, tensors, parted, strict=True):
+            name = v.name or ""
+            assert t is not None  # only initializers with values were collected
+            if parts is None:
+                t.name = name
+                pieces: list[_Data] = [ir.serde.serialize_tensor(t).SerializeToString()]
+            else:
+                header, data = parts
+                size = _nbytes(data)
+                if external_data is not None and size >= size_threshold:
+                    if data_file is None:
+                        fd, tmp_name = tempfile.mkstemp(
+                            prefix=f".{external_data}.", suffix=".tmp", dir=folder
+                        )
+                        data_tmp = Path(tmp_name)
+                        data_file = os.fdopen(fd, "wb")
+                    _write_data(data, data_file, sources, ahead)
+                    pieces = [header + _external_reference(external_data, offset, size)]
+                    offset += size
+                else:
+                    pieces = [header, _field(_TENSOR_RAW_DATA, size), data]
+            size = sum(_nbytes(p) for p in pieces)
+            entries.append((_field(_GRAPH_INITIALIZER, size), pieces, size))
+        if data_file is not None:
+            data_file.close()
+            data_file = None
+            os.chmod(data_tmp, default_mode())  # type: ignore[arg-type]
+            os.replace(data_tmp, folder / external_data)  # type: ignore[arg-type, operator]
+            data_tmp = None
+        graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
+        if graph_len + len(head) > TWO_GIB - 1:
+            raise InputError(
+                "the model is above protobuf's 2 GiB limit without external data",
+                "pass --external-data",
+            )
+        with open(path, "wb") as f:
+            f.write(head)
+            f.write(_field(_MODEL_GRAPH, graph_len))
+            f.write(graph_bytes)
+            for tag, pieces, _ in entries:
+                f.write(tag)
+                for piece in pieces:
+                    _write_data(piece, f, sources, ahead)
+    finally:
+        ahead.close()
+        sources.close()
+        if data_file is not None:
+            data_file.close()
+        if data_tmp is not None:
+            with contextlib.suppress(OSError):
+                data_tmp.unlink()

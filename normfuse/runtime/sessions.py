@@ -1,0 +1,213 @@
+"""onnxruntime sessions: which provider runs, and a session built for a model.
+
+* Providers: ``auto`` takes onnxruntime's CUDA provider when it really loads here and the CPU
+  provider otherwise, without onnxruntime's error output on machines without CUDA; the result
+  says in one line which provider ran.
+* Sessions run at ``ORT_DISABLE_ALL`` by default: at higher levels onnxruntime folds
+  BatchNormalization into Conv by itself and would hide a wrong fold.
+* A model whose IR version is newer than the installed onnxruntime accepts is lowered for the
+  session only (noted); the model on disk is untouched.
+
+Imports: onnxruntime (lazily), onnx, numpy and :mod:`normfuse.core`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from normfuse.core.errors import InputError, ProviderError
+
+__all__ = [
+    "ORT_TYPES",
+    "ModelSource",
+    "check_feeds",
+    "first_line",
+    "make_session",
+    "ort_module",
+    "run_session",
+    "select_provider",
+    "session_options",
+]
+
+logger = logging.getLogger(__name__)
+
+
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+
+ModelSource = str | os.PathLike | bytes
+
+
+def ort_module() -> Any:
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+def session_options(opt_level: str, external_folder: Path | None = None) -> Any:
+    ort = ort_module()
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # failures are reported by normfuse itself, in one line
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[opt_level]
+    if external_folder is not None:
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_folder)
+        )
+    return so
+
+
+@functools.cache
+def _cuda_loads() -> bool:
+    """Whether onnxruntime's CUDA provider really runs a session here (checked once, quietly)."""
+    ort = ort_module()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "probe",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    so = session_options("disable")
+    so.log_severity_level = 4
+    ort.set_default_logger_severity(4)
+    try:
+        sess = ort.InferenceSession(
+            probe.SerializeToString(),
+            so,
+            providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        )
+        return "CUDAExecutionProvider" in sess.get_providers()
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(3)
+
+
+def select_provider(requested: str = "auto") -> tuple[list[str], str]:
+    """The onnxruntime providers to use and a one-word label (``CUDA`` or ``CPU``).
+
+    Raises:
+        ProviderError: ``cuda`` was asked for and CUDA cannot load here.
+    """
+    requested = requested.lower()
+    if requested not in ("auto", "cuda", "cpu"):
+        raise InputError(f"unknown provider '{requested}'", "use auto, cuda or cpu")
+    if requested == "cpu":
+        return ["CPUExecutionProvider"], "CPU"
+    if _cuda_loads():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "CUDA"
+    if requested == "cuda":
+        raise ProviderError(
+            "onnxruntime's CUDA provider does not load on this machine",
+            "install onnxruntime-gpu with a matching CUDA runtime, or use --provider cpu",
+        )
+    return ["CPUExecutionProvider"], "CPU"
+
+
+def make_session(
+    source: ModelSource, providers: list[str], opt_level: str, notes: list[str], which: str = "the"
+) -> Any:
+    ort = ort_module()
+    folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+    so = session_options(opt_level, folder)
+    payload = str(source) if isinstance(source, (str, os.PathLike)) else source
+    try:
+        return ort.InferenceSession(payload, so, providers=providers)
+    except Exception as exc:
+        match = re.search(r"max supported IR version: (\d+)", str(exc))
+        if not match:
+            raise InputError(
+                f"onnxruntime cannot load {which} model: {first_line(exc)}",
+                "fix the model, or pass --no-check to fold without the parity check",
+            ) from None
+        supported = int(match.group(1))
+    proto = (
+        onnx.load(str(source), load_external_data=False)
+        if folder is not None
+        else onnx.load_from_string(source)  # type: ignore[arg-type]
+    )
+    note = f"IR version {proto.ir_version} lowered to {supported} for the check only"
+    if note not in notes:
+        notes.append(note)
+    proto.ir_version = supported
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
+    except Exception as exc:
+        raise InputError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def check_feeds(session: Any, feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    expected = {i.name: i for i in session.get_inputs()}
+    missing = sorted(set(expected) - set(feeds))
+    extra = sorted(set(feeds) - set(expected))
+    if missing or extra:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing {', '.join(missing)}" if missing else "",
+                f"unknown {', '.join(extra)}" if extra else "",
+            )
+            if part
+        )
+        raise InputError(
+            f"the inputs in {where} do not match the model ({detail})",
+            f"the model takes {', '.join(expected)}",
+        )
+    for name, array in feeds.items():
+        want = ORT_TYPES.get(expected[name].type)
+        if want is not None and array.dtype != want:
+            raise InputError(
+                f"input '{name}' in {where} is {array.dtype}, the model takes {np.dtype(want)}",
+                f"save it as {np.dtype(want)}",
+            )
+    return feeds
+
+
+def run_session(
+    session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str
+) -> list[Any]:
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:
+        raise InputError(
+            f"onnxruntime cannot run the {which} model on these inputs: {first_line(exc)}",
+            "check the input shapes (--shape) or the --inputs",
+        ) from None

@@ -1,0 +1,301 @@
+"""Fold inference-mode BatchNorm into Conv/ConvTranspose/Linear in PyTorch models.
+
+Inputs: an ``nn.Module``, a ``torch.fx.GraphModule`` or a ``torch.export.ExportedProgram``. The
+maths is :mod:`normfuse.core.algebra` (float64, one rounding into the weight's dtype):
+
+* BatchNorm after a linear op: ``W' = W * s`` on the output channels, ``b' = b * s + t`` with
+  ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``.
+* BatchNorm before a Linear, or before a conv that pads no input with zeros:
+  ``W' = W * s`` on the input channels, ``b' = b + sum(W * t)``.
+
+How candidates are found: the model is traced with ``torch.fx`` (Conv/Linear/BatchNorm modules
+kept as calls, subclasses included when they do not override ``forward``; torchvision-style
+FrozenBatchNorm too), so every call site of every module is known:
+
+* A module called from several places is folded once when every call is followed by the same
+  BatchNorm; otherwise a GraphModule gets a folded clone for the folded call, and a plain
+  ``nn.Module`` (whose ``forward`` code cannot change) keeps it and reports why.
+* For an ``nn.Module`` the result keeps its class: folded BatchNorms become ``nn.Identity`` and
+  the linear modules get the new weights. Functional ``F.batch_norm`` with constant statistics
+  folds in GraphModules and ExportedPrograms (their graph can change), not in ``forward`` code.
+* When tracing fails (data-dependent control flow), pairs that ``nn.Sequential`` order proves
+  adjacent still fold, and the report says so.
+
+Every BatchNorm found becomes one report entry: applied (into which op, after or before), or
+skipped with the reason (training mode, ``track_running_stats=False``, conv output used
+elsewhere, zero padding, shape mismatch, ...).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from normfuse.core.errors import InputError, ParityError
+from normfuse.core.report import ModelStats, OutputParity, ParityResult, Report
+from normfuse.core.verdict import (
+    TORCH_TOLERANCES,
+    compare_outputs,
+    raise_for_parity,
+    raise_for_strict,
+)
+from normfuse.torchmodel.modules import (
+    call_module,
+    eval_mode,
+    module_stats,
+    move_inputs,
+    replace_modules,
+    tensors_of,
+)
+from normfuse.torchmodel.pairs import BN_TARGETS, trace_module
+from normfuse.torchmodel.surgery import drop_unused, fold_graph, sequential_graph
+
+__all__ = ["compare_torch_outputs", "example_args", "fold_torch"]
+
+logger = logging.getLogger(__name__)
+
+
+def _compare(
+    reference: Any, candidate: Any, inputs: Any, tolerances: Mapping[str, tuple[float, float]]
+) -> list[OutputParity]:
+    with torch.no_grad(), eval_mode(reference), eval_mode(candidate):
+        ref = call_module(reference, inputs)
+        out = call_module(candidate, inputs)
+    return compare_torch_outputs(ref, out, tolerances)
+
+
+def compare_torch_outputs(
+    ref: Any, out: Any, tolerances: Mapping[str, tuple[float, float]] = TORCH_TOLERANCES
+) -> list[OutputParity]:
+    """Compare the tensors of two (nested) outputs pairwise."""
+    refs, outs = tensors_of(ref), tensors_of(out)
+    if len(refs) != len(outs):
+        raise ParityError(f"the models return {len(refs)} and {len(outs)} tensors")
+    results = []
+    for i, (r, t) in enumerate(zip(refs, outs, strict=True)):
+        dtype = str(r.dtype).replace("torch.", "")
+        atol, rtol = tolerances.get(dtype, (0.0, 0.0))
+        res = compare_outputs(
+            f"output {i}",
+            r.detach().to(torch.float64).cpu().numpy(),
+            t.detach().to(torch.float64).cpu().numpy(),
+            atol,
+            rtol,
+        )
+        res.dtype = dtype
+        results.append(res)
+    return results
+
+
+def example_args(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if example_inputs is None:
+        return (), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _shape_prop(gm: fx.GraphModule, example_inputs: Any) -> None:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    args, kwargs = example_args(example_inputs)
+    if kwargs:
+        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        args = args + tuple(kwargs[p] for p in placeholders[len(args) :] if p in kwargs)
+    with torch.no_grad(), eval_mode(gm):
+        ShapeProp(gm).propagate(*args)
+
+
+def fold_torch(
+    model: Any,
+    *,
+    example_inputs: Any = None,
+    check: bool = True,
+    inplace: bool = False,
+    strict: bool = False,
+    tolerances: Mapping[str, tuple[float, float]] = TORCH_TOLERANCES,
+) -> tuple[Any, Report]:
+    """Fold BatchNorm into neighbouring Conv/ConvTranspose/Linear ops of a PyTorch model.
+
+    Args:
+        model: ``nn.Module`` (the result keeps its class), ``torch.fx.GraphModule`` (a
+            GraphModule again; modules called from several places can be cloned) or
+            ``torch.export.ExportedProgram`` (exported again after folding).
+        example_inputs: A tensor, tuple of positional inputs or dict of keyword inputs. Used to
+            verify shapes (Linear + BatchNorm1d needs ``(N, C)`` activations) and to check the
+            folded model against the original (``check``). ExportedPrograms carry their own.
+        check: Compare outputs on ``example_inputs`` and raise :class:`ParityError` beyond
+            ``tolerances`` (default: 1e-5 of the output's largest magnitude for float32).
+        inplace: Change ``model`` itself (``nn.Module``/``GraphModule`` only).
+        strict: Raise :class:`normfuse.StrictError` when some candidate was skipped.
+        tolerances: ``{dtype: (atol, rtol)}`` for the check.
+
+    Returns:
+        ``(folded_model, report)``.
+    """
+    report = Report(action="fold", framework="torch")
+    t0 = time.perf_counter()
+    folded: Any
+    reference: Any
+    if isinstance(model, torch.export.ExportedProgram):
+        folded, reference, example_inputs = _fold_exported(model, example_inputs, report)
+    elif isinstance(model, nn.Module):
+        reference = model
+        folded = _fold_module(model, example_inputs, inplace, report)
+        if inplace and check and example_inputs is not None:
+            report.notes.append("inplace=True: the original is gone, parity not checked")
+            check = False
+    else:
+        raise InputError(
+            f"cannot fold a {type(model).__name__}",
+            "pass an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram",
+        )
+    report.timings["fold"] = time.perf_counter() - t0
+    if check and example_inputs is not None:
+        t1 = time.perf_counter()
+        inputs = (
+            move_inputs(example_inputs, folded) if isinstance(folded, nn.Module) else example_inputs
+        )
+        ref_mod = (
+            reference.module() if isinstance(reference, torch.export.ExportedProgram) else reference
+        )
+        out_mod = folded.module() if isinstance(folded, torch.export.ExportedProgram) else folded
+        outputs = _compare(ref_mod, out_mod, inputs, tolerances)
+        report.parity = ParityResult(
+            "PyTorch", outputs, notes=["reference: the original module, eval mode"]
+        )
+        report.timings["check"] = time.perf_counter() - t1
+        raise_for_parity(report)
+    elif check:
+        report.notes.append("no example_inputs: outputs not compared (pass example_inputs=...)")
+    if strict:
+        raise_for_strict(report)
+    return folded, report
+
+
+def _fold_module(model: nn.Module, example_inputs: Any, inplace: bool, report: Report) -> nn.Module:
+    root = model if inplace else copy.deepcopy(model)
+    report.before = module_stats(root)
+    if isinstance(root, fx.GraphModule):
+        if example_inputs is not None:
+            _shape_prop(root, example_inputs)
+        entries, folded = fold_graph(root, graph_mode=True)
+        drop_unused(root, folded)
+        report.entries.extend(entries)
+        report.after = module_stats(root)
+        return root
+    try:
+        gm = trace_module(root)
+        traced = True
+    except Exception as exc:  # data-dependent control flow, unsupported ops, ...
+        text = str(exc).strip().splitlines()
+        report.notes.append(
+            f"torch.fx could not trace {type(root).__name__} ({text[0] if text else type(exc).__name__}); "
+            "folded only pairs that nn.Sequential order proves adjacent"
+        )
+        seq = sequential_graph(root)
+        if seq is None:
+            report.after = module_stats(root)
+            return root
+        gm, traced = seq, False
+    if traced and example_inputs is not None:
+        try:
+            _shape_prop(gm, example_inputs)
+        except Exception as exc:
+            report.notes.append(
+                f"shapes not propagated: {str(exc).splitlines()[0] if str(exc) else exc}"
+            )
+    entries, folded = fold_graph(gm, graph_mode=False)
+    names = {n: m for n, m in gm.named_modules()}
+    counts: dict[int, int] = {}
+    for _, m in root.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    identity: dict[int, nn.Module] = {}
+    for target in folded:
+        m = names[target]
+        identity[id(m)] = nn.Identity()
+    report.entries.extend(entries)
+    root = replace_modules(root, identity)
+    if not traced:
+        for e in report.entries:
+            if e.status == "applied":
+                e.warnings.append("adjacent in nn.Sequential; calls from elsewhere are not visible")
+    report.after = module_stats(root)
+    return root
+
+
+def _fold_exported(
+    ep: torch.export.ExportedProgram, example_inputs: Any, report: Report
+) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, Any]:
+    with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        gm: Any = copy.deepcopy(ep.module())  # its tensors are ep's own: fold a private copy
+    report.before = _ep_stats(ep)
+    if example_inputs is None and ep.example_inputs is not None:
+        args, kwargs = ep.example_inputs
+        example_inputs = kwargs if kwargs and not args else args
+    if example_inputs is None:
+        raise InputError(
+            "the ExportedProgram carries no example inputs",
+            "pass example_inputs=... (needed to export the folded program again)",
+        )
+    entries, folded = fold_graph(gm, graph_mode=True)
+    drop_unused(gm, folded)
+    report.entries.extend(entries)
+    args, kwargs = example_args(example_inputs)
+    dynamic = _dynamic_shapes(ep, args, kwargs)
+    try:
+        new = torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:
+        if dynamic is None:
+            raise
+        report.notes.append(
+            f"re-export with dynamic shapes failed ({str(exc).splitlines()[0]}); static shapes used"
+        )
+        new = torch.export.export(gm, args, kwargs, strict=False)
+    report.after = _ep_stats(new)
+    return new, ep, example_inputs
+
+
+def _dynamic_shapes(
+    ep: torch.export.ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """The dynamic dimensions of ``ep``'s user inputs, as ``Dim.DYNAMIC`` specs (or ``None``)."""
+    from torch.export.graph_signature import InputKind
+
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    specs: list[dict[int, Any] | None] = []
+    any_dynamic = False
+    for name in user:
+        val = nodes[name].meta.get("val") if name in nodes else None
+        if not isinstance(val, torch.Tensor):
+            specs.append(None)
+            continue
+        dims = {
+            i: torch.export.Dim.DYNAMIC for i, d in enumerate(val.shape) if not isinstance(d, int)
+        }
+        any_dynamic |= bool(dims)
+        specs.append(dims or None)
+    if not any_dynamic or kwargs or len(specs) != len(args):
+        return None
+    return tuple(specs)
+
+
+def _ep_stats(ep: torch.export.ExportedProgram) -> ModelStats:
+    calls = [n for n in ep.graph.nodes if n.op == "call_function"]
+    return ModelStats(
+        nodes=len(calls),
+        norm_nodes=sum(1 for n in calls if n.target in BN_TARGETS),
+        batchnorm_nodes=sum(1 for n in calls if n.target in BN_TARGETS),
+        param_bytes=sum(t.numel() * t.element_size() for t in ep.state_dict.values()),
+    )

@@ -1,0 +1,627 @@
+"""Finding linear-norm pairs in a ``torch.fx`` graph: which calls are Conv/ConvTranspose/Linear
+(modules, ``F.*`` and ATen ops), which are inference BatchNorm (modules, FrozenBatchNorm
+look-alikes, ``F.batch_norm`` and ATen ops with constant statistics), and whether a norm sits
+directly after or before a linear op with nothing else reading the tensor between them; then
+the plan for modules called from several places.
+
+Imports: torch, numpy, :mod:`normfuse.core` and :mod:`normfuse.torchmodel.layers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normfuse.core.algebra import Affine, LinearKind
+from normfuse.torchmodel.layers import is_frozen_batchnorm
+
+__all__ = [
+    "BN_TARGETS",
+    "FUNC_BN",
+    "FUNC_LINEAR",
+    "KNOWN_FORWARDS",
+    "Linear",
+    "Norm",
+    "Pair",
+    "Plan",
+    "as_linear",
+    "as_norm",
+    "bias_private",
+    "call_args",
+    "call_sites",
+    "const_tensor",
+    "dense_checked",
+    "describe_node",
+    "get_attr",
+    "is_bn_module",
+    "is_linear_module",
+    "is_padded",
+    "label_of",
+    "match_pair",
+    "norm_affine",
+    "plain_forward",
+    "plan_pairs",
+    "rank_of",
+    "same_affine",
+    "source_name",
+    "surgery_refusal",
+    "trace_module",
+    "users_of",
+    "weights_shared",
+]
+
+logger = logging.getLogger(__name__)
+
+
+_aten = torch.ops.aten
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+_CONVT_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
+
+
+_CONVOLUTION_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "dilation",
+    "transposed",
+    "output_padding",
+    "groups",
+)
+
+
+_LINEAR_ARGS = ("input", "weight", "bias")
+
+
+FUNC_LINEAR: dict[Any, tuple[str, tuple[str, ...]]] = {
+    F.linear: ("dense", _LINEAR_ARGS),
+    _aten.linear.default: ("dense", _LINEAR_ARGS),
+}
+
+
+_f: Any
+for _f in (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d):
+    FUNC_LINEAR[_f] = ("conv", _CONV_ARGS)
+for _f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d):
+    FUNC_LINEAR[_f] = ("conv_transpose", _CONVT_ARGS)
+for _n in ("conv1d", "conv2d", "conv3d"):
+    for _o in ("default", "padding"):
+        if hasattr(getattr(_aten, _n), _o):
+            FUNC_LINEAR[getattr(getattr(_aten, _n), _o)] = ("conv", _CONV_ARGS)
+for _n in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
+    for _o in ("default", "input"):
+        if hasattr(getattr(_aten, _n), _o):
+            FUNC_LINEAR[getattr(getattr(_aten, _n), _o)] = ("conv_transpose", _CONVT_ARGS)
+
+
+_F_BN_ARGS = (
+    "input",
+    "running_mean",
+    "running_var",
+    "weight",
+    "bias",
+    "training",
+    "momentum",
+    "eps",
+)
+
+
+_ATEN_BN_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "running_mean",
+    "running_var",
+    "training",
+    "momentum",
+    "eps",
+    "cudnn_enabled",
+)
+
+
+_LEGIT_ARGS = ("input", "weight", "bias", "running_mean", "running_var", "momentum", "eps")
+
+
+FUNC_BN: dict[Any, tuple[str, ...]] = {
+    F.batch_norm: _F_BN_ARGS,
+    torch.batch_norm: _ATEN_BN_ARGS,
+    _aten.batch_norm.default: _ATEN_BN_ARGS,
+    _aten._native_batch_norm_legit_no_training.default: _LEGIT_ARGS,
+}
+
+
+KNOWN_FORWARDS = {
+    cls.forward
+    for cls in (
+        nn.Conv1d,
+        nn.Conv2d,
+        nn.Conv3d,
+        nn.ConvTranspose1d,
+        nn.ConvTranspose2d,
+        nn.ConvTranspose3d,
+        nn.Linear,
+        _BatchNorm,
+        nn.SyncBatchNorm,
+    )
+}
+
+
+def plain_forward(m: nn.Module) -> bool:
+    """A Conv/Linear/BatchNorm whose computation is torch's own (subclasses that keep forward)."""
+    if type(m).forward not in KNOWN_FORWARDS:
+        return False
+    if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(
+        m, nn.modules.conv._ConvTransposeNd
+    ):
+        base = next(c for c in type(m).__mro__ if c.__module__ == "torch.nn.modules.conv")
+        if type(m)._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
+            return False
+    return not (isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params())
+
+
+def is_linear_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and plain_forward(m)
+
+
+def is_bn_module(m: nn.Module) -> bool:
+    return (isinstance(m, _BatchNorm) and plain_forward(m)) or is_frozen_batchnorm(m)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps Conv/Linear/BatchNorm (and FrozenBatchNorm look-alikes) as module calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if is_linear_module(m) or is_bn_module(m):
+            return True
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear | _BatchNorm):
+            return False  # a subclass with its own forward: trace into it
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def trace_module(module: nn.Module) -> fx.GraphModule:
+    graph = _Tracer().trace(module)
+    return fx.GraphModule(module, graph, type(module).__name__)
+
+
+def get_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def call_args(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
+    out = dict(zip(names, node.args, strict=False))
+    out.update(node.kwargs)
+    return out
+
+
+def const_tensor(gm: fx.GraphModule, value: Any) -> tuple[torch.Tensor | None, bool]:
+    """``(tensor, ok)``: the tensor behind a get_attr node, ``(None, True)`` for ``None``."""
+    if value is None:
+        return None, True
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        t = get_attr(gm, str(value.target))
+        if isinstance(t, torch.Tensor):
+            return t, True
+    return None, False
+
+
+def rank_of(node: Any) -> int | None:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dim()
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def source_name(node: fx.Node) -> str:
+    """The module path a node came from (torch.export keeps it), else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        if path:
+            return str(path)
+    return node.name
+
+
+def label_of(node: fx.Node) -> str:
+    return f"'{source_name(node)}'"
+
+
+@dataclasses.dataclass
+class Linear:
+    node: fx.Node
+    kind: LinearKind
+    groups: int
+    zero_padded: bool
+    owner: str  # module target, or weight attribute target
+    module: nn.Module | None
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    op_type: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.op_type} {label_of(self.node)}"
+
+    def channels(self, side: str) -> int:
+        w = self.weight
+        if self.kind == "conv":
+            return int(w.shape[0]) if side == "out" else int(w.shape[1]) * self.groups
+        if self.kind == "conv_transpose":
+            return int(w.shape[1]) * self.groups if side == "out" else int(w.shape[0])
+        return int(w.shape[0]) if side == "out" else int(w.shape[1])
+
+
+def is_padded(padding: Any, kernel: tuple[int, ...]) -> bool:
+    if isinstance(padding, str):
+        return padding != "valid" and any(k > 1 for k in kernel)
+    if isinstance(padding, int):
+        return padding != 0
+    return any(int(p) != 0 for p in padding)
+
+
+def as_linear(gm: fx.GraphModule, node: Any) -> Linear | None:
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_module":
+        m: Any = gm.get_submodule(str(node.target))
+        if not is_linear_module(m):
+            return None
+        if isinstance(m, nn.Linear):
+            return Linear(node, "dense", 1, False, str(node.target), m, m.weight, m.bias, "Linear")
+        transposed = bool(m.transposed)
+        kernel = tuple(m.weight.shape[2:])
+        zero_padded = m.padding_mode == "zeros" and is_padded(m.padding, kernel)
+        kind: LinearKind = "conv_transpose" if transposed else "conv"
+        return Linear(
+            node,
+            kind,
+            int(m.groups),
+            zero_padded or transposed,
+            str(node.target),
+            m,
+            m.weight,
+            m.bias,
+            type(m).__name__,
+        )
+    if node.op != "call_function" or node.target not in FUNC_LINEAR:
+        return None
+    flavour, names = FUNC_LINEAR[node.target]
+    a = call_args(node, names)
+    weight, ok_w = const_tensor(gm, a.get("weight"))
+    bias, ok_b = const_tensor(gm, a.get("bias"))
+    if weight is None or not ok_w or not ok_b or not weight.is_floating_point():
+        return None
+    if flavour == "convolution":
+        flavour = "conv_transpose" if a.get("transposed") else "conv"
+    groups = a.get("groups", 1)
+    padding = a.get("padding", 0)
+    if not isinstance(groups, int) or isinstance(padding, fx.Node):
+        return None
+    kind = flavour  # type: ignore[assignment]
+    zero_padded = kind == "conv_transpose" or (
+        kind == "conv" and is_padded(padding, tuple(weight.shape[2:]))
+    )
+    owner = str(a["weight"].target)
+    op_type = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return Linear(node, kind, groups, zero_padded, owner, None, weight, bias, op_type)
+
+
+@dataclasses.dataclass
+class Norm:
+    node: fx.Node  # the normalised tensor
+    erase: list[fx.Node]
+    input: Any
+    name: str
+    op_type: str
+    module_target: str | None
+    channels: int
+    affine: Affine | None = None
+    reason: str | None = None
+    fix: str | None = None
+
+
+def norm_affine(
+    w: torch.Tensor | None,
+    b: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+) -> Affine:
+    def f64(t: torch.Tensor | None, fill: float) -> np.ndarray:
+        if t is None:
+            return np.full(mean.numel(), fill)
+        return t.detach().to(torch.float64).cpu().numpy()
+
+    return Affine.from_batchnorm(f64(w, 1.0), f64(b, 0.0), f64(mean, 0.0), f64(var, 1.0), eps)
+
+
+def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
+    if node.op == "call_module":
+        m: Any = gm.get_submodule(str(node.target))
+        if not is_bn_module(m) or not node.args:
+            return None
+        rm = getattr(m, "running_mean", None)
+        rv = getattr(m, "running_var", None)
+        channels = int(rm.numel()) if isinstance(rm, torch.Tensor) else int(m.num_features)
+        norm = Norm(
+            node,
+            [node],
+            node.args[0],
+            str(node.target),
+            type(m).__name__,
+            str(node.target),
+            channels,
+        )
+        if not is_frozen_batchnorm(m) and m.training:
+            norm.reason = "in training mode: normalises with batch statistics"
+            norm.fix = "call model.eval() first"
+        elif not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor):
+            norm.reason = "track_running_stats=False: uses batch statistics even in eval"
+        else:
+            w = getattr(m, "weight", None)
+            b = getattr(m, "bias", None)
+            norm.affine = norm_affine(w, b, rm, rv, float(m.eps))
+        return norm
+    if node.op != "call_function" or node.target not in FUNC_BN:
+        return None
+    a = call_args(node, FUNC_BN[node.target])
+    out, erase = node, [node]
+    if node.target is _aten._native_batch_norm_legit_no_training.default:
+        users = list(node.users)
+        if len(users) != 1 or users[0].target is not operator.getitem or users[0].args[1] != 0:
+            return None
+        out, erase = users[0], [users[0], node]
+    norm = Norm(out, erase, a.get("input"), source_name(node), "batch_norm", None, 0)
+    tensors = {
+        k: const_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")
+    }
+    rm, rv = tensors["running_mean"][0], tensors["running_var"][0]
+    if a.get("training", False) is not False:
+        norm.reason = "training=True (or not a constant): batch statistics"
+    elif rm is None or rv is None or not all(ok for _, ok in tensors.values()):
+        norm.reason = "statistics or affine are not constant attributes"
+    else:
+        norm.channels = int(rm.numel())
+        eps = a.get("eps", 1e-5)
+        if not isinstance(eps, float | int):
+            norm.reason = "eps is not a constant"
+        else:
+            norm.affine = norm_affine(tensors["weight"][0], tensors["bias"][0], rm, rv, float(eps))
+    return norm
+
+
+@dataclasses.dataclass
+class Pair:
+    norm: Norm
+    lin: Linear
+    direction: str  # "after" (norm follows lin) or "before"
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def users_of(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def describe_node(node: Any) -> str:
+    if not isinstance(node, fx.Node):
+        return "a constant"
+    if node.op == "placeholder":
+        return f"model input '{node.target}'"
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{target} '{node.name}'"
+
+
+def dense_checked(pair: Pair, activation: fx.Node) -> Pair | tuple[str, str | None]:
+    """A BatchNorm acts on axis 1, a Linear on the last: they line up only on ``(N, C)`` data."""
+    if pair.lin.kind != "dense":
+        return pair
+    rank = rank_of(activation)
+    if rank is None:
+        pair.warnings.append("(N, C) activations assumed (pass example_inputs to verify)")
+    elif rank != 2:
+        return (
+            f"{'follows' if pair.direction == 'after' else 'precedes'} {pair.lin.label} on "
+            f"data of rank {rank}: the norm acts on axis 1, Linear on the last",
+            None,
+        )
+    return pair
+
+
+def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
+    """The fold for ``norm``, or ``(reason, fix)``."""
+    assert norm.affine is not None
+    lin = as_linear(gm, norm.input)
+    if lin is not None:
+        others = [u for u in users_of(lin.node) if u is not norm.erase[-1]]
+        if others:
+            return (
+                f"{lin.label} output also feeds {', '.join(describe_node(u) for u in others)}",
+                None,
+            )
+        if lin.channels("out") != norm.channels:
+            return (
+                f"{lin.label} has {lin.channels('out')} output channels, the norm {norm.channels}",
+                None,
+            )
+        return dense_checked(Pair(norm, lin, "after"), lin.node)
+    users = users_of(norm.node)
+    if len(users) == 1:
+        lin = as_linear(gm, users[0])
+        if lin is not None and lin.node.args and lin.node.args[0] is norm.node:
+            if lin.channels("in") != norm.channels:
+                return (
+                    f"{lin.label} has {lin.channels('in')} input channels, the norm {norm.channels}",
+                    None,
+                )
+            if lin.zero_padded and norm.affine.has_shift:
+                what = (
+                    "is transposed" if lin.kind == "conv_transpose" else "pads its input with zeros"
+                )
+                return (
+                    f"precedes {lin.label}, which {what}: folding would change the borders",
+                    None,
+                )
+            return dense_checked(Pair(norm, lin, "before"), norm.node)
+    after = ", ".join(describe_node(u) for u in users) or "nothing"
+    return (
+        f"follows {describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",
+        None,
+    )
+
+
+def call_sites(gm: fx.GraphModule, owner: str, is_module: bool) -> list[fx.Node]:
+    if is_module:
+        return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner]
+    return [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == owner for u in n.users]
+
+
+def same_affine(a: Norm, b: Norm) -> bool:
+    if a.module_target is not None and a.module_target == b.module_target:
+        return True
+    if a.affine is None or b.affine is None:
+        return False
+    return bool(
+        np.array_equal(a.affine.scale, b.affine.scale)
+        and np.array_equal(a.affine.shift, b.affine.shift)
+    )
+
+
+def weights_shared(gm: fx.GraphModule, lin: Linear) -> bool:
+    """True when the op's weight/bias tensor is also held by another module (tied weights)."""
+    if lin.module is None:
+        return False
+    mine = {id(p) for p in (lin.weight, lin.bias) if p is not None}
+    for m in gm.modules():
+        if m is lin.module:
+            continue
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if id(t) in mine:
+                return True
+    return False
+
+
+@dataclasses.dataclass
+class Plan:
+    accepted: list[Pair]
+    clones: set[int]  # ids of pairs whose linear op gets a private copy
+    refused: dict[int, tuple[str, str | None]]  # id(norm) -> reason
+
+
+def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
+    refused: dict[int, tuple[str, str | None]] = {}
+    fix = "fold torch.fx.symbolic_trace(model) instead: in a GraphModule normfuse can clone it"
+    while True:
+        live = [p for p in pairs if id(p.norm) not in refused]
+        by_site: dict[fx.Node, list[Pair]] = {}
+        for p in live:
+            by_site.setdefault(p.lin.node, []).append(p)
+        clones: set[int] = set()
+        changed = False
+        for ps in by_site.values():  # one fold per op and round; the rest wait
+            for p in ps[1:]:
+                refused[id(p.norm)] = ("waits for another fold into the same op", None)
+                changed = True
+        live = [p for p in live if id(p.norm) not in refused]
+        owners: dict[str, list[Pair]] = {}
+        for p in live:
+            owners.setdefault(p.lin.owner, []).append(p)
+        for owner, ps in owners.items():
+            lin = ps[0].lin
+            sites = call_sites(gm, owner, lin.module is not None)
+            folded_sites = {p.lin.node for p in ps}
+            consistent = (
+                set(sites) == folded_sites
+                and len({p.direction for p in ps}) == 1
+                and all(same_affine(ps[0].norm, p.norm) for p in ps)
+                and not weights_shared(gm, lin)
+                and (lin.bias is None or lin.module is not None or bias_private(gm, lin))
+            )
+            if consistent:
+                continue
+            if graph_mode:
+                clones.update(id(p) for p in ps)
+                continue
+            others = [s for s in sites if s not in folded_sites]
+            where = (
+                f"also called elsewhere (fx node {', '.join(repr(s.name) for s in others)}) "
+                "without this norm"
+                if others
+                else "shared (tied weights or several differing folds)"
+            )
+            for p in ps:
+                refused[id(p.norm)] = (f"{lin.label} is {where}", fix)
+            changed = True
+        if not graph_mode:
+            for p in [p for p in live if id(p.norm) not in refused]:
+                reason = surgery_refusal(gm, p, live, refused)
+                if reason is not None:
+                    refused[id(p.norm)] = (reason, fix)
+                    changed = True
+        if not changed:
+            accepted = [p for p in pairs if id(p.norm) not in refused]
+            return Plan(accepted, clones, refused)
+
+
+BN_TARGETS = set(FUNC_BN)
+
+
+def bias_private(gm: fx.GraphModule, lin: Linear) -> bool:
+    bias_node = call_args(lin.node, ("input", "weight", "bias")).get("bias")
+    if not isinstance(bias_node, fx.Node):
+        return True
+    return set(call_sites(gm, str(bias_node.target), False)) <= set(
+        call_sites(gm, lin.owner, False)
+    )
+
+
+def surgery_refusal(
+    gm: fx.GraphModule, p: Pair, live: list[Pair], refused: dict[int, tuple[str, str | None]]
+) -> str | None:
+    """Why an ``nn.Module`` cannot take this fold by replacing modules, or ``None``."""
+    if p.norm.module_target is None:
+        return "functional batch_norm in forward(): code cannot be changed without a graph"
+    if p.lin.module is None:
+        return f"{p.lin.label} is a functional op in forward(): its weights are not a module's"
+    calls = [
+        n for n in gm.graph.nodes if n.op == "call_module" and n.target == p.norm.module_target
+    ]
+    folding = {q.norm.node for q in live if id(q.norm) not in refused}
+    missing = [n for n in calls if n not in folding]
+    if missing:
+        return (
+            f"module '{p.norm.module_target}' is also called at "
+            f"{', '.join(describe_node(n.args[0]) for n in missing)} where it does not fold"
+        )
+    return None
