@@ -124,7 +124,13 @@ def fold(
     if check:
         t1 = time.perf_counter()
         report.parity = _check_in_memory(
-            loaded, reference, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
+            loaded,
+            reference,
+            provider=provider,
+            seed=seed,
+            shapes=shapes,
+            defaults=FOLD_TOLERANCES,
+            upcast=True,
         )
         report.timings["check"] = time.perf_counter() - t1
         raise_for_parity(report)
@@ -182,6 +188,7 @@ def check(
             inputs=inputs,
             bisect=bisect,
             cross_check=cross_check,
+            upcast=True,
         )
 
 
@@ -291,7 +298,13 @@ def onnx_rewrite(
                 raise NormfuseError("the original model was not kept for the check")
             cand = _as_source(new, Path(tmp) / "candidate.onnx")
             report.parity = check_models(
-                ref, cand, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
+                ref,
+                cand,
+                provider=provider,
+                seed=seed,
+                shapes=shapes,
+                defaults=FOLD_TOLERANCES,
+                upcast=True,
             )
         report.timings["check"] = time.perf_counter() - t2
         judge_parity(report, exact=exact, what=what or action)

@@ -261,6 +261,7 @@ def fold(
                 shapes=shapes,
                 inputs=inputs,
                 defaults=FOLD_TOLERANCES,
+                upcast=True,
             )
             report.timings["check"] = time.perf_counter() - t
             raise_for_parity(report)  # the temporary file is then removed, not renamed
@@ -376,7 +377,13 @@ def _run_rewrite(
                 return
             t = time.perf_counter()
             report.parity = check_models(
-                model, tmp, provider=provider, seed=seed, shapes=shapes, defaults=FOLD_TOLERANCES
+                model,
+                tmp,
+                provider=provider,
+                seed=seed,
+                shapes=shapes,
+                defaults=FOLD_TOLERANCES,
+                upcast=True,
             )
             report.timings["check"] = time.perf_counter() - t
             api.judge_parity(report, exact=exact, what=what)  # raising keeps the file out
@@ -652,6 +659,7 @@ def check(
             inputs=load_inputs(inputs_path) if inputs_path is not None else None,
             bisect=bisect,
             cross_check=cross_check,
+            upcast=True,
         )
         console.print(f"parity on {result.provider} ({result.runs} batch(es)):", highlight=False)
         for line in result.lines():

@@ -159,6 +159,11 @@ class ParityResult:
         cross_check: With cross-check, the reference on CPU vs on CUDA, per output.
         informational: The rewrite was meant to change the function: differences are
             reported (``DIFFERS``), not failures.
+        judgement: How pass/fail was decided when not at the models' own precision (16-bit
+            models are judged with their tensors upcast to float32).
+        runtime: Then, per output, the rewritten vs the original at their own precision
+            (reported, not judged).
+        noise: Then, per output, the original at its own precision vs its exact function.
     """
 
     provider: str
@@ -169,6 +174,9 @@ class ParityResult:
     divergence: Divergence | None = None
     cross_check: list[OutputParity] | None = None
     informational: bool = False
+    judgement: str | None = None
+    runtime: list[OutputParity] | None = None
+    noise: list[OutputParity] | None = None
 
     def output_line(self, o: OutputParity) -> str:
         """One output's line; ``DIFFERS`` instead of ``FAILED`` when a change was intended."""
@@ -180,6 +188,13 @@ class ParityResult:
     def lines(self) -> list[str]:
         """The human-readable result, one line each."""
         out = [self.output_line(o) for o in self.outputs]
+        if self.judgement is not None:
+            out.append(f"  ({self.judgement})")
+        for run, own in zip(self.runtime or [], self.noise or [], strict=False):
+            out.append(
+                f"  {run.name} at {run.dtype}: rewritten vs original max_rel={run.max_rel:.3g}; "
+                f"the original's own {run.dtype} noise max_rel={own.max_rel:.3g} (reported, not judged)"
+            )
         if self.divergence is not None:
             out.append(self.divergence.line())
         if self.cross_check is not None:
@@ -207,6 +222,9 @@ class ParityResult:
             "outputs": [o.to_dict() for o in self.outputs],
             "divergence": dataclasses.asdict(self.divergence) if self.divergence else None,
             "informational": self.informational,
+            "judgement": self.judgement,
+            "runtime": [o.to_dict() for o in self.runtime] if self.runtime is not None else None,
+            "noise": [o.to_dict() for o in self.noise] if self.noise is not None else None,
             "cross_check": [o.to_dict() for o in self.cross_check]
             if self.cross_check is not None
             else None,
@@ -331,11 +349,14 @@ class Report:
             parts.append(Text(f"note: {n}", style="dim"))
         if self.parity is not None:
             parts.append(Text(f"parity on {self.parity.provider}:", style="bold"))
-            for o in self.parity.outputs:
-                style = "green" if o.passed else "yellow" if self.parity.informational else "red"
-                parts.append(Text(self.parity.output_line(o), style=style))
-            if self.parity.divergence is not None:
-                parts.append(Text(self.parity.divergence.line(), style="red"))
+            for line in self.parity.lines():
+                if line.startswith("  "):
+                    style = "dim"
+                elif line.startswith(("FAILED", "first divergence")):
+                    style = "red"
+                else:
+                    style = "yellow" if line.startswith("DIFFERS") else "green"
+                parts.append(Text(line, style=style))
             for n in self.parity.notes:
                 parts.append(Text(f"note: {n}", style="dim"))
         return Group(*parts)

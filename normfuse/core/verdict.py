@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -25,9 +26,13 @@ from normfuse.core.report import OutputParity, Report
 __all__ = [
     "DEFAULT_TOLERANCES",
     "FOLD_TOLERANCES",
+    "INNER_NOISE_FACTOR",
+    "NOISE_FACTOR",
     "TORCH_TOLERANCES",
+    "channel_failure",
     "compare_outputs",
     "judge_parity",
+    "per_channel_rel",
     "raise_for_parity",
     "raise_for_strict",
     "worse",
@@ -44,6 +49,15 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (1e-3, 1e-2),
     "bfloat16": (1e-2, 5e-2),
 }
+
+#: A rewrite of a 16-bit model is judged with its tensors upcast to float32 (see
+#: :mod:`normfuse.runtime.judge`) against ``max(rtol, NOISE_FACTOR * e)``, where ``e`` is how much
+#: one independent rounding of the rewritten weights moves the outputs of this very model.
+NOISE_FACTOR = 3.0
+#: Inner tensors and single channels are many comparisons, each a noisier figure: they get a
+#: wider factor, so that an exact fold of a deep network trips none of them, while a channel
+#: folded 1% off in float16 (10-20x the rounding noise at its layer) still does.
+INNER_NOISE_FACTOR = 6.0
 
 #: The defaults of the check built into ``normfuse fold``: a wrong fold moves outputs by orders
 #: of magnitude more than fp32 rounding, which reaches ~1e-4 on deep segmentation networks.
@@ -156,3 +170,60 @@ def judge_parity(report: Report, *, exact: bool, what: str) -> None:
             f"outputs differ from the original (max rel {report.parity.max_rel:.3g}), as "
             f"expected: {what} changes the function"
         )
+
+
+#: In the per-channel figure a channel's error is measured against ``max(max|channel|,
+#: CHANNEL_FLOOR * max|tensor|)``: a near-silent channel (a ReLU output that is almost all zero)
+#: would otherwise turn rounding noise into large relative errors.
+CHANNEL_FLOOR = 0.1
+
+
+def per_channel_rel(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float]:
+    """The largest ``max|a - b| / max(max|a_c|, CHANNEL_FLOOR * max|a|)`` over the channels
+    ``a_c`` (axis 1), which channel, and its ``max|a - b|``."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a64.ndim < 2 or a64.shape != b64.shape or a64.size == 0:
+        return 0.0, -1, 0.0
+    ca = np.moveaxis(a64, 1, 0).reshape(a64.shape[1], -1)
+    cb = np.moveaxis(b64, 1, 0).reshape(b64.shape[1], -1)
+    with np.errstate(invalid="ignore"):
+        scale = np.nanmax(np.abs(ca), axis=1)
+        err = np.nanmax(np.abs(ca - cb), axis=1)
+        scale = np.maximum(scale, CHANNEL_FLOOR * np.nanmax(scale))
+    live = np.isfinite(scale) & np.isfinite(err) & (scale > 0)
+    if not np.any(live):
+        return 0.0, -1, 0.0
+    rel = np.where(live, err / np.where(live, scale, 1.0), 0.0)
+    c = int(np.argmax(rel))
+    return float(rel[c]), c, float(err[c])
+
+
+def channel_failure(
+    name: str, ref: Any, cand: Any, moved: tuple[Any, Any], floor: float
+) -> OutputParity | None:
+    """A channel whose relative error is beyond the noise of re-rounding, per channel.
+
+    A fold that scales one channel wrongly errs by that factor on the whole channel, which a
+    tensor-wide figure can hide when that channel is small beside the others."""
+    if not np.issubdtype(np.asarray(ref).dtype, np.floating):
+        return None
+    err, channel, err_abs = per_channel_rel(ref, cand)
+    if channel < 0:
+        return None
+    noise = max(per_channel_rel(cand, m)[0] for m in moved)
+    rtol = max(floor, INNER_NOISE_FACTOR * noise)
+    if err <= rtol:
+        return None
+    return OutputParity(
+        f"tensor '{name}' channel {channel}",
+        str(np.asarray(cand).dtype),
+        err_abs,
+        err,
+        err_abs,
+        float("nan"),
+        0,
+        0.0,
+        rtol,
+        False,
+        err,
+    )

@@ -20,6 +20,7 @@ from normfuse.core.report import OutputParity, ParityResult
 from normfuse.core.verdict import DEFAULT_TOLERANCES, compare_outputs, worse
 from normfuse.runtime.bisect import find_divergence
 from normfuse.runtime.inputs import generate_inputs, tolerance_for
+from normfuse.runtime.judge import judge_upcast, low_precision
 from normfuse.runtime.sessions import (
     ModelSource,
     check_feeds,
@@ -48,6 +49,7 @@ def check_models(
     bisect: bool = False,
     cross_check: bool = False,
     defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
+    upcast: bool = False,
 ) -> ParityResult:
     """Run two models on the same inputs and compare every output.
 
@@ -68,6 +70,9 @@ def check_models(
         cross_check: Also run the reference on the CPU and the CUDA provider and compare them,
             so provider noise is told apart from rewrite error (needs CUDA).
         defaults: ``(atol, rtol)`` per element type where ``atol``/``rtol`` say nothing.
+        upcast: Judge 16-bit models with their tensors upcast to float32, where a rewrite's own
+            error is visible (:mod:`normfuse.runtime.judge`); the 16-bit difference is then
+            reported beside the original's own noise. Ignored when ``atol``/``rtol`` are given.
 
     Raises:
         InputError: The models or inputs do not fit together.
@@ -114,8 +119,10 @@ def check_models(
         ]
     worst: dict[str, OutputParity] = {}
     first_failing: dict[str, np.ndarray] | None = None
+    native_reference = []
     for feeds in batches:
         ref_out = run_session(ref_sess, names, feeds, "reference")
+        native_reference.append(ref_out)
         cand_out = run_session(cand_sess, names, feeds, "rewritten")
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
             result = compare_outputs(
@@ -133,6 +140,25 @@ def check_models(
     parity = ParityResult(
         provider=label, outputs=[worst[n] for n in names], runs=len(batches), seed=seed, notes=notes
     )
+    if upcast and atol is None and rtol is None and low_precision(reference):
+        judged = judge_upcast(
+            reference,
+            candidate,
+            providers,
+            opt_level,
+            names,
+            batches,
+            native_reference,
+            defaults.get("float", DEFAULT_TOLERANCES["float"]),
+            seed,
+            notes,
+        )
+        if judged is not None:
+            parity.runtime = parity.outputs
+            parity.noise = [judged.noise[n] for n in names]
+            parity.outputs = [judged.judged[n] for n in names] + judged.failed_tensors
+            parity.judgement = judged.label
+            first_failing = first_failing if not parity.passed else None
     if bisect and first_failing is not None:
         parity.divergence = find_divergence(
             reference, candidate, providers, opt_level, first_failing, atol, rtol, defaults
