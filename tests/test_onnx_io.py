@@ -102,7 +102,7 @@ def test_external_data_is_read_lazily_and_written_back(model, tmp_path, rng):
 def test_save_refuses_to_overwrite_without_force(model, tmp_path):
     out = tmp_path / "f.onnx"
     out.write_bytes(b"precious")
-    with pytest.raises(normfuse.OutputExistsError, match="--force"):
+    with pytest.raises(normfuse.OutputExistsError, match="force=True"):
         normfuse.save(model, out)
     assert out.read_bytes() == b"precious"
     normfuse.save(model, out, force=True)

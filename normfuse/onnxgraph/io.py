@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
+    check_model_prefix,
     default_mode,
     load_self_backed,
     root_cause,
@@ -40,13 +43,96 @@ from normfuse.onnxgraph.wire import (
     write_streaming,
 )
 
-__all__ = ["EXTERNAL_DATA_KEY", "Loaded", "has_external_data", "load", "save", "to_kind", "unwrap"]
+__all__ = [
+    "EXTERNAL_DATA_KEY",
+    "INPUT_FILES_KEY",
+    "Loaded",
+    "check_destination",
+    "file_identity",
+    "file_kind",
+    "has_external_data",
+    "load",
+    "save",
+    "to_kind",
+    "unwrap",
+]
 
 logger = logging.getLogger(__name__)
 
 
 #: In-memory flag (``ir.Model.meta``, never serialized): the model was read with external data.
 EXTERNAL_DATA_KEY = "normfuse.external_data"
+
+
+#: In-memory flag (``ir.Model.meta``): the identities ``(st_dev, st_ino)`` of every file the
+#: model was read from (the model file and its external data). :func:`save` never removes
+#: them unless told the caller replaces its own input (``discard``).
+INPUT_FILES_KEY = "normfuse.input_files"
+
+#: Suffixes onnx reads as text; other files must start like a serialized ModelProto.
+_TEXT_SUFFIXES = frozenset({".txt", ".onnxtxt", ".textproto", ".pbtxt", ".json", ".onnxjson"})
+
+
+def file_identity(path: str | os.PathLike, *, follow: bool = True) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of a file (of the link itself with ``follow=False``), or ``None``."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, in words."""
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_destination(
+    path: str | os.PathLike, *, force: bool, option: str = "force=True", what: str = "output"
+) -> None:
+    """Refuse a destination that may not be replaced, before any work is done.
+
+    A missing path whose folder exists is fine. A regular file needs ``force``; a symbolic
+    link (dangling or not) needs ``force`` too, and is replaced itself, never its target;
+    anything else (directory, FIFO, device, socket) is refused even with ``force``.
+
+    Raises:
+        OutputExistsError: The file or link exists and ``force`` is false.
+        InputError: The destination is not a regular file, or its folder is missing.
+    """
+    out = Path(path)
+    try:
+        st = os.lstat(out)
+    except FileNotFoundError:
+        st = None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot use {out} as the {what} ({exc})") from None
+    if st is not None:
+        if stat.S_ISLNK(st.st_mode):
+            if not force:
+                raise OutputExistsError(
+                    f"the {what} {out} is a symbolic link", f"pass {option} to replace the link"
+                )
+        elif not stat.S_ISREG(st.st_mode):
+            raise InputError(
+                f"the {what} {out} is {file_kind(st.st_mode)}, not a regular file",
+                "name a regular file",
+            )
+        elif not force:
+            raise OutputExistsError(f"{out} exists", f"pass {option} to replace it")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"the {what} folder {folder} does not exist", "create it first")
 
 
 @dataclasses.dataclass
@@ -86,10 +172,21 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.exists():
-            raise InputError(f"no such file: {path}")
-        if path.is_dir():
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise InputError(f"no such file: {path}") from None
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read {path} ({exc})") from None
+        if stat.S_ISDIR(st.st_mode):
             raise InputError(f"{path} is a directory, not an ONNX file")
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(
+                f"{path} is {file_kind(st.st_mode)}, not a regular file",
+                "give the path of an .onnx file",
+            )
+        if path.suffix.lower() not in _TEXT_SUFFIXES:
+            check_model_prefix(path)
         try:
             model = _try_self_backed(path) if lazy else None
             model = model if model is not None else ir.load(path)
@@ -114,6 +211,9 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         if external:
             _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
+        model.meta[INPUT_FILES_KEY] = frozenset(
+            {(st.st_dev, st.st_ino)} | {i for i in map(file_identity, _sources(model)) if i}
+        )
         return Loaded(model, "path", path=path)
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = onnx.ModelProto()
@@ -161,6 +261,12 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
             if not isinstance(tensor, ir.ExternalTensor):
                 continue
             location = os.fspath(tensor.location)
+            if any(ord(ch) < 0x20 or ch == "\x7f" for ch in location):
+                raise InputError(
+                    f"tensor '{value.name}' names the external data file {location!r}, "
+                    "with control characters",
+                    "the model is corrupt or hostile; refusing to read it",
+                )
             if location not in sizes:
                 target = (root / location).resolve()
                 if os.path.isabs(location) or not target.is_relative_to(root):
@@ -169,6 +275,11 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
                         "external data must lie in the model's folder; refusing to read it",
                     )
                 sizes[location] = target.stat().st_size if target.is_file() else None
+                if sizes[location] is None and target.exists():
+                    raise InputError(
+                        f"the external data file '{location}' of tensor '{value.name}' is "
+                        f"{file_kind(target.stat().st_mode)}, not a regular file"
+                    )
             size = sizes[location]
             if size is None:
                 raise InputError(
@@ -220,11 +331,24 @@ def _check_has_graph(
             if tensor.dtype == ir.DataType.UNDEFINED:
                 raise ValueError("its element type is undefined")
             tensor.shape  # noqa: B018 - decoding the shape is the check
-            tensor.nbytes  # noqa: B018
+            _check_byte_count(tensor)
         except (ValueError, TypeError) as exc:
             raise InputError(
                 f"tensor {name!r} in {where} is malformed ({short_error(exc)})"
             ) from None
+
+
+def _check_byte_count(tensor: Any) -> None:
+    """Refuse a tensor whose stored bytes are not what its dims and type need."""
+    need = tensor.nbytes
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        proto = tensor.raw
+        if proto.HasField("raw_data") and len(proto.raw_data) != need:
+            raise ValueError(
+                f"its raw_data holds {len(proto.raw_data)} bytes, its dims need {need}"
+            )
+    elif isinstance(tensor, ir.ExternalTensor) and tensor.length not in (None, need):
+        raise ValueError(f"its external data holds {tensor.length} bytes, its dims need {need}")
 
 
 def _check_structure(model: ir.Model, where: str) -> None:
@@ -306,38 +430,35 @@ def _total_bytes(model: ir.Model) -> int:
     )
 
 
-def _data_name(folder: Path, out_name: str) -> str:
-    """A data-file name next to the output that no file has yet: ``<out>.data``, else ``<out>.N.data``.
-
-    Writing under a new name means no file that exists (the input's data, the data the old
-    output still points at) is ever overwritten.
-    """
-    candidates = [f"{out_name}.data"] + [f"{out_name}.{n}.data" for n in range(1, 1000)]
-    for name in candidates:
-        if not (folder / name).exists():
-            return name
-    raise InputError(
-        f"too many data files named {out_name}.N.data in {folder}", "remove stale ones"
-    )
+def _data_names(out_name: str) -> list[str]:
+    """Names the output's data file may take, first free one wins: ``<out>.data``, then
+    ``<out>.N.data`` (see :func:`normfuse.onnxgraph.wire.write_streaming`, which takes the name
+    atomically, never replacing a file: the input's data, the data the old output still points
+    at, or a concurrent run's)."""
+    return [f"{out_name}.data"] + [f"{out_name}.{n}.data" for n in range(1, 1000)]
 
 
-def _our_data_files(out: Path) -> set[Path]:
-    """Data files of the current ``out`` that follow normfuse's naming (safe to remove)."""
+def _our_data_files(out: Path) -> dict[Path, tuple[int, int]]:
+    """Data files of the current ``out`` that follow normfuse's naming (candidates for removal),
+    with the identity each has now."""
+    if not out.is_file() or out.is_symlink():
+        return {}
     ours = {out.parent / f"{out.name}.data"} | set(out.parent.glob(f"{out.name}.*.data"))
-    ours = {p for p in ours if p.exists()}
-    if not ours or not out.is_file():
-        return set()
+    ours = {p for p in ours if p.is_file() and not p.is_symlink()}
+    if not ours:
+        return {}
     try:
         old = onnx.load(str(out), load_external_data=False)
     except Exception:
-        return set()
+        return {}
     referenced = {
         out.parent / entry.value
         for t in old.graph.initializer
         for entry in t.external_data
         if entry.key == "location"
     }
-    return ours & referenced
+    found = {p: file_identity(p, follow=False) for p in ours & referenced}
+    return {p: i for p, i in found.items() if i is not None}
 
 
 def _sources(model: ir.Model) -> set[Path]:
@@ -363,9 +484,10 @@ def save(
     """Write a model atomically, crash-consistent with its external data.
 
     The model goes to a temporary file in the target folder; external data goes to a file name
-    nothing uses yet (``<output>.data``, or ``<output>.N.data`` while that exists); the model is
-    verified, then renamed into place, and only then is the data file of the replaced output
-    removed. A process killed at any moment leaves the old output with its data, or the new
+    this run creates exclusively (``<output>.data``, or ``<output>.N.data`` while that exists);
+    the model is verified, then renamed into place, and only then is the data file of the
+    replaced output removed, unless a file this run read (compared by identity, not by name)
+    is that file. A process killed at any moment leaves the old output with its data, or the new
     one with its own, never a mix (at worst a hidden temporary file or an unreferenced data
     file remains).
 
@@ -378,57 +500,79 @@ def save(
         protect: A path that must not be written (the input, unless in-place was asked).
         verify: Called with the complete temporary file before it is renamed into place;
             if it raises, nothing is renamed and the new files are removed.
-        discard: The caller will not use ``model`` afterwards, so data files it reads from may
-            be removed when they belonged to the replaced output (an in-place fold).
+        discard: The caller replaces its own input and will not use ``model`` afterwards, so
+            data files it read may be removed when they belonged to the replaced output (an
+            in-place fold). Without it, no file the model was read from is ever removed.
 
     Returns:
         The path written.
 
     Raises:
-        OutputExistsError: The output exists and ``force`` is false, or it is ``protect``.
-        InputError: The output folder does not exist.
+        OutputExistsError: The output exists (or is a symbolic link) and ``force`` is false,
+            or it is ``protect``.
+        InputError: The output folder does not exist, the output is not a regular file, or
+            writing failed (disk full, no permission): nothing was written.
     """
     ir_model = unwrap(model)
     out = Path(path)
-    if protect is not None and out.exists() and os.path.samefile(out, protect):
+    here = file_identity(out)
+    if protect is not None and here is not None and here == file_identity(protect):
         raise OutputExistsError(
-            f"the output {out} is the input", "pass --in-place to overwrite the input"
+            f"the output {out} is the input", "write to another path, or replace it in place"
         )
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists", "pass --force to replace it")
-    if out.is_dir():
-        raise InputError(f"the output {out} is a directory")
+    check_destination(out, force=force)
     folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"the output folder {folder} does not exist")
     if external_data is None:
         external_data = (
             bool(ir_model.meta.get(EXTERNAL_DATA_KEY))
             or has_external_data(ir_model)
             or _total_bytes(ir_model) > TWO_GIB
         )
-    data_name = _data_name(folder, out.name) if external_data else None
     stale = _our_data_files(out)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    data_name: str | None = None
+    tmp: Path | None = None
     try:
-        write_streaming(ir_model, tmp, external_data=data_name)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        data_name = write_streaming(
+            ir_model, tmp, external_data=_data_names(out.name) if external_data else None
+        )
         os.chmod(tmp, default_mode())
         if verify is not None:
             verify(tmp)
         os.replace(tmp, out)  # the switch: before it the old output stands, after it the new
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if data_name is not None:
+        tmp = None
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        if data_name is not None:  # this run's own data file, which no output names
             with contextlib.suppress(OSError):
                 (folder / data_name).unlink()
+        if isinstance(exc, OSError):
+            raise _write_error(exc, out, folder) from None
         raise
-    in_use = set() if discard else _sources(ir_model)
-    for old in stale:
-        if old.name != data_name and old.resolve() not in in_use:
+    keep = set() if discard else set(ir_model.meta.get(INPUT_FILES_KEY, ()))
+    if not discard:
+        keep |= {i for i in map(file_identity, _sources(ir_model)) if i is not None}
+    for old, identity in stale.items():
+        if old.name == data_name or identity in keep:
+            continue  # an input of this run reads it: never removed
+        if file_identity(old, follow=False) == identity:  # still the file that was replaced
             with contextlib.suppress(OSError):
                 old.unlink()
     logger.info("wrote %s", out)
     return out
+
+
+def _write_error(exc: OSError, out: Path, folder: Path) -> InputError:
+    """An OSError while writing, as one line naming the output and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        note = f"free space on the disk of {folder}, then run again"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        note = f"write to a folder you may write to, not {folder}"
+    else:
+        note = "check the output folder and the disk"
+    return InputError(f"cannot write {out}: {reason}; nothing was written", note)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import mmap
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ __all__ = [
     "LAZY_MIN_BYTES",
     "SELF_BACKED_KEY",
     "TWO_GIB",
+    "check_model_prefix",
     "default_mode",
     "load_self_backed",
     "root_cause",
@@ -76,6 +78,8 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
     while pos < end:
         key, p = _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
+        if number == 0:  # no message has a field 0: a file of zero bytes stops here at once
+            raise DecodeError("protobuf field number 0")
         if wire == 0:
             value_end = _read_varint(buf, p)[1]
         elif wire == 1:
@@ -98,20 +102,115 @@ def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
 
     Written in the wire format directly: the tensor's other fields as they are, then the
     ``external_data`` entries and ``data_location = EXTERNAL`` (a later scalar field wins).
+
+    Raises:
+        InputError: The raw_data holds another number of bytes than the dims and type need
+            (a later read would take the next tensor's bytes).
     """
     raw: tuple[int, int] | None = None
     rest = bytearray()
     kept = start  # fields from here on are copied as they are
+    dims: list[int] = []
+    dtype = 0
+    name = b""
     for number, wire, fstart, vstart, vend in _fields(buf, start, end):
         if number == _TENSOR_RAW_DATA and wire == 2 and vend - vstart >= LAZY_MIN_BYTES:
             raw = (vstart, vend - vstart)
             rest += buf[kept:fstart]
             kept = vend
+        elif number == _TENSOR_DIMS and wire == 0:
+            dims.append(_signed(_read_varint(buf, vstart)[0]))
+        elif number == _TENSOR_DIMS and wire == 2:
+            p = vstart
+            while p < vend:
+                value, p = _read_varint(buf, p)
+                dims.append(_signed(value))
+        elif number == _TENSOR_DATA_TYPE and wire == 0:
+            dtype = _read_varint(buf, vstart)[0]
+        elif number == _TENSOR_NAME and wire == 2:
+            name = bytes(buf[vstart:vend])
     if raw is None:
         return None
+    _check_raw_size(name.decode(errors="replace"), dims, dtype, raw[1])
     rest += buf[kept:end]
     rest += _external_reference(location, raw[0], raw[1])
     return bytes(rest)
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _check_raw_size(name: str, dims: list[int], dtype: int, nbytes: int) -> None:
+    """Refuse raw_data whose byte count is not what ``dims`` of ``dtype`` need."""
+    try:
+        itemsize = ir.DataType(dtype).itemsize
+    except (ValueError, TypeError):
+        raise InputError(
+            f"tensor '{name}' has raw_data of element type {dtype}, which has no fixed size",
+            "the file is corrupt",
+        ) from None
+    if any(d < 0 for d in dims):
+        raise InputError(f"tensor '{name}' has a negative dimension {dims}", "the file is corrupt")
+    elements = 1
+    for d in dims:
+        elements *= d
+    need = math.ceil(elements * itemsize)
+    if need != nbytes:
+        raise InputError(
+            f"tensor '{name}' is malformed: its raw_data holds {nbytes} bytes, its dims "
+            f"{dims} need {need}",
+            "the file is truncated or corrupt; export the model again",
+        )
+
+
+#: Field numbers of ModelProto and the wire type each one has (a message's first fields tell
+#: whether a file is a ModelProto at all).
+_MODEL_WIRE = {
+    f.number: 0 if f.type in (f.TYPE_INT64, f.TYPE_INT32, f.TYPE_UINT64, f.TYPE_ENUM) else 2
+    for f in onnx.ModelProto.DESCRIPTOR.fields
+}
+
+
+#: At most this many top-level fields are walked to judge a file (a real model has a few dozen).
+_PREFIX_FIELDS = 100_000
+
+
+def check_model_prefix(path: Path) -> None:
+    """Refuse at once a file that is not a serialized ModelProto (bounded time and memory).
+
+    The top-level fields are walked over a memory map (length-delimited ones, such as the
+    graph, are skipped, not read): each must be a field of ModelProto with its wire type and lie
+    within the file. A zip archive (a PyTorch ``.pt``/``.pt2`` file) is named as such.
+
+    Raises:
+        InputError: The file is empty, a zip archive, or not a ModelProto.
+    """
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise InputError(f"{path} is empty, not an ONNX model")
+        head = f.read(4)
+        if head.startswith(b"PK\x03\x04"):
+            raise InputError(
+                f"{path} is a zip archive (a PyTorch .pt/.pt2 file?), not an ONNX model",
+                "fold a torch.export archive with `normfuse fold MODEL.pt2 -o MODEL.onnx` (which "
+                "exports it to ONNX), or export the module with normfuse.export; a state dict "
+                "holds no graph",
+            )
+        if head.lstrip()[:1] in (b"<", b"{", b"#"):  # text (HTML, JSON, scripts): not protobuf
+            raise InputError(f"{path} is a text file, not an ONNX model")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                for i, (number, wire, *_) in enumerate(_fields(buf, 0, size)):
+                    if _MODEL_WIRE.get(number) != wire:
+                        raise DecodeError(f"field {number} of wire type {wire}")
+                    if i >= _PREFIX_FIELDS:
+                        raise DecodeError("too many top-level fields")
+            except (DecodeError, IndexError) as exc:
+                raise InputError(
+                    f"{path} is not a readable ONNX model (not a ModelProto: {exc})"
+                ) from None
 
 
 def load_self_backed(path: Path) -> ir.Model | None:
@@ -414,13 +513,38 @@ def _nbytes(piece: _Data) -> int:
     return len(piece) if isinstance(piece, bytes) else piece.nbytes
 
 
+def _claim_name(tmp: Path, folder: Path, names: Sequence[str]) -> str:
+    """Give the complete file ``tmp`` the first of ``names`` that no file has, atomically and
+    without replacing any file (``link`` fails on an existing name; where hard links are not
+    supported, the name is created with ``O_EXCL`` and then replaced by ``tmp``)."""
+    for name in names:
+        target = folder / name
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links on this file system
+            try:
+                os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                continue
+            os.replace(tmp, target)
+            return name
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return name
+    with contextlib.suppress(OSError):
+        tmp.unlink()
+    raise InputError(f"too many data files named like {names[0]} in {folder}", "remove stale ones")
+
+
 def write_streaming(
     model: ir.Model,
     path: str | os.PathLike,
     *,
-    external_data: str | None = None,
+    external_data: str | Sequence[str] | None = None,
     size_threshold: int = 1024,
-) -> None:
+) -> str | None:
     """Write ``model`` without building a copy of its tensors.
 
     onnx_ir serializes everything but the main graph's initializers; those are then appended to
@@ -433,10 +557,17 @@ def write_streaming(
     Args:
         model: The model.
         path: The ONNX file to write.
-        external_data: A file name next to ``path``: tensors of at least ``size_threshold``
-            bytes go there (written to a temporary file first, then renamed into place).
+        external_data: A file name next to ``path``, or a list of names to take the first
+            free one of: tensors of at least ``size_threshold`` bytes go there. They are
+            written to a hidden temporary file, which then takes the name atomically without
+            replacing any file (a concurrent writer or an existing file makes it take the next
+            name), before the model, which refers to that name, is written.
         size_threshold: See ``external_data``.
+
+    Returns:
+        The name of the data file written, or ``None`` when no tensor went to one.
     """
+    names = [external_data] if isinstance(external_data, str) else list(external_data or [])
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     tensors = [v.const_value for v in values]
     serde_log = logging.getLogger("onnx_ir.serde")
@@ -463,6 +594,10 @@ def write_streaming(
     head = proto.SerializeToString()
     folder = Path(path).parent
     entries: list[tuple[bytes, list[_Data], int]] = []
+    refs: list[
+        tuple[int, bytes, int, int]
+    ] = []  # (entry, header, offset, size) of data-file tensors
+    used: str | None = None
     data_file = None
     data_tmp: Path | None = None
     offset = 0
@@ -479,15 +614,16 @@ def write_streaming(
             else:
                 header, data = parts
                 size = _nbytes(data)
-                if external_data is not None and size >= size_threshold:
+                if names and size >= size_threshold:
                     if data_file is None:
                         fd, tmp_name = tempfile.mkstemp(
-                            prefix=f".{external_data}.", suffix=".tmp", dir=folder
+                            prefix=f".{names[0]}.", suffix=".tmp", dir=folder
                         )
                         data_tmp = Path(tmp_name)
                         data_file = os.fdopen(fd, "wb")
                     _write_data(data, data_file, sources, ahead)
-                    pieces = [header + _external_reference(external_data, offset, size)]
+                    refs.append((len(entries), header, offset, size))
+                    pieces = []  # the reference, once the data file has its name
                     offset += size
                 else:
                     pieces = [header, _field(_TENSOR_RAW_DATA, size), data]
@@ -497,8 +633,11 @@ def write_streaming(
             data_file.close()
             data_file = None
             os.chmod(data_tmp, default_mode())  # type: ignore[arg-type]
-            os.replace(data_tmp, folder / external_data)  # type: ignore[arg-type, operator]
+            used = _claim_name(data_tmp, folder, names)  # type: ignore[arg-type]
             data_tmp = None
+            for i, header, at, size in refs:
+                piece = header + _external_reference(used, at, size)
+                entries[i] = (_field(_GRAPH_INITIALIZER, len(piece)), [piece], len(piece))
         graph_len = len(graph_bytes) + sum(len(tag) + size for tag, _, size in entries)
         if graph_len + len(head) > TWO_GIB - 1:
             raise InputError(
@@ -513,6 +652,12 @@ def write_streaming(
                 f.write(tag)
                 for piece in pieces:
                     _write_data(piece, f, sources, ahead)
+        return used
+    except BaseException:
+        if used is not None:  # this call's own data file: the model that names it is not there
+            with contextlib.suppress(OSError):
+                (folder / used).unlink()
+        raise
     finally:
         ahead.close()
         sources.close()
