@@ -262,16 +262,27 @@ _IGNORED_SETTINGS: set[str] = set()
 
 def threads() -> int:
     """How many threads normfuse computes with: ``NORMFUSE_THREADS`` when set to a positive
-    integer, else one per core this process may run on, at most 8."""
+    integer, capped at the cores this process may run on (said once), else one per such core,
+    at most 8."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     setting = os.environ.get("NORMFUSE_THREADS", "").strip()
     if setting:
         if setting.isdigit() and int(setting) > 0:
-            return int(setting)
+            if int(setting) <= cores:
+                return int(setting)
+            if setting not in _IGNORED_SETTINGS:  # said once
+                _IGNORED_SETTINGS.add(setting)
+                logger.warning(
+                    "NORMFUSE_THREADS=%s is more than the %d usable core(s); using %d",
+                    setting,
+                    cores,
+                    cores,
+                )
+            return cores
         if setting not in _IGNORED_SETTINGS:  # said once
             _IGNORED_SETTINGS.add(setting)
             logger.warning("NORMFUSE_THREADS=%r is not a positive integer; ignored", setting)
-    affinity = getattr(os, "sched_getaffinity", None)
-    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
     return min(cores, 8)
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from normfuse.runtime.inputs import generate_inputs
-from normfuse.runtime.sessions import make_session, select_provider
+from normfuse.core.errors import InputError
+from normfuse.runtime.inputs import check_seed, generate_inputs
+from normfuse.runtime.parity import check_same_inputs
+from normfuse.runtime.sessions import make_session, run_session, select_provider
 
 __all__ = ["Latency", "measure_latency"]
 
@@ -68,6 +70,11 @@ def measure_latency(
     Returns:
         One :class:`Latency` per model and level, levels outermost.
     """
+    if warmup < 0 or reps < 1:
+        raise InputError(
+            f"--warmup {warmup} --reps {reps}: nothing to time", "give --warmup >= 0, --reps >= 1"
+        )
+    check_seed(seed)
     providers, label = select_provider(provider)
     results: list[Latency] = []
     total = len(opt_levels) * reps * len(models)
@@ -75,8 +82,12 @@ def measure_latency(
     for level in opt_levels:
         notes: list[str] = []
         sessions = [make_session(m, providers, level, notes, "the") for m in models]
+        for i, sess in enumerate(sessions[1:], 1):
+            check_same_inputs(sessions[0], sess, (str(models[0]), str(models[i])))
         feeds = generate_inputs(sessions[0], seed, shapes)
-        for sess in sessions:
+        outputs = [[o.name for o in sess.get_outputs()] for sess in sessions]
+        for i, sess in enumerate(sessions):  # one checked run each: user errors are told as such
+            run_session(sess, outputs[i], feeds, str(models[i]))
             for _ in range(warmup):
                 sess.run(None, feeds)
         times: list[list[float]] = [[] for _ in sessions]

@@ -19,7 +19,7 @@ from normfuse.core.errors import InputError, ProviderError
 from normfuse.core.report import OutputParity, ParityResult
 from normfuse.core.verdict import DEFAULT_TOLERANCES, compare_outputs, worse
 from normfuse.runtime.bisect import find_divergence
-from normfuse.runtime.inputs import generate_inputs, tolerance_for
+from normfuse.runtime.inputs import check_runs, check_seed, generate_inputs, tolerance_for
 from normfuse.runtime.judge import judge_upcast, low_precision
 from normfuse.runtime.sessions import (
     ModelSource,
@@ -29,7 +29,7 @@ from normfuse.runtime.sessions import (
     select_provider,
 )
 
-__all__ = ["check_models"]
+__all__ = ["check_models", "check_same_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ def check_models(
     cross_check: bool = False,
     defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
     upcast: bool = False,
+    labels: tuple[str, str] = ("reference", "rewritten"),
 ) -> ParityResult:
     """Run two models on the same inputs and compare every output.
 
@@ -73,11 +74,19 @@ def check_models(
         upcast: Judge 16-bit models with their tensors upcast to float32, where a rewrite's own
             error is visible (:mod:`normfuse.runtime.judge`); the 16-bit difference is then
             reported beside the original's own noise. Ignored when ``atol``/``rtol`` are given.
+        labels: What the messages call the two models (``check`` of two files the user
+            names: ``first``, ``second``).
 
     Raises:
         InputError: The models or inputs do not fit together.
         ProviderError: CUDA was required and does not load here.
     """
+    check_seed(seed)
+    if inputs is None:
+        check_runs(runs)
+    elif not inputs:
+        raise InputError("--inputs holds no batch", "give at least one .npz file")
+    first, second = labels
     providers, label = select_provider(provider)
     if cross_check and label != "CUDA":
         raise ProviderError(
@@ -85,23 +94,17 @@ def check_models(
             "run it on a machine with onnxruntime-gpu and a CUDA GPU",
         )
     notes: list[str] = []
-    ref_sess = make_session(reference, providers, opt_level, notes, "the reference")
-    cand_sess = make_session(candidate, providers, opt_level, notes, "the rewritten")
-    ref_inputs = [(i.name, i.type) for i in ref_sess.get_inputs()]
-    cand_inputs = {i.name: i.type for i in cand_sess.get_inputs()}
-    missing = [n for n, _ in ref_inputs if n not in cand_inputs]
-    mismatched = [n for n, t in ref_inputs if n in cand_inputs and cand_inputs[n] != t]
-    if missing or mismatched or len(cand_inputs) != len(ref_inputs):
-        raise InputError(
-            "the two models take different inputs "
-            f"({', '.join(f'{n}: {t}' for n, t in ref_inputs)} vs "
-            f"{', '.join(f'{n}: {t}' for n, t in cand_inputs.items())})"
-        )
+    ref_sess = make_session(reference, providers, opt_level, notes, f"the {first}")
+    cand_sess = make_session(candidate, providers, opt_level, notes, f"the {second}")
+    check_same_inputs(ref_sess, cand_sess, labels)
     names = [o.name for o in ref_sess.get_outputs()]
     cand_names = {o.name for o in cand_sess.get_outputs()}
     absent = [n for n in names if n not in cand_names]
     if absent:
-        raise InputError(f"the rewritten model lacks the output(s) {', '.join(absent)}")
+        raise InputError(
+            f"the {second} model lacks the output(s) {', '.join(absent)} of the {first}",
+            f"its outputs are {', '.join(sorted(cand_names))}; compare a model with its rewrite",
+        )
     for spec, option in ((atol, "--atol"), (rtol, "--rtol")):
         if isinstance(spec, Mapping):
             unknown = sorted(set(spec) - set(names) - {"*"})
@@ -121,9 +124,9 @@ def check_models(
     first_failing: dict[str, np.ndarray] | None = None
     native_reference = []
     for feeds in batches:
-        ref_out = run_session(ref_sess, names, feeds, "reference")
+        ref_out = run_session(ref_sess, names, feeds, first)
         native_reference.append(ref_out)
-        cand_out = run_session(cand_sess, names, feeds, "rewritten")
+        cand_out = run_session(cand_sess, names, feeds, second)
         for name, r, c in zip(names, ref_out, cand_out, strict=True):
             result = compare_outputs(
                 name,
@@ -177,9 +180,48 @@ def check_models(
             )
             for n, a, b in zip(
                 names,
-                run_session(cpu_sess, names, feeds, "reference (CPU)"),
-                run_session(ref_sess, names, feeds, "reference"),
+                run_session(cpu_sess, names, feeds, f"{first} (CPU)"),
+                run_session(ref_sess, names, feeds, first),
                 strict=True,
             )
         ]
     return parity
+
+
+def check_same_inputs(
+    first: object, second: object, labels: tuple[str, str] = ("first", "second")
+) -> None:
+    """Refuse two sessions whose inputs differ in name, type or a static dimension.
+
+    Raises:
+        InputError: The inputs differ; the message lists both.
+    """
+
+    def describe(sess: object) -> dict[str, tuple[str, list[object]]]:
+        return {i.name: (i.type, list(i.shape or [])) for i in sess.get_inputs()}  # type: ignore[attr-defined]
+
+    a, b = describe(first), describe(second)
+
+    def static(dims: list[object]) -> list[int | None]:
+        return [d if isinstance(d, int) and d >= 0 else None for d in dims]
+
+    def fits(x: tuple[str, list[object]], y: tuple[str, list[object]]) -> bool:
+        if x[0] != y[0] or len(x[1]) != len(y[1]):
+            return False
+        return all(
+            p is None or q is None or p == q
+            for p, q in zip(static(x[1]), static(y[1]), strict=True)
+        )
+
+    if set(a) != set(b) or not all(fits(a[n], b[n]) for n in a):
+
+        def text(d: dict[str, tuple[str, list[object]]]) -> str:
+            return ", ".join(
+                f"{n}: {t}[{'x'.join(str(x) for x in dims)}]" for n, (t, dims) in d.items()
+            )
+
+        raise InputError(
+            f"the {labels[0]} and {labels[1]} models take different inputs ({text(a)} vs "
+            f"{text(b)})",
+            "give models that take the same inputs",
+        )
