@@ -174,7 +174,6 @@ T = helper.make_node
 
 
 # --------------------------------------------------- 1. tf_keras without remove_back_to_back
-@xfail("Conv -> Transpose(0,2,3,1) -> Transpose(0,3,1,2) -> BatchNormalization")
 def test_conv_transpose_pair_bn():
     """tf_keras Conv2D + BatchNormalization, tf2onnx ``optimizers={}`` (opset 13)."""
     rng = _rng(1)
@@ -216,7 +215,6 @@ def test_conv_transpose_pair_bn():
 
 
 # --------------------------------------------------- 2. no-op Reshape on a 1x1-spatial tensor
-@xfail("Conv -> Reshape([-1, C, 1, 1]) -> BatchNormalization on a 1x1 tensor")
 def test_conv_noop_reshape_bn():
     """tf_keras GAP(keepdims) -> Conv2D 1x1 -> BN, tf2onnx default optimizers (InceptionV3-like)."""
     rng = _rng(2)
@@ -286,7 +284,6 @@ def _paddle(nodes, inputs, outputs, inits) -> onnx.ModelProto:
     return model
 
 
-@xfail("paddle: Conv -> Add(bias (1,C,1,1)) -> Identity -> BatchNormalization")
 def test_paddle_conv_add_identity_bn():
     rng = _rng(3)
     nodes = [
@@ -315,7 +312,6 @@ def test_paddle_conv_add_identity_bn():
     _assert_folded(model, folded, report, ["bn", "p2o.Add.0"])
 
 
-@xfail("paddle: MatMul -> Add -> Identity -> BatchNormalization")
 def test_paddle_matmul_add_identity_bn():
     rng = _rng(4)
     nodes = [
@@ -334,7 +330,6 @@ def test_paddle_matmul_add_identity_bn():
     _assert_folded(model, folded, report, ["bn"], bias_adds=1)
 
 
-@xfail("paddle: ConvTranspose -> Identity -> Add -> Identity -> BatchNormalization")
 def test_paddle_convtranspose_identity_add_identity_bn():
     rng = _rng(5)
     nodes = [
@@ -364,7 +359,6 @@ def test_paddle_convtranspose_identity_add_identity_bn():
     _assert_folded(model, folded, report, ["bn", "p2o.Add.0"])
 
 
-@xfail("paddle Conv1D: Conv on (N,C,1,L) -> Identity -> Squeeze(axis 2) -> BatchNormalization")
 def test_paddle_conv1d_identity_squeeze_bn():
     rng = _rng(6)
     nodes = [
@@ -395,7 +389,6 @@ def test_paddle_conv1d_identity_squeeze_bn():
 
 
 # ------------------------------------------------------- 4. Keras 3: BN as Mul/Add on NHWC
-@xfail("Keras 3: Conv -> Transpose(0,2,3,1) -> Mul((C,)) -> Add((C,))")
 def test_keras3_conv_transpose_mul_add():
     """keras 3 Conv2D + BatchNormalization, tf2onnx ``optimizers={}`` (opset 13)."""
     rng = _rng(7)
@@ -442,7 +435,6 @@ def test_keras3_conv_transpose_mul_add():
 
 
 # --------------------------------------------------------------- 5. Keras Conv1D, Dense rank 3
-@xfail("Keras Conv1D: Conv -> Squeeze -> Add(bias (1,C,1)) -> Mul -> Add")
 def test_keras_conv1d_squeeze_add_mul_add():
     """keras 3 / tf_keras Conv1D + BatchNormalization, tf2onnx default optimizers (opset 13)."""
     rng = _rng(8)
@@ -495,7 +487,6 @@ def test_keras_conv1d_squeeze_add_mul_add():
     )
 
 
-@xfail("Keras Conv1D (optimizers={}): Conv -> Transpose -> Squeeze -> Add -> Mul -> Add ((C,))")
 def test_keras_conv1d_transpose_squeeze_add_mul_add_noopt():
     """The same layers with tf2onnx ``optimizers={}``: NHWC Squeeze and (C,) constants."""
     rng = _rng(9)
@@ -558,7 +549,6 @@ def test_keras_conv1d_transpose_squeeze_add_mul_add_noopt():
     )
 
 
-@xfail("Keras Dense on rank 3: MatMul -> Reshape -> Add -> Mul -> Add")
 def test_keras_dense_rank3_matmul_reshape_add_mul_add():
     """tf_keras Dense on (N, 5, 3) + BatchNormalization, tf2onnx default optimizers (opset 13):
     Tensordot is written as Reshape -> MatMul -> Reshape to a shape computed from Shape(x)."""
@@ -630,7 +620,6 @@ def test_keras_dense_rank3_matmul_reshape_add_mul_add():
     )
 
 
-@xfail("Conv -> Transpose -> Add(bias) -> Transpose -> BatchNormalization")
 @pytest.mark.parametrize("layer", ["depthwise", "conv3d"])
 def test_conv_transpose_add_transpose_bn(layer):
     """tf_keras DepthwiseConv2D / Conv3D + BatchNormalization, tf2onnx ``optimizers={}``: the
@@ -683,7 +672,9 @@ def test_conv_transpose_add_transpose_bn(layer):
     )
     folded, report = _fold(model, feeds)
     _assert_folded(model, folded, report, ["bn", "conv/BiasAdd"])
-    n = _ops(folded).count("Transpose") - (1 if layer == "depthwise" else 0)  # the weight's
+    # the Transposes on the data path (the depthwise weight's own Reshape -> Transpose goes when
+    # the folded weight replaces it as an initializer)
+    n = sum(1 for m in folded.graph.node if m.op_type == "Transpose" and m.input[0] != "w_r")
     assert n in (2, 4), _ops(folded)
 
 
@@ -742,7 +733,6 @@ def _no_value_info_model(rng: np.random.Generator) -> onnx.ModelProto:
     return model
 
 
-@xfail("tf2onnx writes no value_info: Mul/Add by (1,C,1,1) before an unpadded Conv")
 def test_no_value_info_mul_add_before_conv():
     rng = _rng(12)
     model = _no_value_info_model(rng)
@@ -756,7 +746,6 @@ def test_no_value_info_mul_add_before_conv():
     )
 
 
-@xfail("tf2onnx writes no value_info: the rank comes from shape inference, not 'unknown'")
 def test_no_value_info_rank_is_inferred_by_default():
     """Without ``norm_affine`` a plain Mul/Add chain before a Conv is opt-in; the reason must be
     that (or the fold), not an unknown rank."""

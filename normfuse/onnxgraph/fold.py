@@ -58,6 +58,7 @@ from normfuse.onnxgraph.graph import (
     values_of,
 )
 from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
+from normfuse.onnxgraph.paths import AxisPath, InferredShapes, walk_back, walk_forward
 from normfuse.onnxgraph.writer import GraphWriter, deferrable
 
 __all__ = ["FoldOptions", "fold_model", "model_stats", "run_fold"]
@@ -95,6 +96,8 @@ def fold_model(
         One entry per candidate, in graph order.
     """
     names = {v.name for c, _ in containers(model) for v in values_of(c) if v.name}
+    main_opset = model.opset_imports.get("") or model.opset_imports.get("ai.onnx") or 1
+    inferred = InferredShapes(model, main_opset)  # converters that write no value_info (tf2onnx)
     work: list[_Folder] = []
     for container, label in containers(model):
         opset = (
@@ -120,6 +123,7 @@ def fold_model(
     finally:
         for folder in work:
             folder.consts.close()
+        inferred.restore(model)
     return entries
 
 
@@ -169,7 +173,7 @@ class _Folder:
             except NotConstant as exc:
                 affines.append(Refused(str(exc)))
         done: dict[int, tuple[str, str]] = {}  # chain index -> (direction, target)
-        k, after_reason = self._fold_forward(chain, affines, done)
+        k, after_reason = self._fold_forward(chain, affines, rank, done)
         suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
         entries = []
         for i, link in enumerate(chain):
@@ -214,19 +218,33 @@ class _Folder:
         """BN and norm nodes always; Mul/Add/... when the chain touches a foldable linear op."""
         if any(link.kind != "elementwise" for link in chain):
             return [True] * len(chain)
-        head_input = chain[0].data.producer()
+        head = chain[0]
+        head_input = head.data.producer()
+        if head_input is not None:
+            path, _ = walk_back(head.data, head.node, self.consts)
+            if path is not None:
+                head_input = path.start.producer()
         touches = head_input is not None and isinstance(
             self.reader.producer_linear(head_input), Linear
         )
         touches = touches or any(
             isinstance(self.reader.linear(u), Linear)
-            for u in users(chain[-1].out)
+            for u in users(self._past_layout(chain[-1].out))
             if u.op_type in LINEAR_OPS
         )
         return [touches] * len(chain)
 
+    def _past_layout(self, value: ir.Value) -> ir.Value:
+        """The tensor after the layout ops that ``value`` alone runs through."""
+        path, _ = walk_forward(value, self.consts)
+        return path.end if path is not None else value
+
     def _fold_forward(
-        self, chain: list[Link], affines: list[Affine | Refused], done: dict[int, tuple[str, str]]
+        self,
+        chain: list[Link],
+        affines: list[Affine | Refused],
+        end_rank: int | None,
+        done: dict[int, tuple[str, str]],
     ) -> tuple[int, str | None]:
         """Fold the longest valid prefix into the producing linear op; (its length, why not more)."""
         head = chain[0]
@@ -237,33 +255,53 @@ class _Folder:
             return 0, f"its input '{head.data.name}' is a graph input, not a linear op's output"
         if producer.graph is not head.node.graph:
             return 0, "its input comes from an outer graph"
+        path, stop = walk_back(head.data, head.node, self.consts)
+        if stop is not None:
+            return 0, stop
+        via = f" through {path.describe()}" if path is not None else ""
+        if path is not None:
+            producer = path.start.producer()
+            if producer is None:
+                return 0, f"its input comes{via} from graph input '{path.start.name}'"
+            if producer.graph is not head.node.graph:
+                return 0, f"its input comes{via} from an outer graph"
         found = self.reader.producer_linear(producer)
         if isinstance(found, str):
-            return 0, found
-        if not exclusive(found.out, head.node):
+            return 0, found + (f" (it reaches {label_of(head.node)}{via})" if path else "")
+        first = path.nodes[0] if path is not None else head.node
+        if not exclusive(found.out, first):
             return 0, (
-                f"the output of {found.label} also feeds {others(found.out, head.node)}; "
+                f"the output of {found.label} also feeds {others(found.out, first)}; "
                 "folding would change what they see"
             )
+        out_rank = found.out_rank
+        if path is not None and out_rank is None:
+            out_rank = path.rank_at_start(end_rank)
         acc: Affine | None = None
         reason: str | None = None
         k = 0
         for a in affines:
             if isinstance(a, Refused):
                 break
-            mismatch = lines_up(a, found.out_axis, found.weights.out_channels, found.out_rank)
+            if path is not None and not a.is_scalar:
+                mapped = path.axis_before(a.axis, end_rank, found.label)
+                if isinstance(mapped, str):
+                    reason = mapped
+                    break
+                a = Affine(a.scale, a.shift, mapped)
+            mismatch = lines_up(a, found.out_axis, found.weights.out_channels, out_rank)
             if mismatch:
-                reason = f"{mismatch} of {found.label}"
+                reason = f"{mismatch} of {found.label}{via}"
                 break
             acc = a if acc is None else acc.then(a)
             k += 1
         if acc is None:
             return 0, reason
         try:
-            self._apply_after(found, chain[:k], acc)
+            self._apply_after(found, chain[:k], acc, path)
         except Refused as exc:
             return 0, exc.reason
-        done.update({i: ("after", found.label) for i in range(k)})
+        done.update({i: ("after", found.label + via) for i in range(k)})
         return k, reason
 
     def _fold_backward(
@@ -292,7 +330,7 @@ class _Folder:
             return [], None, None
         links = [chain[i] for i in suffix]
         if not self.options.norm_affine and not any(link.kind == "bn" for link in links):
-            consumers = users(links[-1].out)
+            consumers = users(self._past_layout(links[-1].out))
             if consumers and all(isinstance(self.reader.linear(c), Linear) for c in consumers):
                 names = ", ".join(label_of(c) for c in consumers)
                 fix = "pass --norm-affine (norm_affine=True)"
@@ -352,6 +390,15 @@ class _Folder:
                 found = self.reader.producer_linear(producer)
                 if isinstance(found, Linear) and found.out_rank is not None:
                     return found.out_rank
+            if rank_of(head.data) is None and producer is not None:
+                path, _ = walk_back(head.data, head.node, self.consts)
+                start = path.start.producer() if path is not None else None
+                if path is not None and start is not None:
+                    found = self.reader.producer_linear(start)
+                    if isinstance(found, Linear) and found.out_rank is not None:
+                        r = path.rank_at_end(found.out_rank)
+                        if r is not None:
+                            return r
         for link in chain:
             r = rank_of(link.data)
             if r is not None:
@@ -360,21 +407,36 @@ class _Folder:
         return r
 
     # ----------------------------------------------------------------- rewriting
-    def _apply_after(self, lin: Linear, links: list[Link], affine: Affine) -> None:
+    def _apply_after(
+        self, lin: Linear, links: list[Link], affine: Affine, path: AxisPath | None
+    ) -> None:
         folded = algebra.absorb_after(lin.weights, affine, defer=deferrable(lin))
         check_range(folded, lin)
         if self.options.dry_run:
             return
-        self.writer.write_after(lin, links, folded)
+        self.writer.write_after(lin, links, folded, path.end if path is not None else None)
 
     def _apply_before(self, links: list[Link], affine: Affine, rank: int | None) -> str:
         """Fold into every consumer of the chain's output; returns the targets' labels."""
         tail = links[-1].out
         if tail.is_graph_output():
             raise Refused(f"its output '{tail.name}' is a graph output")
-        uses = list(tail.uses())
+        path, stop = walk_forward(tail, self.consts)
+        via = f" through {path.describe()}" if path is not None else ""
+        end = path.end if path is not None else tail
+        if stop is not None:
+            raise Refused(stop)
+        if end.is_graph_output():
+            raise Refused(f"its output reaches graph output '{end.name}'{via}")
+        uses = list(end.uses())
         if not uses:
-            raise Refused("its output is unused")
+            raise Refused(f"its output is unused{via}")
+        if path is not None and not affine.is_scalar:
+            mapped = path.axis_after(affine.axis, rank, "the next linear op")
+            if isinstance(mapped, str):
+                raise Refused(mapped)
+            affine = Affine(affine.scale, affine.shift, mapped)
+            rank = path.rank_at_end(rank)
         targets: list[tuple[Linear, int]] = []
         type_only: list[Any] = []  # onnx_ir Usage pairs
         for use in uses:
@@ -386,7 +448,7 @@ class _Folder:
                 raise Refused(f"its output is used in a subgraph ({label_of(consumer)})")
             if consumer.op_type not in LINEAR_OPS:
                 raise Refused(
-                    f"its output also feeds {label_of(consumer)}, which is not a linear op"
+                    f"its output{via} also feeds {label_of(consumer)}, which is not a linear op"
                 )
             found = self.reader.linear(consumer)
             if isinstance(found, str):
@@ -395,14 +457,14 @@ class _Folder:
                 raise Refused(f"it feeds {found.label} as a weight, not as its data input")
             if found.in_axis is None:
                 raise Refused(found.in_refusal or f"{found.label} cannot take it")
-            in_rank = rank_of(tail) if rank_of(tail) is not None else rank
+            in_rank = rank_of(end) if rank_of(end) is not None else rank
             if in_rank is None and found.node.op_type in ("Conv", "ConvTranspose"):
                 in_rank = found.out_rank
             if found.node.op_type == "Gemm":
                 in_rank = 2
             mismatch = lines_up(affine, found.in_axis, found.weights.in_channels, in_rank, "input")
             if mismatch:
-                raise Refused(f"{mismatch} of {found.label}")
+                raise Refused(f"{mismatch} of {found.label}{via}")
             if found.pads_input and affine.has_shift:
                 if found.node.op_type == "ConvTranspose":
                     raise Refused(
@@ -421,10 +483,11 @@ class _Folder:
             folded = algebra.absorb_before(found.weights, affine, defer=deferrable(found))
             check_range(folded, found)
             foldeds.append(folded)
-        label = ", ".join(found.label for found, _ in targets)
+        label = ", ".join(found.label for found, _ in targets) + via
         if self.options.dry_run:
             return label
-        self.writer.write_before(links, targets, foldeds, type_only)
+        first = path.nodes[0] if path is not None else None
+        self.writer.write_before(links, targets, foldeds, type_only, first)
         return label
 
 

@@ -59,8 +59,17 @@ class GraphWriter:
         self.is_main = is_main
         self._wanted_names: list[tuple[ir.Value, str]] = []
 
-    def write_after(self, lin: Linear, links: list[Link], folded: algebra.Folded) -> None:
-        """The chain ``links`` folded into its producer ``lin``: write it, remove the chain."""
+    def write_after(
+        self,
+        lin: Linear,
+        links: list[Link],
+        folded: algebra.Folded,
+        path_end: ir.Value | None = None,
+    ) -> None:
+        """The chain ``links`` folded into its producer ``lin``: write it, remove the chain.
+
+        With ``path_end`` (the last tensor of the layout ops between ``lin`` and the chain, which
+        stay), that tensor takes the chain's output's readers and name."""
         node = lin.node
         self.set_input(node, 1, self.weight_data(lin, folded))
         new_out = lin.out
@@ -76,6 +85,8 @@ class GraphWriter:
             self.set_input(add, idx, folded.bias.reshape(bias_shape(lin, folded.bias)), role="bias")
         elif np.any(folded.bias64 != 0):
             new_out = self.insert_bias(node, folded.bias)
+        if path_end is not None:
+            new_out = path_end
         tail = links[-1].out
         name = tail.name
         tail.replace_all_uses_with(new_out, replace_graph_outputs=True)
@@ -96,8 +107,12 @@ class GraphWriter:
         targets: list[tuple[Linear, int]],
         foldeds: list[algebra.Folded],
         type_only: list[Any],
+        path_head: ir.Node | None = None,
     ) -> None:
-        """The chain ``links`` folded into its consumers ``targets`` (linear op, input index)."""
+        """The chain ``links`` folded into its consumers ``targets`` (linear op, input index).
+
+        With ``path_head`` (the first of the layout ops between the chain and the consumers,
+        which stay), that node reads what the chain read and the consumers keep their input."""
         head = links[0]
         if head.kind == "norm":
             source = head.out
@@ -122,7 +137,10 @@ class GraphWriter:
                 )
             elif np.any(folded.bias64 != 0):
                 self.insert_bias(node, folded.bias)
-            node.replace_input_with(idx, source)
+            if path_head is None:
+                node.replace_input_with(idx, source)
+        if path_head is not None:
+            path_head.replace_input_with(0, source)
         for use in type_only:
             use.node.replace_input_with(use.idx, source)
         if removed:
