@@ -1,14 +1,28 @@
 """The ``normfuse`` command line: parse, call the API, render the report, set the exit code.
 
 Exit codes: 0 success; 1 parity failure, or ``--strict`` with skipped candidates; 2 bad input or
-usage. Errors are one line ``error: <problem>. Note: <fix>``; ``--debug`` shows the traceback.
+usage. Errors are one line ``error: <problem>. Note: <fix>``; ``--debug`` (before or after the
+command) shows the traceback.
+
+Every destination (``-o``, ``--json``) is checked before the work starts: the input (and every
+file it reads) is never one, an existing file needs ``--force``, a symbolic link needs
+``--force`` (the link is replaced, never its target), anything but a regular file is refused.
+Files are written to a temporary file and renamed. When an interruption or a late error comes,
+the message says whether the output was written.
+
+Size: one file for every command's parse, render and exit code, so that the commands' options
+and messages stay alike; the work itself lives below the API.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,12 +34,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from normfuse import __version__, api
-from normfuse.core.errors import InputError, NormfuseError, ParityError
+from normfuse.core.errors import InputError, NormfuseError, ParityError, StrictError
 from normfuse.core.report import Report
-from normfuse.core.verdict import FOLD_TOLERANCES, raise_for_parity, raise_for_strict
+from normfuse.core.verdict import (
+    DEFAULT_TOLERANCES,
+    FOLD_TOLERANCES,
+    raise_for_parity,
+    raise_for_strict,
+)
 from normfuse.onnxgraph import io as onnx_io
 from normfuse.onnxgraph.fold import FoldOptions, run_fold
-from normfuse.runtime.inputs import load_inputs, parse_shape, parse_tolerances
+from normfuse.onnxgraph.wire import default_mode
+from normfuse.runtime.inputs import (
+    check_finite,
+    check_runs,
+    check_seed,
+    load_inputs,
+    parse_shape,
+    parse_tolerances,
+)
 from normfuse.runtime.parity import check_models
 
 __all__ = ["main"]
@@ -37,22 +64,91 @@ _PROGRESS_MIN_CHAINS = 200
 
 class _Ctx:
     debug = False
+    #: The destinations of this run and the identity each had at the start (None: absent);
+    #: an interruption or late error compares them to say truthfully what was written.
+    destinations: dict[Path, tuple[int, int] | None] = {}  # noqa: RUF012
+    signal: str | None = None
+
+
+def _written() -> list[Path]:
+    """The destinations that are no longer what they were when the run started."""
+    return [
+        p
+        for p, before in _Ctx.destinations.items()
+        if onnx_io.file_identity(p, follow=False) != before
+    ]
+
+
+def _one_line(text: str) -> str:
+    """The message on one line: control characters (a newline in a file name) escaped."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
+    written = _written()
+    state = f"{', '.join(map(str, written))} was written" if written else "nothing was written"
     if isinstance(exc, NormfuseError):
         message, code = str(exc), exc.exit_code
+        if written and "was written" not in message:
+            message += f" ({state})"
     elif isinstance(exc, KeyboardInterrupt):
-        message, code = "interrupted; nothing was written", 130
+        what = "terminated" if _Ctx.signal == "SIGTERM" else "interrupted"
+        message, code = f"{what}; {state}", 143 if what == "terminated" else 130
     elif isinstance(exc, OSError):
-        message, code = f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc), 2
-    else:
-        message = f"unexpected {type(exc).__name__}: {exc}. Note: rerun with --debug and report it"
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}; {state}. Note: check the disk and the paths"
         code = 2
-    click.echo(f"error: {message}", err=True)
+    else:
+        message = (
+            f"unexpected {type(exc).__name__}: {exc}; {state}. "
+            "Note: rerun with --debug and report it"
+        )
+        code = 2
+    click.echo(f"error: {_one_line(message)}", err=True)
     sys.exit(code)
+
+
+def _destination(path: Path, force: bool, inputs: list[Path], what: str) -> Path:
+    """Check a destination before any work: not an input (by identity), a regular file or a
+    link (with ``--force``), in an existing folder; remember its state for the messages."""
+    here = onnx_io.file_identity(path)
+    for source in inputs:
+        if here is not None and here == onnx_io.file_identity(source):
+            raise InputError(f"the {what} {path} is the input {source}", "write to another file")
+    onnx_io.check_destination(path, force=force, option="--force", what=what)
+    _Ctx.destinations[path] = onnx_io.file_identity(path, follow=False)
+    return path
+
+
+def _json_path(
+    target: str | None,
+    force: bool,
+    inputs: list[Path],
+    others: list[Path] = (),  # type: ignore[assignment]
+) -> str | None:
+    """``--json PATH`` checked like ``-o`` (``-``: stdout)."""
+    if target is None or target == "-":
+        return target
+    path = Path(target)
+    for other in others:
+        if path == other or (
+            onnx_io.file_identity(path) is not None
+            and onnx_io.file_identity(path) == onnx_io.file_identity(other)
+        ):
+            raise InputError(f"--json {path} is also the output", "write the report elsewhere")
+    _destination(path, force, inputs, "JSON report")
+    return target
+
+
+def _not_an_input(out: Path, model: Any, in_place: bool) -> None:
+    """Refuse an output that is one of the files the loaded model reads (its external data)."""
+    here = onnx_io.file_identity(out)
+    if not in_place and here is not None and here in model.meta.get(onnx_io.INPUT_FILES_KEY, ()):
+        raise InputError(
+            f"the output {out} is a file the input model reads", "write to another file"
+        )
 
 
 def _output_path(
@@ -67,14 +163,16 @@ def _output_path(
     if in_place and output is not None and output != model:
         raise InputError("--in-place and --output name different files", "use one of them")
     out = model if in_place else (output or model.with_name(model.stem + suffix))
-    if not in_place:
-        if out.exists() and model.exists() and out.resolve() == model.resolve():
-            raise InputError(f"the output {out} is the input", "pass --in-place to overwrite it")
-        if out.exists() and not force:
-            raise InputError(f"{out} exists", "pass --force to replace it")
-    if not out.parent.is_dir():
-        raise InputError(f"the output folder {out.parent} does not exist")
-    return out
+    if str(out) == "-":
+        raise InputError("-o - (stdout) is not supported", "give a file name")
+    if in_place:
+        onnx_io.check_destination(out, force=True, option="--force")
+        _Ctx.destinations[out] = onnx_io.file_identity(out, follow=False)
+        return out
+    here = onnx_io.file_identity(out)
+    if here is not None and here == onnx_io.file_identity(model):
+        raise InputError(f"the output {out} is the input", "pass --in-place to overwrite it")
+    return _destination(out, force, [model], "output")
 
 
 def _shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
@@ -82,13 +180,24 @@ def _shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
 
 
 def _emit_json(report_dict: dict[str, Any], target: str | None) -> None:
+    """The report as JSON on stdout (``-``) or in a file (temporary file, then rename)."""
     if target is None:
         return
     text = json.dumps(report_dict, indent=2, default=float)
     if target == "-":
         click.echo(text)
-    else:
-        Path(target).write_text(text + "\n")
+        return
+    path = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 @contextmanager
@@ -131,11 +240,35 @@ def _progress(
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """Fold, swap, raise, lower, insert, recalibrate and check normalization layers."""
+    _Ctx.destinations = {}
+    _Ctx.signal = None
+    _Ctx.debug = False
+    for stream in (sys.stdout, sys.stderr):  # a name the terminal cannot show is replaced,
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # never an error
+            stream.reconfigure(errors="replace")  # type: ignore[union-attr]
+    with contextlib.suppress(ValueError):  # not in the main thread (tests)
+        signal.signal(signal.SIGTERM, _terminated)
+    _set_debug(None, None, debug)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C, so that temporary files are removed on the way out."""
+    _Ctx.signal = "SIGTERM"
+    raise KeyboardInterrupt
+
+
+def _set_debug(ctx: object, param: object, debug: bool) -> None:
+    """``--debug``, given before or after the command."""
+    if not debug and _Ctx.debug:
+        return  # given before the command already
     _Ctx.debug = debug
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, force=debug)
     if not debug:  # what the libraries warn about, normfuse reports itself, in one line
         for name in ("onnx_ir", "onnxscript"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    else:
+        for name in ("onnx_ir", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.NOTSET)
 
 
 _common_check = [
@@ -229,7 +362,9 @@ def fold(
     try:
         suffix = ".pt2" if model.suffix == ".pt2" else ".onnx"
         out = _output_path(model, output, in_place, force, f".folded{suffix}")
+        json_target = _json_path(json_target, force, [model], [out])
         shapes = _shapes(shape)
+        check_seed(seed)
         inputs = load_inputs(inputs_path) if inputs_path is not None and not no_check else None
         if model.suffix == ".pt2":
             _fold_pt2(
@@ -244,10 +379,15 @@ def fold(
             return
         t0 = time.perf_counter()
         loaded = onnx_io.load(model, lazy=True)  # the model is saved once, before the file changes
+        _not_an_input(out, loaded.model, in_place)
         report = Report(action="fold")
         report.timings["load"] = time.perf_counter() - t0
         with _progress(console.is_terminal, console) as progress:
             run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
+        if strict and report.skipped:  # --strict fails the run: nothing is written
+            report.render(console, verbose=verbose)
+            _emit_json(report.to_dict(), json_target)
+            _raise_strict(report)
 
         def verify(tmp: Path) -> None:
             if no_check:
@@ -274,7 +414,7 @@ def fold(
                 force=True,
                 external_data=external_data,
                 verify=verify,
-                discard=True,
+                discard=in_place,  # the input's data is removed only when it is replaced
             )
         except ParityError:
             report.render(console, verbose=verbose)
@@ -284,12 +424,21 @@ def fold(
         report.render(console, verbose=verbose)
         _emit_json(report.to_dict(), json_target)
         console.print(f"wrote {out}", highlight=False)
-        if strict:
-            raise_for_strict(report)
     except BaseException as exc:
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
+
+
+def _raise_strict(report: Report) -> None:
+    try:
+        raise_for_strict(report)
+    except StrictError as exc:
+        raise StrictError(
+            f"{exc.message}; with --strict nothing was written",
+            report,
+            exc.note or "fold without --strict to write what folds",
+        ) from None
 
 
 def _fold_pt2(
@@ -313,6 +462,10 @@ def _fold_pt2(
         ) from None
     ep = load_pt2(model)
     folded, report = fold_torch(ep, check=check)
+    if strict and report.skipped:
+        report.render(console, verbose=verbose)
+        _emit_json(report.to_dict(), json_target)
+        _raise_strict(report)
     if out.suffix == ".onnx":
         args, kwargs = ep.example_inputs or ((), {})
         exported = export(
@@ -326,8 +479,6 @@ def _fold_pt2(
     report.render(console, verbose=verbose)
     _emit_json(report.to_dict(), json_target)
     console.print(f"wrote {out}", highlight=False)
-    if strict:
-        raise_for_strict(report)
 
 
 _rewrite_options = [
@@ -360,17 +511,43 @@ def _run_rewrite(
     provider: str,
     shape: tuple[str, ...],
     seed: int,
+    subject: str | None = None,
+    where: str | None = None,
 ) -> None:
-    """load -> rewrite -> save (checked on the temporary file) -> report, for ONNX rewrites."""
+    """load -> rewrite -> save (checked on the temporary file) -> report, for ONNX rewrites.
+
+    With ``subject`` (what the rewrite changes, e.g. "BatchNormalization node"), a run that
+    applies nothing writes nothing and says why; a ``--where`` that matches no ``subject`` is
+    a usage error.
+    """
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
         out = _output_path(model, output, in_place, force, f".{action}.onnx")
+        json_target = _json_path(json_target, force, [model], [out])
         shapes = _shapes(shape)
+        check_seed(seed)
         t0 = time.perf_counter()
         loaded = onnx_io.load(model)
+        _not_an_input(out, loaded.model, in_place)
         report = Report(action=action)
         report.timings["load"] = time.perf_counter() - t0
         new = api.apply_rewrite(loaded.model, action, rewrite, report)
+        if subject is not None and not report.applied:
+            if where is not None and not report.entries:
+                raise InputError(
+                    f"--where {where!r} matches no {subject}", "check the node names (inspect)"
+                )
+            report.render(console, verbose=verbose)
+            _emit_json(report.to_dict(), json_target)
+            first = report.skipped[0] if report.skipped else None
+            why = (
+                f"{len(report.skipped)} {subject}(s) skipped, first '{first.node}': {first.reason}"
+                + (f". Fix: {first.fix}" if first.fix else "")
+                if first is not None
+                else f"the model has no {subject}"
+            )
+            console.print(f"nothing to do: {why}; nothing was written", highlight=False)
+            return
 
         def verify(tmp: Path) -> None:
             if no_check or not report.applied:
@@ -389,7 +566,7 @@ def _run_rewrite(
             api.judge_parity(report, exact=exact, what=what)  # raising keeps the file out
 
         try:
-            onnx_io.save(new, out, force=True, verify=verify, discard=True)
+            onnx_io.save(new, out, force=True, verify=verify, discard=in_place)
         except ParityError:
             report.render(console, verbose=verbose)
             _emit_json(report.to_dict(), json_target)
@@ -401,6 +578,9 @@ def _run_rewrite(
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
+
+
+_SWAP_TARGETS = ("groupnorm", "instancenorm", "layernorm", "frozen", "identity")
 
 
 @cli.command()
@@ -423,7 +603,15 @@ def swap(
     from normfuse.onnxgraph.swap import swap_model
 
     try:
-        kind = norms.lookup(to)
+        try:
+            kind = norms.lookup(to)
+        except InputError:
+            kind = None
+        if kind is None or kind.name not in _SWAP_TARGETS:
+            raise InputError(
+                f"cannot swap BatchNormalization to {to!r} in ONNX",
+                f"use one of {', '.join(_SWAP_TARGETS)}",
+            )
         g: int | str = groups if groups == "auto" else int(groups)
     except (NormfuseError, ValueError) as exc:
         _fail(
@@ -448,6 +636,8 @@ def swap(
         ),
         exact=kind.exact,
         what=f"swapping to {kind.name}",
+        subject="BatchNormalization node",
+        where=where,
         **common,
     )
 
@@ -469,6 +659,7 @@ def raise_command(target_opset: int | None, **common: Any) -> None:
         lambda m: raise_model(m, target_opset=target_opset),
         exact=True,
         what="raise",
+        subject="decomposed norm",
         **common,
     )
 
@@ -510,12 +701,20 @@ def insert(
     from normfuse.core import norms
     from normfuse.onnxgraph.insert import insert_model
 
+    ops = [a.strip() for a in after.split(",") if a.strip()]
     try:
         kind = norms.lookup(norm)
+        import onnx
+
+        unknown = [op for op in ops if not onnx.defs.has(op)]
+        if unknown or not ops:
+            raise InputError(
+                f"--after names unknown op type(s) {', '.join(unknown) or repr(after)}",
+                "give ONNX op types, e.g. --after Conv,Gemm,MatMul",
+            )
     except NormfuseError as exc:
         _fail(exc, _Ctx.debug)
         return
-    ops = [a.strip() for a in after.split(",") if a.strip()]
     _run_rewrite(
         "insert",
         lambda m: (
@@ -525,6 +724,8 @@ def insert(
         ),
         exact=kind.name == "batchnorm",
         what=f"inserting {kind.name}",
+        subject=f"{'/'.join(ops)} node",
+        where=where,
         **common,
     )
 
@@ -545,10 +746,13 @@ def insert(
 def recalibrate(data_path: Path, batches: int | None, where: str | None, **common: Any) -> None:
     """Recompute BatchNormalization mean/variance from data (float64, level by level)."""
     from normfuse.onnxgraph.recalibrate import recalibrate_model
-    from normfuse.runtime.sessions import check_feeds, make_session, select_provider
+    from normfuse.runtime.sessions import check_feeds, first_line, make_session, select_provider
 
     try:
+        if batches is not None and batches < 1:
+            raise InputError(f"--batches {batches} uses no data", "give --batches 1 or more")
         data = load_inputs(data_path)[: batches if batches is not None else None]
+        check_finite(data, str(data_path))  # NaN data would write NaN statistics
         providers, label = select_provider(common["provider"])
     except NormfuseError as exc:
         _fail(exc, _Ctx.debug)
@@ -557,7 +761,20 @@ def recalibrate(data_path: Path, batches: int | None, where: str | None, **commo
 
     def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
         session = make_session(payload, providers, "disable", notes)
-        return lambda feeds: session.run(names, check_feeds(session, feeds, str(data_path)))
+        where = f"--data {data_path}"
+
+        def run(feeds: dict[str, Any]) -> list[Any]:
+            checked = check_feeds(session, feeds, where)
+            try:
+                return session.run(names, checked)
+            except Exception as exc:  # onnxruntime's errors: the data does not fit the model
+                raise InputError(
+                    f"onnxruntime cannot run the model on the batches of {where}: "
+                    f"{first_line(exc)}",
+                    "check the input shapes",
+                ) from None
+
+        return run
 
     console = Console(stderr=True)
 
@@ -566,7 +783,15 @@ def recalibrate(data_path: Path, batches: int | None, where: str | None, **commo
             entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
         return m, entries, [f"{len(data)} batch(es) on {label}", *notes]
 
-    _run_rewrite("recalibrate", rewrite, exact=False, what="recalibration", **common)
+    _run_rewrite(
+        "recalibrate",
+        rewrite,
+        exact=False,
+        what="recalibration",
+        subject="BatchNormalization node",
+        where=where,
+        **common,
+    )
 
 
 @cli.command()
@@ -575,10 +800,12 @@ def recalibrate(data_path: Path, batches: int | None, where: str | None, **commo
     "--json", "json_target", metavar="PATH|-", help="Write the report as JSON ('-': stdout)."
 )
 @click.option("--norm-affine", is_flag=True, help="Consider gamma/beta of LN/GN/IN/RMSNorm too.")
-def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+def inspect(model: Path, json_target: str | None, norm_affine: bool, force: bool) -> None:
     """List every normalization, what it can fold into, and why not."""
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
+        json_target = _json_path(json_target, force, [model])
         report = api.inspect(model, norm_affine=norm_affine)
         report.render(console)
         _emit_json(report.to_dict(), json_target)
@@ -586,6 +813,11 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
+
+
+def _defaults(i: int) -> str:
+    """The default tolerances of ``check`` per element type, for its help."""
+    return ", ".join(f"{t} {v[i]:g}" for t, v in DEFAULT_TOLERANCES.items())
 
 
 @cli.command()
@@ -606,13 +838,14 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     "--atol",
     multiple=True,
     metavar="[NAME=]X",
-    help="Absolute tolerance, for every output or one (repeatable).",
+    help=f"Absolute tolerance, for every output or one (repeatable) [default: {_defaults(0)}].",
 )
 @click.option(
     "--rtol",
     multiple=True,
     metavar="[NAME=]X",
-    help="Relative tolerance, times max|reference| (repeatable, per output too).",
+    help="Relative tolerance, times max|reference| (repeatable, per output too) "
+    f"[default: {_defaults(1)}].",
 )
 @click.option(
     "--bisect", is_flag=True, help="On failure, name the first intermediate tensor that differs."
@@ -622,6 +855,7 @@ def inspect(model: Path, json_target: str | None, norm_affine: bool) -> None:
     is_flag=True,
     help="Also compare the reference on CPU vs CUDA, to tell provider noise from rewrite error.",
 )
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @_with(_common_check)
 def check(
     reference: Path,
@@ -633,6 +867,7 @@ def check(
     rtol: tuple[str, ...],
     bisect: bool,
     cross_check: bool,
+    force: bool,
     provider: str,
     shape: tuple[str, ...],
     seed: int,
@@ -644,6 +879,10 @@ def check(
     """
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
+        json_target = _json_path(json_target, force, [reference, candidate])
+        check_runs(runs)
+        check_seed(seed)
+        atols, rtols = parse_tolerances(atol, "--atol"), parse_tolerances(rtol, "--rtol")
         for p in (reference, candidate):
             onnx_io.load(p, copy=False)
         result = check_models(
@@ -654,12 +893,13 @@ def check(
             shapes=_shapes(shape),
             runs=runs,
             opt_level=ort_opt,
-            atol=parse_tolerances(atol, "--atol"),
-            rtol=parse_tolerances(rtol, "--rtol"),
+            atol=atols,
+            rtol=rtols,
             inputs=load_inputs(inputs_path) if inputs_path is not None else None,
             bisect=bisect,
             cross_check=cross_check,
             upcast=True,
+            labels=("reference", "second"),
         )
         console.print(f"parity on {result.provider} ({result.runs} batch(es)):", highlight=False)
         for line in result.lines():
@@ -682,7 +922,7 @@ def check(
     "--fold",
     "fold_first",
     is_flag=True,
-    help="With one MODEL: fold it (in a temporary folder) and compare original vs folded.",
+    help="With one MODEL: fold it (in a temporary folder) and time original vs folded.",
 )
 @click.option(
     "--ort-opt",
@@ -698,7 +938,15 @@ def check(
 @click.option(
     "--json", "json_target", metavar="PATH|-", help="Write the results as JSON ('-': stdout)."
 )
-@_with(_common_check[:3])
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cuda", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="onnxruntime provider to time on.",
+)
+@_with(_common_check[1:3])
 def bench(
     models: tuple[Path, ...],
     fold_first: bool,
@@ -706,11 +954,13 @@ def bench(
     warmup: int,
     reps: int,
     json_target: str | None,
+    force: bool,
     provider: str,
     shape: tuple[str, ...],
     seed: int,
 ) -> None:
-    """Inference latency of MODEL, or of several models compared run by run."""
+    """Inference latency of MODEL, or of several models compared run by run (outputs are not
+    compared: use `normfuse check` for that)."""
     import tempfile
 
     from rich.table import Table
@@ -719,6 +969,8 @@ def bench(
 
     console = Console(stderr=json_target == "-", soft_wrap=True)
     try:
+        json_target = _json_path(json_target, force, list(models))
+        check_seed(seed)
         if fold_first and len(models) != 1:
             raise InputError("--fold takes exactly one model")
         for m in models:
@@ -765,6 +1017,18 @@ def bench(
         if isinstance(exc, SystemExit):
             raise
         _fail(exc, _Ctx.debug)
+
+
+for _command in cli.commands.values():  # --debug after the command, too
+    _command.params.append(
+        click.Option(
+            ["--debug"],
+            is_flag=True,
+            expose_value=False,
+            callback=_set_debug,
+            help="Show tracebacks instead of one-line errors.",
+        )
+    )
 
 
 def main() -> None:

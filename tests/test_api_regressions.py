@@ -239,11 +239,6 @@ def _user_error(result) -> str:
     return line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 3: recalibrate --data of the wrong shape: 'unexpected "
-    "InvalidArgument ... rerun with --debug and report it' on three lines",
-)
 def test_recalibrate_with_data_of_the_wrong_shape_is_a_user_error(tmp_path):
     data = tmp_path / "calib.npz"
     np.savez(data, x=np.zeros((1, 3, 7, 7), np.float32))
@@ -251,11 +246,6 @@ def test_recalibrate_with_data_of_the_wrong_shape_is_a_user_error(tmp_path):
     assert not (tmp_path / "r.onnx").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 3: bench of models with different inputs: 'unexpected "
-    "InvalidArgument ... report it' on four lines",
-)
 def test_bench_of_models_with_different_inputs_is_a_user_error(padded):
     _user_error(invoke("bench", RESNET, padded, "--reps", "1", "--warmup", "0"))
 
@@ -263,9 +253,6 @@ def test_bench_of_models_with_different_inputs_is_a_user_error(padded):
 # --- 4. --strict writes the output and exits 1 ----------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 4: fold --strict writes the output, then exits 1"
-)
 def test_strict_with_a_skipped_candidate_writes_nothing(padded, tmp_path):
     out = tmp_path / "o.onnx"
     result = invoke("fold", padded, "-o", out, "--strict")
@@ -282,10 +269,6 @@ def test_api_strict_raises_and_returns_nothing(padded):
 # --- 6. commands that change nothing -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 6: swap --where matching nothing writes a copy and exits 0",
-)
 def test_swap_where_matching_nothing_is_a_usage_error(tmp_path):
     out = tmp_path / "s.onnx"
     result = invoke("swap", RESNET, "--to", "frozen", "--where", "nomatch", "-o", out)
@@ -294,9 +277,6 @@ def test_swap_where_matching_nothing_is_a_usage_error(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 6: insert --after Foo (unknown op type) exits 0"
-)
 def test_insert_after_an_unknown_op_type_is_a_usage_error(tmp_path):
     out = tmp_path / "i.onnx"
     result = invoke("insert", RESNET, "--after", "Foo", "-o", out)
@@ -305,9 +285,6 @@ def test_insert_after_an_unknown_op_type_is_a_usage_error(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 6: raise without --target-opset silently writes a copy"
-)
 def test_raise_without_target_opset_says_nothing_to_do(tmp_path):
     result = invoke("raise", NORM_BLOCK, "-o", tmp_path / "r.onnx")
     assert "nothing to do" in result.output.lower(), result.output
@@ -342,11 +319,6 @@ def torch_files(tmp_path_factory) -> dict[str, Path]:
     return {"pt2": pt2, "pt": pt}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: inspect/check on a .pt2 or .pt say 'not a readable ONNX model' "
-    "with no Note",
-)
 @pytest.mark.parametrize("case", ["inspect-pt2", "check-pt2", "inspect-pt"])
 def test_torch_files_are_accepted_or_explained(torch_files, case):
     command, kind = case.split("-")
@@ -359,10 +331,6 @@ def test_torch_files_are_accepted_or_explained(torch_files, case):
     assert "Note:" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: check of two unrelated models blames 'the rewritten model'",
-)
 @pytest.mark.parametrize("other", ["other_output", "other_input"])
 def test_check_of_unrelated_models_does_not_blame_a_rewrite(tmp_path, rng, padded, other):
     def matmul(name: str, out: str) -> Path:
@@ -379,9 +347,6 @@ def test_check_of_unrelated_models_does_not_blame_a_rewrite(tmp_path, rng, padde
     assert "rewritten" not in _one_error_line(result.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 7: --shape of an unknown input is ignored (exit 0)"
-)
 def test_shape_of_an_unknown_input_is_refused():
     result = invoke("check", RESNET, RESNET, "--shape", "nope=1x3x32x32")
     assert result.exit_code == 2, result.output
@@ -389,10 +354,6 @@ def test_shape_of_an_unknown_input_is_refused():
     assert "nope" in line and "unknown input" in line, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: swap --to lists batchnorm and syncbn, which ONNX refuses",
-)
 def test_swap_to_lists_only_kinds_onnx_accepts(tmp_path):
     result = invoke("swap", RESNET, "--to", "bogus", "-o", tmp_path / "s.onnx")
     assert result.exit_code == 2, result.output
@@ -401,9 +362,6 @@ def test_swap_to_lists_only_kinds_onnx_accepts(tmp_path):
     assert not re.search(r"\b(batchnorm|syncbn)\b", line), line
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 7: the Python save error says 'pass --force'"
-)
 def test_python_save_error_names_the_python_argument(tmp_path):
     out = tmp_path / "o.onnx"
     out.write_bytes(b"keep me")
@@ -413,18 +371,12 @@ def test_python_save_error_names_the_python_argument(tmp_path):
     assert out.read_bytes() == b"keep me"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 7: bench --help mentions a parity check it never runs"
-)
 def test_bench_help_mentions_no_parity_check():
     result = invoke("bench", "--help")
     assert result.exit_code == 0
     assert "parity" not in result.output.lower(), result.output
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 7: check --help omits the default tolerances"
-)
 def test_check_help_states_the_default_tolerances():
     result = invoke("check", "--help")
     assert result.exit_code == 0
@@ -490,9 +442,6 @@ def test_summary_counts_the_ops_the_command_changed(tmp_path, args):
 # --- 8. --debug after the subcommand, python -m normfuse --------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 15 defect 8: 'fold --debug' is 'No such option', exit 2"
-)
 def test_debug_is_accepted_after_the_subcommand(tmp_path):
     out = tmp_path / "o.onnx"
     result = invoke("fold", "--debug", RESNET, "-o", out, "--no-check")

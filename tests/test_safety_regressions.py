@@ -92,11 +92,6 @@ def small(tmp_path, rng) -> Path:
 # --- 1. the input's external data is deleted ------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 1: saving over b.onnx deletes b.onnx.data although a.onnx (the "
-    "input of this run) reads it",
-)
 @pytest.mark.parametrize("command", [["fold"], ["swap", "--to", "frozen"]], ids=["fold", "swap"])
 def test_replacing_an_output_keeps_the_data_the_input_reads(tmp_path, rng, command):
     model = _model(rng)
@@ -128,9 +123,6 @@ def test_replacing_an_output_keeps_the_data_the_input_reads(tmp_path, rng, comma
 # --- 2. --json PATH overwrites anything -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 16 item 2: --json naming the input replaces the model by JSON"
-)
 def test_json_naming_the_input_is_refused(small, tmp_path):
     before = _sha(small)
     out = tmp_path / "j.onnx"
@@ -141,10 +133,6 @@ def test_json_naming_the_input_is_refused(small, tmp_path):
     _one_error_line(result.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 2: --json overwrites an existing file without --force (fold, inspect)",
-)
 @pytest.mark.parametrize("command", ["fold", "inspect"])
 def test_json_to_an_existing_file_needs_force(small, tmp_path, command):
     victim = tmp_path / "other.txt"
@@ -156,9 +144,6 @@ def test_json_to_an_existing_file_needs_force(small, tmp_path, command):
     assert victim.read_text() == "keep me\n"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 16 item 2: --json follows a symlink and overwrites its target"
-)
 def test_json_to_a_symlink_is_refused(small, tmp_path):
     target = tmp_path / "target.txt"
     target.write_text("keep me\n")
@@ -174,10 +159,6 @@ def test_json_to_a_symlink_is_refused(small, tmp_path):
 # --- 3. non-regular outputs ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 3: a dangling symlink named by -o is replaced without --force",
-)
 def test_dangling_symlink_output_needs_force(small, tmp_path):
     link = tmp_path / "out.onnx"
     link.symlink_to("nowhere.onnx")
@@ -189,9 +170,6 @@ def test_dangling_symlink_output_needs_force(small, tmp_path):
 
 
 @needs_fifo
-@pytest.mark.xfail(
-    strict=True, reason="issue 16 item 3: -o FIFO --force replaces the FIFO by a regular file"
-)
 def test_fifo_output_is_refused_even_with_force(small, tmp_path):
     fifo = tmp_path / "out.onnx"
     os.mkfifo(fifo)
@@ -204,11 +182,6 @@ def test_fifo_output_is_refused_even_with_force(small, tmp_path):
 # --- 5. the lazy loader reads past a tensor's bytes -------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 5: W's raw_data cut to half its size: fold --no-check exits 0 and "
-    "writes a W holding the next tensor's bytes",
-)
 def test_short_raw_data_is_refused(tmp_path, rng):
     w = numpy_helper.from_array(normal(rng, [16, 16, 3, 3]), "W")
     w.raw_data = w.raw_data[: len(w.raw_data) // 2]  # 4608 of the 9216 bytes its dims declare
@@ -233,11 +206,6 @@ def test_short_raw_data_is_refused(tmp_path, rng):
 # --- 6. an error after the output was written -------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 6: PYTHONIOENCODING=ascii + non-ASCII node names: the output is "
-    "written, then exit 2 'unexpected UnicodeEncodeError' that does not say so",
-)
 def test_non_ascii_names_on_an_ascii_stdout_tell_the_truth(tmp_path, rng):
     src = tmp_path / "u.onnx"
     onnx.save(_model(rng, names=["卷积_α", "свёртка"]), src)
@@ -253,10 +221,6 @@ def test_non_ascii_names_on_an_ascii_stdout_tell_the_truth(tmp_path, rng):
         assert not out.exists() or str(out) in proc.stderr, (proc.returncode, proc.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 6: --json into a missing folder fails after the model was written",
-)
 def test_unwritable_json_destination_is_refused_before_writing(small, tmp_path):
     out = tmp_path / "o.onnx"
     result = invoke("fold", small, "-o", out, "--no-check", "--json", tmp_path / "no" / "r.json")
@@ -269,9 +233,6 @@ def test_unwritable_json_destination_is_refused_before_writing(small, tmp_path):
 
 
 @needs_fifo
-@pytest.mark.xfail(
-    strict=True, reason="issue 16 item 9: a FIFO as the model blocks for ever (open() waits)"
-)
 def test_fifo_input_is_refused_promptly(tmp_path):
     fifo = tmp_path / "m.onnx"
     os.mkfifo(fifo)
@@ -283,10 +244,6 @@ def test_fifo_input_is_refused_promptly(tmp_path):
     _one_error_line(proc.stderr)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 item 9: a 50 MB file of zero bytes takes ~8 s to be refused by fold",
-)
 def test_a_file_of_zeros_is_refused_within_seconds(tmp_path):
     zeros = tmp_path / "z.onnx"
     with open(zeros, "wb") as f:
@@ -323,9 +280,6 @@ _THREADS_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_getaffinity")
-@pytest.mark.xfail(
-    strict=True, reason="issue 16 item 11: NORMFUSE_THREADS=100000 starts dozens of threads"
-)
 def test_normfuse_threads_is_capped_at_the_usable_cores():
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
@@ -341,7 +295,6 @@ def test_normfuse_threads_is_capped_at_the_usable_cores():
     assert alive <= cores + 2, f"{alive} threads alive for {cores} usable core(s)"  # + main, writer
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16 item 11: capping NORMFUSE_THREADS is not reported")
 def test_capping_normfuse_threads_is_reported(tmp_path, rng):
     c = 512
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"), bn_node("c", "y")]
@@ -367,10 +320,6 @@ def test_capping_normfuse_threads_is_reported(tmp_path, rng):
 _R = MODELS / "resnet_small.onnx"  # input x: 1x3x32x32
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 16 items 12/13: bad numbers give 'unexpected ...' errors, or are accepted",
-)
 @pytest.mark.parametrize(
     "args",
     [

@@ -189,17 +189,17 @@ def check_model_prefix(path: Path) -> None:
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            raise InputError(f"{path} is empty, not an ONNX model")
+            raise InputError(f"{path} is empty: it holds no graph", "give an ONNX model file")
         head = f.read(4)
         if head.startswith(b"PK\x03\x04"):
             raise InputError(
-                f"{path} is a zip archive (a PyTorch .pt/.pt2 file?), not an ONNX model",
+                f"{path} is not a readable ONNX model (a zip archive: a PyTorch .pt/.pt2 file?)",
                 "fold a torch.export archive with `normfuse fold MODEL.pt2 -o MODEL.onnx` (which "
                 "exports it to ONNX), or export the module with normfuse.export; a state dict "
                 "holds no graph",
             )
         if head.lstrip()[:1] in (b"<", b"{", b"#"):  # text (HTML, JSON, scripts): not protobuf
-            raise InputError(f"{path} is a text file, not an ONNX model")
+            raise InputError(f"{path} is not a readable ONNX model (a text file)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
                 for i, (number, wire, *_) in enumerate(_fields(buf, 0, size)):
