@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, LinearKind
-from normfuse.torchmodel.layers import is_frozen_batchnorm
+from normfuse.torchmodel.normsig import NormSignature, is_meta, looks_like_norm, norm_signature
 
 __all__ = [
     "BN_TARGETS",
@@ -186,7 +186,10 @@ def is_linear_module(m: nn.Module) -> bool:
 
 
 def is_bn_module(m: nn.Module) -> bool:
-    return (isinstance(m, _BatchNorm) and plain_forward(m)) or is_frozen_batchnorm(m)
+    """A module whose forward is an inference norm (perhaps followed by its own children, as
+    timm's BatchNormAct2d), or one that looks like a norm and is refused with a reason: it is
+    kept as one call, and gets a report entry either way."""
+    return (isinstance(m, _BatchNorm) and plain_forward(m)) or looks_like_norm(m)
 
 
 class _Tracer(fx.Tracer):
@@ -348,6 +351,7 @@ class Norm:
     affine: Affine | None = None
     reason: str | None = None
     fix: str | None = None
+    tail: list[tuple[str, nn.Module]] = dataclasses.field(default_factory=list)
 
 
 def norm_affine(
@@ -372,7 +376,11 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
             return None
         rm = getattr(m, "running_mean", None)
         rv = getattr(m, "running_var", None)
-        channels = int(rm.numel()) if isinstance(rm, torch.Tensor) else int(m.num_features)
+        channels = (
+            int(rm.numel())
+            if isinstance(rm, torch.Tensor)
+            else int(getattr(m, "num_features", 0) or 0)
+        )
         norm = Norm(
             node,
             [node],
@@ -382,15 +390,19 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
             str(node.target),
             channels,
         )
-        if not is_frozen_batchnorm(m) and m.training:
+        sig = norm_signature(m)
+        if m.training and (isinstance(m, _BatchNorm) or isinstance(sig, str)):
             norm.reason = "in training mode: normalises with batch statistics"
             norm.fix = "call model.eval() first"
-        elif not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor):
+        elif isinstance(m, _BatchNorm) and (
+            not isinstance(rm, torch.Tensor) or not isinstance(rv, torch.Tensor)
+        ):
             norm.reason = "track_running_stats=False: uses batch statistics even in eval"
+        elif isinstance(sig, NormSignature):
+            norm.affine = sig.affine
+            norm.tail = sig.tail
         else:
-            w = getattr(m, "weight", None)
-            b = getattr(m, "bias", None)
-            norm.affine = norm_affine(w, b, rm, rv, float(m.eps))
+            norm.reason = sig or "its forward is not a norm normfuse can read"
         return norm
     if node.op != "call_function" or node.target not in FUNC_BN:
         return None
@@ -464,7 +476,8 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     assert norm.affine is not None
     lin = as_linear(gm, norm.input)
     if lin is not None:
-        others = [u for u in users_of(lin.node) if u is not norm.erase[-1]]
+        # reads of the shape, rank, dtype or device are no data use: the fold keeps them
+        others = [u for u in users_of(lin.node) if u is not norm.erase[-1] and not is_meta(u)]
         if others:
             return (
                 f"{lin.label} output also feeds {', '.join(describe_node(u) for u in others)}",
@@ -476,7 +489,14 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
                 None,
             )
         return dense_checked(Pair(norm, lin, "after"), lin.node)
-    users = users_of(norm.node)
+    users = [u for u in users_of(norm.node) if not is_meta(u)]
+    if norm.tail:
+        names = ", ".join(n for n, _ in norm.tail)
+        return (
+            f"follows {describe_node(norm.input)}, not a Conv/Linear; its forward runs {names} "
+            "after the norm, so it cannot fold into what follows",
+            None,
+        )
     if len(users) == 1:
         lin = as_linear(gm, users[0])
         if lin is not None and lin.node.args and lin.node.args[0] is norm.node:

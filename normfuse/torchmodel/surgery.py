@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from normfuse.core.algebra import LinearWeights, absorb_after, absorb_before
 from normfuse.core.report import Entry
+from normfuse.torchmodel.normsig import tail_module
 from normfuse.torchmodel.pairs import (
     Linear,
     Pair,
@@ -190,7 +191,14 @@ def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[s
 
 
 def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
+    """Take the folded norm out of the graph; a norm whose forward runs its own modules after
+    the norm (BatchNormAct2d: drop, act) leaves those, called where it was."""
     norm, lin = pair.norm, pair.lin
+    if norm.tail and pair.direction == "after" and norm.module_target is not None:
+        target = _unique(gm, norm.module_target.replace(".", "_") + "_tail")
+        gm.add_submodule(target, tail_module(norm.tail))
+        norm.node.target = target  # the old module is dropped or replaced by its caller
+        return
     if pair.direction == "after":
         norm.node.replace_all_uses_with(lin.node)
     else:

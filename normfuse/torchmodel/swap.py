@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -39,6 +40,7 @@ from normfuse.torchmodel.modules import (
     module_stats,
     replace_modules,
 )
+from normfuse.torchmodel.normsig import NormSignature, norm_signature
 
 __all__ = ["build_replacement", "resolve_groups", "swap"]
 
@@ -175,13 +177,23 @@ def swap(
             continue
         entry = Entry(node=name or "<root>", op_type=type(m).__name__, status="skipped")
         report.entries.append(entry)
+        sig = norm_signature(m)  # what its forward computes, not what its class is called
+        if isinstance(sig, str):
+            entry.reason = sig
+            continue
         built = build_replacement(m, kind, entry, groups, allow_single_channel_groups, dims)
         if built is None:
             continue
+        tail = sig.tail if isinstance(sig, NormSignature) else []
+        if tail:  # BatchNormAct2d: the new norm, then its own drop/act as they were
+            built = nn.Sequential(OrderedDict([("norm", built), *tail]))
+            entry.warnings.append(
+                f"its forward also runs {', '.join(n for n, _ in tail)} after the norm: kept"
+            )
         new[id(m)] = built
         entry.status = "applied"
         entry.target = describe_module(built)
-        entry.exact = kind.exact
+        entry.exact = kind.exact and _same_on_a_probe(m, built, entry)
         if kind.exact and m.training:
             entry.warnings.append(
                 "exact in eval mode; in training the statistics behave as the new kind's"
@@ -278,3 +290,32 @@ def _replace(args: TorchNormArgs, **changes: Any) -> TorchNormArgs:
     import dataclasses
 
     return dataclasses.replace(args, **changes)
+
+
+def _same_on_a_probe(old: nn.Module, new: nn.Module, entry: Entry) -> bool:
+    """An exact swap is only called exact when both compute the same on a random probe
+    (float64 copies in eval mode, inputs of the channel count at every rank they take)."""
+    channels = getattr(old, "num_features", None)
+    mean = getattr(old, "running_mean", None)
+    if isinstance(mean, torch.Tensor):
+        channels = int(mean.numel())
+    if not isinstance(channels, int):
+        entry.warnings.append("not compared (channel count unknown): exactness not shown")
+        return False
+    a = copy.deepcopy(old).to(torch.float64).eval()
+    b = copy.deepcopy(new).to(torch.float64).eval()
+    gen = torch.Generator().manual_seed(0)
+    for rank in (4, 2, 3, 5):
+        x = torch.randn((2, channels) + (3,) * (rank - 2), generator=gen, dtype=torch.float64)
+        try:
+            with torch.no_grad():
+                want, got = a(x), b(x)
+        except Exception:
+            continue
+        scale = float(want.abs().max()) or 1.0
+        if got.shape == want.shape and float((got - want).abs().max()) <= 1e-9 * scale:
+            return True
+        entry.warnings.append("differs from the original on a probe: not exact")
+        return False
+    entry.warnings.append("not compared (no probe shape runs): exactness not shown")
+    return False
