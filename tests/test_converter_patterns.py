@@ -620,6 +620,84 @@ def test_keras_dense_rank3_matmul_reshape_add_mul_add():
     )
 
 
+def test_keras3_dense_rank3_tensordot_noopt():
+    """keras 3 Dense on (N, 5, 3) + BatchNormalization, tf2onnx ``optimizers={}`` (opset 13):
+    both Tensordot Reshapes get shapes computed with ReduceProd, which onnx's shape inference
+    does not follow, so the MatMul's output shape comes from the Reshape's target."""
+    rng = _rng(21)
+    s, t = _bn_as_mul_add(rng, 4)
+    p = "functional_9_1/dense_2_1/Tensordot"
+    nodes = [
+        T("Shape", ["x"], ["shape"], name=f"{p}/Shape"),
+        T("Cast", ["shape"], ["shape32"], name=f"{p}/Shape__3285", to=6),
+        T("Gather", ["shape32", f"{p}/axes:0"], ["g_axes"], name=f"{p}/GatherV2_1", axis=0),
+        T("ReduceProd", ["g_axes"], ["prod_axes"], name=f"{p}/Prod_1", axes=[0], keepdims=0),
+        T("Gather", ["shape32", f"{p}/free:0"], ["g_free"], name=f"{p}/GatherV2", axis=0),
+        T("ReduceProd", ["g_free"], ["prod_free"], name=f"{p}/Prod", axes=[0], keepdims=0),
+        T("Concat", ["g_free", f"{p}/Const_2:0"], ["out_shape32"], name=f"{p}/concat_1", axis=0),
+        T("Cast", ["out_shape32"], ["out_shape"], name=f"{p}__3292", to=7),
+        T(
+            "Unsqueeze",
+            ["prod_axes", "const_axes__3288"],
+            ["u1"],
+            name=f"{p}/stack_Unsqueeze__3289",
+        ),
+        T(
+            "Unsqueeze",
+            ["prod_free", "const_axes__3286"],
+            ["u0"],
+            name=f"{p}/stack_Unsqueeze__3287",
+        ),
+        T("Concat", ["u0", "u1"], ["in_shape32"], name=f"{p}/stack_Concat__3290", axis=0),
+        T("Cast", ["in_shape32"], ["in_shape"], name=f"{p}/Reshape__3291", to=7),
+        T("Reshape", ["x", "in_shape"], ["x2"], name=f"{p}/Reshape"),
+        T(
+            "MatMul",
+            ["x2", "functional_9_1/dense_2_1/Cast/ReadVariableOp:0"],
+            ["mm"],
+            name=f"{p}/MatMul",
+        ),
+        T("Reshape", ["mm", "out_shape"], ["mm3"], name=p),
+        T("Add", ["mm3", "bias"], ["biased"], name="functional_9_1/dense_2_1/BiasAdd"),
+        T("Mul", ["biased", "bn/batchnorm/mul:0"], ["m"], name="bn/batchnorm/mul_1"),
+        T("Add", ["m", "bn/batchnorm/sub:0"], ["a"], name="bn/batchnorm/add_1"),
+        T("Identity", ["a"], ["id0"], name="Identity"),
+        T("Identity", ["id0"], ["y"], name="Identity_graph_outputs_Identity__3284"),
+    ]
+    inits = [
+        tensor(f"{p}/free:0", np.array([0, 1], np.int32)),
+        tensor(f"{p}/axes:0", np.array([2], np.int32)),
+        tensor(f"{p}/Const_2:0", np.array([4], np.int32)),
+        tensor("functional_9_1/dense_2_1/Cast/ReadVariableOp:0", _w(rng, 3, 4)),
+        tensor("bias", _w(rng, 4)),
+        tensor("bn/batchnorm/sub:0", t),
+        tensor("bn/batchnorm/mul:0", s),
+        tensor("const_axes__3288", np.array([0], np.int64)),
+        tensor("const_axes__3286", np.array([0], np.int64)),
+    ]
+    model = _tf2onnx(
+        make_model(
+            nodes,
+            [("x", F, ["unk__3293", 5, 3])],
+            [("y", F, ["unk__3294", "unk__3295", 4])],
+            inits,
+            opset=13,
+            extra_opsets=ML,
+        ),
+        13,
+    )
+    folded, report = _fold(model, _nhwc(rng, 2, 5, 3))
+    _assert_folded(
+        model,
+        folded,
+        report,
+        ["functional_9_1/dense_2_1/BiasAdd", "bn/batchnorm/mul_1", "bn/batchnorm/add_1"],
+        kept={"Reshape": 2},
+        bias_adds=1,
+    )
+    assert all(f"through Reshape '{p}'" in e.target for e in report.applied)
+
+
 @pytest.mark.parametrize("layer", ["depthwise", "conv3d"])
 def test_conv_transpose_add_transpose_bn(layer):
     """tf_keras DepthwiseConv2D / Conv3D + BatchNormalization, tf2onnx ``optimizers={}``: the
@@ -744,6 +822,9 @@ def test_no_value_info_mul_add_before_conv():
         ["bn/batchnorm/mul_1", "bn/batchnorm/add_1"],
         kept={"Relu": 1, "Transpose": 2},
     )
+    # the shapes inferred for the fold are not written: no value_info beyond the weights' types
+    weights = {i.name for i in folded.graph.initializer}
+    assert not [v.name for v in folded.graph.value_info if v.name not in weights]
 
 
 def test_no_value_info_rank_is_inferred_by_default():
@@ -776,6 +857,8 @@ def test_refused_reshape_splits_channel_axis():
     model = make_model(nodes, [("x", F, ["N", 3, 4, 4])], [("y", F, ["N", 4, 2, 16])], inits)
     folded, report = _fold(model, {"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32)})
     _assert_refused(model, folded, report, "bn")
+    reason = report.skipped[0].reason
+    assert "Reshape 'split' between it and Conv 'conv'" in reason and "channel axis" in reason
 
 
 def test_refused_reshape_moves_spatial_into_channel_axis():
@@ -796,6 +879,8 @@ def test_refused_reshape_moves_spatial_into_channel_axis():
     model = make_model(nodes, [("x", F, ["N", 3, 4, 4])], [("y", F, ["N", 8, 2, 4])], inits)
     folded, report = _fold(model, {"x": rng.standard_normal((2, 3, 4, 4)).astype(np.float32)})
     _assert_refused(model, folded, report, "bn")
+    reason = report.skipped[0].reason
+    assert "Reshape 'mix' between it and Conv 'conv'" in reason and "channel axis" in reason
 
 
 def test_refused_transpose_moves_channel_axis():
@@ -811,6 +896,8 @@ def test_refused_transpose_moves_channel_axis():
     model = make_model(nodes, [("x", F, ["N", 3, 4, 5])], [("y", F, ["N", 4, 4, 5])], inits)
     folded, report = _fold(model, {"x": rng.standard_normal((2, 3, 4, 5)).astype(np.float32)})
     _assert_refused(model, folded, report, "bn")
+    reason = report.skipped[0].reason
+    assert "through Transpose 'swap'" in reason and "not its channel axis 1" in reason
 
 
 def test_refused_keras3_transpose_nhwc_mul_on_wrong_axis():

@@ -731,3 +731,153 @@ def test_fp16_fold_in_float64_beats_folding_in_float16(rng):
         f"fp16 max abs error vs fp32 original: float64 fold {err_ours:.3g}, fp16 fold {err_theirs:.3g}"
     )
     assert np.isfinite(err_ours) and err_ours <= err_theirs
+
+
+# ---------------------------------------------------------------- layout paths (issue 18)
+def _nhwc_affine_model(rng, c: int = 4):
+    """Mul/Add by (C,) on NHWC input -> Transpose to NCHW -> unpadded 1x1 Conv."""
+    inits = [
+        tensor("s", (rng.uniform(0.5, 2, c) * (-1.0) ** np.arange(c)).astype(np.float32)),
+        tensor("t", normal(rng, [c])),
+        tensor("W", normal(rng, [5, c, 1, 1])),
+        tensor("B", normal(rng, [5])),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["m"], name="mul"),
+        helper.make_node("Add", ["m", "t"], ["a"], name="add"),
+        helper.make_node("Transpose", ["a"], ["a_nchw"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["a_nchw", "W", "B"], ["y"], name="conv", kernel_shape=[1, 1]),
+    ]
+    return make_model(nodes, [("x", F, [2, 3, 3, c])], [("y", F, [2, 5, 3, 3])], inits)
+
+
+def test_affine_before_conv_through_transpose(rng):
+    model = _nhwc_affine_model(rng)
+    folded, report = assert_folds(
+        model, {"x": normal(rng, [2, 3, 3, 4])}, applied=2, norm_affine=True
+    )
+    assert op_types(folded) == ["Transpose", "Conv"]
+    assert all(e.target == "Conv 'conv' through Transpose 'to_nchw'" for e in report.applied)
+    assert all(e.direction == "before" for e in report.applied)
+
+
+def test_affine_before_conv_through_transpose_is_opt_in(rng):
+    model = _nhwc_affine_model(rng)
+    folded, report = normfuse.fold(model, check=False)
+    assert op_types(folded) == op_types(model)
+    assert {e.node for e in report.skipped} == {"mul", "add"}
+    assert all("opt-in" in (e.reason or "") for e in report.skipped)
+
+
+@pytest.mark.parametrize("spatial", [1, 2])
+def test_bn_before_gemm_through_flatten(rng, spatial):
+    """(N, C, 1, 1) -> BN -> Flatten -> Gemm folds back; with 2x2 spatial the Flatten merges the
+    channel axis with the spatial ones, so the BN stays with that reason."""
+    c, n = 6, 3
+    inits = [*bn_params(rng, c), tensor("W", normal(rng, [n, c * spatial * spatial]))]
+    nodes = [
+        bn_node("x", "b"),
+        helper.make_node("Flatten", ["b"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "W"], ["y"], name="fc", transB=1),
+    ]
+    shape = [2, c, spatial, spatial]
+    model = make_model(nodes, [("x", F, shape)], [("y", F, [2, n])], inits)
+    if spatial == 1:
+        folded, report = assert_folds(model, {"x": normal(rng, shape)}, applied=1)
+        assert op_types(folded) == ["Flatten", "Gemm"]
+        assert report.applied[0].target == "Gemm 'fc' through Flatten 'flat'"
+    else:
+        folded, report = normfuse.fold(model, check=False)
+        assert op_types(folded) == op_types(model)
+        (entry,) = report.skipped
+        assert "Flatten 'flat'" in entry.reason and "splits or merges the channel axis" in (
+            entry.reason
+        )
+
+
+def test_bn_after_matmul_through_dropout_and_unsqueeze(rng):
+    k, c = 5, 6
+    inits = [
+        tensor("W", normal(rng, [k, c])),
+        tensor("axes", np.array([2], np.int64)),
+        *bn_params(rng, c),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["mm"], name="mm"),
+        helper.make_node("Dropout", ["mm"], ["d"], name="drop"),
+        helper.make_node("Unsqueeze", ["d", "axes"], ["u"], name="unsq"),
+        bn_node("u", "y"),
+    ]
+    model = make_model(nodes, [("x", F, [3, k])], [("y", F, [3, c, 1])], inits)
+    folded, report = assert_folds(model, {"x": normal(rng, [3, k])}, applied=1)
+    assert op_types(folded) == ["MatMul", "Add", "Dropout", "Unsqueeze"]
+    assert report.applied[0].target == "MatMul 'mm' through Dropout 'drop', Unsqueeze 'unsq'"
+    assert folded.graph.output[0].name == "y"
+
+
+def test_dropout_in_training_mode_is_not_a_path(rng):
+    inits = [
+        tensor("W", normal(rng, [4, 3, 3, 3])),
+        tensor("ratio", np.array(0.0, np.float32)),
+        tensor("train", np.array(True)),
+        *bn_params(rng, 4),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Dropout", ["c", "ratio", "train"], ["d"], name="drop"),
+        bn_node("d", "y"),
+    ]
+    model = make_model(nodes, [("x", F, [1, 3, 5, 5])], [("y", F, [1, 4, 3, 3])], inits)
+    folded, report = normfuse.fold(model, check=False)
+    assert op_types(folded) == op_types(model)
+    (entry,) = report.skipped
+    assert "training mode" in entry.reason
+
+
+def test_path_tensor_read_elsewhere_is_refused(rng):
+    """Conv -> Transpose -> Transpose -> BN where the NHWC tensor is also a graph output: folding
+    would change it, so the BN stays, saying so."""
+    inits = [tensor("W", normal(rng, [4, 3, 3, 3])), *bn_params(rng, 4)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+        helper.make_node("Transpose", ["c"], ["nhwc"], name="t1", perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["nhwc"], ["nchw"], name="t2", perm=[0, 3, 1, 2]),
+        bn_node("nchw", "y"),
+    ]
+    model = make_model(
+        nodes,
+        [("x", F, [1, 3, 5, 5])],
+        [("y", F, [1, 4, 3, 3]), ("nhwc", F, [1, 3, 3, 4])],
+        inits,
+    )
+    folded, report = normfuse.fold(model, check=False)
+    assert op_types(folded) == op_types(model)
+    (entry,) = report.skipped
+    assert "Transpose 't1'" in entry.reason and "a graph output" in entry.reason
+
+
+def test_bn_after_conv_through_transpose_pair_without_value_info(rng):
+    """Shapes come from inference for the fold only: the folded model gains no value_info."""
+    inits = [
+        tensor("W", normal(rng, [4, 3, 3, 3])),
+        tensor("B", normal(rng, [4])),
+        *bn_params(rng, 4),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"),
+        helper.make_node("Transpose", ["c"], ["nhwc"], name="t1", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["nhwc", "shape"], ["r"], name="noop"),
+        helper.make_node("Transpose", ["r"], ["nchw"], name="t2", perm=[0, 3, 1, 2]),
+        bn_node("nchw", "y"),
+    ]
+    inits.append(tensor("shape", np.array([0, 0, -1, 4], np.int64)))
+    model = make_model(nodes, [("x", F, ["N", 3, 5, 5])], [("y", F, ["N", 4, 3, 3])], inits)
+    assert not model.graph.value_info
+    folded, report = assert_folds(model, {"x": normal(rng, [2, 3, 5, 5])}, applied=1)
+    weights = {i.name for i in folded.graph.initializer}  # typed on save, as without a path
+    assert not [v.name for v in folded.graph.value_info if v.name not in weights]
+    assert op_types(folded) == ["Conv", "Transpose", "Reshape", "Transpose"]
+    assert report.applied[0].target == (
+        "Conv 'conv' through Transpose 't1', Reshape 'noop', Transpose 't2'"
+    )
+    assert folded.graph.output[0].name == "y"

@@ -290,8 +290,19 @@ class _Folder:
                     break
                 a = Affine(a.scale, a.shift, mapped)
             mismatch = lines_up(a, found.out_axis, found.weights.out_channels, out_rank)
+            if mismatch and path is not None and not a.is_scalar and out_rank is not None:
+                want = found.out_axis % out_rank
+                if a.axis != want:
+                    mismatch = (
+                        f"{via.strip()} it acts along axis {a.axis} of the output of "
+                        f"{found.label}, not its channel axis {want}"
+                    )
             if mismatch:
-                reason = f"{mismatch} of {found.label}{via}"
+                reason = (
+                    mismatch
+                    if mismatch.startswith("through")
+                    else f"{mismatch} of {found.label}{via}"
+                )
                 break
             acc = a if acc is None else acc.then(a)
             k += 1

@@ -163,6 +163,14 @@ def _elements(
                 return None
             out.extend(part)
         return out
+    if op == "ReduceProd" and int(get_attr(node, "keepdims", 1) or 0) in (0, 1):
+        axes = _int_list(consts, node, "axes", 1)
+        data = _elements(ins[0], consts, depth + 1)
+        if data is None or axes not in ([], [0], [-1], None):
+            return None
+        if all(isinstance(d, int) for d in data):
+            return [int(np.prod(np.array(data, dtype=np.int64)))]
+        return [None]
     if op == "Gather" and len(ins) > 1 and int(get_attr(node, "axis", 0) or 0) == 0:
         data = _elements(ins[0], consts, depth + 1)
         idx = consts.try_resolve(ins[1])
@@ -172,6 +180,45 @@ def _elements(
             return [data[int(i)] for i in np.asarray(idx).reshape(-1)]
         except IndexError:
             return None
+    return None
+
+
+def _dims_of(
+    value: ir.Value | None, consts: ConstantResolver, depth: int = 0
+) -> list[int | str | None] | None:
+    """The dims of ``value``: its shape, or (where inference gave none, as after a Reshape to a
+    shape computed with ReduceProd) from its producer: a Reshape's target, a MatMul by a 2-D
+    weight, an elementwise op by a constant that does not broadcast the data."""
+    dims = _dims(value)
+    if dims is not None or value is None or depth > 8:
+        return dims
+    node = value.producer()
+    if node is None or node.domain not in ("", "ai.onnx") or not node.inputs:
+        return None
+    op, ins = node.op_type, node.inputs
+    if op == "Reshape" and len(ins) > 1:
+        return _reshape_target(node, consts, _dims_of(ins[0], consts, depth + 1))
+    if op == "MatMul" and len(ins) == 2:
+        a = _dims_of(ins[0], consts, depth + 1)
+        w = _dims(ins[1])
+        if w is None and ins[1] is not None and ins[1].const_value is not None:
+            w = [int(d) for d in ins[1].const_value.shape.numpy()]
+        if a is not None and len(a) >= 2 and w is not None and len(w) == 2:
+            return [*a[:-1], w[1]]
+        return None
+    if op in ("Add", "Mul", "Sub", "Div") and len(ins) == 2:
+        for data, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+            c = consts.try_resolve(other)
+            if c is None:
+                continue
+            d = _dims_of(data, consts, depth + 1)
+            if d is not None and c.ndim <= len(d):
+                tail = d[len(d) - c.ndim :] if c.ndim else []
+                if all(k == 1 or k == t for k, t in zip(c.shape, tail, strict=True)):
+                    return d
+            return None
+    if op in ("Identity", "Relu", "Sigmoid", "Tanh", "Cast"):
+        return _dims_of(ins[0], consts, depth + 1)
     return None
 
 
@@ -212,7 +259,7 @@ def layout_step(node: ir.Node, consts: ConstantResolver) -> Step | str:
         extra = [o for o in node.outputs[1:] if o is not None]
         if any(list(o.uses()) or o.is_graph_output() for o in extra):
             return f"the mask of {label} is in use"
-        version = node.version or 1
+        version = node.version or consts.opset
         if version < 7 and not int(get_attr(node, "is_test", 0) or 0):
             return f"{label} runs in training mode (is_test=0)"
         if len(node.inputs) > 2 and node.inputs[2] is not None:
@@ -260,7 +307,7 @@ def layout_step(node: ir.Node, consts: ConstantResolver) -> Step | str:
         kept = [j for j in range(rank) if j not in new]
         return Step(node, len(kept), rank, {i: j for i, j in enumerate(kept)}, "")
     # Reshape, Flatten: match axes by length and stride
-    ins = _dims(x)
+    ins = _dims_of(x, consts)
     if ins is None:
         return f"the shape of {label}'s input is unknown"
     outs = _dims(y)
