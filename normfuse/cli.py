@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -460,6 +461,7 @@ def _fold_pt2(
             f"{model} is a torch.export archive, and torch is not installed",
             "pip install 'normfuse[torch]'",
         ) from None
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecations
     ep = load_pt2(model)
     folded, report = fold_torch(ep, check=check)
     if strict and report.skipped:

@@ -6,18 +6,29 @@ exporter on request, with ``training=PRESERVE`` for the same reason), folds the 
 normfuse (float64 maths), writes it atomically, and runs it on onnxruntime against the PyTorch
 module on the example inputs and on seeded random inputs of the same shapes.
 
-:func:`load_pt2` reads a ``torch.export`` archive without executing pickled code.
+:func:`load_pt2` reads a ``torch.export`` archive without executing anything from it: before
+torch reads the archive, its JSON is validated (every symbolic expression, which torch hands to
+``sympy.sympify``, must match a strict grammar of symbols, integers, arithmetic and torch's
+known sympy functions; symbol names are identifiers), every tensor's declared size is checked
+against the bytes the archive holds, and compressed members that expand far beyond their size
+are refused; tensors are read only with ``torch.load(weights_only=True)``, other pickles are
+refused, and the guard code an archive may carry (Python, run by ``ExportedProgram.module()``)
+is dropped, never run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
+import math
 import os
+import re
 import tempfile
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -292,19 +303,203 @@ def _no_pickled_code() -> Iterator[None]:
         torch._C._pickle_load_obj = saved[2]
 
 
-def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
-    """Read a ``torch.export.save`` archive; tensors only through ``torch.load(weights_only=True)``.
+#: A token of a symbolic expression in a .pt2 archive: a name, an integer, a quoted name (the
+#: first argument of ``Symbol('s0', ...)``), an operator, a bracket, a comma, ``=``, spaces.
+_TOKEN = re.compile(
+    r"\s+|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<int>[0-9]+)|'(?P<quoted>[A-Za-z_][A-Za-z0-9_]*)'"
+    r"|(?P<op>//|[-+*/%(),=])"
+)
+
+#: The functions an expression may call: sympy's constructors in ``srepr`` form and the
+#: functions torch's deserializer gives sympy.
+_SYMPY_CALLS = frozenset(
+    {
+        "Symbol", "Integer", "Add", "Mul", "Pow", "Rational", "Max", "Min", "Abs", "Eq", "Ne",
+        "Lt", "Le", "Gt", "Ge", "And", "Or", "Not", "floor", "ceiling", "FloorDiv",
+        "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt",
+        "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv",
+        "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt",
+        "RoundToInt", "RoundDecimal", "ToFloat", "Identity", "BitwiseFn_bitwise_and",
+        "BitwiseFn_bitwise_or",
+    }
+)  # fmt: skip
+
+#: Assumptions ``Symbol(...)`` may be given, as ``name=True`` / ``name=False``.
+_SYMBOL_ASSUMPTIONS = frozenset(
+    {"positive", "negative", "integer", "nonnegative", "nonpositive", "real", "finite", "zero"}
+)
+
+#: Names a plain symbol may not have (Python's own words and builtins' names are no symbols).
+_NOT_SYMBOLS = frozenset({"lambda", "import", "exec", "eval", "open", "compile", "globals"})
+
+
+def _check_expression(text: str, where: str) -> None:
+    """Refuse a symbolic expression outside the grammar (see :data:`_TOKEN`): a call only to a
+    known sympy function, ``=`` only after a known assumption and before True/False, no
+    attribute access, subscripts, strings other than symbol names, or names with ``__``."""
+
+    def refuse(why: str) -> InputError:
+        return InputError(
+            f"the .pt2 archive holds a symbolic expression normfuse does not accept at {where} "
+            f"({why}: {text[:80]!r})",
+            "normfuse runs nothing from an input; re-export the model with torch.export.save",
+        )
+
+    if len(text) > 10_000:
+        raise refuse("too long")
+    tokens: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if m is None:
+            raise refuse(f"character {text[pos]!r}")
+        pos = m.end()
+        if m.lastgroup is not None:
+            tokens.append((m.lastgroup, m.group(m.lastgroup)))
+    depth = 0
+    for i, (kind, value) in enumerate(tokens):
+        after = tokens[i + 1][1] if i + 1 < len(tokens) else ""
+        before = tokens[i - 1][1] if i else ""
+        if kind == "name":
+            if "__" in value or value in _NOT_SYMBOLS:
+                raise refuse(f"the name {value}")
+            if after == "(" and value not in _SYMPY_CALLS:
+                raise refuse(f"a call of {value}")
+            if after == "=" and value not in _SYMBOL_ASSUMPTIONS:
+                raise refuse(f"the keyword {value}")
+            if before == "=" and value not in ("True", "False"):
+                raise refuse(f"{value} after =")
+        elif kind == "quoted" and before != "(":
+            raise refuse("a string that is not a symbol's name")
+        elif value == "(":
+            depth += 1
+        elif value == ")":
+            depth -= 1
+            if depth < 0:
+                raise refuse("unbalanced brackets")
+    if depth:
+        raise refuse("unbalanced brackets")
+
+
+#: Members larger than this are not read to be validated (a model.json is a few MB at most).
+_JSON_LIMIT = 256 * 2**20
+
+
+def _check_archive(path: Path) -> None:
+    """Validate a .pt2 archive before torch reads any of it (see the module's docstring).
 
     Raises:
-        InputError: The file is missing, not an archive, or holds pickled objects.
+        InputError: Not a zip archive, a member that expands too far, a tensor whose declared
+            size exceeds the bytes stored for it, or a symbolic expression outside the grammar.
+    """
+    note = "write it with torch.export.save(torch.export.export(model, args), path)"
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"{path} is not a torch.export archive (not a zip file)", note)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for info in members.values():
+                ratio_ok = info.file_size <= 100 * info.compress_size + 2**20
+                if info.compress_type != zipfile.ZIP_STORED and not ratio_ok:
+                    raise InputError(
+                        f"{path} member {info.filename!r} expands from {info.compress_size} to "
+                        f"{info.file_size} bytes (a zip bomb?)",
+                        note,
+                    )
+            for name, info in members.items():
+                if not name.endswith(".json"):
+                    continue
+                if info.file_size > _JSON_LIMIT:
+                    raise InputError(f"{path} member {name!r} is {info.file_size} bytes", note)
+                try:
+                    document = json.loads(archive.read(name))
+                except (ValueError, RecursionError):
+                    raise InputError(f"{path} member {name!r} is not valid JSON", note) from None
+                _check_json(document, f"{name}")
+                if name.endswith("_config.json"):
+                    _check_sizes(path, archive, members, name, document)
+    except InputError:
+        raise
+    except (OSError, zipfile.BadZipFile, EOFError, RecursionError) as exc:
+        raise InputError(f"cannot read {path} as a torch.export archive ({exc})", note) from None
+
+
+def _check_json(document: Any, where: str) -> None:
+    """Every ``expr_str`` in the grammar, every range-constraint key a plain name."""
+    stack: list[tuple[Any, str]] = [(document, where)]
+    while stack:
+        node, at = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "expr_str" and isinstance(value, str):
+                    _check_expression(value, f"{at}/{key}")
+                elif key == "range_constraints" and isinstance(value, dict):
+                    for symbol in value:
+                        _check_expression(str(symbol), f"{at}/{key}")
+                if isinstance(value, (dict, list)):
+                    stack.append((value, f"{at}/{key}"))
+        elif isinstance(node, list):
+            stack.extend((item, at) for item in node if isinstance(item, (dict, list)))
+
+
+def _check_sizes(
+    path: Path,
+    archive: zipfile.ZipFile,
+    members: dict[str, zipfile.ZipInfo],
+    config: str,
+    document: Any,
+) -> None:
+    """Each tensor of a weights/constants config needs at most the bytes its member holds."""
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    folder = config.rsplit("/", 1)[0]
+    entries = document.get("config", {}) if isinstance(document, dict) else {}
+    for name, entry in entries.items() if isinstance(entries, dict) else ():
+        meta = entry.get("tensor_meta") if isinstance(entry, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        member = members.get(f"{folder}/{entry.get('path_name')}")
+        dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.get("dtype"))
+        try:
+            sizes = [int(d["as_int"]) for d in meta.get("sizes", [])]
+            strides = [int(d["as_int"]) for d in meta.get("strides", [])]
+            offset = int((meta.get("storage_offset") or {}).get("as_int", 0))
+        except (KeyError, TypeError, ValueError):
+            continue  # symbolic sizes: torch checks them against the storage itself
+        if member is None or dtype is None:
+            continue
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if any(d == 0 for d in sizes):
+            need = 0
+        elif any(d < 0 for d in sizes) or len(strides) != len(sizes) or offset < 0:
+            need = math.inf
+        else:
+            need = (
+                offset + sum((d - 1) * abs(st) for d, st in zip(sizes, strides, strict=True)) + 1
+            ) * itemsize
+        if need > member.file_size:
+            raise InputError(
+                f"{path}: tensor '{name}' declares {sizes} of {dtype} ({need} bytes) but the "
+                f"archive holds {member.file_size} bytes for it",
+                "the archive is corrupt or hostile; re-export the model",
+            )
+
+
+def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
+    """Read a ``torch.export.save`` archive, running nothing from it (see the module's docstring).
+
+    Raises:
+        InputError: The file is missing, not an archive, fails the validation, or holds
+            pickled objects.
     """
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"{p} does not exist")
+        raise InputError(f"{p} does not exist" if not p.exists() else f"{p} is not a regular file")
+    _check_archive(p)
     try:
-        with _no_pickled_code(), warnings.catch_warnings():
+        with _no_pickled_code(), warnings.catch_warnings(), _quiet_loggers():
             warnings.simplefilter("ignore")
-            return torch.export.load(str(p))
+            ep = torch.export.load(str(p))
     except InputError:
         raise
     except Exception as exc:
@@ -315,25 +510,53 @@ def load_pt2(path: str | os.PathLike) -> torch.export.ExportedProgram:
                 "normfuse loads tensors only with torch.load(weights_only=True) and runs no "
                 "pickled code; re-export the model from trusted code",
             ) from None
+        first = text[0] if text else type(exc).__name__
+        first = first.replace("Please check the warnings above for possible errors.", "")
         raise InputError(
-            f"cannot read {p} as a torch.export archive: {text[0] if text else type(exc).__name__}",
+            f"cannot read {p} as a torch.export archive: {first.strip().rstrip('.')}",
             "write it with torch.export.save(torch.export.export(model, args), path)",
         ) from None
+    if getattr(ep, "_guards_code", None):
+        ep._guards_code = []  # Python from the archive, exec'd by ep.module(): never run
+    return ep
+
+
+@contextlib.contextmanager
+def _quiet_loggers() -> Iterator[None]:
+    """torch logs warnings while it reads a broken archive; the error is reported in one line."""
+    names = ("torch", "torch._export", "torch.export", "torch._export.serde.serialize")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for log, _ in saved:
+        log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for log, level in saved:
+            log.setLevel(level)
 
 
 def save_pt2(
     ep: torch.export.ExportedProgram, path: str | os.PathLike, *, force: bool = False
 ) -> Path:
-    """Write an ExportedProgram atomically (temporary file, then rename)."""
-    out = Path(path)
-    if out.exists() and not force:
-        from normfuse.core.errors import OutputExistsError
+    """Write an ExportedProgram atomically (temporary ``.pt2`` file, then rename), with the
+    permissions a new file gets (the umask applied).
 
-        raise OutputExistsError(f"{out} exists", "pass --force to replace it")
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    Raises:
+        OutputExistsError: The output exists (or is a link) and ``force`` is false.
+        InputError: The output is not a regular file, or its folder is missing.
+    """
+    from normfuse.onnxgraph.wire import default_mode
+
+    out = Path(path)
+    onnx_io.check_destination(out, force=force)
+    folder = out.parent if str(out.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".tmp.pt2", dir=folder)
     os.close(fd)
     try:
-        torch.export.save(ep, tmp)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.save(ep, tmp)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):
