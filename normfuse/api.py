@@ -215,13 +215,23 @@ def _as_source(model: object, spill: Path) -> str | bytes:
     return ir.to_proto(inner).SerializeToString()
 
 
+def _reference_source(loaded: onnx_io.Loaded, reference: bytes | None, folder: Path) -> str | bytes:
+    """The original for the check: its file, its bytes, or the caller's untouched model (the
+    rewrite worked on a copy) written with its external data into ``folder``."""
+    if loaded.path is not None:
+        return str(loaded.path)
+    if reference is not None:
+        return reference
+    if loaded.original is not None:
+        return _as_source(loaded.original, folder / "reference.onnx")
+    raise NormfuseError("the original model was not kept for the check")
+
+
 def _check_in_memory(
     loaded: onnx_io.Loaded, reference: bytes | None, **kwargs: Any
 ) -> ParityResult:
     with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
-        ref = str(loaded.path) if loaded.path is not None else reference
-        if ref is None:
-            raise NormfuseError("the original model was not kept for the check")
+        ref = _reference_source(loaded, reference, Path(tmp))
         cand = _as_source(loaded.model, Path(tmp) / "folded.onnx")
         return check_models(ref, cand, **kwargs)
 
@@ -293,9 +303,7 @@ def onnx_rewrite(
     if check and report.applied:
         t2 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
-            ref = str(loaded.path) if loaded.path is not None else reference
-            if ref is None:
-                raise NormfuseError("the original model was not kept for the check")
+            ref = _reference_source(loaded, reference, Path(tmp))
             cand = _as_source(new, Path(tmp) / "candidate.onnx")
             report.parity = check_models(
                 ref,

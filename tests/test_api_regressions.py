@@ -105,11 +105,7 @@ def _same_outputs(model: onnx.ModelProto, path: Path, rng) -> None:
     assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 1: fold's copy of the model loses its folder: every weight reads "
-    "as 'malformed (No such file: model.onnx.data)', nothing folds, save raises FileNotFoundError",
-)
+
 def test_loaded_external_data_model_folds_unchecked_and_saves_elsewhere(external, tmp_path, rng):
     m = normfuse.load("dir/model.onnx")
     folded, report = normfuse.fold(m, check=False)
@@ -118,10 +114,7 @@ def test_loaded_external_data_model_folds_unchecked_and_saves_elsewhere(external
     _same_outputs(external, Path(out), rng)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 1: fold(m) raises 'the original model was not kept for the check'",
-)
+
 def test_loaded_external_data_model_folds_with_the_default_check(external, tmp_path, rng):
     m = normfuse.load("dir/model.onnx")
     folded, report = normfuse.fold(m)

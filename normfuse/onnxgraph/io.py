@@ -48,6 +48,7 @@ __all__ = [
     "INPUT_FILES_KEY",
     "Loaded",
     "check_destination",
+    "copy_model",
     "file_identity",
     "file_kind",
     "has_external_data",
@@ -231,16 +232,38 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         _check_structure(model, "ModelProto")
         return Loaded(model, "proto")
     if isinstance(source, ir.Model):
-        model = ir.from_proto(ir.to_proto(source)) if copy else source
+        model = copy_model(source) if copy else source
         return Loaded(model, "ir", original=source)
     if _is_onnx_program(source):
         inner = source.model  # type: ignore[attr-defined]
-        model = ir.from_proto(ir.to_proto(inner)) if copy else inner
+        model = copy_model(inner) if copy else inner
         return Loaded(model, "onnx_program", original=source)
     raise InputError(
         f"cannot read a model from {type(source).__name__}",
         "pass a path, bytes, onnx.ModelProto, onnx_ir.Model or torch.onnx.ONNXProgram",
     )
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A private copy that reads external data from where the original does (a relative
+    location stays relative to the original's folder, whatever the working directory), with
+    the original's in-memory flags (external data, input files)."""
+    copied = ir.from_proto(ir.to_proto(model))
+    folders: dict[str, Any] = {}
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                folders[name] = tensor.base_dir
+    for graph in copied.graphs():
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor) and name in folders:
+                tensor.base_dir = folders[name]
+    for key in (EXTERNAL_DATA_KEY, INPUT_FILES_KEY):
+        if key in model.meta:
+            copied.meta[key] = model.meta[key]
+    return copied
 
 
 def _try_self_backed(path: Path) -> ir.Model | None:
