@@ -1074,7 +1074,6 @@ RAISE_FORMS = {
 SHAPES = {2: ["unk__11", 8], 3: ["unk__11", 5, 8], 4: ["unk__11", 4, 4, 6]}
 
 
-@xfail("raise: the LayerNorm forms tf2onnx writes for Keras LayerNormalization")
 @pytest.mark.parametrize("opset", [13, 17])
 @pytest.mark.parametrize("form", sorted(RAISE_FORMS))
 def test_raise_keras_layernorm(form, opset):

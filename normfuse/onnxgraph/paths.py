@@ -469,6 +469,10 @@ class InferredShapes:
     def __init__(self, model: ir.Model, opset: int) -> None:
         self._given: list[tuple[ir.Value, ir.Shape]] = []
         graph = model.graph
+        # the shapes values had, for those that take an inferred one over from another value
+        self._had: dict[int, tuple[ir.Value, ir.Shape]] = {
+            id(v): (v, v.shape) for n in graph for v in n.outputs if v.shape is not None
+        }
         missing = [
             v
             for node in graph
@@ -506,8 +510,10 @@ class InferredShapes:
         graph = model.graph
         for v in [*graph.inputs, *graph.outputs, *(o for n in graph for o in n.outputs)]:
             if v is not None and v.shape is not None and id(v.shape) in given:
-                v.shape = None
+                had = self._had.get(id(v))
+                v.shape = had[1] if had is not None and had[0] is v else None
         self._given.clear()
+        self._had.clear()
 
 
 #: Inputs that hold shapes or axes: a computed one that resolves to a small constant goes to
@@ -556,6 +562,21 @@ def _infer(model: ir.Model, consts: ConstantResolver) -> dict[str, ir.Shape]:
             )
     folded: dict[int, str] = {}
     for node in graph:
+        value = node.attributes.get("value") if node.op_type == "Constant" else None
+        if (
+            value is not None
+            and value.type == ir.AttributeType.TENSOR
+            and value.value is not None
+            and value.value.nbytes > _INFER_INLINE_BYTES
+            and node.outputs[0].name
+        ):  # a large constant goes in as a typed input, like a large initializer
+            t = value.value
+            g.input.append(
+                onnx.helper.make_tensor_value_info(
+                    node.outputs[0].name, int(t.dtype), [int(d) for d in t.shape.numpy()]
+                )
+            )
+            continue
         proto_node = ir.serde.serialize_node(node)
         for idx in _SHAPE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
             v = node.inputs[idx] if idx < len(node.inputs) else None

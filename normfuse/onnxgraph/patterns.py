@@ -209,6 +209,323 @@ def _match_layernorm(m1: ir.Node, consts: ConstantResolver) -> Decomposed | None
     return Decomposed("LayerNorm", nodes, source, out, eps, axes, scale, bias, rank=rank_of(x))
 
 
+def _mean_axes(node: ir.Node, consts: ConstantResolver, rank: int | None) -> list[int] | None:
+    """The trailing axes a mean reduces: ReduceMean(keepdims=1), or GlobalAveragePool (axes 2..,
+    which tf2onnx writes for a ReduceMean over the last axis of a rank-3 tensor)."""
+    if node.op_type == "GlobalAveragePool" and node.domain in ("", "ai.onnx"):
+        if rank is None or rank < 3:
+            return None
+        return list(range(2 - rank, 0))
+    return _reduce_axes(node, consts, rank)
+
+
+def _users(value: ir.Value) -> list[ir.Node]:
+    seen: dict[int, ir.Node] = {}
+    for use in value.uses():
+        seen.setdefault(id(use.node), use.node)
+    return list(seen.values())
+
+
+def _constant_tail(arr: np.ndarray | None, n_axes: int) -> np.ndarray | None:
+    """gamma/beta written with leading unit axes ``(1, 1, C)``, as the normalised shape ``(C,)``."""
+    if arr is None:
+        return None
+    arr = np.asarray(arr)
+    if arr.ndim > n_axes:
+        lead = arr.shape[: arr.ndim - n_axes]
+        if any(d != 1 for d in lead):
+            return None
+        arr = arr.reshape(arr.shape[arr.ndim - n_axes :])
+    return arr
+
+
+def _match_moments_layernorm(m1: ir.Node, consts: ConstantResolver) -> Decomposed | None:
+    """LayerNorm as tf2onnx writes Keras' (moments, then ``x * inv + (beta - mean * inv)`` with
+    ``inv = gamma / sqrt(var + eps)``): keras 3, and tf_keras with an unfused epsilon.
+
+    ``mean = M(x)``, ``var = M(Sub(x, mean) ** 2)`` (M: ReduceMean or GlobalAveragePool over the
+    same trailing axes; the Sub may read the mean through an Identity), ``r = 1 / Sqrt(var +
+    eps)``, ``inv = r * gamma`` (or ``r``), and ``y = x * inv + shift`` with ``shift`` one of
+    ``Neg(mean) * inv + beta``, ``beta - mean * inv``, ``Neg(mean) * inv``.
+    """
+    x = m1.inputs[0]
+    if x is None:
+        return None
+    axes = _mean_axes(m1, consts, rank_of(x))
+    if axes is None:
+        return None
+    mean = m1.outputs[0]
+    if mean.is_graph_output():
+        return None
+    sub = ident = neg = None
+    mean_users = _users(mean)
+    for u in mean_users:
+        if u.op_type == "Identity" and ident is None:
+            ident = u
+        elif u.op_type == "Neg" and neg is None:
+            neg = u
+    centred_from = mean
+    for source in [mean, *([ident.outputs[0]] if ident is not None else [])]:
+        for u in _users(source):
+            if u.op_type == "Sub" and u.inputs[0] is x and u.inputs[1] is source:
+                sub, centred_from = u, source
+    if sub is None:
+        return None
+    d = sub.outputs[0]
+    d_users = _users(d)
+    if d.is_graph_output() or len(d_users) != 1 or not _squares(d_users[0], d, consts):
+        return None
+    sq = d_users[0]
+    m2 = _only_user(sq.outputs[0])
+    if m2 is None or m2.op_type != m1.op_type or _mean_axes(m2, consts, rank_of(x)) != axes:
+        return None
+    add = _only_user(m2.outputs[0])
+    eps = _scalar(consts, _other(add, m2.outputs[0])) if add is not None else None
+    if add is None or add.op_type != "Add" or eps is None:
+        return None
+    sqrt = _only_user(add.outputs[0])
+    recip = _only_user(sqrt.outputs[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+    if recip is None or not (
+        recip.op_type == "Reciprocal"
+        or (
+            recip.op_type == "Div"
+            and recip.inputs[1] is sqrt.outputs[0]  # type: ignore[union-attr]
+            and _scalar(consts, recip.inputs[0]) == 1.0
+        )
+    ):
+        return None
+    nodes = [m1, sub, sq, m2, add, sqrt, recip]  # type: ignore[list-item]
+    inv = recip.outputs[0]
+    gamma = None
+    user = _only_user(inv)
+    if user is not None and user.op_type == "Mul":
+        g = consts.try_resolve(_other(user, inv))
+        if g is not None:
+            gamma, inv = np.asarray(g), user.outputs[0]
+            nodes.append(user)
+    inv_users = _users(inv)
+    if inv.is_graph_output() or len(inv_users) != 2:
+        return None
+    xs = next((u for u in inv_users if u.op_type == "Mul" and _other(u, inv) is x), None)
+    ms = next((u for u in inv_users if u is not xs and u.op_type == "Mul"), None)
+    if xs is None or ms is None:
+        return None
+    other = _other(ms, inv)
+    negated = neg is not None and other is neg.outputs[0]
+    if not negated and other is not mean:
+        return None
+    final = _only_user(xs.outputs[0])
+    if final is None or final.op_type not in ("Add", "Sub"):
+        return None
+    beta = None
+    shift = ms.outputs[0]
+    shift_node = _only_user(shift)
+    if shift_node is not None and shift_node is not final:
+        if negated and shift_node.op_type == "Add":
+            b = consts.try_resolve(_other(shift_node, shift))
+        elif not negated and shift_node.op_type == "Sub" and shift_node.inputs[1] is shift:
+            b = consts.try_resolve(shift_node.inputs[0])
+        else:
+            return None
+        if b is None:
+            return None
+        beta, shift = np.asarray(b), shift_node.outputs[0]
+        if _only_user(shift) is not final:
+            return None
+        nodes.append(shift_node)
+        if final.op_type != "Add":
+            return None
+    elif shift_node is final:  # no beta: x * inv - mean * inv, or x * inv + Neg(mean) * inv
+        if (final.op_type == "Add") != negated or (
+            final.op_type == "Sub" and final.inputs[1] is not shift
+        ):
+            return None
+    else:
+        return None
+    if final.op_type == "Add" and _other(final, xs.outputs[0]) is not shift:
+        return None
+    nodes += [ms, xs]
+    extra = [n for n in (ident, neg) if n is not None and n.outputs[0] in (centred_from, other)]
+    nodes[1:1] = extra
+    owned = {id(n) for n in nodes} | {id(final)}
+    for n in nodes:  # nothing outside reads what the pattern computes
+        for o in n.outputs:
+            if o.is_graph_output() or any(id(u) not in owned for u in _users(o)):
+                return None
+    nodes.append(final)
+    n_axes = len(axes)
+    scale, bias = _constant_tail(gamma, n_axes), _constant_tail(beta, n_axes)
+    if (gamma is not None and scale is None) or (beta is not None and bias is None):
+        return None
+    return Decomposed(
+        "LayerNorm", nodes, x, final.outputs[0], eps, axes, scale, bias, rank=rank_of(x)
+    )
+
+
+#: Ops that compute shapes and fillers around tf_keras' fused LayerNorm; removed with it when
+#: nothing else reads them.
+_SIDE_OPS = frozenset(
+    {"Shape", "Cast", "Slice", "ReduceProd", "Unsqueeze", "Squeeze", "Expand", "Gather", "Concat"}
+    | {"Constant", "Identity"}
+)
+
+
+def _through_casts(value: ir.Value | None) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    while (
+        node is not None and node.op_type == "Cast" and node.inputs and node.inputs[0] is not None
+    ):
+        node = node.inputs[0].producer()
+    return node
+
+
+def _int_attr_list(node: ir.Node, consts: ConstantResolver, name: str = "axes") -> list[int] | None:
+    axes = attr_value(node, name, None)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = consts.try_resolve(node.inputs[1])
+        axes = None if arr is None else np.asarray(arr).reshape(-1).tolist()
+    return None if axes is None else [int(a) for a in axes]
+
+
+def _filled(value: ir.Value | None, fill: float, consts: ConstantResolver) -> bool:
+    """``value`` is all ``fill``: a constant, or Expand(fill, shape)."""
+    arr = consts.try_resolve(value)
+    if arr is not None:
+        return bool(np.all(np.asarray(arr) == fill))
+    node = value.producer() if value is not None else None
+    return node is not None and node.op_type == "Expand" and _scalar(consts, node.inputs[0]) == fill
+
+
+def _match_bn_layernorm(bn: ir.Node, consts: ConstantResolver) -> Decomposed | None:
+    """tf_keras' fused LayerNormalization as tf2onnx writes it: ``x`` reshaped to
+    ``(1, -1, C, 1)``, a BatchNormalization with scale Expand(1), bias Expand(0) and the row
+    statistics ``mean = Squeeze(ReduceMean(x4, [0, 2, 3]))``, ``var = ReduceSumSquare(x4 - mean,
+    [0, 2, 3]) / count``, reshaped back to ``Shape(x)``, then optional gamma/beta Mul/Add."""
+    if len(bn.inputs) != 5 or any(v is None for v in bn.inputs):
+        return None
+    if any(list(o.uses()) or o.is_graph_output() for o in bn.outputs[1:] if o is not None):
+        return None
+    x4, scale, bias, mean1, var = bn.inputs
+    if not (_filled(scale, 1.0, consts) and _filled(bias, 0.0, consts)):
+        return None
+    reshape1 = x4.producer()  # type: ignore[union-attr]
+    if reshape1 is None or reshape1.op_type != "Reshape" or len(reshape1.inputs) < 2:
+        return None
+    target = consts.try_resolve(reshape1.inputs[1])
+    x = reshape1.inputs[0]
+    if target is None or x is None or x.shape is None or x.shape.rank() < 2:
+        return None
+    t = [int(v) for v in np.asarray(target).reshape(-1)]
+    c = x.shape.dims[-1]
+    if len(t) != 4 or t[0] != 1 or t[1] != -1 or t[3] != 1 or not isinstance(c, int) or t[2] != c:
+        return None
+    rows = [0, 2, 3]
+    squeeze = mean1.producer()  # type: ignore[union-attr]
+    if squeeze is None or squeeze.op_type != "Squeeze" or _int_attr_list(squeeze, consts) != rows:
+        return None
+    rmean = squeeze.inputs[0].producer() if squeeze.inputs[0] is not None else None
+    if (
+        rmean is None
+        or rmean.op_type != "ReduceMean"
+        or rmean.inputs[0] is not x4
+        or _int_attr_list(rmean, consts) != rows
+        or attr_value(rmean, "keepdims", 1) != 1
+    ):
+        return None
+    div = var.producer()  # type: ignore[union-attr]
+    if div is None or div.op_type != "Div":
+        return None
+    ss = div.inputs[0].producer() if div.inputs[0] is not None else None
+    if (
+        ss is None
+        or ss.op_type != "ReduceSumSquare"
+        or _int_attr_list(ss, consts) != rows
+        or attr_value(ss, "keepdims", 1) != 0
+    ):
+        return None
+    sub = ss.inputs[0].producer() if ss.inputs[0] is not None else None
+    if sub is None or sub.op_type != "Sub" or sub.inputs[0] is not x4:
+        return None
+    if sub.inputs[1] is not rmean.outputs[0]:
+        return None
+    count = consts.try_resolve(div.inputs[1])
+    if count is not None:
+        if np.asarray(count).size != 1 or float(np.asarray(count).reshape(())) != float(c):
+            return None
+    else:
+        prod = _through_casts(div.inputs[1])
+        gather = (
+            prod.inputs[0].producer() if prod is not None and prod.op_type == "ReduceProd" else None
+        )
+        if gather is None or gather.op_type != "Gather" or len(gather.inputs) < 2:
+            return None
+        shape = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+        idx = consts.try_resolve(gather.inputs[1])
+        if (
+            shape is None
+            or shape.op_type != "Shape"
+            or shape.inputs[0] is not x4
+            or idx is None
+            or np.asarray(idx).reshape(-1).tolist() != rows
+        ):
+            return None
+    reshape2 = _only_user(bn.outputs[0])
+    if reshape2 is None or reshape2.op_type != "Reshape" or len(reshape2.inputs) < 2:
+        return None
+    back = consts.try_resolve(reshape2.inputs[1])
+    if back is not None:
+        dims = list(x.shape.dims)
+        if not all(isinstance(d, int) for d in dims) or np.asarray(back).tolist() != dims:
+            return None
+    else:
+        shape_x = _through_casts(reshape2.inputs[1])
+        if shape_x is None or shape_x.op_type != "Shape" or shape_x.inputs[0] is not x:
+            return None
+        if attr_value(shape_x, "start", 0) or attr_value(shape_x, "end", None) is not None:
+            return None
+    core = [reshape1, rmean, sub, ss, squeeze, div, bn, reshape2]
+    tail: list[ir.Node] = []
+    out, gamma, beta = _affine_tail(reshape2.outputs[0], consts, tail)
+    owned = {id(n): n for n in [*core, *tail]}
+    grew = True
+    while grew:  # the shape and filler computations that only this pattern reads
+        grew = False
+        for node in list(owned.values()):
+            for v in node.inputs:
+                p = v.producer() if v is not None else None
+                if (
+                    p is None
+                    or id(p) in owned
+                    or p.op_type not in _SIDE_OPS
+                    or p.graph is not bn.graph
+                    or any(
+                        o.is_graph_output() or any(id(u) not in owned for u in _users(o))
+                        for o in p.outputs
+                    )
+                ):
+                    continue
+                owned[id(p)] = p
+                grew = True
+    final = tail[-1] if tail else reshape2
+    for node in owned.values():
+        if node is final:
+            continue
+        for o in node.outputs:
+            if o is not None and (
+                o.is_graph_output() or any(id(u) not in owned for u in _users(o))
+            ):
+                return None
+    order = {id(n): i for i, n in enumerate(bn.graph)} if bn.graph is not None else {}
+    nodes = sorted(owned.values(), key=lambda n: order.get(id(n), 0))
+    if nodes[-1] is not final:
+        return None
+    eps = float(attr_value(bn, "epsilon", 1e-5))
+    scale_arr, bias_arr = _constant_tail(gamma, 1), _constant_tail(beta, 1)
+    if (gamma is not None and scale_arr is None) or (beta is not None and bias_arr is None):
+        return None
+    return Decomposed("LayerNorm", nodes, x, out, eps, [-1], scale_arr, bias_arr, rank=rank_of(x))
+
+
 def _match_rmsnorm(m: ir.Node, consts: ConstantResolver) -> Decomposed | None:
     sq_value = m.inputs[0]
     sq = sq_value.producer() if sq_value is not None else None
@@ -300,7 +617,15 @@ def find_decomposed(model: ir.Model) -> list[tuple[ir.Graph, str, Decomposed]]:
                 continue
             match: Decomposed | None = None
             if node.op_type == "ReduceMean":
-                match = _match_layernorm(node, consts) or _match_rmsnorm(node, consts)
+                match = (
+                    _match_layernorm(node, consts)
+                    or _match_moments_layernorm(node, consts)
+                    or _match_rmsnorm(node, consts)
+                )
+            elif node.op_type == "GlobalAveragePool":
+                match = _match_moments_layernorm(node, consts)
+            elif node.op_type == "BatchNormalization":
+                match = _match_bn_layernorm(node, consts)
             elif node.op_type == "InstanceNormalization":
                 match = _match_groupnorm(node, consts)
             if match is None or any(id(n) in taken for n in match.nodes):
