@@ -416,11 +416,6 @@ def test_a_suggested_fix_folds_the_entry(tmp_path):
     assert not suggested & still_skipped, suggested & still_skipped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: the summary says 'BatchNormalization 0 -> 0' for raise and "
-    "--norm-affine runs",
-)
 @pytest.mark.parametrize(
     "args",
     [["raise", "--target-opset", "23"], ["fold", "--norm-affine"]],

@@ -65,6 +65,19 @@ class ModelStats:
     norm_nodes: int = 0
     batchnorm_nodes: int = 0
     param_bytes: int = 0
+    ops: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def changed_ops(self, after: ModelStats, limit: int = 3) -> list[tuple[str, int, int]]:
+        """The op types whose count differs in ``after``, norms first, at most ``limit``."""
+        names = sorted(
+            set(self.ops) | set(after.ops),
+            key=lambda n: (
+                "Normalization" not in n,
+                -abs(self.ops.get(n, 0) - after.ops.get(n, 0)),
+            ),
+        )
+        out = [(n, self.ops.get(n, 0), after.ops.get(n, 0)) for n in names]
+        return [c for c in out if c[1] != c[2]][:limit]
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -333,10 +346,16 @@ class Report:
                     "BatchNormalization",
                 )
             )
+            changed = b.changed_ops(a)
+            if changed and not (b.batchnorm_nodes != a.batchnorm_nodes and self.action == "fold"):
+                counts = ", ".join(f"{op} {x} -> {y}" for op, x, y in changed)
+            elif b.ops and not changed and b.batchnorm_nodes == a.batchnorm_nodes == 0:
+                counts = "no op changed"
+            else:
+                counts = f"{bn} {b.batchnorm_nodes} -> {a.batchnorm_nodes}"
             summary.append(
-                f" | {nodes} {b.nodes} -> {a.nodes}, {bn} {b.batchnorm_nodes} -> "
-                f"{a.batchnorm_nodes}, parameters {_human_bytes(b.param_bytes)} -> "
-                f"{_human_bytes(a.param_bytes)}"
+                f" | {nodes} {b.nodes} -> {a.nodes}, {counts}, parameters "
+                f"{_human_bytes(b.param_bytes)} -> {_human_bytes(a.param_bytes)}"
             )
         if self.timings:
             summary.append(

@@ -191,6 +191,7 @@ def model_stats(model: ir.Model) -> ModelStats:
                     stats.param_bytes += v.const_value.nbytes
         for node in container:
             stats.nodes += 1
+            stats.ops[node.op_type] = stats.ops.get(node.op_type, 0) + 1
             if node.domain in ("", "ai.onnx"):
                 if node.op_type == "BatchNormalization":
                     stats.batchnorm_nodes += 1
