@@ -348,3 +348,407 @@ def test_json_report_still_written_where_allowed(small, tmp_path):
     result = invoke("fold", small, "-o", tmp_path / "o.onnx", "--json", report, "--no-check")
     assert result.exit_code == 0, result.output
     assert json.loads(report.read_text())["applied"] == 2
+
+
+# --- 4. two processes writing one output with external data ----------------------------------
+
+
+def _weights_digest(path: Path) -> str:
+    model = onnx.load(str(path))  # reads the external data: fails when it is missing or short
+    digest = hashlib.sha256()
+    for t in sorted(model.graph.initializer, key=lambda t: t.name):
+        digest.update(numpy_helper.to_array(t).tobytes())
+    return digest.hexdigest()
+
+
+def test_concurrent_writers_of_one_output_never_break_it(tmp_path):
+    """30 rounds of two concurrent folds into one output (external data, with the check): the
+    output always loads, passes the checker and is one of the two results; both runs exit 0
+    (each checks its own bytes), and no data file is left that the output does not use."""
+    sources, expected = [], []
+    for i in range(2):
+        src = tmp_path / f"src{i}.onnx"
+        model = _model(np.random.default_rng(10 + i), channels=256, layers=2)  # ~4.7 MB
+        onnx.save(
+            onnx.ModelProto.FromString(model.SerializeToString()),
+            src,
+            save_as_external_data=True,
+            location=f"src{i}.bin",
+            size_threshold=1024,
+        )
+        sources.append(src)
+    out = tmp_path / "out.onnx"
+    fold = [sys.executable, "-m", "normfuse.cli", "fold", "-o", str(out), "--force"]
+    for src in sources:
+        subprocess.run([*fold, str(src)], check=True, capture_output=True, timeout=120)
+        expected.append(_weights_digest(out))
+    assert expected[0] != expected[1]
+    for _ in range(30):
+        procs = [
+            subprocess.Popen([*fold, str(s)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for s in sources
+        ]
+        results = [(p.wait(timeout=120), p.stderr.read().decode()) for p in procs]  # type: ignore[union-attr]
+        for p in procs:
+            p.stdout.close()  # type: ignore[union-attr]
+            p.stderr.close()  # type: ignore[union-attr]
+        assert all(rc == 0 for rc, _ in results), results
+        assert _weights_digest(out) in expected
+        onnx.checker.check_model(str(out), full_check=True)
+        used = {
+            e.value
+            for t in onnx.load(str(out), load_external_data=False).graph.initializer
+            for e in t.external_data
+            if e.key == "location"
+        }
+        data = {p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx.")}
+        hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert data <= used | {"out.onnx.data", "out.onnx.1.data"}, (data, used)
+        assert not hidden, hidden
+
+
+# --- 6. the message tells the state of the output ------------------------------------------
+
+
+def test_interrupt_after_the_rename_says_the_output_was_written(small, tmp_path, monkeypatch):
+    from normfuse.onnxgraph import io as onnx_io
+
+    real = onnx_io.save
+
+    def save_then_interrupt(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C just after the rename
+
+    monkeypatch.setattr(onnx_io, "save", save_then_interrupt)
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", small, "-o", out, "--no-check")
+    assert result.exit_code == 130
+    line = _one_error_line(result.stderr)
+    assert out.is_file() and f"{out} was written" in line and "nothing was written" not in line
+
+
+def test_interrupt_before_the_rename_says_nothing_was_written(small, tmp_path, monkeypatch):
+    from normfuse.onnxgraph import io as onnx_io
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_io, "write_streaming", interrupt)
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", small, "-o", out, "--no-check")
+    assert result.exit_code == 130
+    assert "nothing was written" in _one_error_line(result.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+def test_disk_full_names_the_output_and_what_to_do(small, tmp_path, monkeypatch):
+    import errno
+
+    from normfuse.onnxgraph import io as onnx_io
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(onnx_io, "write_streaming", full)
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", small, "-o", out, "--no-check")
+    assert result.exit_code == 2
+    line = _one_error_line(result.stderr)
+    assert str(out) in line and "No space left" in line and "Note:" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.onnx"]
+
+
+@pytest.mark.skipif(not hasattr(os, "kill"), reason="needs signals")
+def test_sigterm_during_the_save_leaves_no_temporary_files(tmp_path):
+    import signal
+    import time
+
+    src = tmp_path / "big.onnx"
+    model = _model(np.random.default_rng(0), channels=512, layers=6)  # ~57 MB
+    onnx.save(
+        onnx.ModelProto.FromString(model.SerializeToString()),
+        src,
+        save_as_external_data=True,
+        location="big.bin",
+        size_threshold=1024,
+    )
+    out = tmp_path / "out.onnx"
+    stopped = 0
+    for k in range(4):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "normfuse.cli", "fold", src, "-o", out, "--force"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+                break
+            time.sleep(0.001)
+        time.sleep(0.02 * k)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            stopped += 1
+        _, err = proc.communicate(timeout=60)
+        if proc.returncode == 143:
+            assert "terminated" in err.decode()
+        left = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+        assert not left, left
+        if out.exists():
+            onnx.checker.check_model(str(out), full_check=True)
+        orphans = {p.name for p in tmp_path.iterdir() if p.name.startswith("out.onnx.")}
+        assert orphans <= {"out.onnx.data", "out.onnx.1.data"}, orphans
+    assert stopped >= 2
+
+
+# --- 7/8. .pt2 archives -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dynamic_pt2(tmp_path_factory) -> Path:
+    """A torch.export archive of a Conv-BN module with a dynamic batch dimension."""
+    pytest.importorskip("torch")
+    folder = tmp_path_factory.mktemp("pt2")
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        class M(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+            def forward(self, x):
+                return self.bn(self.conv(x))
+        m = M().eval()
+        b = torch.export.Dim("b", min=1, max=64)
+        ep = torch.export.export(m, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: b},))
+        torch.export.save(ep, sys.argv[1])
+        """
+    )
+    path = folder / "d.pt2"
+    subprocess.run([sys.executable, "-c", script, path], check=True, capture_output=True)
+    return path
+
+
+def _rewrite_pt2(src: Path, dst: Path, change) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, change(info.filename, zin.read(info.filename)))
+    return dst
+
+
+def test_pt2_symbolic_expression_with_code_is_refused(dynamic_pt2, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    import zipfile
+
+    with zipfile.ZipFile(dynamic_pt2) as z:
+        names = [n for n in z.namelist() if n.endswith("models/model.json")]
+        assert names and b"expr_str" in z.read(names[0]), "the archive has no symbolic dims"
+
+    def evil(name: str, data: bytes) -> bytes:
+        if not name.endswith("models/model.json"):
+            return data
+        doc = json.loads(data)
+
+        def walk(node):
+            if isinstance(node, dict):
+                for k, v in node.items():
+                    if k == "expr_str":
+                        node[k] = "__import__('os').system('touch pwned')"
+                    else:
+                        walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(doc)
+        return json.dumps(doc).encode()
+
+    bad = _rewrite_pt2(dynamic_pt2, tmp_path / "s.pt2", evil)
+    proc = cli_process("fold", bad, "-o", tmp_path / "o.pt2", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "symbolic expression" in _one_error_line(proc.stderr)
+    assert not (tmp_path / "pwned").exists(), "code from the archive ran"
+    assert not (tmp_path / "o.pt2").exists()
+
+
+def test_pt2_declared_size_beyond_the_archive_is_refused(dynamic_pt2, tmp_path):
+    def inflate(name: str, data: bytes) -> bytes:
+        if not name.endswith("model_weights_config.json"):
+            return data
+        doc = json.loads(data)
+        meta = next(iter(doc["config"].values()))["tensor_meta"]
+        meta["sizes"] = [{"as_int": 20000}, {"as_int": 20000}]  # 1.6 GB of float32
+        meta["strides"] = [{"as_int": 20000}, {"as_int": 1}]
+        return json.dumps(doc).encode()
+
+    bad = _rewrite_pt2(dynamic_pt2, tmp_path / "big.pt2", inflate)
+    proc = cli_process("fold", bad, "-o", tmp_path / "o.pt2", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "declares" in _one_error_line(proc.stderr)
+
+
+def test_pt2_deflate_bomb_is_refused(dynamic_pt2, tmp_path):
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(dynamic_pt2) as zin, zipfile.ZipFile(bomb, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        prefix = zin.namelist()[0].split("/")[0]
+        zout.writestr(f"{prefix}/extra", b"\0" * 20_000_000, compress_type=zipfile.ZIP_DEFLATED)
+    proc = cli_process("fold", bomb, "-o", tmp_path / "o.pt2", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "expands" in _one_error_line(proc.stderr)
+
+
+def test_broken_pt2_gives_one_line(dynamic_pt2, tmp_path):
+    def truncate(name: str, data: bytes) -> bytes:
+        return data[: len(data) // 2] if name.endswith("models/model.json") else data
+
+    bad = _rewrite_pt2(dynamic_pt2, tmp_path / "broken.pt2", truncate)
+    proc = cli_process("fold", bad, "-o", tmp_path / "o.pt2", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    _one_error_line(proc.stderr)
+
+
+def test_pt2_output_gets_the_umask_and_a_pt2_temp_name(dynamic_pt2, tmp_path):
+    out = tmp_path / "o.pt2"
+    proc = subprocess.run(
+        [
+            *("sh", "-c", 'umask 022 && exec "$@"', "sh", sys.executable, "-m", "normfuse.cli"),
+            *("fold", str(dynamic_pt2), "-o", str(out), "--no-check"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+    assert "does not end" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr
+
+
+# --- 9. non-regular and huge inputs ----------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+@pytest.mark.parametrize("command", ["inspect", "fold"])
+def test_a_device_as_the_model_is_refused_at_once(tmp_path, command):
+    extra = ["-o", tmp_path / "o.onnx"] if command == "fold" else []
+    proc = cli_process(command, "/dev/zero", *extra, timeout=10)
+    assert proc.returncode == 2
+    assert "character device" in _one_error_line(proc.stderr)
+
+
+def test_a_large_file_that_is_not_a_model_is_refused_quickly(tmp_path):
+    """Zeros, and a file whose first field is a valid ModelProto field followed by garbage."""
+    for name, head in (("zeros.onnx", b""), ("garbage.onnx", b"\x08\x07\xff\xff\xff")):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.write(head)
+            f.truncate(200_000_000)  # sparse
+        try:
+            proc = cli_process("inspect", path, timeout=5)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{name}: a 200 MB file was not refused within 5 s")
+        assert proc.returncode == 2
+        _one_error_line(proc.stderr)
+
+
+# --- 12. one line, as promised (inputs files, locations, claimed sizes, data) -----------------
+
+
+def _npz_cases(folder: Path) -> dict[str, Path]:
+    import io
+    import pickle
+    import zipfile
+
+    cases = {}
+    npy = folder / "renamed.npz"
+    np.save(folder / "plain.npy", np.zeros((1, 3, 32, 32), np.float32))
+    (folder / "plain.npy").rename(npy)
+    cases["npy-renamed"] = npy
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (1_000_000, 1_000_000)}
+    )
+    claim = folder / "claim.npz"
+    with zipfile.ZipFile(claim, "w") as z:
+        z.writestr("x.npy", b"\x93NUMPY\x01\x00" + header.getvalue()[8:] + b"\0" * 64)
+    cases["huge-header"] = claim
+    raw = folder / "pickle.npz"
+    with zipfile.ZipFile(raw, "w") as z:
+        z.writestr("x.npy", pickle.dumps({"a": 1}))
+    cases["raw-pickle"] = raw
+    nan = folder / "nan.npz"
+    np.savez(nan, x=np.full((1, 3, 32, 32), np.nan, np.float32))
+    cases["nan"] = nan
+    return cases
+
+
+@pytest.mark.parametrize("case", ["npy-renamed", "huge-header", "raw-pickle", "nan"])
+@pytest.mark.parametrize("command", ["recalibrate", "check"])
+def test_bad_data_files_give_one_line(tmp_path, case, command):
+    path = _npz_cases(tmp_path)[case]
+    if command == "check" and case == "nan":
+        pytest.skip("check compares NaN outputs as such; only recalibrate refuses NaN data")
+    if command == "recalibrate":
+        args = ["recalibrate", _R, "--data", path, "-o", tmp_path / "r.onnx"]
+    else:
+        args = ["check", _R, _R, "--inputs", path]
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result.stderr)
+    assert "Note:" in line and "unexpected" not in line, line
+    assert not (tmp_path / "r.onnx").exists()
+
+
+def test_a_huge_shape_is_refused(tmp_path):
+    result = invoke("check", _R, _R, "--shape", "x=1x99999999999")
+    assert result.exit_code == 2, result.output
+    assert "Note:" in _one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize("location", ["w\x00.bin", "w\n.bin"], ids=["nul", "newline"])
+def test_control_characters_in_a_data_location_give_one_line(tmp_path, rng, location):
+    model = _model(rng)
+    w = next(t for t in model.graph.initializer if t.name == "W0")
+    data = numpy_helper.to_array(w).tobytes()
+    w.ClearField("raw_data")
+    w.data_location = TP.EXTERNAL
+    for key, value in (("location", location), ("length", str(len(data)))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    result = invoke("fold", src, "-o", tmp_path / "o.onnx", "--no-check")
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.stderr)
+
+
+def test_a_tensor_claiming_1e12_elements_gives_one_line(tmp_path, rng):
+    model = _model(rng)
+    w = next(t for t in model.graph.initializer if t.name == "W0")
+    del w.dims[:]
+    w.dims.extend([1_000_000, 1_000_000])
+    src = tmp_path / "m.onnx"
+    src.write_bytes(model.SerializeToString())
+    for args in (["fold", src, "-o", tmp_path / "o.onnx", "--no-check"], ["inspect", src]):
+        proc = cli_process(*args, timeout=30)
+        assert proc.returncode == 2, proc.stderr
+        assert "malformed" in _one_error_line(proc.stderr)
+
+
+def test_recalibrate_refuses_nan_data_naming_the_batch(tmp_path):
+    data = tmp_path / "calib"
+    data.mkdir()
+    np.savez(data / "a.npz", x=np.zeros((1, 3, 32, 32), np.float32))
+    bad = np.zeros((1, 3, 32, 32), np.float32)
+    bad[0, 0, 0, 0] = np.inf
+    np.savez(data / "b.npz", x=bad)
+    result = invoke("recalibrate", _R, "--data", data, "-o", tmp_path / "r.onnx")
+    assert result.exit_code == 2, result.output
+    line = _one_error_line(result.stderr)
+    assert "batch 1" in line and "NaN or infinity" in line
+    assert not (tmp_path / "r.onnx").exists()

@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -551,7 +551,6 @@ def save(
             or has_external_data(ir_model)
             or _total_bytes(ir_model) > TWO_GIB
         )
-    stale = _our_data_files(out)
     data_name: str | None = None
     tmp: Path | None = None
     try:
@@ -564,8 +563,19 @@ def save(
         os.chmod(tmp, default_mode())
         if verify is not None:
             verify(tmp)
-        os.replace(tmp, out)  # the switch: before it the old output stands, after it the new
-        tmp = None
+        keep = set() if discard else set(ir_model.meta.get(INPUT_FILES_KEY, ()))
+        if not discard:
+            keep |= {i for i in map(file_identity, _sources(ir_model)) if i is not None}
+        with _folder_lock(folder):  # concurrent runs writing this output switch one at a time
+            stale = _our_data_files(out)  # the data of the output this rename replaces
+            os.replace(tmp, out)  # the switch: before it the old output stands, after it the new
+            tmp = None
+            for old, identity in stale.items():
+                if old.name == data_name or identity in keep:
+                    continue  # an input of this run reads it: never removed
+                if file_identity(old, follow=False) == identity:  # still the replaced one's
+                    with contextlib.suppress(OSError):
+                        old.unlink()
     except BaseException as exc:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -576,17 +586,31 @@ def save(
         if isinstance(exc, OSError):
             raise _write_error(exc, out, folder) from None
         raise
-    keep = set() if discard else set(ir_model.meta.get(INPUT_FILES_KEY, ()))
-    if not discard:
-        keep |= {i for i in map(file_identity, _sources(ir_model)) if i is not None}
-    for old, identity in stale.items():
-        if old.name == data_name or identity in keep:
-            continue  # an input of this run reads it: never removed
-        if file_identity(old, follow=False) == identity:  # still the file that was replaced
-            with contextlib.suppress(OSError):
-                old.unlink()
     logger.info("wrote %s", out)
     return out
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock (``flock``) on the output folder itself (no lock file), held
+    while a run reads which data the current output uses, replaces the output, and removes
+    that data: two runs writing one output never remove each other's data or leave it behind."""
+    try:
+        import fcntl
+    except ImportError:  # no flock here: the switch stays atomic, clean-up is best effort
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_error(exc: OSError, out: Path, folder: Path) -> InputError:
