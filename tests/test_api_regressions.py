@@ -378,11 +378,7 @@ def test_check_help_states_the_default_tolerances():
     assert "default" in tolerances.lower(), tolerances
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: inspect calls raise candidates 'foldable' and its JSON says "
-    "'applied': 4 although nothing was applied",
-)
+
 def test_inspect_applies_nothing_and_does_not_call_raise_candidates_foldable():
     result = invoke("inspect", NORM_BLOCK, "--json", "-")
     assert result.exit_code == 0, result.output

@@ -290,7 +290,7 @@ def test_inspect_lists_decomposed_norms_and_what_raise_would_write():
     report = normfuse.inspect(MODELS / "norm_block.onnx")
     raisable = [e for e in report.entries if "decomposed" in e.op_type]
     assert {e.op_type.split(" ")[0] for e in raisable} == {"LayerNorm", "RMSNorm", "GroupNorm"}
-    assert all(e.status == "foldable" and e.target for e in raisable)
+    assert all(e.status == "raisable" and e.target for e in raisable)
 
 
 # ------------------------------------------------------------------------------ recalibrate

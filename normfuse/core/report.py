@@ -19,7 +19,7 @@ __all__ = ["Divergence", "Entry", "ModelStats", "OutputParity", "ParityResult", 
 
 logger = logging.getLogger(__name__)
 
-Status = Literal["applied", "foldable", "skipped"]
+Status = Literal["applied", "foldable", "raisable", "skipped"]
 
 
 @dataclasses.dataclass
@@ -271,7 +271,7 @@ class Report:
     @property
     def applied(self) -> list[Entry]:
         """The entries that were folded (or would fold, for ``inspect``)."""
-        return [e for e in self.entries if e.status in ("applied", "foldable")]
+        return [e for e in self.entries if e.status in ("applied", "foldable", "raisable")]
 
     @property
     def skipped(self) -> list[Entry]:
@@ -287,7 +287,9 @@ class Report:
         """A JSON-ready dict of the whole report."""
         return {
             "action": self.action,
-            "applied": len(self.applied),
+            "applied": sum(e.status == "applied" for e in self.entries),
+            "foldable": sum(e.status == "foldable" for e in self.entries),
+            "raisable": sum(e.status == "raisable" for e in self.entries),
             "skipped": len(self.skipped),
             "entries": [e.to_dict() for e in self.entries],
             "before": self.before.to_dict(),
@@ -321,7 +323,7 @@ class Report:
             for e in shown:
                 style = "green" if e.status == "applied" else "yellow"
                 where = f"{e.graph}: " if e.graph else ""
-                if e.status in ("applied", "foldable"):
+                if e.status in ("applied", "foldable", "raisable"):
                     detail = f"{e.target} ({e.direction})" if e.direction else str(e.target)
                     if e.exact is not None:
                         detail += " — exact" if e.exact else " — changes the function"

@@ -17,6 +17,7 @@ from normfuse.onnxgraph.const import ConstantResolver
 from normfuse.onnxgraph.downgrade import convert_opset
 from normfuse.onnxgraph.edit import Editor, all_names, model_resolver, np_dtype_of, opset_of
 from normfuse.onnxgraph.emit import emit_groupnorm
+from normfuse.onnxgraph.paths import InferredShapes
 from normfuse.onnxgraph.patterns import (
     Decomposed,
     channel_count,
@@ -39,6 +40,18 @@ def raise_model(
     returned).
     """
     notes: list[str] = []
+    opset = opset_of(model)
+    # ranks the converter did not write (tf2onnx), for matching only: taken back at the end
+    inferred = InferredShapes(model, opset)
+    try:
+        return _raise_model(model, target_opset, dry_run, notes)
+    finally:
+        inferred.restore(model)
+
+
+def _raise_model(
+    model: ir.Model, target_opset: int | None, dry_run: bool, notes: list[str]
+) -> tuple[ir.Model, list[Entry], list[str]]:
     matches = find_decomposed(model)
     opset = opset_of(model)
     limit = max(opset, target_opset or opset)
@@ -74,7 +87,7 @@ def raise_model(
         if reason is not None:
             entry.reason = reason
             continue
-        entry.status = "foldable" if dry_run else "applied"
+        entry.status = "raisable" if dry_run else "applied"
         entry.exact = True
     return model, entries, notes
 
