@@ -999,7 +999,7 @@ def _tfkeras_layernorm_unfused(x: str, y: str, c: int, rng, eps=1e-6):
     return nodes, inits
 
 
-def _tfkeras_layernorm_fused(x: str, y: str, c: int, rank: int, rng, eps=EPS):
+def _tfkeras_layernorm_fused(x: str, y: str, c: int, rank: int, rng, eps=EPS, noopt=False):
     """tf_keras LayerNormalization (default epsilon 1e-3, fused): x is reshaped to
     (1, N*..., C, 1) and normalised by a BatchNormalization whose mean and variance are
     computed per row (ReduceMean / Sub / ReduceSumSquare / Div by the count), with scale and
@@ -1012,6 +1012,16 @@ def _tfkeras_layernorm_fused(x: str, y: str, c: int, rank: int, rng, eps=EPS):
         tensor(f"{p}/mul/ReadVariableOp:0", gamma),
         tensor(f"{p}/add/ReadVariableOp:0", rng.normal(0, 1, c).astype(np.float32)),
         tensor(f"{p}/Reshape_shape__60", np.array([1, -1, c, 1], np.int64)),
+        *(
+            [
+                tensor("zero1", np.array([0], np.int64)),
+                tensor("lead_end", np.array([rank - 1], np.int64)),
+                tensor("last_end", np.array([rank], np.int64)),
+                tensor("one32", np.array(1, np.int32)),
+            ]
+            if noopt
+            else []
+        ),
         tensor("const_starts__7", np.array([rank - 1], np.int64)),
         tensor("const_axes__34", np.array([0, 2, 3], np.int64)),
         tensor("const_axes__15", np.array([0], np.int64)),
@@ -1020,7 +1030,24 @@ def _tfkeras_layernorm_fused(x: str, y: str, c: int, rank: int, rng, eps=EPS):
         T("Shape", [x], ["shape"], name=f"{p}/Shape"),
         T("Cast", ["shape"], ["shape32"], name=f"{p}/Shape__26", to=6),
         T("Cast", ["shape32"], ["shape64"], name=f"{p}/Reshape_1__53", to=7),
-        T("Reshape", [x, f"{p}/Reshape_shape__60"], ["x4"], name=f"{p}/Reshape"),
+        *(
+            # optimizers={}: the (1, rows, C, 1) target is computed from Shape(x)
+            [
+                T("Slice", ["shape32", "zero1", "lead_end", "zero1"], ["lead_d"], name="ss"),
+                T("ReduceProd", ["lead_d"], ["rows_t"], name="Prod", axes=[0], keepdims=0),
+                T("Slice", ["shape32", "lead_end", "last_end", "zero1"], ["last_d"], name="ss1"),
+                T("ReduceProd", ["last_d"], ["c_t"], name="Prod_1", axes=[0], keepdims=0),
+                T("Unsqueeze", ["one32", "zero1"], ["t0"], name="u0"),
+                T("Unsqueeze", ["rows_t", "zero1"], ["t1"], name="u1"),
+                T("Unsqueeze", ["c_t", "zero1"], ["t2"], name="u2"),
+                T("Unsqueeze", ["one32", "zero1"], ["t3"], name="u3"),
+                T("Concat", ["t0", "t1", "t2", "t3"], ["target32"], name="cc", axis=0),
+                T("Cast", ["target32"], ["target"], name="cc_cast", to=7),
+                T("Reshape", [x, "target"], ["x4"], name=f"{p}/Reshape"),
+            ]
+            if noopt
+            else [T("Reshape", [x, f"{p}/Reshape_shape__60"], ["x4"], name=f"{p}/Reshape")]
+        ),
         T(
             "Slice",
             ["shape32", "const_axes__15", "const_starts__7", "const_axes__15"],
@@ -1070,6 +1097,7 @@ RAISE_FORMS = {
     "tf_keras-unfused-eps1e-6": (lambda r: _tfkeras_layernorm_unfused("x", "y", 8, r), 3),
     "tf_keras-fused": (lambda r: _tfkeras_layernorm_fused("x", "y", 8, 3, r), 3),
     "tf_keras-fused-dense-rank2": (lambda r: _tfkeras_layernorm_fused("h", "y", 8, 2, r), 2),
+    "tf_keras-fused-noopt": (lambda r: _tfkeras_layernorm_fused("x", "y", 8, 3, r, noopt=True), 3),
 }
 SHAPES = {2: ["unk__11", 8], 3: ["unk__11", 5, 8], 4: ["unk__11", 4, 4, 6]}
 

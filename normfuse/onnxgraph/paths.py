@@ -35,7 +35,16 @@ import onnx_ir as ir
 from normfuse.onnxgraph.const import ConstantResolver
 from normfuse.onnxgraph.graph import get_attr, label_of, others, rank_of
 
-__all__ = ["LAYOUT_OPS", "AxisPath", "InferredShapes", "Step", "walk_back", "walk_forward"]
+__all__ = [
+    "LAYOUT_OPS",
+    "AxisPath",
+    "InferredShapes",
+    "Step",
+    "dims_of",
+    "shape_elements",
+    "walk_back",
+    "walk_forward",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +137,7 @@ def _reshape_pairs(ins: list[int | str | None], outs: list[int | str | None]) ->
     return pairs
 
 
-def _elements(
+def shape_elements(
     value: ir.Value | None, consts: ConstantResolver, depth: int = 0
 ) -> list[int | str | None] | None:
     """The entries of a 1-D integer tensor computed from constants and ``Shape`` ops, each a
@@ -147,7 +156,7 @@ def _elements(
         return None
     op, ins = node.op_type, node.inputs
     if op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):  # 1-D or scalar in, the same out
-        return _elements(ins[0], consts, depth + 1)
+        return shape_elements(ins[0], consts, depth + 1)
     if op == "Shape":
         dims = _dims(ins[0])
         if dims is None:
@@ -158,21 +167,54 @@ def _elements(
     if op == "Concat":
         out: list[int | str | None] = []
         for v in ins:
-            part = _elements(v, consts, depth + 1)
+            part = shape_elements(v, consts, depth + 1)
             if part is None:
                 return None
             out.extend(part)
         return out
+    if op == "Slice":
+        data = shape_elements(ins[0], consts, depth + 1)
+        if len(ins) >= 3:  # opset >= 10: starts, ends, axes, steps as inputs
+            parts = [consts.try_resolve(v) if v is not None else None for v in ins[1:5]]
+            starts, ends = parts[0], parts[1]
+            axes = parts[2] if len(parts) > 2 else None
+            steps = parts[3] if len(parts) > 3 else None
+            if (
+                starts is None
+                or ends is None
+                or (len(ins) > 3 and ins[3] is not None and axes is None)
+            ):
+                return None
+            if len(ins) > 4 and ins[4] is not None and steps is None:
+                return None
+        else:
+            starts, ends = get_attr(node, "starts", None), get_attr(node, "ends", None)
+            axes, steps = get_attr(node, "axes", None), None
+        if data is None or starts is None or ends is None:
+            return None
+        flat = [np.asarray(a).reshape(-1).tolist() for a in (starts, ends)]
+        if len(flat[0]) != 1 or len(flat[1]) != 1:
+            return None
+        if axes is not None and np.asarray(axes).reshape(-1).tolist() not in ([0], [-1]):
+            return None
+        step = 1 if steps is None else int(np.asarray(steps).reshape(-1)[0])
+        if step != 1:
+            return None
+        n = len(data)
+        lo, hi = (int(v[0]) for v in flat)
+        lo = max(0, min(n, lo + n if lo < 0 else lo))
+        hi = max(0, min(n, hi + n if hi < 0 else hi))
+        return data[lo:hi]
     if op == "ReduceProd" and int(get_attr(node, "keepdims", 1) or 0) in (0, 1):
         axes = _int_list(consts, node, "axes", 1)
-        data = _elements(ins[0], consts, depth + 1)
+        data = shape_elements(ins[0], consts, depth + 1)
         if data is None or axes not in ([], [0], [-1], None):
             return None
         if all(isinstance(d, int) for d in data):
             return [int(np.prod(np.array(data, dtype=np.int64)))]
         return [None]
     if op == "Gather" and len(ins) > 1 and int(get_attr(node, "axis", 0) or 0) == 0:
-        data = _elements(ins[0], consts, depth + 1)
+        data = shape_elements(ins[0], consts, depth + 1)
         idx = consts.try_resolve(ins[1])
         if data is None or idx is None:
             return None
@@ -183,7 +225,7 @@ def _elements(
     return None
 
 
-def _dims_of(
+def dims_of(
     value: ir.Value | None, consts: ConstantResolver, depth: int = 0
 ) -> list[int | str | None] | None:
     """The dims of ``value``: its shape, or (where inference gave none, as after a Reshape to a
@@ -197,9 +239,9 @@ def _dims_of(
         return None
     op, ins = node.op_type, node.inputs
     if op == "Reshape" and len(ins) > 1:
-        return _reshape_target(node, consts, _dims_of(ins[0], consts, depth + 1))
+        return _reshape_target(node, consts, dims_of(ins[0], consts, depth + 1))
     if op == "MatMul" and len(ins) == 2:
-        a = _dims_of(ins[0], consts, depth + 1)
+        a = dims_of(ins[0], consts, depth + 1)
         w = _dims(ins[1])
         if w is None and ins[1] is not None and ins[1].const_value is not None:
             w = [int(d) for d in ins[1].const_value.shape.numpy()]
@@ -211,14 +253,14 @@ def _dims_of(
             c = consts.try_resolve(other)
             if c is None:
                 continue
-            d = _dims_of(data, consts, depth + 1)
+            d = dims_of(data, consts, depth + 1)
             if d is not None and c.ndim <= len(d):
                 tail = d[len(d) - c.ndim :] if c.ndim else []
                 if all(k == 1 or k == t for k, t in zip(c.shape, tail, strict=True)):
                     return d
             return None
     if op in ("Identity", "Relu", "Sigmoid", "Tanh", "Cast"):
-        return _dims_of(ins[0], consts, depth + 1)
+        return dims_of(ins[0], consts, depth + 1)
     return None
 
 
@@ -226,7 +268,7 @@ def _reshape_target(
     node: ir.Node, consts: ConstantResolver, ins: list[int | str | None] | None
 ) -> list[int | str | None] | None:
     """The output dims of a Reshape from its target, when inference gave none."""
-    target = _elements(node.inputs[1], consts) if len(node.inputs) > 1 else None
+    target = shape_elements(node.inputs[1], consts) if len(node.inputs) > 1 else None
     if target is None:
         return None
     allowzero = int(get_attr(node, "allowzero", 0) or 0)
@@ -307,7 +349,7 @@ def layout_step(node: ir.Node, consts: ConstantResolver) -> Step | str:
         kept = [j for j in range(rank) if j not in new]
         return Step(node, len(kept), rank, {i: j for i, j in enumerate(kept)}, "")
     # Reshape, Flatten: match axes by length and stride
-    ins = _dims_of(x, consts)
+    ins = dims_of(x, consts)
     if ins is None:
         return f"the shape of {label}'s input is unknown"
     outs = _dims(y)
@@ -483,17 +525,24 @@ class InferredShapes:
             return
         consts = ConstantResolver(opset, model.ir_version)
         try:
-            inferred = _infer(model, consts)
-        except Exception as exc:  # inference is a help, never a requirement
-            logger.info("shape inference failed, folding with the shapes the model has: %s", exc)
-            return
+            try:
+                inferred = _infer(model, consts)
+            except Exception as exc:  # inference is a help, never a requirement
+                logger.info("shape inference failed, using the shapes the model has: %s", exc)
+                inferred = {}
+            for v in missing:  # in graph order, so each can build on the ones before
+                shape = inferred.get(v.name or "")
+                if shape is None:
+                    dims = dims_of(v, consts)
+                    if dims is not None:
+                        shape = ir.Shape(
+                            [ir.SymbolicDim(d) if isinstance(d, str) else d for d in dims]
+                        )
+                if shape is not None:
+                    v.shape = shape
+                    self._given.append((v, shape))
         finally:
             consts.close()
-        for v in missing:
-            shape = inferred.get(v.name or "")
-            if shape is not None:
-                v.shape = shape
-                self._given.append((v, shape))
 
     @property
     def count(self) -> int:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from normfuse.onnxgraph.const import ConstantResolver
 from normfuse.onnxgraph.edit import FUSED_MIN_OPSET, all_graphs, attr_value, model_resolver
 from normfuse.onnxgraph.graph import node_name, rank_of
+from normfuse.onnxgraph.paths import shape_elements
 
 __all__ = ["Decomposed", "channel_count", "decomposed_label", "find_decomposed", "normalized_shape"]
 
@@ -366,7 +367,7 @@ def _match_moments_layernorm(m1: ir.Node, consts: ConstantResolver) -> Decompose
 #: nothing else reads them.
 _SIDE_OPS = frozenset(
     {"Shape", "Cast", "Slice", "ReduceProd", "Unsqueeze", "Squeeze", "Expand", "Gather", "Concat"}
-    | {"Constant", "Identity"}
+    | {"Constant", "Identity", "Reshape"}
 )
 
 
@@ -411,13 +412,13 @@ def _match_bn_layernorm(bn: ir.Node, consts: ConstantResolver) -> Decomposed | N
     reshape1 = x4.producer()  # type: ignore[union-attr]
     if reshape1 is None or reshape1.op_type != "Reshape" or len(reshape1.inputs) < 2:
         return None
-    target = consts.try_resolve(reshape1.inputs[1])
+    # (1, rows, C, 1): the rows are whatever the reshape leaves (a constant -1 or computed)
+    t = shape_elements(reshape1.inputs[1], consts)
     x = reshape1.inputs[0]
-    if target is None or x is None or x.shape is None or x.shape.rank() < 2:
+    if t is None or x is None or x.shape is None or x.shape.rank() < 2:
         return None
-    t = [int(v) for v in np.asarray(target).reshape(-1)]
     c = x.shape.dims[-1]
-    if len(t) != 4 or t[0] != 1 or t[1] != -1 or t[3] != 1 or not isinstance(c, int) or t[2] != c:
+    if len(t) != 4 or t[0] != 1 or t[3] != 1 or not isinstance(c, int) or t[2] != c:
         return None
     rows = [0, 2, 3]
     squeeze = mean1.producer()  # type: ignore[union-attr]
@@ -496,6 +497,7 @@ def _match_bn_layernorm(bn: ir.Node, consts: ConstantResolver) -> Decomposed | N
                 if (
                     p is None
                     or id(p) in owned
+                    or x in p.outputs  # never what computes the input itself
                     or p.op_type not in _SIDE_OPS
                     or p.graph is not bn.graph
                     or any(
