@@ -323,3 +323,153 @@ def test_mutator_really_mutates():
     changed = sum(m != base for m in mutants)
     assert changed == len(mutants), "some mutants equal the base model"
     assert len(set(mutants)) >= 100  # and varied (several kinds have few outcomes on a small model)
+
+
+# ------------------------------------- hostile tensors, files and .pt2 expressions (issue 16)
+def _big_model() -> onnx.ModelProto:
+    """Weights above the lazy loader's threshold, so that the self-backed path reads them."""
+    rng = np.random.default_rng(11)
+    b = Builder(rng, [1, 16, 5, 5], constant_nodes=False)
+    b.conv(False, 16, 3, 1, 1, True, 1)
+    b.bn(False)
+    b.emit("Relu", [])
+    b.conv(False, 16, 1, 1, 0, False, 1)
+    b.nodes.append(helper.make_node("Identity", [b.cur], ["y"]))
+    return make_model(
+        b.nodes, [("x", TP.FLOAT, [1, 16, 5, 5])], [("y", TP.FLOAT, None)], b.inits, opset=17
+    )
+
+
+BIG = _big_model()
+
+_LOCATIONS = ["../x.bin", "/etc/passwd", "w\x00.bin", "w\n.bin", "missing.bin", "", "."]
+
+
+def _hostile_tensor(model: onnx.ModelProto, r: random.Random) -> bytes:
+    """One of: raw_data shorter or longer than the dims need, dims inflated to claim far more
+    elements than stored, or an external-data location that is hostile or missing."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = [t for t in m.graph.initializer if t.raw_data]
+    t = r.choice(inits)
+    what = r.choice(["short_raw", "long_raw", "inflate_dims", "location"])
+    if what == "short_raw":
+        t.raw_data = t.raw_data[: r.randrange(len(t.raw_data))]
+    elif what == "long_raw":
+        t.raw_data = t.raw_data + bytes(r.randint(1, 64))
+    elif what == "inflate_dims":
+        i = r.randrange(len(t.dims))
+        t.dims[i] = t.dims[i] * r.choice([2, 1000, 10**6, 10**12])
+    else:
+        data = t.raw_data
+        t.ClearField("raw_data")
+        t.data_location = TP.EXTERNAL
+        for key, value in (("location", r.choice(_LOCATIONS)), ("length", str(len(data)))):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+    return m.SerializeToString()
+
+
+@MUTANTS
+@given(st.integers(0, 2**31 - 1), st.sampled_from(["fold", "inspect"]))
+def test_hostile_tensors_get_one_error_line(tmp_path_factory, seed, command):
+    folder = tmp_path_factory.mktemp("hostile")
+    src = folder / "m.onnx"
+    src.write_bytes(_hostile_tensor(BIG, random.Random(seed)))
+    out = folder / "o.onnx"
+    args = [command, str(src)] + (["-o", str(out), "--no-check"] if command == "fold" else [])
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 2, result.output  # every mutant is wrong: none may pass
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "unexpected" not in lines[0]
+    assert not out.exists()
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(["fifo", "dir", "link-to-dir", "dangling", "dev"]))
+def test_non_regular_inputs_and_outputs_are_refused(tmp_path_factory, kind):
+    folder = tmp_path_factory.mktemp("nonregular")
+    src = folder / "m.onnx"
+    src.write_bytes(BASE.SerializeToString())
+    special = folder / "special.onnx"
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            return
+        os.mkfifo(special)
+    elif kind == "dir":
+        special.mkdir()
+    elif kind == "link-to-dir":
+        special.symlink_to(folder)
+    elif kind == "dangling":
+        special.symlink_to(folder / "nowhere")
+    else:
+        if not os.path.exists("/dev/null"):
+            return
+        special = __import__("pathlib").Path("/dev/null")
+    for args in (
+        ["fold", str(special), "-o", str(folder / "o.onnx"), "--no-check"],
+        # a link needs --force (and then the link is replaced, never its target); anything
+        # else that is not a regular file is refused even with --force
+        ["fold", str(src), "-o", str(special), "--no-check"]
+        + ([] if kind in ("link-to-dir", "dangling") else ["--force"]),
+    ):
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+        assert result.exit_code == 2, (args, result.output)
+        lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert not (folder / "o.onnx").exists()
+    if kind in ("dangling", "link-to-dir"):
+        assert special.is_symlink()
+
+
+_SAFE_PARTS = ["s0", "s77", "u1", "2", "17", " + ", " - ", " * ", " // ", " % ", " / "]
+_HOSTILE_PARTS = [
+    "__import__('os')",
+    ".system('x')",
+    "eval('1')",
+    "exec('x')",
+    "open('f')",
+    "lambda: 0",
+    "[0]",
+    "getattr(s0, 'x')",
+    "s0.__class__",
+    "'os'",
+    "{}",
+    "Symbol('s0').func",
+    "f(s0)",
+    "Integer(1)[0]",
+    "\\x00",
+    ";",
+    "`",
+]
+
+
+@settings(
+    max_examples=1000 if LONG else 200, deadline=None, suppress_health_check=list(HealthCheck)
+)
+@given(st.lists(st.sampled_from(_SAFE_PARTS), min_size=0, max_size=6), st.data())
+def test_pt2_expressions_outside_the_grammar_are_refused(safe, data):
+    """Hostile fragments spliced into arithmetic are always refused; arithmetic and sympy's
+    srepr of symbols always pass (the validator of .pt2 ``expr_str`` strings)."""
+    import pytest
+
+    pytest.importorskip("torch")
+    from normfuse.core.errors import InputError
+    from normfuse.torchmodel.export import _check_expression
+
+    plain = "".join(safe) or "s0"
+    if not plain.strip().startswith(("+", "-", "*", "/", "%")) and not plain.rstrip().endswith(
+        ("+", "-", "*", "/", "%")
+    ):
+        _check_expression(plain, "test")  # in the grammar (even if not valid arithmetic)
+    _check_expression("Symbol('s77', positive=True, integer=True)", "test")
+    _check_expression("FloorDiv(Symbol('s0', integer=True), Integer(2))", "test")
+    hostile = data.draw(st.sampled_from(_HOSTILE_PARTS))
+    at = data.draw(st.integers(0, len(plain)))
+    text = plain[:at] + hostile + plain[at:]
+    try:
+        _check_expression(text, "test")
+    except InputError:
+        return
+    raise AssertionError(f"accepted {text!r}")

@@ -199,7 +199,10 @@ def check_model_prefix(path: Path) -> None:
                 "holds no graph",
             )
         if head.lstrip()[:1] in (b"<", b"{", b"#"):  # text (HTML, JSON, scripts): not protobuf
-            raise InputError(f"{path} is not a readable ONNX model (a text file)")
+            raise InputError(
+                f"{path} is not a readable ONNX model (a text file)",
+                "give a file written by onnx.save or an exporter",
+            )
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             try:
                 for i, (number, wire, *_) in enumerate(_fields(buf, 0, size)):
@@ -209,7 +212,8 @@ def check_model_prefix(path: Path) -> None:
                         raise DecodeError("too many top-level fields")
             except (DecodeError, IndexError) as exc:
                 raise InputError(
-                    f"{path} is not a readable ONNX model (not a ModelProto: {exc})"
+                    f"{path} is not a readable ONNX model (not a ModelProto: {exc})",
+                    "give a file written by onnx.save or an exporter",
                 ) from None
 
 
