@@ -20,8 +20,8 @@ models (``paddle2onnx`` pins an old onnx: convert in a third environment) and an
 converted files are measured with ``--from-dir``.
 
 Per file, measured here with onnx and onnxruntime only (normfuse is run through its CLI,
-``normfuse fold IN -o OUT --force --json OUT.json``, so this file imports nothing from the
-package):
+``normfuse fold IN -o OUT --force --json OUT.json``, with ``--norm-affine`` when this script is
+given it, so this file imports nothing from the package):
 
 * ``BN``: BatchNormalization nodes; ``aff``: Mul/Add/Sub/Div nodes whose other operand is a
   constant that varies along exactly one axis (a per-channel map; a MatMul's bias Add and
@@ -390,9 +390,11 @@ def _has(python: str, module: str) -> bool:
     return subprocess.run([python, "-c", code], capture_output=True).returncode == 0
 
 
-def _run_normfuse(cli: str, src: Path, dst: Path, timeout: int) -> dict:
+def _run_normfuse(
+    cli: str, src: Path, dst: Path, timeout: int, extra: tuple[str, ...] = ()
+) -> dict:
     report = dst.with_suffix(".json")
-    cmd = [cli, "fold", str(src), "-o", str(dst), "--force", "--json", str(report)]
+    cmd = [cli, "fold", str(src), "-o", str(dst), "--force", "--json", str(report), *extra]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -452,7 +454,13 @@ def measure(files: list[Path], manifest: dict, args) -> list[dict]:
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             rows.append(row)
             continue
-        tools = [("normfuse", lambda s, d: _run_normfuse(args.normfuse, s, d, args.timeout))]
+        extra = ("--norm-affine",) if getattr(args, "norm_affine", False) else ()
+        tools = [
+            (
+                "normfuse",
+                lambda s, d, extra=extra: _run_normfuse(args.normfuse, s, d, args.timeout, extra),
+            )
+        ]
         tools += [
             (t, lambda s, d, t=t: _run_peer(args.peer_python, t, s, d, args.timeout)) for t in peers
         ]
@@ -563,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--optimizers", default="default,none")
     p.add_argument("--opset", type=int, default=13)
     p.add_argument("--timeout", type=int, default=600, help="seconds per conversion/tool run")
+    p.add_argument(
+        "--norm-affine",
+        action="store_true",
+        help="fold with --norm-affine (plain Mul/Add chains also fold into the following op)",
+    )
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--markdown", help="write the tables here")
     args = p.parse_args(argv)
