@@ -664,9 +664,6 @@ def test_untraceable_module_result_is_right(which):
 # ---------------------------------------------------- 5. coverage: frozen BN as mul/add in graphs
 
 
-@xfail(
-    "a per-channel mul/add chain with constant tensors after a conv (frozen BN after export) is not recognised as a norm"
-)
 @pytest.mark.parametrize("path", ["graphmodule", "exported"])
 def test_per_channel_affine_after_conv_folds(path):
     model = randomize(ConvThenAffine(), 18)
@@ -677,7 +674,6 @@ def test_per_channel_affine_after_conv_folds(path):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail("FrozenBatchNormAct2d traced/exported is rsqrt/mul/add of buffers after a conv: not folded")
 @pytest.mark.parametrize("path", ["graphmodule", "exported"])
 def test_frozen_norm_act_in_graph_folds(path):
     model = FROZEN_MODELS["minimal"]()
@@ -702,9 +698,6 @@ def test_non_channel_affine_after_conv_stays(path):
 # ------------------------------------------------ 6. coverage: BatchNorm1d on flattened tokens
 
 
-@xfail(
-    "BatchNorm1d after Linear through flatten(0, 1)/reshape_as: 'follows flatten ... no Conv/Linear to fold into'"
-)
 @pytest.mark.parametrize("path", ["module", "graphmodule", "exported"])
 def test_bn1d_on_flattened_tokens_folds(path):
     model = randomize(LinearNorm(), 20)
@@ -747,10 +740,6 @@ def test_identity_branch_block_folds_the_rest(path):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail(
-    "BN on the block input summed with conv branches: the reason does not say that branch "
-    "merging (RepVGG re-parameterisation) would fold it"
-)
 @pytest.mark.parametrize("path", ["module", "exported"])
 def test_identity_branch_bn_folds_or_says_what_is_needed(path):
     model = randomize(RepVggBlock(), 23)
@@ -769,10 +758,6 @@ def test_bn_after_concat_result_is_right(path):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail(
-    "BN after torch.cat: the reason does not say that splitting it per concatenated input "
-    "(each conv taking its slice) is needed"
-)
 @pytest.mark.parametrize("path", ["module", "exported"])
 def test_bn_after_concat_folds_or_says_what_is_needed(path):
     model = randomize(ConcatNorm(), 25)
@@ -849,7 +834,6 @@ def test_timm_untraceable_model_folds(timm):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail("levit: BatchNorm1d after Linear through flatten(0, 1)/reshape_as not folded")
 def test_timm_levit_token_bn_folds(timm):
     model = timm_model(timm, "levit_128s", 34, img_size=64)
     x = image(1, 3, 64, 64)

@@ -21,6 +21,12 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, LinearKind
+from normfuse.torchmodel.layout import (
+    lands_on_channels,
+    shape_only_use,
+    structural_reason,
+    view_input,
+)
 from normfuse.torchmodel.normsig import NormSignature, is_meta, looks_like_norm, norm_signature
 
 __all__ = [
@@ -489,6 +495,9 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
                 None,
             )
         return dense_checked(Pair(norm, lin, "after"), lin.node)
+    through = _through_view(gm, norm)
+    if through is not None:
+        return through
     users = [u for u in users_of(norm.node) if not is_meta(u)]
     if norm.tail:
         names = ", ".join(n for n, _ in norm.tail)
@@ -514,11 +523,48 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
                     None,
                 )
             return dense_checked(Pair(norm, lin, "before"), norm.node)
+    structural = structural_reason(norm.input, users, describe_node)
+    if structural is not None:
+        return structural, None
     after = ", ".join(describe_node(u) for u in users) or "nothing"
     return (
         f"follows {describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",
         None,
     )
+
+
+def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None] | None:
+    """A norm on a Linear's output flattened to ``(M, C)`` (:mod:`normfuse.torchmodel.layout`):
+    the fold, the reason it cannot be, or ``None`` when the norm's input is no such view."""
+    found = view_input(norm.input)
+    if found is None:
+        return None
+    src, what = found
+    lin = as_linear(gm, src)
+    if lin is None or lin.kind != "dense":
+        return None
+    view = norm.input
+    assert isinstance(view, fx.Node)
+    others = [u for u in users_of(view) if u is not norm.erase[-1] and not is_meta(u)]
+    others += [u for u in users_of(lin.node) if u is not view and not shape_only_use(u, lin.node)]
+    if others:
+        return (
+            f"follows {what} of {lin.label}, whose values also feed "
+            f"{', '.join(describe_node(u) for u in others)}",
+            None,
+        )
+    if lin.channels("out") != norm.channels:
+        return (
+            f"follows {what} of {lin.label} with {lin.channels('out')} features, the norm has "
+            f"{norm.channels} channels",
+            None,
+        )
+    reason = lands_on_channels(src, view, norm.channels)
+    if reason is not None:
+        return f"follows {what} of {lin.label}: {reason}", None
+    pair = Pair(norm, lin, "after")
+    pair.warnings.append(f"through {what} '{view.name}': the Linear's features are its channels")
+    return pair
 
 
 def call_sites(gm: fx.GraphModule, owner: str, is_module: bool) -> list[fx.Node]:

@@ -17,6 +17,7 @@ from torch import fx, nn
 
 from normfuse.core.algebra import LinearWeights, absorb_after, absorb_before
 from normfuse.core.report import Entry
+from normfuse.torchmodel.affinechain import ChainFinder, erase_dead_constants
 from normfuse.torchmodel.normsig import tail_module
 from normfuse.torchmodel.pairs import (
     Linear,
@@ -140,6 +141,7 @@ def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[s
     entries: dict[str, Entry] = {}
     folded_modules: set[str] = set()
     counter = [0]
+    constants: set[fx.Node] = set()
     for _ in range(16):  # chains (BN after BN) fold one link per round
         norms = [n for n in (as_norm(gm, node) for node in list(gm.graph.nodes)) if n is not None]
         pairs: list[Pair] = []
@@ -155,6 +157,18 @@ def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[s
                 pairs.append(found)
             else:
                 entry.reason, entry.fix = found
+        if graph_mode:  # frozen BN written out as mul/add: only a graph's code can change
+            finder = ChainFinder(gm)
+            for chain in finder.find():
+                norm = chain.norm if isinstance(chain, Pair) else chain[0]
+                entry = entries.setdefault(
+                    norm.erase[-1].name, Entry(norm.name, norm.op_type, "skipped")
+                )
+                if isinstance(chain, Pair):
+                    pairs.append(chain)
+                else:
+                    entry.reason, entry.fix = chain[1], None
+            constants |= finder.constant_nodes
         plan = plan_pairs(gm, pairs, graph_mode)
         applied = 0
         done_owners: set[str] = set()
@@ -186,6 +200,7 @@ def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[s
                 entry.reason, entry.fix = plan.refused[id(pair.norm)]
         if not applied:
             break
+    erase_dead_constants(gm, constants)
     gm.graph.lint()
     return list(entries.values()), folded_modules
 
@@ -199,8 +214,8 @@ def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
         gm.add_submodule(target, tail_module(norm.tail))
         norm.node.target = target  # the old module is dropped or replaced by its caller
         return
-    if pair.direction == "after":
-        norm.node.replace_all_uses_with(lin.node)
+    if pair.direction == "after":  # its input: the op's output, or a view of it
+        norm.node.replace_all_uses_with(norm.input)
     else:
         lin.node.replace_input_with(norm.node, norm.input)
     for n in norm.erase:

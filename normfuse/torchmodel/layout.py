@@ -1,0 +1,186 @@
+"""Folds through layout ops and what to say when a norm cannot fold for structural reasons.
+
+* :func:`through_layout`: a BatchNorm1d whose input is a Linear's output flattened or reshaped
+  to ``(M, C)`` (LeViT's ``bn(lin(x).flatten(0, 1)).reshape_as(x)``) folds into the Linear when
+  the shapes (``ShapeProp`` on the example inputs: ``tensor_meta``; torch.export: ``val``) show
+  that the Linear's last axis, its output features, lands on axis 1 of the norm's input: a
+  row-major flatten/reshape/view that keeps the last axis as it is and merges the others.
+  Reads of the Linear's output for its shape only (``reshape_as(y, lin_out)``) are no data use.
+* :func:`structural_reason`: the reason for a norm that has no Conv/Linear beside it, naming what
+  would be needed: branch merging (structural re-parameterisation) for a BN on a branch that is
+  summed with others (RepVGG, MobileOne/FastViT identity branches, pre-activation blocks), or
+  splitting per concatenated input for a BN after a channel concat (DenseNet, DPN).
+
+Imports: torch, :mod:`normfuse.torchmodel.normsig`.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from normfuse.torchmodel.normsig import is_meta
+
+__all__ = [
+    "SHAPE_ONLY_SECOND",
+    "is_cat",
+    "shape_of",
+    "shape_only_use",
+    "structural_reason",
+    "view_input",
+]
+
+logger = logging.getLogger(__name__)
+
+_aten = torch.ops.aten
+
+_VIEW_METHODS = frozenset({"flatten", "reshape", "view"})
+_VIEW_FUNCS: set[Any] = {torch.flatten, torch.reshape}
+for _name, _overloads in (
+    ("flatten", ("using_ints",)),
+    ("view", ("default",)),
+    ("reshape", ("default",)),
+    ("_unsafe_view", ("default",)),
+):
+    for _o in _overloads:
+        _op = getattr(getattr(_aten, _name, None), _o, None)
+        if _op is not None:
+            _VIEW_FUNCS.add(_op)
+
+SHAPE_ONLY_SECOND: set[Any] = {
+    _aten.reshape_as.default,
+    _aten.view_as.default,
+    _aten.expand_as.default,
+}
+"""Ops whose second argument is read for its shape only."""
+_SHAPE_ONLY_METHODS = frozenset({"reshape_as", "view_as", "expand_as"})
+
+_CAT: set[Any] = {torch.cat, torch.concat, torch.concatenate, _aten.cat.default}
+_ADD: set[Any] = {operator.add, operator.iadd, torch.add, _aten.add.Tensor, _aten.add_.Tensor}
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The static shape the example run gave ``node``, else ``None``."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if shape is None:
+        shape = getattr(node.meta.get("tensor_meta"), "shape", None)
+    if shape is None:
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):  # symbolic sizes
+        return None
+
+
+def shape_only_use(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads ``node`` for metadata only (rank, shape, dtype, or ``y.reshape_as(node)``)."""
+    if is_meta(user):
+        return True
+    second = (user.op == "call_method" and user.target in _SHAPE_ONLY_METHODS) or (
+        user.op == "call_function" and user.target in SHAPE_ONLY_SECOND
+    )
+    if second and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node:
+        return not user.kwargs
+    return False
+
+
+def _is_view(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS
+    return node.op == "call_function" and node.target in _VIEW_FUNCS
+
+
+def view_input(node: Any) -> tuple[fx.Node, str] | None:
+    """``(source, what)`` when ``node`` is a flatten/reshape/view of ``source``."""
+    if not isinstance(node, fx.Node) or not _is_view(node) or not node.args:
+        return None
+    src = node.args[0]
+    if not isinstance(src, fx.Node):
+        return None
+    what = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return src, what.split(".")[0] or "view"
+
+
+def lands_on_channels(src: fx.Node, view: fx.Node, channels: int) -> str | None:
+    """``None`` when the view maps ``src``'s last axis (of ``channels``) to axis 1 of a rank-2
+    result one to one, else the reason."""
+    before, after = shape_of(src), shape_of(view)
+    if before is None or after is None:
+        return (
+            "the shapes are unknown (pass example_inputs), so the channel axis cannot be followed"
+        )
+    if len(after) != 2:
+        return f"the norm's input has shape {after}, not (M, C)"
+    if not before or before[-1] != channels:
+        return (
+            f"the Linear's output has shape {before}: its last axis is not its {channels} features"
+        )
+    if after[1] != channels:
+        return (
+            f"the {view.name} turns the Linear's output {before} into {after}: its {channels} "
+            f"features do not land on the norm's channel axis one to one"
+        )
+    m = 1
+    for d in before[:-1]:
+        m *= d
+    if after[0] != m:
+        return f"the {view.name} turns {before} into {after}, not into (M, {channels})"
+    return None
+
+
+def is_cat(node: Any) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CAT
+
+
+def _cat_dim(node: fx.Node) -> Any:
+    if "dim" in node.kwargs:
+        return node.kwargs["dim"]
+    return node.args[1] if len(node.args) > 1 else 0
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("add", "add_", "__add__")
+    return node.op == "call_function" and node.target in _ADD
+
+
+def structural_reason(norm_input: Any, users: list[fx.Node], describe: Any) -> str | None:
+    """What would be needed to fold a norm that has no Conv/Linear beside it, or ``None``."""
+    if is_cat(norm_input):
+        parts = norm_input.args[0] if norm_input.args else []
+        n = len(parts) if isinstance(parts, list | tuple) else "several"
+        dim = _cat_dim(norm_input)
+        shape = shape_of(norm_input)
+        channel = dim == 1 or (shape is not None and isinstance(dim, int) and dim == 1 - len(shape))
+        if channel:
+            return (
+                f"follows {describe(norm_input)} of {n} inputs: BN after a channel concat: would "
+                "need splitting per concatenated input (each producer taking its slice of the "
+                "affine), which is not done here"
+            )
+        return (
+            f"follows {describe(norm_input)} of {n} inputs along dim {dim}, not the channels: "
+            "no Conv/Linear to fold into"
+        )
+    if isinstance(norm_input, fx.Node):
+        branches = [u for u in norm_input.users if not is_meta(u)]
+        if len(branches) > 1 and any(_is_add(u) for u in users):
+            return (
+                f"is one of {len(branches)} branches on {describe(norm_input)} that are summed: "
+                "needs branch merging (structural re-parameterisation, as RepVGG/MobileOne "
+                "reparameterize) to fold into the parallel conv"
+            )
+        if len(branches) > 1:
+            return (
+                f"normalises {describe(norm_input)}, which also feeds "
+                f"{len(branches) - 1} other branch(es) (identity/pre-activation): needs branch "
+                "merging (structural re-parameterisation) or a Conv/Linear of its own"
+            )
+    return None
