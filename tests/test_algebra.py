@@ -244,6 +244,7 @@ def test_thread_count_follows_the_environment(monkeypatch, caplog):
     from normfuse.core.algebra import threads
 
     monkeypatch.setattr(algebra, "_IGNORED_SETTINGS", set())
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)))  # 3 <= the cores
     monkeypatch.setenv("NORMFUSE_THREADS", "3")
     assert threads() == 3
     monkeypatch.delenv("NORMFUSE_THREADS")
