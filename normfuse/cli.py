@@ -92,7 +92,9 @@ def _fail(exc: BaseException, debug: bool) -> None:
     state = f"{', '.join(map(str, written))} was written" if written else "nothing was written"
     if isinstance(exc, NormfuseError):
         message, code = str(exc), exc.exit_code
-        if written and "was written" not in message:
+        if written and "nothing was written" in message:
+            message = message.replace("nothing was written", f"only {state}")
+        elif written and "was written" not in message:
             message += f" ({state})"
     elif isinstance(exc, KeyboardInterrupt):
         what = "terminated" if _Ctx.signal == "SIGTERM" else "interrupted"

@@ -687,12 +687,15 @@ def _npz_cases(folder: Path) -> dict[str, Path]:
     return cases
 
 
-@pytest.mark.parametrize("case", ["npy-renamed", "huge-header", "raw-pickle", "nan"])
-@pytest.mark.parametrize("command", ["recalibrate", "check"])
+@pytest.mark.parametrize(
+    "command,case",
+    [
+        *(("recalibrate", c) for c in ("npy-renamed", "huge-header", "raw-pickle", "nan")),
+        *(("check", c) for c in ("npy-renamed", "huge-header", "raw-pickle")),  # NaN: checkable
+    ],
+)
 def test_bad_data_files_give_one_line(tmp_path, case, command):
     path = _npz_cases(tmp_path)[case]
-    if command == "check" and case == "nan":
-        pytest.skip("check compares NaN outputs as such; only recalibrate refuses NaN data")
     if command == "recalibrate":
         args = ["recalibrate", _R, "--data", path, "-o", tmp_path / "r.onnx"]
     else:
@@ -752,3 +755,45 @@ def test_recalibrate_refuses_nan_data_naming_the_batch(tmp_path):
     line = _one_error_line(result.stderr)
     assert "batch 1" in line and "NaN or infinity" in line
     assert not (tmp_path / "r.onnx").exists()
+
+
+# --- 1/2. destinations that are inputs by another name ------------------------------------------
+
+
+def test_output_naming_the_inputs_data_file_is_refused(tmp_path, rng):
+    src = tmp_path / "m.onnx"
+    onnx.save(
+        onnx.ModelProto.FromString(_model(rng).SerializeToString()),
+        src,
+        save_as_external_data=True,
+        location="m.bin",
+        size_threshold=1024,
+    )
+    data = tmp_path / "m.bin"
+    before = _sha(data)
+    hard = tmp_path / "alias.bin"
+    os.link(data, hard)  # the same file under another name: compared by identity
+    for target in (data, hard):
+        result = invoke("fold", src, "-o", target, "--force", "--no-check")
+        assert result.exit_code == 2, result.output
+        _one_error_line(result.stderr)
+        assert _sha(data) == before
+
+
+def test_json_naming_the_output_is_refused(small, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", small, "-o", out, "--json", out, "--no-check")
+    assert result.exit_code == 2, result.output
+    _one_error_line(result.stderr)
+    assert not out.exists()
+
+
+def test_json_to_a_symlink_with_force_replaces_the_link_not_its_target(small, tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_text("keep me\n")
+    link = tmp_path / "report.json"
+    link.symlink_to(target.name)
+    result = invoke("inspect", small, "--json", link, "--force")
+    assert result.exit_code == 0, result.output
+    assert target.read_text() == "keep me\n"
+    assert not link.is_symlink() and json.loads(link.read_text())["entries"]
