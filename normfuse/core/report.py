@@ -72,6 +72,7 @@ class ModelStats:
         names = sorted(
             set(self.ops) | set(after.ops),
             key=lambda n: (
+                n != "BatchNormalization",
                 "Normalization" not in n,
                 -abs(self.ops.get(n, 0) - after.ops.get(n, 0)),
             ),
@@ -300,6 +301,35 @@ class Report:
             "framework": self.framework,
         }
 
+    def summary(self) -> str:
+        """One line: what was done, the op counts before and after, the timings."""
+        return self._summary_text().plain
+
+    def __str__(self) -> str:
+        """The summary line, warnings, notes and parity lines, as plain text (``print(report)``)."""
+        lines = [self.summary()]
+        lines += [f"warning: {w}" for w in self.warnings]
+        lines += [f"note: {n}" for n in self.notes]
+        for e in self.skipped:
+            where = f"{e.graph}/" if e.graph else ""
+            why = f": {e.reason}" if e.reason else ""
+            lines.append(f"skipped {where}{e.node} ({e.op_type}){why}")
+        if self.parity is not None:
+            lines.append(f"parity on {self.parity.provider}:")
+            lines += self.parity.lines()
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Report {self.action}: {len(self.applied)} applied, {len(self.skipped)} skipped"
+            + (
+                ""
+                if self.parity is None
+                else f", parity {'passed' if self.parity.passed else 'FAILED'}"
+            )
+            + ">"
+        )
+
     def render(self, console: Console | None = None, *, verbose: bool = False) -> None:
         """Print the report as tables.
 
@@ -308,33 +338,9 @@ class Report:
             verbose: List applied entries too (skipped ones are always listed).
         """
         console = console or Console()
-        console.print(self._renderable(verbose=verbose))
+        console.print(self._renderable(verbose=verbose, plain=not console.is_terminal))
 
-    def _renderable(self, *, verbose: bool) -> Group:
-        parts: list[Any] = []
-        listed = self.action in ("inspect", "swap", "insert", "recalibrate")
-        shown = self.entries if verbose or listed else self.skipped
-        if shown:
-            table = Table(title=None, show_lines=False, expand=False)
-            table.add_column("node", overflow="fold")
-            table.add_column("op")
-            table.add_column("status")
-            table.add_column("into / reason", overflow="fold")
-            for e in shown:
-                style = "green" if e.status == "applied" else "yellow"
-                where = f"{e.graph}: " if e.graph else ""
-                if e.status in ("applied", "foldable", "raisable"):
-                    detail = f"{e.target} ({e.direction})" if e.direction else str(e.target)
-                    if e.exact is not None:
-                        detail += " — exact" if e.exact else " — changes the function"
-                    if e.warnings:
-                        detail += " — warning: " + "; ".join(e.warnings)
-                else:
-                    detail = e.reason or ""
-                    if e.fix:
-                        detail += f". Fix: {e.fix}"
-                table.add_row(where + e.node, e.op_type, Text(e.status, style=style), detail)
-            parts.append(table)
+    def _summary_text(self) -> Text:
         b, a = self.before, self.after
         summary = Text()
         verb = _VERBS.get(self.action, self.action)
@@ -363,6 +369,30 @@ class Report:
             summary.append(
                 " | " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in self.timings.items())
             )
+        return summary
+
+    def _renderable(self, *, verbose: bool, plain: bool = False) -> Group:
+        """The entries (all with ``verbose`` or for inspect, else the skipped ones), then the
+        summary, notes and parity. ``plain``: one line per entry instead of a table, so that
+        piped output never wraps a name mid-word."""
+        parts: list[Any] = []
+        shown = self.entries if verbose or self.action == "inspect" else self.skipped
+        if shown and plain:
+            for e in shown:
+                where = f"{e.graph}: " if e.graph else ""
+                parts.append(Text(f"{e.status} {where}{e.node} ({e.op_type}): {_detail(e)}"))
+        elif shown:
+            table = Table(title=None, show_lines=False, expand=False)
+            table.add_column("node", overflow="fold")
+            table.add_column("op")
+            table.add_column("status")
+            table.add_column("into / reason", overflow="fold")
+            for e in shown:
+                style = "green" if e.status == "applied" else "yellow"
+                where = f"{e.graph}: " if e.graph else ""
+                table.add_row(where + e.node, e.op_type, Text(e.status, style=style), _detail(e))
+            parts.append(table)
+        summary = self._summary_text()
         parts.append(summary)
         for w in self.warnings:
             parts.append(Text(f"warning: {w}", style="yellow"))
@@ -393,6 +423,20 @@ _VERBS = {
     "lower": "lowered",
     "export": "folded",
 }
+
+
+def _detail(e: Entry) -> str:
+    if e.status in ("applied", "foldable", "raisable"):
+        detail = f"{e.target} ({e.direction})" if e.direction else str(e.target)
+        if e.exact is not None:
+            detail += " — exact" if e.exact else " — changes the function"
+        if e.warnings:
+            detail += " — warning: " + "; ".join(e.warnings)
+        return detail
+    detail = e.reason or ""
+    if e.fix:
+        detail += f". Fix: {e.fix}"
+    return detail
 
 
 def _human_bytes(n: int) -> str:
