@@ -18,7 +18,13 @@ import onnx
 from normfuse.core.report import Divergence
 from normfuse.core.verdict import compare_outputs
 from normfuse.runtime.inputs import tolerance_for
-from normfuse.runtime.sessions import ModelSource, ort_module, run_session, session_options
+from normfuse.runtime.sessions import (
+    ModelSource,
+    ort_module,
+    run_session,
+    session_options,
+    with_options,
+)
 
 __all__ = ["expose_all", "find_divergence"]
 
@@ -58,10 +64,10 @@ def find_divergence(
     cand_bytes, cand_folder, cand_order = expose_all(candidate)
     ort = ort_module()
     ref_sess = ort.InferenceSession(
-        ref_bytes, session_options(opt_level, ref_folder), providers=providers
+        ref_bytes, session_options(opt_level, ref_folder), providers=with_options(providers)
     )
     cand_sess = ort.InferenceSession(
-        cand_bytes, session_options(opt_level, cand_folder), providers=providers
+        cand_bytes, session_options(opt_level, cand_folder), providers=with_options(providers)
     )
     cand_names = {name for name, _, _ in cand_order} | {o.name for o in cand_sess.get_outputs()}
     ref_names = {o.name for o in ref_sess.get_outputs()}

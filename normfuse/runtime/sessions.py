@@ -35,6 +35,7 @@ __all__ = [
     "run_session",
     "select_provider",
     "session_options",
+    "with_options",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,13 +137,33 @@ def select_provider(requested: str = "auto") -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "CPU"
 
 
+def with_options(providers: list[str], *, exact_math: bool = True) -> list[Any]:
+    """The providers with the options a parity run needs: onnxruntime's CUDA provider computes
+    float32 convolutions and MatMuls in TF32 by default (10-bit mantissas, ~1e-3 relative), which
+    would drown the error of the rewrite being judged; ``exact_math`` turns that off."""
+    if not exact_math:
+        return list(providers)
+    return [
+        ("CUDAExecutionProvider", {"use_tf32": "0"}) if p == "CUDAExecutionProvider" else p
+        for p in providers
+    ]
+
+
 def make_session(
-    source: ModelSource, providers: list[str], opt_level: str, notes: list[str], which: str = "the"
+    source: ModelSource,
+    providers: list[str],
+    opt_level: str,
+    notes: list[str],
+    which: str = "the",
+    *,
+    exact_math: bool = True,
 ) -> Any:
+    """An onnxruntime session for ``source``; ``exact_math``: no TF32 on CUDA (parity runs)."""
     ort = ort_module()
     folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
     so = session_options(opt_level, folder)
     payload = str(source) if isinstance(source, (str, os.PathLike)) else source
+    providers = with_options(providers, exact_math=exact_math)  # type: ignore[assignment]
     try:
         return ort.InferenceSession(payload, so, providers=providers)
     except Exception as exc:
