@@ -20,22 +20,10 @@ torch is optional: nothing here imports it.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from normfuse.api import (
-    check,
-    export,
-    fold,
-    insert,
-    inspect,
-    load,
-    lower_norms,
-    raise_norms,
-    recalibrate,
-    save,
-    swap,
-)
-from normfuse.core.algebra import Affine, LinearWeights, absorb_after, absorb_before
 from normfuse.core.errors import (
     InputError,
     NormfuseError,
@@ -44,7 +32,60 @@ from normfuse.core.errors import (
     ProviderError,
     StrictError,
 )
-from normfuse.core.report import Entry, OutputParity, ParityResult, Report
+
+if TYPE_CHECKING:  # the names below are imported on first use (the CLI starts faster)
+    from normfuse.api import (
+        check,
+        export,
+        fold,
+        insert,
+        inspect,
+        load,
+        lower_norms,
+        raise_norms,
+        recalibrate,
+        save,
+        swap,
+    )
+    from normfuse.core.algebra import Affine, LinearWeights, absorb_after, absorb_before
+    from normfuse.core.report import Entry, OutputParity, ParityResult, Report
+
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "check",
+            "export",
+            "fold",
+            "insert",
+            "inspect",
+            "load",
+            "lower_norms",
+            "raise_norms",
+            "recalibrate",
+            "save",
+            "swap",
+        ),
+        "normfuse.api",
+    ),
+    **dict.fromkeys(
+        ("Affine", "LinearWeights", "absorb_after", "absorb_before"), "normfuse.core.algebra"
+    ),
+    **dict.fromkeys(("Entry", "OutputParity", "ParityResult", "Report"), "normfuse.core.report"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'normfuse' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "Affine",

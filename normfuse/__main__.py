@@ -1,6 +1,6 @@
 """``python -m normfuse``: the command line."""
 
-from normfuse.cli import main
+from normfuse.entry import main
 
 if __name__ == "__main__":
     main()

@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "normfuse"
 
-ORDER = ["core", "onnxgraph", "runtime", "torchmodel", "api", "cli"]
+ORDER = ["core", "onnxgraph", "runtime", "torchmodel", "api", "cli", "entry"]
 FORBIDDEN_THIRD_PARTY = {
     "core": {"onnx", "onnx_ir", "onnxruntime", "torch", "onnxscript"},
     "onnxgraph": {"torch", "onnxruntime"},
