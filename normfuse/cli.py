@@ -17,6 +17,7 @@ and messages stay alike; the work itself lives below the API.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -246,6 +247,11 @@ def cli(debug: bool) -> None:
     _Ctx.destinations = {}
     _Ctx.signal = None
     _Ctx.debug = False
+    # A graph is hundreds of thousands of small objects in reference cycles (nodes <-> values)
+    # that live for the whole run: Python's default collector re-walks them over and over
+    # (a 60k-node fold: 53 s, of which more than half collecting). Young garbage is still
+    # collected; the long-lived graph is not re-walked. Same peak memory on the models measured.
+    gc.set_threshold(50_000, 1000, 1000)
     for stream in (sys.stdout, sys.stderr):  # a name the terminal cannot show is replaced,
         with contextlib.suppress(AttributeError, ValueError, OSError):  # never an error
             stream.reconfigure(errors="replace")  # type: ignore[union-attr]
