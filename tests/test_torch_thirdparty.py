@@ -630,9 +630,6 @@ def test_metadata_reads_do_not_block_fold(kind, path):
 UNTRACEABLE = {"data_dependent": DataDependent, "shape_dependent": ShapeDependent}
 
 
-@xfail(
-    "torch.fx cannot trace the root: only nn.Sequential order is used, the conv-BN pairs in its traceable blocks do not fold"
-)
 @pytest.mark.parametrize("which", sorted(UNTRACEABLE))
 def test_untraceable_module_folds_its_blocks(which):
     model = randomize(UNTRACEABLE[which](), 15)
@@ -644,7 +641,6 @@ def test_untraceable_module_folds_its_blocks(which):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail("torch.fx cannot trace the root: its BatchNorms get no report entry at all (only a note)")
 def test_untraceable_module_reports_every_norm():
     model = randomize(DataDependent(), 16)
     x = image(2, 3, 12, 12)
@@ -822,9 +818,6 @@ def test_timm_plain_conv_bn_model_folds(timm):
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
 
 
-@xfail(
-    "tf_efficientnet_lite0 cannot be traced by torch.fx (Conv2dSame padding): nothing folds and its 49 BNs get no entry"
-)
 def test_timm_untraceable_model_folds(timm):
     model = timm_model(timm, "tf_efficientnet_lite0", 33)
     x = image(1, 3, 32, 32)

@@ -58,6 +58,7 @@ from normfuse.torchmodel.modules import (
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
 from normfuse.torchmodel.pairs import BN_TARGETS, trace_module
 from normfuse.torchmodel.surgery import drop_unused, fold_graph, sequential_graph
+from normfuse.torchmodel.untraced import fold_untraceable, uncovered_norms
 
 __all__ = ["compare_torch_outputs", "example_args", "fold_torch", "guess_inputs"]
 
@@ -272,12 +273,31 @@ def _fold_module(model: nn.Module, example_inputs: Any, inplace: bool, report: R
         traced = True
     except Exception as exc:  # data-dependent control flow, unsupported ops, ...
         text = str(exc).strip().splitlines()
+        why = (text[0][:160] if text else "") or type(exc).__name__
+        inputs = example_inputs
+        if inputs is None:
+            scratch: list[str] = []
+            inputs = guess_inputs(root, scratch)
+            if inputs is not None:
+                report.notes.append(
+                    f"no example_inputs: torch.export and the call counts ran on a generated "
+                    f"input of shape {tuple(inputs.shape)}"
+                )
+        if inputs is not None:
+            try:
+                root = fold_untraceable(root, inputs, why, report)
+                report.after = module_stats(root)
+                return root
+            except Exception as exc2:  # the model does not run on the inputs, ...
+                report.entries.clear()
+                report.notes.append(f"torch.export/submodule tracing failed: {exc2}")
         report.notes.append(
-            f"torch.fx could not trace {type(root).__name__} ({text[0] if text else type(exc).__name__}); "
+            f"torch.fx could not trace {type(root).__name__} ({why}); "
             "folded only pairs that nn.Sequential order proves adjacent"
         )
         seq = sequential_graph(root)
         if seq is None:
+            report.entries.extend(uncovered_norms(root, set(), f"torch.fx: {why}"))
             report.after = module_stats(root)
             return root
         gm, traced = seq, False
@@ -304,6 +324,8 @@ def _fold_module(model: nn.Module, example_inputs: Any, inplace: bool, report: R
         for e in report.entries:
             if e.status == "applied":
                 e.warnings.append("adjacent in nn.Sequential; calls from elsewhere are not visible")
+        seen = {e.node for e in report.entries}
+        report.entries.extend(uncovered_norms(root, seen, "torch.fx could not trace the model"))
     report.after = module_stats(root)
     return root
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -136,8 +137,11 @@ def _write(gm: fx.GraphModule, lin: Linear, w: torch.Tensor, b: torch.Tensor) ->
         lin.bias = get_attr(gm, name)
 
 
-def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[str]]:
-    """Fold all it can in ``gm``; returns the entries and the norm module targets folded away."""
+def fold_graph(
+    gm: fx.GraphModule, graph_mode: bool, veto: Callable[[Pair], str | None] | None = None
+) -> tuple[list[Entry], set[str]]:
+    """Fold all it can in ``gm``; returns the entries and the norm module targets folded away.
+    ``veto(pair)`` may refuse a pair with a reason before it is planned."""
     entries: dict[str, Entry] = {}
     folded_modules: set[str] = set()
     counter = [0]
@@ -169,6 +173,15 @@ def fold_graph(gm: fx.GraphModule, graph_mode: bool) -> tuple[list[Entry], set[s
                 else:
                     entry.reason, entry.fix = chain[1], None
             constants |= finder.constant_nodes
+        if veto is not None:
+            kept = []
+            for pair in pairs:
+                refusal = veto(pair)
+                if refusal is None:
+                    kept.append(pair)
+                else:
+                    entries[pair.norm.erase[-1].name].reason = refusal
+            pairs = kept
         plan = plan_pairs(gm, pairs, graph_mode)
         applied = 0
         done_owners: set[str] = set()
