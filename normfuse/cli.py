@@ -170,6 +170,10 @@ def _output_path(
     if str(out) == "-":
         raise InputError("-o - (stdout) is not supported", "give a file name")
     if in_place:
+        if out.is_symlink():  # the rename would replace the link, not the file it names
+            raise InputError(
+                f"--in-place on {out}, a symbolic link", f"pass its target {os.path.realpath(out)}"
+            )
         onnx_io.check_destination(out, force=True, option="--force")
         _Ctx.destinations[out] = onnx_io.file_identity(out, follow=False)
         return out

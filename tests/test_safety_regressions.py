@@ -797,3 +797,13 @@ def test_json_to_a_symlink_with_force_replaces_the_link_not_its_target(small, tm
     assert result.exit_code == 0, result.output
     assert target.read_text() == "keep me\n"
     assert not link.is_symlink() and json.loads(link.read_text())["entries"]
+
+
+def test_in_place_on_a_symlink_is_refused(small, tmp_path):
+    link = tmp_path / "link.onnx"
+    link.symlink_to(small.name)
+    before = _sha(small)
+    result = invoke("fold", link, "--in-place", "--no-check")
+    assert result.exit_code == 2, result.output
+    assert "symbolic link" in _one_error_line(result.stderr)
+    assert link.is_symlink() and _sha(small) == before
