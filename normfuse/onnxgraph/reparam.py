@@ -1,0 +1,727 @@
+"""Structural reparameterization: merge parallel and sequential linear branches into one op.
+
+Runs after the BN folds. A *block* is a sum (``Add``, a tree of ``Add`` whose inner results feed
+only the next ``Add``, or ``Sum``) whose terms include at least two linear branches of the same
+tensor ``x``:
+
+- ``Conv(x)`` (any kernel; its output may pass through a per-channel affine: BatchNormalization
+  or ``Mul`` by a constant), also as a sequence ``Conv(affine(Conv(x)))`` where one of the two
+  convs is 1x1 without stride or padding (DBB), and ``AveragePool(x)`` that counts its padding;
+- ``x`` itself, or a per-channel affine of it (a BatchNormalization on the identity branch that
+  the fold could not absorb): an identity kernel per group;
+- ``Gemm(x)`` / ``MatMul(x, W)`` on the same 2-D input (weights and biases summed);
+- constant per-channel terms (biases).
+
+The branches become one Conv (or one Gemm/MatMul) when strides, dilations and groups agree and
+the paddings put every tap on the same input positions (:mod:`normfuse.core.branches`, float64,
+one rounding into the weights' dtype); a per-channel affine that alone reads the sum
+(RepViT's BN after the sum) is merged too. A merge that would cost more multiply-adds than the
+branches it replaces is refused, as is every merge that is not exact. A term that cannot merge
+stays as it was (the merged op is added to it); a block where fewer than two branches merge is
+reported as skipped with the reasons and left untouched.
+
+A 1x1 Conv and a k x k Conv in sequence outside a sum (nothing but a per-channel affine
+between) merge likewise when exact and not more expensive.
+
+Every block gets one report entry. Imports: numpy, onnx_ir, :mod:`normfuse.core`,
+:mod:`normfuse.onnxgraph.const`, ``graph`` and ``edit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from normfuse.core import branches
+from normfuse.core.branches import Incompatible, Kernel
+from normfuse.core.report import Entry
+from normfuse.onnxgraph.const import ConstantResolver, NotConstant
+from normfuse.onnxgraph.edit import Editor, all_graphs, all_names, opset_of
+from normfuse.onnxgraph.graph import Refused, get_attr, int_attr, ints_attr, label_of, node_name
+
+__all__ = ["reparam_model"]
+
+logger = logging.getLogger(__name__)
+
+_SUMS = ("Add", "Sum")
+
+
+@dataclasses.dataclass
+class _Branch:
+    """One term of a sum, read as a linear map of ``source``."""
+
+    source: ir.Value
+    label: str
+    nodes: list[ir.Node]  # removed when merged
+    kernel: Kernel | None = None  # conv branches
+    dense: tuple[np.ndarray, np.ndarray] | None = None  # (W (in, out), b) of Gemm/MatMul
+    scale: np.ndarray | None = None  # identity: per-channel scale/shift (1-D or scalar)
+    shift: np.ndarray | None = None
+    pool: ir.Node | None = None  # AveragePool, as a kernel once the channels are known
+    cost: int = 0
+    dtype: object = None
+    gemm: bool = False
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kernel is None and self.dense is None and self.pool is None
+
+
+def reparam_model(model: ir.Model, *, dry_run: bool = False) -> list[Entry]:
+    """Merge the branches of every block of ``model`` in place (see the module docstring).
+
+    Args:
+        model: The model; unchanged when ``dry_run``.
+        dry_run: Decide and report (status ``foldable``), change nothing.
+
+    Returns:
+        One entry per block: applied with the branches merged, or skipped with the reason.
+    """
+    names = all_names(model)
+    entries: list[Entry] = []
+    for graph, label in all_graphs(model):
+        consts = ConstantResolver(opset_of(model), model.ir_version)
+        try:
+            entries.extend(_Merger(graph, label, consts, names, dry_run).run())
+        finally:
+            consts.close()
+    return entries
+
+
+class _Merger:
+    def __init__(
+        self,
+        graph: ir.Graph,
+        label: str,
+        consts: ConstantResolver,
+        names: set[str],
+        dry_run: bool,
+    ) -> None:
+        self.graph = graph
+        self.label = label
+        self.consts = consts
+        self.dry_run = dry_run
+        self.editor = Editor(graph, names, 1)
+        self.keep: list[object] = []  # removed nodes and values: their ids stay unique in the cache
+
+    # ------------------------------------------------------------------ finding blocks
+
+    def run(self) -> list[Entry]:
+        entries: list[Entry] = []
+        roots = [n for n in self.graph if self._is_sum(n) and not self._inner(n)]
+        for root in roots:
+            if root.graph is not self.graph:
+                continue
+            entry = self._block(root)
+            if entry is not None:
+                entries.append(entry)
+        for node in list(self.graph):
+            if node.graph is self.graph and node.op_type == "Conv" and node.domain == "":
+                entry = self._sequence(node)
+                if entry is not None:
+                    entries.append(entry)
+        return entries
+
+    @staticmethod
+    def _is_sum(node: ir.Node) -> bool:
+        return node.domain in ("", "ai.onnx") and node.op_type in _SUMS and len(node.outputs) == 1
+
+    def _inner(self, node: ir.Node) -> bool:
+        """The sum feeds only another sum: it is part of that one's tree."""
+        out = node.outputs[0]
+        uses = list(out.uses())
+        return (
+            len(uses) == 1
+            and not out.is_graph_output()
+            and self._is_sum(uses[0].node)
+            and uses[0].node.graph is self.graph
+        )
+
+    def _tree(self, root: ir.Node) -> tuple[list[ir.Node], list[ir.Value]]:
+        nodes, leaves = [root], []
+        for v in root.inputs:
+            p = v.producer() if v is not None else None
+            if (
+                v is not None
+                and p is not None
+                and self._is_sum(p)
+                and p.graph is self.graph
+                and len(list(v.uses())) == 1
+                and not v.is_graph_output()
+            ):
+                inner_nodes, inner_leaves = self._tree(p)
+                nodes.extend(inner_nodes)
+                leaves.extend(inner_leaves)
+            elif v is not None:
+                leaves.append(v)
+        return nodes, leaves
+
+    # ------------------------------------------------------------------ reading branches
+
+    def _exclusive(self, value: ir.Value, node: ir.Node) -> bool:
+        uses = list(value.uses())
+        return len(uses) == 1 and uses[0].node is node and not value.is_graph_output()
+
+    def _affine(self, node: ir.Node, rank: int, axis_last: bool = False):
+        """``(scale, shift, input)`` of a per-channel affine node, or ``None``."""
+        if node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Identity":
+            return 1.0, 0.0, node.inputs[0]
+        if node.op_type == "BatchNormalization" and not axis_last:
+            return self._batchnorm(node)
+        if node.op_type in ("Mul", "Add") and len(node.inputs) == 2:
+            for i in (0, 1):
+                c = self._per_channel(node.inputs[1 - i], rank, axis_last)
+                if c is not None and self.consts.try_resolve(node.inputs[i]) is None:
+                    if node.op_type == "Mul":
+                        return c, 0.0, node.inputs[i]
+                    return 1.0, c, node.inputs[i]
+        return None
+
+    def _batchnorm(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray, ir.Value] | None:
+        if int_attr(node, "training_mode", 0) or len(node.inputs) < 5:
+            return None
+        if any(list(o.uses()) or o.is_graph_output() for o in node.outputs[1:]):
+            return None
+        values = [self.consts.try_resolve(v) for v in node.inputs[1:5]]
+        if any(v is None or v.dtype.kind != "f" for v in values):
+            return None
+        gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in values)
+        s = gamma / np.sqrt(var + float(get_attr(node, "epsilon", 1e-5)))
+        return s, beta - mean * s, node.inputs[0]
+
+    def _per_channel(
+        self, value: ir.Value | None, rank: int, axis_last: bool = False
+    ) -> np.ndarray | None:
+        arr = self.consts.try_resolve(value)
+        if arr is None or arr.dtype.kind != "f" or arr.ndim > rank:
+            return None
+        shape = (1,) * (rank - arr.ndim) + tuple(arr.shape)
+        axis = rank - 1 if axis_last else 1
+        if any(d != 1 for i, d in enumerate(shape) if i != axis):
+            return None
+        return np.asarray(arr, np.float64).reshape(-1)
+
+    def _conv_kernel(self, node: ir.Node) -> Kernel:
+        if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            raise Refused(f"{label_of(node)} is not a standard Conv")
+        try:
+            w = self.consts.resolve(node.inputs[1])
+            b = (
+                self.consts.resolve(node.inputs[2])
+                if len(node.inputs) > 2 and node.inputs[2]
+                else None
+            )
+        except NotConstant:
+            raise Refused(f"weights not constant ({label_of(node)})") from None
+        if w.dtype.kind != "f" or w.ndim < 3:
+            raise Refused(f"{label_of(node)} has no float weight of rank >= 3")
+        n = w.ndim - 2
+        strides = tuple(ints_attr(node, "strides", [1] * n))
+        dil = tuple(ints_attr(node, "dilations", [1] * n))
+        ks = ints_attr(node, "kernel_shape", list(w.shape[2:]))
+        if tuple(ks) != tuple(w.shape[2:]):
+            raise Refused(f"{label_of(node)}: kernel_shape differs from its weight")
+        group = int_attr(node, "group", 1)
+        auto = get_attr(node, "auto_pad", "NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto in ("NOTSET", ""):
+            pads = ints_attr(node, "pads", [0] * 2 * n)
+            begin, end = tuple(pads[:n]), tuple(pads[n:])
+        else:
+            x = node.inputs[0]
+            dims = list(x.shape)[2:] if x is not None and x.shape is not None else []
+            if auto != "VALID" and (len(dims) != n or not all(isinstance(d, int) for d in dims)):
+                raise Refused(f"{label_of(node)}: auto_pad={auto} on an input of unknown size")
+            both = [
+                branches.same_pads(
+                    auto, int(dims[a]) if dims else 0, w.shape[2 + a], strides[a], dil[a]
+                )
+                for a in range(n)
+            ]
+            begin, end = tuple(p[0] for p in both), tuple(p[1] for p in both)
+        bias = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64).reshape(-1)
+        return Kernel(np.asarray(w, np.float64), bias, strides, dil, begin, end, group)
+
+    def _pool(self, node: ir.Node) -> tuple[tuple[int, ...], ...] | str:
+        """AveragePool's geometry when it is a convolution, else the reason."""
+        ks = tuple(ints_attr(node, "kernel_shape", []))
+        n = len(ks)
+        pads = ints_attr(node, "pads", [0] * 2 * n)
+        auto = get_attr(node, "auto_pad", "NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto not in ("NOTSET", "", "VALID"):
+            return f"{label_of(node)} uses auto_pad={auto}"
+        if auto == "VALID":
+            pads = [0] * 2 * n
+        if int_attr(node, "ceil_mode", 0):
+            return f"{label_of(node)} uses ceil_mode=1 (its last windows are partial)"
+        if any(pads) and not int_attr(node, "count_include_pad", 0):
+            return (
+                f"{label_of(node)} pads with count_include_pad=0: its border windows divide by "
+                "fewer taps, which no convolution does"
+            )
+        strides = tuple(ints_attr(node, "strides", [1] * n))
+        dil = tuple(ints_attr(node, "dilations", [1] * n))
+        return ks, strides, tuple(pads[:n]), tuple(pads[n:]), dil
+
+    def _read(self, leaf: ir.Value, sink: ir.Node, why: list[tuple[object, str]]) -> _Branch | None:
+        """The term ``leaf`` (read by ``sink``) as a branch, or ``None``; what keeps a linear op
+        from being a branch goes to ``why`` as ``(its input, reason)``."""
+        trail: list[ir.Node] = []
+        scale: np.ndarray | float = 1.0
+        shift: np.ndarray | float = 0.0
+        v, reader = leaf, sink
+        while True:
+            p = v.producer()
+            if p is None or p.graph is not self.graph:
+                break
+            if p.op_type == "Conv" and p.domain in ("", "ai.onnx"):
+                break
+            rank = 4
+            if v.shape is not None and v.shape.rank() is not None:
+                rank = v.shape.rank()
+            aff = self._affine(p, rank) if p.op_type != "Add" else None
+            if aff is None or not self._exclusive(v, reader):
+                break
+            s, t, src = aff
+            scale, shift = np.multiply(scale, s), np.multiply(shift, s) + t
+            trail.append(p)
+            v, reader = src, p
+        p = v.producer()
+        if p is not None and p.graph is self.graph and p.domain in ("", "ai.onnx"):
+            if p.op_type in ("Conv", "AveragePool", "Gemm", "MatMul"):
+                if not self._exclusive(v, reader):
+                    n = len(list(v.uses())) - 1 + v.is_graph_output()
+                    why.append(
+                        (
+                            id(p.inputs[0]),
+                            f"branch output used elsewhere: {label_of(p)} also feeds "
+                            f"{n} other reader(s)",
+                        )
+                    )
+                else:
+                    try:
+                        return self._linear_branch(p, trail, scale, shift)
+                    except Refused as exc:
+                        why.append((id(p.inputs[0]), exc.reason))
+                        return None
+            elif not trail and len(p.inputs) == 1 and p.inputs[0] is not None:
+                q = p.inputs[0].producer()
+                if q is not None and q.op_type in ("Conv", "Gemm", "MatMul") and q.inputs:
+                    why.append(
+                        (
+                            id(q.inputs[0]),
+                            f"nonlinearity between: {label_of(p)} between {label_of(q)} and the sum",
+                        )
+                    )
+        if not trail:
+            return _Branch(leaf, "identity", [], scale=np.asarray(1.0), shift=np.asarray(0.0))
+        kinds = "/".join(sorted({n.op_type for n in trail}))
+        return _Branch(
+            v, f"identity {kinds}", trail, scale=np.asarray(scale), shift=np.asarray(shift)
+        )
+
+    def _linear_branch(
+        self, p: ir.Node, trail: list[ir.Node], scale: object, shift: object
+    ) -> _Branch:
+        if p.op_type in ("Gemm", "MatMul"):
+            return self._dense_branch(p, trail)
+        if p.op_type == "AveragePool":
+            geo = self._pool(p)
+            if isinstance(geo, str):
+                raise Refused(geo)
+            label = f"avgpool {'x'.join(map(str, geo[0]))}"
+            first = self._first_of(p, len(geo[0]) + 2)
+            if first is not None:  # 1x1 conv -> affine -> AveragePool (DBB): one conv
+                conv0, mid_nodes, s, t = first
+                try:
+                    k0 = self._conv_kernel(conv0)
+                    c = k0.out_channels
+                    pool = branches.avgpool_kernel(c, c, *geo)
+                    k = _post_affine(branches.compose(k0, pool, s, t), scale, shift)
+                    dtype = self.consts.resolve(conv0.inputs[1]).dtype
+                    nodes = [*trail, p, *mid_nodes, conv0]
+                    cost = k0.macs() * math.prod(pool.strides) + pool.macs()
+                    return _Branch(
+                        conv0.inputs[0], "1x1->" + label, nodes, kernel=k, cost=cost, dtype=dtype
+                    )
+                except (Refused, Incompatible) as exc:
+                    logger.debug("pool sequence not merged: %s", exc)
+            br = _Branch(p.inputs[0], label, [*trail, p], pool=p)
+            br.scale, br.shift = np.asarray(scale), np.asarray(shift)
+            return br
+        k = self._conv_kernel(p)
+        nodes = [*trail, p]
+        k = _post_affine(k, scale, shift)
+        label = "x".join(map(str, k.shape))
+        cost = k.macs()
+        dtype = self.consts.resolve(p.inputs[1]).dtype
+        source = p.inputs[0]
+        first = self._first_of(p, k.weight.ndim)
+        if first is not None:
+            conv0, mid_nodes, s, t = first
+            try:
+                k0 = self._conv_kernel(conv0)
+                if k0.is_pointwise or k.is_pointwise:
+                    merged = branches.compose(k0, k, s, t)
+                    label = "x".join(map(str, k0.shape)) + "->" + label
+                    cost += k0.macs() * (math.prod(k.strides) if k0.is_pointwise else 1)
+                    nodes += [*mid_nodes, conv0]
+                    source, k = conv0.inputs[0], merged
+            except (Refused, Incompatible) as exc:
+                logger.debug("sequence not merged: %s", exc)
+        return _Branch(source, label, nodes, kernel=k, cost=cost, dtype=dtype)
+
+    def _first_of(self, conv: ir.Node, rank: int):
+        """``(conv0, affine nodes, scale, shift)`` when ``conv``'s input is a conv's output
+        through per-channel affines only, each read by the next alone."""
+        v, reader = conv.inputs[0], conv
+        mids: list[ir.Node] = []
+        scale: np.ndarray | float = 1.0
+        shift: np.ndarray | float = 0.0
+        for _ in range(8):
+            if v is None or not self._exclusive(v, reader):
+                return None
+            p = v.producer()
+            if p is None or p.graph is not self.graph:
+                return None
+            if p.op_type == "Conv" and p.domain in ("", "ai.onnx"):
+                return p, mids, np.asarray(scale), np.asarray(shift)
+            aff = self._affine(p, rank)
+            if aff is None:
+                return None
+            s, t, src = aff
+            scale, shift = np.multiply(scale, s), np.multiply(shift, s) + t
+            mids.append(p)
+            v, reader = src, p
+        return None
+
+    def _dense_branch(self, p: ir.Node, trail: list[ir.Node]) -> _Branch:
+        if trail:
+            raise Refused(f"{label_of(p)}: an affine after a Gemm/MatMul branch is not merged")
+        try:
+            w = self.consts.resolve(p.inputs[1])
+        except NotConstant:
+            raise Refused(f"weights not constant ({label_of(p)})") from None
+        if w.ndim != 2 or w.dtype.kind != "f":
+            raise Refused(f"{label_of(p)}: weight is not a 2-D float matrix")
+        w64 = np.asarray(w, np.float64)
+        b = np.zeros(w.shape[1] if p.op_type == "MatMul" else 0)
+        if p.op_type == "Gemm":
+            if int_attr(p, "transA", 0):
+                raise Refused(f"{label_of(p)} transposes its input")
+            alpha = float(get_attr(p, "alpha", 1.0))
+            beta = float(get_attr(p, "beta", 1.0))
+            w64 = (w64.T if int_attr(p, "transB", 0) else w64) * alpha
+            b = np.zeros(w64.shape[1])
+            if len(p.inputs) > 2 and p.inputs[2] is not None:
+                c = self.consts.try_resolve(p.inputs[2])
+                if c is None or c.size not in (1, w64.shape[1]) or c.ndim > 2:
+                    raise Refused(f"{label_of(p)}: its C is not a constant per-output vector")
+                b = np.broadcast_to(np.asarray(c, np.float64).reshape(-1) * beta, (w64.shape[1],))
+        br = _Branch(p.inputs[0], p.op_type, [p], dense=(w64, np.array(b)), dtype=w.dtype)
+        br.gemm = p.op_type == "Gemm"
+        br.cost = w.size
+        return br
+
+    # ------------------------------------------------------------------ merging a block
+
+    def _block(self, root: ir.Node) -> Entry | None:
+        tree, leaves = self._tree(root)
+        read: list[tuple[ir.Value, _Branch | None, bool]] = []  # (leaf, branch, is a constant)
+        notes: list[tuple[object, str]] = []
+        sinks = {id(v): n for n in tree for v in n.inputs if v is not None}
+        for leaf in leaves:
+            if self.consts.try_resolve(leaf) is not None:
+                read.append((leaf, None, True))
+                continue
+            read.append((leaf, self._read(leaf, sinks[id(leaf)], notes), False))
+        by_source: dict[int, list[_Branch]] = {}
+        for _, br, _ in read:
+            if br is not None:
+                by_source.setdefault(id(br.source), []).append(br)
+        refused: dict[int, list[str]] = {}
+        for src, reason in notes:
+            refused.setdefault(src, []).append(reason)  # type: ignore[arg-type]
+        groups = [
+            g
+            for g in by_source.values()
+            if len(g) >= 2 and any(b.kernel is not None or b.dense is not None for b in g)
+        ]
+        if not groups:
+            # a candidate all the same: two or more terms on one tensor, one of them linear
+            for src, reasons in refused.items():
+                linear = [b for b in by_source.get(src, []) if not b.is_identity]  # type: ignore[call-overload]
+                if len(by_source.get(src, [])) + len(reasons) >= 2 and (linear or reasons):  # type: ignore[call-overload]
+                    return self._entry(root, "skipped", reason="; ".join(reasons))
+            return None
+        group = max(groups, key=lambda g: sum(b.cost for b in g))
+        problems = list(refused.get(id(group[0].source), []))
+        return self._merge(root, tree, read, group, problems)
+
+    def _merge(self, root, tree, read, group, problems) -> Entry:
+        convs = [b for b in group if b.kernel is not None]
+        dense = [b for b in group if b.dense is not None]
+        if convs and dense:
+            problems.append("Conv and Gemm/MatMul branches on the same input do not merge")
+            group = [b for b in group if b.dense is None]
+            dense = []
+        main = max(
+            (b for b in group if b.kernel is not None or b.dense is not None), key=lambda b: b.cost
+        )
+        consts = [leaf for leaf, _, is_const in read if is_const]
+        if dense:
+            return self._merge_dense(root, tree, read, group, main, consts, problems)
+        rank = main.kernel.weight.ndim
+        kept: list[_Branch] = [main]
+        kernels: list[Kernel] = [main.kernel]
+        for b in group:
+            if b is main:
+                continue
+            try:
+                k = self._as_kernel(b, main.kernel)
+                branches.merge_parallel([*kernels, k])
+            except Incompatible as exc:
+                problems.append(f"{b.label} branch: {exc}")
+                continue
+            kept.append(b)
+            kernels.append(k)
+        if len(kept) < 2:
+            return self._entry(root, "skipped", reason="; ".join(problems))
+        merged = branches.merge_parallel(kernels)
+        extra = np.zeros(merged.out_channels)
+        used_consts = []
+        for c in consts:
+            vec = self._per_channel(c, rank)
+            if vec is not None and vec.size in (1, merged.out_channels):
+                extra = extra + vec
+                used_consts.append(c)
+        merged.bias = merged.bias + extra
+        names = [b.label for b in kept]
+        if merged.macs() > sum(b.cost for b in kept):
+            return self._entry(
+                root,
+                "skipped",
+                reason=f"merging {' + '.join(names)} into one {'x'.join(map(str, merged.shape))} "
+                f"conv would cost more multiply-adds ({merged.macs()} vs "
+                f"{sum(b.cost for b in kept)} per position)",
+            )
+        taken = {id(b) for b in kept}
+        foreign = [
+            leaf
+            for leaf, br, _ in read
+            if (br is None or id(br) not in taken) and not any(leaf is c for c in used_consts)
+        ]
+        post: list[ir.Node] = []
+        if not foreign:
+            post, merged = self._after_sum(root, merged, rank)
+        target_name = node_name(main.nodes[-1])
+        target = f"Conv '{target_name}' ({' + '.join(names)})"
+        warnings = [f"not merged: {p}" for p in problems]
+        if post:
+            warnings.append(
+                "merged the per-channel " + ", ".join(label_of(n) for n in post) + " after the sum"
+            )
+        if self.dry_run:
+            return self._entry(root, "foldable", target=target, warnings=warnings)
+        try:
+            w = branches.rounded(merged.weight, main.dtype)
+            b = branches.rounded(merged.bias, main.dtype)
+        except Incompatible as exc:
+            return self._entry(root, "skipped", reason=str(exc))
+        attrs = {
+            "kernel_shape": list(merged.shape),
+            "strides": list(merged.strides),
+            "pads": [*merged.pads_begin, *merged.pads_end],
+            "dilations": list(merged.dilations),
+            "group": merged.group,
+        }
+        ed = self.editor
+        anchor = post[-1] if post else root
+        out = ed.op(
+            anchor,
+            "Conv",
+            [main.source, ed.const(f"{target_name}.weight", w), ed.const(f"{target_name}.bias", b)],
+            attrs,
+            base=target_name,
+        )
+        out = self._add_foreign(anchor, out, foreign)
+        old = (post[-1] if post else root).outputs[0]
+        ed.take_over(old, out)
+        self._remove([*post, *tree, *(n for br in kept for n in br.nodes)])
+        return self._entry(root, "applied", target=target, warnings=warnings)
+
+    def _remove(self, nodes: list[ir.Node]) -> None:
+        self.keep.extend(nodes)
+        self.keep.extend(v for n in nodes for v in [*n.inputs, *n.outputs])
+        self.editor.remove(nodes)
+
+    def _add_foreign(self, anchor: ir.Node, out: ir.Value, foreign: list[ir.Value]) -> ir.Value:
+        for f in foreign:
+            out = self.editor.op(anchor, "Add", [out, f])
+        return out
+
+    def _after_sum(self, root: ir.Node, merged: Kernel, rank: int) -> tuple[list[ir.Node], Kernel]:
+        v = root.outputs[0]
+        uses = list(v.uses())
+        if len(uses) != 1 or v.is_graph_output():
+            return [], merged
+        p = uses[0].node
+        if p.op_type not in ("BatchNormalization", "Mul") or p.graph is not self.graph:
+            return [], merged
+        aff = self._affine(p, rank)
+        if aff is None or aff[2] is not v:
+            return [], merged
+        s, t, _ = aff
+        return [p], _post_affine(merged, s, t)
+
+    def _as_kernel(self, b: _Branch, main: Kernel) -> Kernel:
+        n = main.spatial
+        if b.kernel is not None:
+            return b.kernel
+        if main.in_channels != main.out_channels:
+            raise Incompatible(
+                f"identity needs as many input as output channels ({main.in_channels} -> "
+                f"{main.out_channels})"
+            )
+        if b.pool is not None:
+            ks, strides, begin, end, dil = self._pool(b.pool)  # type: ignore[misc]
+            k = branches.avgpool_kernel(main.out_channels, main.group, ks, strides, begin, end, dil)
+        else:
+            k = branches.identity_kernel(main.out_channels, main.group, n)
+        return _post_affine(k, b.scale, b.shift)
+
+    def _merge_dense(self, root, tree, read, group, main, consts, problems) -> Entry:
+        w0, _ = main.dense
+        wsum = np.zeros_like(w0)
+        bsum = np.zeros(w0.shape[1])
+        kept = []
+        for b in group:
+            if b.dense is not None:
+                if b.dense[0].shape != w0.shape:
+                    problems.append(f"{b.label} branch: shape {b.dense[0].shape} vs {w0.shape}")
+                    continue
+                wsum += b.dense[0]
+                bsum += b.dense[1]
+            else:
+                if w0.shape[0] != w0.shape[1]:
+                    problems.append("identity needs a square weight")
+                    continue
+                s = np.broadcast_to(np.asarray(b.scale, np.float64).reshape(-1), (w0.shape[0],))
+                if b.nodes and any(n.op_type == "BatchNormalization" for n in b.nodes):
+                    problems.append("a BatchNormalization on a 2-D identity branch is not merged")
+                    continue
+                wsum += np.diag(s)
+                bsum += np.broadcast_to(np.asarray(b.shift, np.float64).reshape(-1), bsum.shape)
+            kept.append(b)
+        if len(kept) < 2:
+            return self._entry(root, "skipped", reason="; ".join(problems))
+        used = []
+        for c in consts:
+            vec = self._per_channel(c, 2, axis_last=True)
+            if vec is not None and vec.size in (1, bsum.size):
+                bsum = bsum + vec
+                used.append(c)
+        taken = {id(b) for b in kept}
+        foreign = [
+            leaf
+            for leaf, br, _ in read
+            if (br is None or id(br) not in taken) and not any(leaf is c for c in used)
+        ]
+        names = [b.label for b in kept]
+        gemm = any(b.gemm for b in kept)
+        target = (
+            f"{'Gemm' if gemm else 'MatMul'} '{node_name(main.nodes[-1])}' ({' + '.join(names)})"
+        )
+        warnings = [f"not merged: {p}" for p in problems]
+        if self.dry_run:
+            return self._entry(root, "foldable", target=target, warnings=warnings)
+        ed = self.editor
+        base = node_name(main.nodes[-1])
+        wv = ed.const(f"{base}.weight", branches.rounded(wsum, main.dtype))
+        bv = ed.const(f"{base}.bias", branches.rounded(bsum, main.dtype))
+        if gemm:
+            out = ed.op(root, "Gemm", [main.source, wv, bv], base=base)
+        else:
+            out = ed.op(root, "MatMul", [main.source, wv], base=base)
+            out = ed.op(root, "Add", [out, bv], base=base)
+        out = self._add_foreign(root, out, foreign)
+        ed.take_over(root.outputs[0], out)
+        self._remove([*tree, *(n for br in kept for n in br.nodes)])
+        return self._entry(root, "applied", target=target, warnings=warnings)
+
+    # ------------------------------------------------------------------ sequences
+
+    def _sequence(self, conv: ir.Node) -> Entry | None:
+        try:
+            k1 = self._conv_kernel(conv)
+        except Refused:
+            return None
+        first = self._first_of(conv, k1.weight.ndim)
+        if first is None:
+            return None
+        conv0, mids, s, t = first
+        try:
+            k0 = self._conv_kernel(conv0)
+        except Refused:
+            return None
+        if not (k0.is_pointwise or k1.is_pointwise):
+            return None
+        pair = f"{'x'.join(map(str, k0.shape))}->{'x'.join(map(str, k1.shape))}"
+        try:
+            merged = branches.compose(k0, k1, s, t)
+        except Incompatible as exc:
+            return self._entry(conv, "skipped", reason=f"{pair}: {exc}")
+        cost = k1.macs() + k0.macs() * (math.prod(k1.strides) if k0.is_pointwise else 1)
+        if merged.macs() > cost:
+            return self._entry(
+                conv,
+                "skipped",
+                reason=f"{pair}: the merged conv would cost more multiply-adds "
+                f"({merged.macs()} vs {cost} per position)",
+            )
+        target = f"Conv '{node_name(conv)}' ({pair})"
+        if self.dry_run:
+            return self._entry(conv, "foldable", target=target)
+        dtype = self.consts.resolve(conv.inputs[1]).dtype
+        try:
+            w, b = branches.rounded(merged.weight, dtype), branches.rounded(merged.bias, dtype)
+        except Incompatible as exc:
+            return self._entry(conv, "skipped", reason=str(exc))
+        ed = self.editor
+        base = node_name(conv)
+        out = ed.op(
+            conv,
+            "Conv",
+            [conv0.inputs[0], ed.const(f"{base}.weight", w), ed.const(f"{base}.bias", b)],
+            {
+                "kernel_shape": list(merged.shape),
+                "strides": list(merged.strides),
+                "pads": [*merged.pads_begin, *merged.pads_end],
+                "dilations": list(merged.dilations),
+                "group": merged.group,
+            },
+            base=base,
+        )
+        ed.take_over(conv.outputs[0], out)
+        self._remove([conv, *mids, conv0])
+        return self._entry(conv, "applied", target=target)
+
+    def _entry(self, node: ir.Node, status, **kw) -> Entry:
+        return Entry(
+            node_name(node), node.op_type, status, graph=self.label, direction="reparam", **kw
+        )
+
+
+def _post_affine(k: Kernel, scale: object, shift: object) -> Kernel:
+    """``k`` followed by a per-channel ``y * scale + shift``."""
+    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (k.out_channels,))
+    t = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (k.out_channels,))
+    w = k.weight * s.reshape((-1,) + (1,) * (k.weight.ndim - 1))
+    return dataclasses.replace(k, weight=w, bias=k.bias * s + t)
