@@ -65,6 +65,7 @@ class _Branch:
     cost: int = 0
     dtype: object = None
     gemm: bool = False
+    rank: int | None = None  # the rank assumed to read per-channel constants of the trail
 
     @property
     def is_identity(self) -> bool:
@@ -277,6 +278,7 @@ class _Merger:
         scale: np.ndarray | float = 1.0
         shift: np.ndarray | float = 0.0
         v, reader = leaf, sink
+        assumed: int | None = None
         while True:
             p = v.producer()
             if p is None or p.graph is not self.graph:
@@ -292,6 +294,8 @@ class _Merger:
             s, t, src = aff
             scale, shift = np.multiply(scale, s), np.multiply(shift, s) + t
             trail.append(p)
+            if p.op_type in ("Mul", "Add"):
+                assumed = rank
             v, reader = src, p
         p = v.producer()
         if p is not None and p.graph is self.graph and p.domain in ("", "ai.onnx"):
@@ -307,7 +311,10 @@ class _Merger:
                     )
                 else:
                     try:
-                        return self._linear_branch(p, trail, scale, shift)
+                        br = self._linear_branch(p, trail, scale, shift)
+                        if br.kernel is not None and assumed not in (None, br.kernel.weight.ndim):
+                            raise Refused(f"a constant after {label_of(p)} has an unknown rank")
+                        return br
                     except Refused as exc:
                         why.append((id(p.inputs[0]), exc.reason))
                         return None
@@ -323,9 +330,11 @@ class _Merger:
         if not trail:
             return _Branch(leaf, "identity", [], scale=np.asarray(1.0), shift=np.asarray(0.0))
         kinds = "/".join(sorted({n.op_type for n in trail}))
-        return _Branch(
+        br = _Branch(
             v, f"identity {kinds}", trail, scale=np.asarray(scale), shift=np.asarray(shift)
         )
+        br.rank = assumed
+        return br
 
     def _linear_branch(
         self, p: ir.Node, trail: list[ir.Node], scale: object, shift: object
@@ -521,7 +530,7 @@ class _Merger:
         post: list[ir.Node] = []
         if not foreign:
             post, merged = self._after_sum(root, merged, rank)
-        target_name = node_name(main.nodes[-1])
+        target_name = node_name(next(n for n in main.nodes if n.op_type == "Conv"))
         target = f"Conv '{target_name}' ({' + '.join(names)})"
         warnings = [f"not merged: {p}" for p in problems]
         if post:
@@ -544,23 +553,41 @@ class _Merger:
         }
         ed = self.editor
         anchor = post[-1] if post else root
-        out = ed.op(
+        conv_out = ed.op(
             anchor,
             "Conv",
             [main.source, ed.const(f"{target_name}.weight", w), ed.const(f"{target_name}.bias", b)],
             attrs,
             base=target_name,
         )
-        out = self._add_foreign(anchor, out, foreign)
+        out = self._add_foreign(anchor, conv_out, foreign)
         old = (post[-1] if post else root).outputs[0]
         ed.take_over(old, out)
-        self._remove([*post, *tree, *(n for br in kept for n in br.nodes)])
+        self._remove([*post, *tree, *(n for br in kept for n in br.nodes)], conv_out, target_name)
         return self._entry(root, "applied", target=target, warnings=warnings)
 
-    def _remove(self, nodes: list[ir.Node]) -> None:
+    def _remove(self, nodes: list[ir.Node], new: ir.Value | None = None, name: str = "") -> None:
+        """Remove ``nodes`` and what only fed them (Identity/Constant in front of parameters,
+        as the legacy exporter writes them); ``new``'s producer takes the name ``name``."""
         self.keep.extend(nodes)
         self.keep.extend(v for n in nodes for v in [*n.inputs, *n.outputs])
+        inputs = [v for n in nodes for v in n.inputs if v is not None]
         self.editor.remove(nodes)
+        while inputs:
+            v = inputs.pop()
+            p = v.producer()
+            if (
+                p is not None
+                and p.graph is self.graph
+                and p.op_type in ("Identity", "Constant")
+                and not any(list(o.uses()) or o.is_graph_output() for o in p.outputs)
+            ):
+                inputs.extend(i for i in p.inputs if i is not None)
+                self.keep.extend([p, *p.inputs, *p.outputs])
+                self.editor.remove([p])
+        producer = new.producer() if new is not None else None
+        if producer is not None and name and not any(n.name == name for n in self.graph):
+            producer.name = name
 
     def _add_foreign(self, anchor: ir.Node, out: ir.Value, foreign: list[ir.Value]) -> ir.Value:
         for f in foreign:
@@ -585,6 +612,8 @@ class _Merger:
         n = main.spatial
         if b.kernel is not None:
             return b.kernel
+        if b.rank is not None and b.rank != main.weight.ndim:
+            raise Incompatible("a per-channel constant on the identity has an unknown rank")
         if main.in_channels != main.out_channels:
             raise Incompatible(
                 f"identity needs as many input as output channels ({main.in_channels} -> "
@@ -610,8 +639,8 @@ class _Merger:
                 wsum += b.dense[0]
                 bsum += b.dense[1]
             else:
-                if w0.shape[0] != w0.shape[1]:
-                    problems.append("identity needs a square weight")
+                if b.rank not in (None, 2) or w0.shape[0] != w0.shape[1]:
+                    problems.append("identity needs a square weight and a 2-D input")
                     continue
                 s = np.broadcast_to(np.asarray(b.scale, np.float64).reshape(-1), (w0.shape[0],))
                 if b.nodes and any(n.op_type == "BatchNormalization" for n in b.nodes):
@@ -625,6 +654,9 @@ class _Merger:
         used = []
         for c in consts:
             vec = self._per_channel(c, 2, axis_last=True)
+            arr = self.consts.try_resolve(c)
+            if not any(b.gemm for b in kept) and (arr is None or arr.ndim > 1):
+                vec = None  # a MatMul's input may be 1-D: (1, n) would widen its output
             if vec is not None and vec.size in (1, bsum.size):
                 bsum = bsum + vec
                 used.append(c)
@@ -710,7 +742,7 @@ class _Merger:
             base=base,
         )
         ed.take_over(conv.outputs[0], out)
-        self._remove([conv, *mids, conv0])
+        self._remove([conv, *mids, conv0], out, base)
         return self._entry(conv, "applied", target=target)
 
     def _entry(self, node: ir.Node, status, **kw) -> Entry:

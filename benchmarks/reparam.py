@@ -1,0 +1,250 @@
+"""Structural reparameterization on timm's train-time models (issue 22), one command.
+
+    python benchmarks/reparam.py [--size 64] [--seconds 6] [--models repvgg_a0,...]
+
+For each model (pretrained=False, random weights, BN statistics randomised, eval mode):
+
+(a) the train-form export, BN kept (legacy exporter, ``TrainingMode.PRESERVE``, no constant
+    folding); (b) ``normfuse.fold(a, reparam=True)``; (c) the export of timm's
+    ``reparameterize_model(model)`` (eval export with constant folding: the usual deploy
+    export). Reported: nodes and Conv count, max error relative to the output's max against the
+    train-form PyTorch model (float32; beside it the train-form export's own error), and
+    onnxruntime CPU latency at ORT_ENABLE_ALL and ORT_DISABLE_ALL, batch 1, one thread, median
+    of interleaved runs. What onnxruntime's own optimizer leaves of (a) is counted too (onnxsim
+    and onnxslim when installed). Writes ``benchmarks/results/REPARAM.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODELS = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1"]
+OUT = ROOT / "benchmarks" / "results" / "REPARAM.md"
+
+
+def randomise_bn(model, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            c = m.num_features
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+def export(model, x, *, keep_bn: bool) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    kw = (
+        dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+        if keep_bn
+        else dict(training=torch.onnx.TrainingMode.EVAL, do_constant_folding=True)
+    )
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, **kw)
+    return buf.getvalue()
+
+
+def counts(data: bytes) -> tuple[int, int, int]:
+    import onnx
+
+    nodes = onnx.load_from_string(data).graph.node
+    ops = [n.op_type for n in nodes if n.op_type not in ("Identity", "Constant")]
+    return len(ops), ops.count("Conv"), ops.count("BatchNormalization")
+
+
+def session(data: bytes, level: str):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def ort_optimized_convs(data: bytes) -> int:
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        path = str(Path(d) / "opt.onnx")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = path
+        ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        return counts(Path(path).read_bytes())[1]
+
+
+def latencies(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[str, float]:
+    """Median ms per run, interleaved over forms and levels, for about ``seconds`` in all."""
+    sessions = {
+        (f, lvl): session(d, lvl)
+        for f, d in forms.items()
+        for lvl in ("ORT_ENABLE_ALL", "ORT_DISABLE_ALL")
+    }
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for k, s in sessions.items():  # warm-up
+        s.run(None, feeds[k])
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in sessions}
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or min(len(v) for v in times.values()) < 5:
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return {f"{f}/{lvl}": float(np.median(v)) * 1e3 for (f, lvl), v in times.items()}
+
+
+def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.max(np.abs(out.astype(np.float64) - ref)) / np.max(np.abs(ref)))
+
+
+def bench(name: str, size: int, seconds: float) -> dict:
+    import torch
+
+    import normfuse
+    from tests.timm_shim import import_timm
+
+    timm = import_timm()
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    randomise_bn(model, 1)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+        ref64 = copy.deepcopy(model).double()(x.double()).numpy()
+    row: dict = {"model": name, "noise64": rel_err(ref, ref64)}
+    a = export(model, x, keep_bn=True)
+    t = time.perf_counter()
+    try:
+        folded, report = normfuse.fold(a, check=False, reparam=True)
+        b = folded if isinstance(folded, bytes) else folded.SerializeToString()
+        entries = report.entries
+    except TypeError:  # before the API takes reparam: the same two passes by hand
+        import onnx_ir as ir
+
+        from normfuse.onnxgraph.reparam import reparam_model
+
+        folded, report = normfuse.fold(a, check=False)
+        m = (
+            ir.from_proto(folded)
+            if not isinstance(folded, bytes)
+            else ir.from_proto(__import__("onnx").load_from_string(folded))
+        )
+        entries = reparam_model(m)
+        b = ir.to_proto(m).SerializeToString()
+    row["fold_s"] = time.perf_counter() - t
+    merged = [e for e in entries if e.direction == "reparam"]
+    row["blocks"] = (
+        sum(e.status == "applied" for e in merged),
+        sum(e.status == "skipped" for e in merged),
+    )
+    deployed = reparameterize_model(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        ref_c = deployed(x).double().numpy()
+    c = export(deployed, x, keep_bn=False)
+    forms = {"a": a, "b": b, "c": c}
+    xn = x.numpy()
+    for f, data in forms.items():
+        row[f"counts_{f}"] = counts(data)
+        s = session(data, "ORT_DISABLE_ALL")
+        row[f"err_{f}"] = rel_err(s.run(None, {s.get_inputs()[0].name: xn})[0], ref)
+    row["err_c_torch"] = rel_err(ref_c, ref)
+    row["ort_opt_convs_a"] = ort_optimized_convs(a)
+    row["lat"] = latencies(forms, xn, seconds)
+    return row
+
+
+def fmt_row(r: dict) -> str:
+    if "error" in r:
+        return f"| {r['model']} | export or run failed: {r['error']} |" + " |" * 9
+    lat = r["lat"]
+    ca, cb, cc = r["counts_a"], r["counts_b"], r["counts_c"]
+    return (
+        f"| {r['model']} | {ca[0]} / {ca[1]} / {ca[2]} | {cb[0]} / {cb[1]} / {cb[2]} | "
+        f"{cc[0]} / {cc[1]} / {cc[2]} | {r['ort_opt_convs_a']} | {r['blocks'][0]} / {r['blocks'][1]} | "
+        f"{r['err_a']:.1e} | {r['err_b']:.1e} | {r['err_c']:.1e} | "
+        f"{lat['a/ORT_ENABLE_ALL']:.2f} / {lat['b/ORT_ENABLE_ALL']:.2f} / {lat['c/ORT_ENABLE_ALL']:.2f} | "
+        f"{lat['a/ORT_DISABLE_ALL']:.2f} / {lat['b/ORT_DISABLE_ALL']:.2f} / {lat['c/ORT_DISABLE_ALL']:.2f} |"
+    )
+
+
+def write(rows: list[dict], size: int, path: Path) -> None:
+    import onnxruntime
+    import torch
+
+    lines = [
+        "# Structural reparameterization (benchmarks/reparam.py)",
+        "",
+        f"timm train-time models, random weights, BN statistics randomised, input 1x3x{size}x{size}, "
+        f"float32; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, CPU, one "
+        "thread, median of interleaved runs. (a) the train-form export with BN kept; (b) "
+        "`normfuse fold --reparam` of (a); (c) the export of timm's `reparameterize_model(model)` "
+        "(eval export, constant folding). Nodes exclude Identity/Constant. Error: max |y - y_torch| "
+        "/ max |y_torch| against the train-form PyTorch model in float32 (whose own float32 noise "
+        "against float64 is in the last column).",
+        "",
+        "| model | (a) nodes / Conv / BN | (b) | (c) | ORT-optimized (a) Conv | blocks merged / skipped "
+        "| err (a) | err (b) | err (c) | ms ENABLE_ALL a / b / c | ms DISABLE_ALL a / b / c |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [fmt_row(r) for r in rows]
+    lines += ["", "Float32 noise of the train-form model against its float64 run:", ""]
+    lines += [f"- {r['model']}: {r['noise64']:.1e}" for r in rows if "noise64" in r]
+    try:
+        import onnxsim  # noqa: F401
+    except ImportError:
+        lines += [
+            "",
+            "onnxsim and onnxslim are not installed here; onnxruntime's optimizer (column "
+            "'ORT-optimized (a) Conv', ENABLE_EXTENDED) merges no branches.",
+        ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=6.0, help="latency time per model")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    rows = []
+    for name in args.models.split(","):
+        t = time.perf_counter()
+        try:
+            row = bench(name, args.size, args.seconds)
+        except Exception as exc:  # record and go on
+            traceback.print_exc()
+            row = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+        rows.append(row)
+        print(fmt_row(row), f"({time.perf_counter() - t:.0f} s)", flush=True)
+        write(rows, args.size, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
