@@ -81,6 +81,7 @@ def fold(
     shapes: Mapping[str, Sequence[int]] | None = None,
     progress: Callable[[int, int], None] | None = None,
     example_inputs: Any = None,
+    reparam: bool = False,
 ) -> tuple[M | ir.Model, Report]:
     """Fold inference-mode normalization into neighbouring linear ops.
 
@@ -102,6 +103,8 @@ def fold(
         seed: Seed of the check's inputs.
         shapes: Shapes for inputs with dynamic non-batch dimensions, for the check.
         progress: Called with ``(done, total)``.
+        reparam: ONNX: then merge parallel/sequential linear branches into one op (RepVGG,
+            MobileOne, ...; docs/reparam.md).
 
     Returns:
         ``(folded_model, report)``.
@@ -121,6 +124,11 @@ def fold(
     reference = _reference_bytes(model, loaded) if check else None
     report.timings["load"] = time.perf_counter() - t0
     run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
+    if reparam:
+        from normfuse.onnxgraph.reparam import reparam_model
+
+        report.entries.extend(reparam_model(loaded.model))
+        report.after = model_stats(loaded.model)
     if check:
         t1 = time.perf_counter()
         report.parity = _check_in_memory(

@@ -403,3 +403,18 @@ def test_float16_block(rng):
     x = rng.standard_normal((1, 6, 9, 8)).astype(np.float16)
     ya, yb = run(model, {"x": x})[0], run(merged, {"x": x})[0]
     assert np.max(np.abs(ya.astype(np.float64) - yb)) <= 5e-3 * np.max(np.abs(ya))
+
+
+def test_api_fold_reparam_checked(rng):
+    import normfuse
+
+    b = Block(rng)
+    out = b.add(b.bn(b.conv("x", 6, 3, bias=False)), b.bn(b.conv("x", 6, 1, bias=False)), b.bn("x"))
+    model = b.model(b.node("Relu", [out]))
+    folded, report = normfuse.fold(model, reparam=True)  # checked on onnxruntime
+    assert ops(folded) == ["Conv", "Relu"]
+    assert report.parity is not None and all(o.passed for o in report.parity.outputs)
+    assert [e.status for e in report.entries if e.direction == "reparam"] == ["applied"]
+    assert report.after.ops.get("Conv") == 1
+    plain, _ = normfuse.fold(model, check=False)
+    assert "BatchNormalization" in ops(plain)  # off by default
