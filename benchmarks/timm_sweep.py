@@ -694,7 +694,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a handful of small models")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    ap.add_argument("--models", help="comma-separated timm names (all specs with that name)")
+    ap.add_argument(
+        "--models", help="comma-separated timm names (all specs with that name), in this order"
+    )
     ap.add_argument("--paths", help=f"comma-separated subset of {','.join(PATHS)}")
     ap.add_argument("--budget", type=float, help="seconds after which no new model starts")
     ap.add_argument(
@@ -709,9 +711,9 @@ def main() -> None:
     specs = MODELS
     if args.quick:
         specs = [s for q in QUICK for s in MODELS if (s[0], s[3]) == q]
-    if args.models:
-        wanted = set(args.models.split(","))
-        specs = [s for s in MODELS if s[0] in wanted]
+    if args.models:  # in the order given, so that a --budget keeps the first ones
+        wanted = args.models.split(",")
+        specs = [s for w in dict.fromkeys(wanted) for s in MODELS if s[0] == w]
     paths = PATHS if not args.paths else [p for p in args.paths.split(",") if p in PATHS]
     t0 = time.perf_counter()
     records = sweep(specs, paths, args.budget)

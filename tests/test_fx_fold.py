@@ -406,7 +406,11 @@ def test_inplace_changes_the_model_itself():
     model = randomize(BNMLP())
     folded, report = fold_torch(model, inplace=True)
     assert folded is model and count_bn(model) == 0
-    assert any("(N, C) activations assumed" in w for e in report.entries for w in e.warnings)
+    # the (N, C) layout is either flagged as assumed or read on a generated input (issue 17:
+    # without example_inputs the shapes come from an input built from the model)
+    assert any(
+        "(N, C) activations assumed" in w for e in report.entries for w in e.warnings
+    ) or any("shapes read on a generated input" in n for n in report.notes), report.notes
 
 
 def _conv_cls(transpose: bool, dims: int) -> type:

@@ -834,3 +834,67 @@ def test_timm_levit_token_bn_folds(timm):
     flat = [r for r in reasons(report).values() if "flatten" in r]
     assert not flat, flat[:3]
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
+
+
+class SyncBatchNormAct2d(nn.SyncBatchNorm):
+    """As timm's ``SyncBatchNormAct`` (``convert_sync_batchnorm`` of a BatchNormAct2d): SyncBN's
+    own forward (input checks torch.fx cannot trace), then drop and act."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+@pytest.mark.parametrize("path", ["module", "exported"])
+def test_sync_norm_act_folds_and_keeps_activation(path):
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), SyncBatchNormAct2d(8)), 40)
+    x = image(2, 3, 12, 12)
+    folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
+    assert len(report.applied) == 1, reasons(report)
+    assert bn_left(folded) == 0
+    if path == "module":
+        assert has(folded, nn.ReLU)
+    assert rel_err(run(folded, x), ref64(model, x)) <= TOL
+
+
+@pytest.mark.parametrize("path", ["graphmodule", "exported"])
+def test_affine_chain_with_sub_and_div_folds(path):
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.register_buffer("scale", torch.ones(8))
+            self.register_buffer("shift", torch.zeros(8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = (self.conv(x) - self.shift.view(1, -1, 1, 1)) / (self.scale.view(-1, 1, 1) + 2.0)
+            return torch.relu(2.0 - y)
+
+    model = randomize(Chain(), 41)
+    x = image(2, 3, 12, 12)
+    folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
+    assert len(report.applied) == 1, (report.entries, report.notes)
+    assert rel_err(run(folded, x), ref64(model, x)) <= TOL
+
+
+@pytest.mark.parametrize("path", ["graphmodule", "exported"])
+def test_affine_chain_by_a_non_constant_or_dtype_changing_tensor_stays(path):
+    class Chain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.register_buffer("scale", torch.ones(8, dtype=torch.float64))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y * x.mean() + (y * self.scale.view(1, -1, 1, 1)).float()
+
+    model = randomize(Chain(), 42)
+    x = image(2, 3, 12, 12)
+    folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
+    assert not report.applied
+    assert rel_err(run(folded, x), ref64(model, x)) <= TOL

@@ -226,6 +226,17 @@ def fold_torch(
         folded, reference, example_inputs = _fold_exported(model, example_inputs, report)
     elif isinstance(model, nn.Module):
         reference = model
+        if example_inputs is None:  # shapes for the proofs that need them, and the check
+            guessed: list[str] = []
+            example_inputs = guess_inputs(model, guessed)
+            if (check and not inplace) or example_inputs is None:
+                report.notes.extend(guessed)
+            else:
+                report.notes.append(
+                    "no example_inputs: shapes read on a generated input of shape "
+                    f"{tuple(example_inputs.shape)}; outputs not compared "
+                    f"({'inplace=True' if inplace else 'check=False'})"
+                )
         folded = _fold_module(model, example_inputs, inplace, report)
         if inplace and check and example_inputs is not None:
             report.notes.append("inplace=True: the original is gone, parity not checked")
@@ -236,8 +247,6 @@ def fold_torch(
             "pass an nn.Module, a torch.fx.GraphModule or a torch.export.ExportedProgram",
         )
     report.timings["fold"] = time.perf_counter() - t0
-    if check and example_inputs is None and isinstance(reference, nn.Module):
-        example_inputs = guess_inputs(reference, report.notes)
     if check and example_inputs is not None:
         t1 = time.perf_counter()
         inputs = (

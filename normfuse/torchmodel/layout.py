@@ -177,10 +177,4 @@ def structural_reason(norm_input: Any, users: list[fx.Node], describe: Any) -> s
                 "needs branch merging (structural re-parameterisation, as RepVGG/MobileOne "
                 "reparameterize) to fold into the parallel conv"
             )
-        if len(branches) > 1:
-            return (
-                f"normalises {describe(norm_input)}, which also feeds "
-                f"{len(branches) - 1} other branch(es) (identity/pre-activation): needs branch "
-                "merging (structural re-parameterisation) or a Conv/Linear of its own"
-            )
     return None

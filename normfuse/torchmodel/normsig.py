@@ -22,11 +22,13 @@ Imports: torch, numpy, :mod:`normfuse.core` and :mod:`normfuse.torchmodel.layers
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import operator
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -162,8 +164,29 @@ def _const_nodes(graph: fx.Graph, x: fx.Node) -> set[fx.Node]:
     return {n for n in graph.nodes if n not in data_of_x and n.op != "output"}
 
 
+@contextlib.contextmanager
+def _sync_bn_in_eval(module: nn.Module) -> Iterator[None]:
+    """``SyncBatchNorm.forward`` in eval mode is ``_BatchNorm.forward`` (it syncs only batch
+    statistics in training) behind two input checks that torch.fx cannot trace
+    (``input.dim() < 2``, ``input.size(1) == 0``): read a subclass (timm's SyncBatchNormAct)
+    through the latter."""
+    if not isinstance(module, nn.SyncBatchNorm) or module.training:
+        yield
+        return
+    cls: Any = nn.SyncBatchNorm
+    saved = cls.forward, cls._check_input_dim
+    cls.forward = _BatchNorm.forward
+    cls._check_input_dim = lambda self, x: None  # raises on rank < 2: an input check only
+    try:
+        yield
+    finally:
+        cls.forward, cls._check_input_dim = saved
+
+
 def _traced_signature(module: nn.Module) -> NormSignature | str:
-    graph = _LeafChildren(module).trace(module)
+    traced = copy.deepcopy(module)  # tracing stores computed tensors on the module it traces
+    with _sync_bn_in_eval(traced):
+        graph = _LeafChildren(traced).trace(traced)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         return "its forward takes more than one input"
@@ -234,6 +257,15 @@ def _measure(module: nn.Module, graph: fx.Graph, last: fx.Node) -> Affine | str:
     channels = _channels(module)
     if channels is None:
         return "its channel count is unknown"
+    # traced again in float64: torch.fx computes what depends on buffers only (timm's
+    # FrozenBatchNormAct2d: w * (rv + eps).rsqrt()) while tracing, in the module's dtype
+    probe_module = copy.deepcopy(module).to(torch.float64).eval()
+    with _sync_bn_in_eval(probe_module):
+        graph64 = _LeafChildren(probe_module).trace(probe_module)
+    nodes, nodes64 = list(graph.nodes), list(graph64.nodes)
+    if len(nodes) != len(nodes64) or [n.op for n in nodes] != [n.op for n in nodes64]:
+        return "its forward traces differently in float64"
+    graph, last = graph64, nodes64[nodes.index(last)]
     part = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
@@ -243,7 +275,6 @@ def _measure(module: nn.Module, graph: fx.Graph, last: fx.Node) -> Affine | str:
         if node is last:
             break
     part.output(env[last])
-    probe_module = copy.deepcopy(module).to(torch.float64).eval()
     gm = fx.GraphModule(probe_module, part)
     for rank in (4, 2, 3, 5):
         shape = (1, channels) + (1,) * (rank - 2)

@@ -499,6 +499,9 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     if through is not None:
         return through
     users = [u for u in users_of(norm.node) if not is_meta(u)]
+    structural = structural_reason(norm.input, users, describe_node)
+    if structural is not None:
+        return structural, None
     if norm.tail:
         names = ", ".join(n for n, _ in norm.tail)
         return (
@@ -523,9 +526,6 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
                     None,
                 )
             return dense_checked(Pair(norm, lin, "before"), norm.node)
-    structural = structural_reason(norm.input, users, describe_node)
-    if structural is not None:
-        return structural, None
     after = ", ".join(describe_node(u) for u in users) or "nothing"
     return (
         f"follows {describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",
