@@ -418,3 +418,29 @@ def test_api_fold_reparam_checked(rng):
     assert report.after.ops.get("Conv") == 1
     plain, _ = normfuse.fold(model, check=False)
     assert "BatchNormalization" in ops(plain)  # off by default
+
+
+def test_repmixer_sub_and_layer_scale(rng):
+    # FastViT's RepMixer: x + s * (mixer(x) - norm(x)), mixer a depthwise conv + BN + identity BN
+    b = Block(rng)
+    mixer = b.add(b.bn(b.conv("x", 6, 3, group=6, bias=False)), b.bn("x"))
+    inner = b.node("Sub", [mixer, b.bn("x")])
+    scaled = b.node("Mul", [inner, b.const(rng.standard_normal((6, 1, 1)))])
+    _, entries = check_merge(b.model(b.add("x", scaled)), rng, ["Conv"])
+    assert entries[0].target.count("identity") == 3
+
+
+def test_sub_with_foreign_terms(rng):
+    b = Block(rng)
+    y = helper.make_tensor_value_info("y", F, [1, 6, 9, 8])
+    out = b.node("Sub", [b.node("Sub", ["y", b.conv("x", 6, 3)]), b.conv("x", 6, 1)])
+    check_merge(b.model(out, extra_inputs=[y]), rng, ["Conv", "Add"])
+    b = Block(rng)
+    out = b.node("Sub", [b.add(b.conv("x", 6, 3), b.conv("x", 6, 1)), "y"])
+    check_merge(b.model(out, extra_inputs=[y]), rng, ["Conv", "Sub"])
+    b = Block(rng)  # a foreign term under a scale: refused, unchanged
+    inner = b.add(b.conv("x", 6, 3), "y")
+    scaled = b.node("Mul", [inner, b.const(rng.standard_normal((6, 1, 1)))])
+    model = b.model(b.add(scaled, b.conv("x", 6, 1)), extra_inputs=[y])
+    merged, entries = merge(model)
+    assert ops(merged) == ops(model) and entries[0].status == "skipped"

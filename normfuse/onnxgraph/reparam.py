@@ -47,7 +47,7 @@ __all__ = ["reparam_model"]
 
 logger = logging.getLogger(__name__)
 
-_SUMS = ("Add", "Sum")
+_SUMS = ("Add", "Sum", "Sub")
 
 
 @dataclasses.dataclass
@@ -66,6 +66,7 @@ class _Branch:
     dtype: object = None
     gemm: bool = False
     rank: int | None = None  # the rank assumed to read per-channel constants of the trail
+    coef: np.ndarray | None = None  # the term's per-channel coefficient in the sum (None: 1)
 
     @property
     def is_identity(self) -> bool:
@@ -107,6 +108,7 @@ class _Merger:
         self.consts = consts
         self.dry_run = dry_run
         self.editor = Editor(graph, names, 1)
+        self.tree_rank: int | None = None  # the rank assumed for a Mul expanded in a tree
         self.keep: list[object] = []  # removed nodes and values: their ids stay unique in the cache
 
     # ------------------------------------------------------------------ finding blocks
@@ -129,36 +131,75 @@ class _Merger:
 
     @staticmethod
     def _is_sum(node: ir.Node) -> bool:
-        return node.domain in ("", "ai.onnx") and node.op_type in _SUMS and len(node.outputs) == 1
-
-    def _inner(self, node: ir.Node) -> bool:
-        """The sum feeds only another sum: it is part of that one's tree."""
-        out = node.outputs[0]
-        uses = list(out.uses())
         return (
-            len(uses) == 1
-            and not out.is_graph_output()
-            and self._is_sum(uses[0].node)
-            and uses[0].node.graph is self.graph
+            node.domain in ("", "ai.onnx")
+            and node.op_type in _SUMS
+            and len(node.outputs) == 1
+            and (node.op_type != "Sub" or len(node.inputs) == 2)
         )
 
-    def _tree(self, root: ir.Node) -> tuple[list[ir.Node], list[ir.Value]]:
+    def _only_user(self, value: ir.Value) -> ir.Node | None:
+        uses = list(value.uses())
+        if len(uses) != 1 or value.is_graph_output() or uses[0].node.graph is not self.graph:
+            return None
+        return uses[0].node
+
+    def _scale(self, node: ir.Node) -> tuple[np.ndarray, ir.Value, int] | None:
+        """``(c, x, rank)`` of ``Mul(x, c)`` with ``c`` a per-channel constant."""
+        if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            return None
+        out = node.outputs[0]
+        rank = out.shape.rank() if out.shape is not None and out.shape.rank() else 4
+        for i in (0, 1):
+            c = self._per_channel(node.inputs[1 - i], rank)
+            x = node.inputs[i]
+            if c is not None and x is not None and self.consts.try_resolve(x) is None:
+                return c, x, rank
+        return None
+
+    def _inner(self, node: ir.Node) -> bool:
+        """The sum feeds only another sum (maybe through a per-channel scale): it is part of
+        that one's tree."""
+        user = self._only_user(node.outputs[0])
+        if user is None:
+            return False
+        if self._is_sum(user):
+            return True
+        scaled = self._scale(user)
+        if scaled is None or scaled[1] is not node.outputs[0]:
+            return False
+        after = self._only_user(user.outputs[0])
+        return after is not None and self._is_sum(after)
+
+    def _tree(self, root: ir.Node, coef: np.ndarray | None = None):
+        """The nodes of the sum tree under ``root`` and its terms ``(value, coefficient)``:
+        ``Sub`` negates its second term, ``Mul`` by a per-channel constant scales a sub-sum
+        (FastViT's RepMixer: ``x + s * (mixer(x) - norm(x))``); ``None`` is 1."""
         nodes, leaves = [root], []
-        for v in root.inputs:
-            p = v.producer() if v is not None else None
-            if (
-                v is not None
-                and p is not None
-                and self._is_sum(p)
-                and p.graph is self.graph
-                and len(list(v.uses())) == 1
-                and not v.is_graph_output()
-            ):
-                inner_nodes, inner_leaves = self._tree(p)
-                nodes.extend(inner_nodes)
-                leaves.extend(inner_leaves)
-            elif v is not None:
-                leaves.append(v)
+        for i, v in enumerate(root.inputs):
+            if v is None:
+                continue
+            c = coef
+            if root.op_type == "Sub" and i == 1:
+                c = -1.0 * (np.asarray(1.0) if c is None else c)
+            p = v.producer()
+            if p is not None and self._only_user(v) is root:
+                if self._is_sum(p) and p.graph is self.graph:
+                    inner_nodes, inner_leaves = self._tree(p, c)
+                    nodes.extend(inner_nodes)
+                    leaves.extend(inner_leaves)
+                    continue
+                scaled = self._scale(p)
+                if scaled is not None and p.graph is self.graph:
+                    k, data, rank = scaled
+                    q = data.producer()
+                    if q is not None and self._is_sum(q) and self._only_user(data) is p:
+                        self.tree_rank = rank
+                        inner_nodes, inner_leaves = self._tree(q, k if c is None else c * k)
+                        nodes.extend([p, *inner_nodes])
+                        leaves.extend(inner_leaves)
+                        continue
+            leaves.append((v, c))
         return nodes, leaves
 
     # ------------------------------------------------------------------ reading branches
@@ -442,17 +483,21 @@ class _Merger:
     # ------------------------------------------------------------------ merging a block
 
     def _block(self, root: ir.Node) -> Entry | None:
+        self.tree_rank = None
         tree, leaves = self._tree(root)
-        read: list[tuple[ir.Value, _Branch | None, bool]] = []  # (leaf, branch, is a constant)
+        read: list[tuple[ir.Value, _Branch | None, bool, np.ndarray | None]] = []
         notes: list[tuple[object, str]] = []
         sinks = {id(v): n for n in tree for v in n.inputs if v is not None}
-        for leaf in leaves:
+        for leaf, coef in leaves:
             if self.consts.try_resolve(leaf) is not None:
-                read.append((leaf, None, True))
+                read.append((leaf, None, True, coef))
                 continue
-            read.append((leaf, self._read(leaf, sinks[id(leaf)], notes), False))
+            br = self._read(leaf, sinks[id(leaf)], notes)
+            if br is not None:
+                br.coef = coef
+            read.append((leaf, br, False, coef))
         by_source: dict[int, list[_Branch]] = {}
-        for _, br, _ in read:
+        for _, br, _, _ in read:
             if br is not None:
                 by_source.setdefault(id(br.source), []).append(br)
         refused: dict[int, list[str]] = {}
@@ -484,17 +529,21 @@ class _Merger:
         main = max(
             (b for b in group if b.kernel is not None or b.dense is not None), key=lambda b: b.cost
         )
-        consts = [leaf for leaf, _, is_const in read if is_const]
+        consts = [(leaf, coef) for leaf, _, is_const, coef in read if is_const]
         if dense:
             return self._merge_dense(root, tree, read, group, main, consts, problems)
         rank = main.kernel.weight.ndim
+        if self.tree_rank not in (None, rank):
+            return self._entry(
+                root, "skipped", reason="a per-channel scale inside the sum has an unknown rank"
+            )
         kept: list[_Branch] = [main]
-        kernels: list[Kernel] = [main.kernel]
+        kernels: list[Kernel] = [_post_affine(main.kernel, _one(main.coef), 0.0)]
         for b in group:
             if b is main:
                 continue
             try:
-                k = self._as_kernel(b, main.kernel)
+                k = _post_affine(self._as_kernel(b, main.kernel), _one(b.coef), 0.0)
                 branches.merge_parallel([*kernels, k])
             except Incompatible as exc:
                 problems.append(f"{b.label} branch: {exc}")
@@ -506,10 +555,10 @@ class _Merger:
         merged = branches.merge_parallel(kernels)
         extra = np.zeros(merged.out_channels)
         used_consts = []
-        for c in consts:
+        for c, coef in consts:
             vec = self._per_channel(c, rank)
             if vec is not None and vec.size in (1, merged.out_channels):
-                extra = extra + vec
+                extra = extra + vec * _one(coef)
                 used_consts.append(c)
         merged.bias = merged.bias + extra
         names = [b.label for b in kept]
@@ -523,10 +572,17 @@ class _Merger:
             )
         taken = {id(b) for b in kept}
         foreign = [
-            leaf
-            for leaf, br, _ in read
+            (leaf, coef)
+            for leaf, br, _, coef in read
             if (br is None or id(br) not in taken) and not any(leaf is c for c in used_consts)
         ]
+        if any(coef is not None and np.any(coef != -1) for _, coef in foreign):
+            return self._entry(
+                root,
+                "skipped",
+                reason="a term that does not merge is scaled inside the sum; "
+                + "; ".join(problems or ["no reason"]),
+            )
         post: list[ir.Node] = []
         if not foreign:
             post, merged = self._after_sum(root, merged, rank)
@@ -589,9 +645,10 @@ class _Merger:
         if producer is not None and name and not any(n.name == name for n in self.graph):
             producer.name = name
 
-    def _add_foreign(self, anchor: ir.Node, out: ir.Value, foreign: list[ir.Value]) -> ir.Value:
-        for f in foreign:
-            out = self.editor.op(anchor, "Add", [out, f])
+    def _add_foreign(self, anchor: ir.Node, out: ir.Value, foreign: list) -> ir.Value:
+        """``out`` plus the terms that did not merge (``Sub`` for those with coefficient -1)."""
+        for f, coef in foreign:
+            out = self.editor.op(anchor, "Add" if coef is None else "Sub", [out, f])
         return out
 
     def _after_sum(self, root: ir.Node, merged: Kernel, rank: int) -> tuple[list[ir.Node], Kernel]:
@@ -628,6 +685,10 @@ class _Merger:
 
     def _merge_dense(self, root, tree, read, group, main, consts, problems) -> Entry:
         w0, _ = main.dense
+        if self.tree_rank not in (None, 2):
+            return self._entry(
+                root, "skipped", reason="a per-channel scale inside the sum is not on the last axis"
+            )
         wsum = np.zeros_like(w0)
         bsum = np.zeros(w0.shape[1])
         kept = []
@@ -636,8 +697,8 @@ class _Merger:
                 if b.dense[0].shape != w0.shape:
                     problems.append(f"{b.label} branch: shape {b.dense[0].shape} vs {w0.shape}")
                     continue
-                wsum += b.dense[0]
-                bsum += b.dense[1]
+                wsum += b.dense[0] * _one(b.coef).reshape(1, -1)
+                bsum += b.dense[1] * _one(b.coef)
             else:
                 if b.rank not in (None, 2) or w0.shape[0] != w0.shape[1]:
                     problems.append("identity needs a square weight and a 2-D input")
@@ -646,26 +707,31 @@ class _Merger:
                 if b.nodes and any(n.op_type == "BatchNormalization" for n in b.nodes):
                     problems.append("a BatchNormalization on a 2-D identity branch is not merged")
                     continue
-                wsum += np.diag(s)
-                bsum += np.broadcast_to(np.asarray(b.shift, np.float64).reshape(-1), bsum.shape)
+                wsum += np.diag(s) * _one(b.coef).reshape(1, -1)
+                shift = np.broadcast_to(np.asarray(b.shift, np.float64).reshape(-1), bsum.shape)
+                bsum += shift * _one(b.coef)
             kept.append(b)
         if len(kept) < 2:
             return self._entry(root, "skipped", reason="; ".join(problems))
         used = []
-        for c in consts:
+        for c, coef in consts:
             vec = self._per_channel(c, 2, axis_last=True)
             arr = self.consts.try_resolve(c)
             if not any(b.gemm for b in kept) and (arr is None or arr.ndim > 1):
                 vec = None  # a MatMul's input may be 1-D: (1, n) would widen its output
             if vec is not None and vec.size in (1, bsum.size):
-                bsum = bsum + vec
+                bsum = bsum + vec * _one(coef)
                 used.append(c)
         taken = {id(b) for b in kept}
         foreign = [
-            leaf
-            for leaf, br, _ in read
+            (leaf, coef)
+            for leaf, br, _, coef in read
             if (br is None or id(br) not in taken) and not any(leaf is c for c in used)
         ]
+        if any(coef is not None and np.any(coef != -1) for _, coef in foreign):
+            return self._entry(
+                root, "skipped", reason="a term that does not merge is scaled inside the sum"
+            )
         names = [b.label for b in kept]
         gemm = any(b.gemm for b in kept)
         target = (
@@ -749,6 +815,11 @@ class _Merger:
         return Entry(
             node_name(node), node.op_type, status, graph=self.label, direction="reparam", **kw
         )
+
+
+def _one(coef: np.ndarray | None) -> np.ndarray:
+    """A term's coefficient as a 1-D array (``None`` is 1)."""
+    return np.ones(1) if coef is None else np.asarray(coef, np.float64).reshape(-1)
 
 
 def _post_affine(k: Kernel, scale: object, shift: object) -> Kernel:
