@@ -881,3 +881,43 @@ def test_bn_after_conv_through_transpose_pair_without_value_info(rng):
         "Conv 'conv' through Transpose 't1', Reshape 'noop', Transpose 't2'"
     )
     assert folded.graph.output[0].name == "y"
+
+
+def test_identity_affines_are_removed(rng):
+    """Keras' Normalization layer at its default statistics (x - 0) / 1 on the NHWC input before
+    a padded conv: no fold is exact there (the borders), but the nodes change nothing, so they go.
+    The scalar Mul before them is a plain Mul chain into the conv: opt-in, it stays."""
+    inits = [
+        tensor("k", np.array(1 / 255, np.float32)),
+        tensor("zero", np.zeros((1, 1, 1, 3), np.float32)),
+        tensor("one", np.ones((1, 1, 1, 3), np.float32)),
+        tensor("W", normal(rng, [4, 3, 3, 3])),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["s"], name="rescale"),
+        helper.make_node("Sub", ["s", "zero"], ["c"], name="centre"),
+        helper.make_node("Div", ["c", "one"], ["n"], name="norm"),
+        helper.make_node("Transpose", ["n"], ["t"], name="to_nchw", perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "W"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+    ]
+    model = make_model(nodes, [("x", F, ["N", 5, 5, 3])], [("y", F, ["N", 4, 5, 5])], inits)
+    folded, report = assert_folds(model, {"x": normal(rng, [2, 5, 5, 3])}, applied=2, skipped=1)
+    assert op_types(folded) == ["Mul", "Transpose", "Conv"]
+    assert {e.node: e.target for e in report.applied} == {
+        "centre": "nothing: it subtracts 0, so it was removed",
+        "norm": "nothing: it divides by 1, so it was removed",
+    }
+    assert report.skipped[0].node == "rescale"
+
+
+def test_identity_affine_that_broadcasts_stays(rng):
+    """x (N, 1) + zeros (4,) is (N, 4): not the identity on x's shape, so it stays."""
+    inits = [tensor("zero", np.zeros(4, np.float32)), tensor("W", normal(rng, [4, 3]))]
+    nodes = [
+        helper.make_node("Add", ["x", "zero"], ["a"], name="widen"),
+        helper.make_node("MatMul", ["a", "W"], ["y"], name="mm"),
+    ]
+    model = make_model(nodes, [("x", F, [2, 1])], [("y", F, [2, 3])], inits)
+    folded, report = normfuse.fold(model, check=False)
+    assert op_types(folded) == ["Add", "MatMul"]
+    assert not report.applied

@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from normfuse.core import algebra
@@ -62,6 +63,13 @@ from normfuse.onnxgraph.paths import AxisPath, InferredShapes, walk_back, walk_f
 from normfuse.onnxgraph.writer import GraphWriter, deferrable
 
 __all__ = ["FoldOptions", "fold_model", "model_stats", "run_fold"]
+
+_IDENTITY = {
+    "Mul": "multiplies by 1",
+    "Div": "divides by 1",
+    "Add": "adds 0",
+    "Sub": "subtracts 0",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -172,9 +180,11 @@ class _Folder:
                 affines.append(exc)
             except NotConstant as exc:
                 affines.append(Refused(str(exc)))
-        done: dict[int, tuple[str, str]] = {}  # chain index -> (direction, target)
+        done: dict[int, tuple[str | None, str]] = {}  # chain index -> (direction, target)
         k, after_reason = self._fold_forward(chain, affines, rank, done)
         suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
+        for i in self._drop_identities(chain, affines, done):
+            reportable[i] = True
         entries = []
         for i, link in enumerate(chain):
             if not reportable[i]:
@@ -233,6 +243,49 @@ class _Folder:
             if u.op_type in LINEAR_OPS
         )
         return [touches] * len(chain)
+
+    def _drop_identities(
+        self,
+        chain: list[Link],
+        affines: list[Affine | Refused],
+        done: dict[int, tuple[str | None, str]],
+    ) -> list[int]:
+        """Remove the Mul/Add/Sub/Div left in ``chain`` that change nothing (x * 1, x + 0: a
+        converter's Normalization layer at its default statistics) and do not broadcast."""
+        dropped = []
+        for i, link in enumerate(chain):
+            a = affines[i]
+            if (
+                i in done
+                or link.kind != "elementwise"
+                or not isinstance(a, Affine)
+                or not (np.all(a.scale == 1.0) and np.all(a.shift == 0.0))
+                or not self._keeps_shape(link)
+            ):
+                continue
+            if not self.options.dry_run:
+                self.writer.bypass(link.node, link.data)
+            done[i] = (None, f"nothing: it {_IDENTITY[link.node.op_type]}, so it was removed")
+            dropped.append(i)
+        return dropped
+
+    def _keeps_shape(self, link: Link) -> bool:
+        """The node's output is its data input (shape and type): no broadcasting to more."""
+        out = link.out
+        if out.is_graph_output():
+            return False
+        c = self.consts.try_resolve(link.node.inputs[1 - link.data_index])
+        dims = link.data.shape
+        if c is None or (link.data.dtype is not None and link.data.dtype.numpy() != c.dtype):
+            return False
+        if c.size == 1 and (c.ndim == 0 or (dims is not None and c.ndim <= dims.rank())):
+            return True
+        if dims is None or c.ndim > dims.rank():
+            return False
+        tail = list(dims)[dims.rank() - c.ndim :]
+        return all(
+            k == 1 or (isinstance(d, int) and d == k) for k, d in zip(c.shape, tail, strict=True)
+        )
 
     def _past_layout(self, value: ir.Value) -> ir.Value:
         """The tensor after the layout ops that ``value`` alone runs through."""

@@ -150,6 +150,16 @@ class GraphWriter:
                 self.prune(v)
         self.restore_names()
 
+    def bypass(self, node: ir.Node, data: ir.Value) -> None:
+        """Remove ``node``, which computes its input ``data`` unchanged: its readers read ``data``."""
+        out = node.outputs[0]
+        out.replace_all_uses_with(data)
+        inputs = [v for v in node.inputs if v is not None and v is not data]
+        self.container.remove(node, safe=True)
+        for v in inputs:
+            self.prune(v)
+        self.reader.clear()
+
     def weight_data(self, lin: Linear, folded: algebra.Folded) -> np.ndarray | ir.LazyTensor:
         """The folded weight, or a tensor that computes it from the file when it is written."""
         if folded.weight is not None:
