@@ -415,7 +415,9 @@ def lower_norms(model: Any, target_opset: int, **check_opts: Any) -> tuple[Any, 
 def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     """Recompute BatchNorm statistics from data.
 
-    PyTorch modules: :func:`normfuse.torchmodel.recalibrate.recalibrate` (in place, returns the report).
+    PyTorch modules: :func:`normfuse.torchmodel.recalibrate.recalibrate` (in place, returns the
+    report with an undo handle; options ``num_batches``, ``num_samples``, ``forward_fn``,
+    ``where``, ``estimator``, ``progress``, ``distributed``; see docs/recalibrate.md).
     ONNX models: ``batches`` is a path (``.npz`` file or folder of them) or a list of
     ``{input name: array}``; returns ``(model, report)`` (see
     :func:`normfuse.onnxgraph.recalibrate.recalibrate_model`); options ``num_batches``, ``where``,

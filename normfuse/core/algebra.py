@@ -490,11 +490,17 @@ class ChannelMoments:
         if x.size == 0 or x.ndim < 2:
             return
         v = np.moveaxis(np.asarray(x, np.float64), 1, 0).reshape(x.shape[1], -1)
-        n = v.shape[1]
         mean = v.mean(axis=1)
-        m2 = ((v - mean[:, None]) ** 2).sum(axis=1)
+        self.merge(v.shape[1], mean, ((v - mean[:, None]) ** 2).sum(axis=1))
+
+    def merge(self, n: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        """Merge the moments of other values: their count, per-channel mean and sum of squared
+        deviations from that mean (Chan et al.: ``M2 = M2_a + M2_b + d^2 n_a n_b / n``)."""
+        if n <= 0:
+            return
+        mean, m2 = np.asarray(mean, np.float64), np.asarray(m2, np.float64)
         if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = n, mean, m2
+            self.n, self.mean, self.m2 = int(n), mean.copy(), m2.copy()
             return
         total = self.n + n
         delta = mean - self.mean

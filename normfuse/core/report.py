@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 from rich.console import Console, Group
@@ -258,6 +259,8 @@ class Report:
         parity: The parity check, when it ran.
         notes: Other facts worth a line (IR version lowered for the check, ...).
         framework: ``onnx`` or ``torch``: what the entries name (nodes or modules).
+        undo: For in-place actions that can be undone (``recalibrate`` on PyTorch), what puts
+            the model back as it was; see :meth:`restore`.
     """
 
     action: str = "fold"
@@ -268,6 +271,19 @@ class Report:
     parity: ParityResult | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     framework: str = "onnx"
+    undo: Callable[[], None] | None = dataclasses.field(default=None, repr=False, compare=False)
+
+    def restore(self) -> None:
+        """Undo the in-place change this report describes (``with report: ...`` undoes on exit)."""
+        if self.undo is None:
+            raise ValueError(f"a {self.action} report has nothing to restore")
+        self.undo()
+
+    def __enter__(self) -> Report:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
 
     @property
     def applied(self) -> list[Entry]:

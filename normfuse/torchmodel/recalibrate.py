@@ -1,22 +1,50 @@
-"""``recalibrate``: recompute BatchNorm running statistics over a set of batches, exactly (float64,
-Chan's parallel mean/variance merge), restoring training flags afterwards.
+"""``recalibrate``: recompute BatchNorm running statistics over data, exactly, in one process or
+across ``torch.distributed`` processes.
+
+During the pass every selected norm normalises each batch with that batch's own statistics (what
+BatchNorm does in training, so later layers see what they saw in training) while a pre-hook
+accumulates its input in float64: per call, the count, per-channel mean and sum of squared
+deviations (``var_mean`` on a float64 copy), merged batch by batch with Chan's parallel algorithm
+(:class:`normfuse.core.algebra.ChannelMoments`). Only the norms change mode, and only
+themselves: torch's own BatchNorm layers run their training forward (bit for bit what
+``update_bn``'s pass computes); every other norm stays in eval and the pre-hook writes the
+batch's float64 statistics, rounded, into its buffers, so that a ``SyncBatchNorm`` does not
+synchronise per batch (its training forward needs a GPU), and subclasses whose forward does more
+(timm's ``BatchNormAct2d``: drop and act children stay in eval) or that keep plain buffers
+(``FrozenBatchNorm``) work alike, once their eval forward is read (:mod:`normsig`) and found to
+normalise with those buffers. Dropout and every other module stay in eval. Across processes the
+per-rank ``(n, mean, M2)`` are all-gathered in float64 and merged in rank order, so every rank
+ends with the same statistics, equal to one process's over the union of the data.
+
+Imports: torch, numpy, rich, :mod:`normfuse.core` and :mod:`normfuse.torchmodel`.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
 
+import numpy as np
 import torch
-from rich.progress import Progress
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normfuse.core.algebra import ChannelMoments
+from normfuse.core.algebra import Affine, ChannelMoments
 from normfuse.core.errors import InputError
 from normfuse.core.report import Entry, Report
+from normfuse.torchmodel.layers import FrozenBatchNorm
 from normfuse.torchmodel.modules import (
     Where,
     call_module,
@@ -26,144 +54,456 @@ from normfuse.torchmodel.modules import (
     module_names,
     module_stats,
     move_inputs,
+    tensors_of,
 )
+from normfuse.torchmodel.normsig import NormSignature, norm_signature
 
-__all__ = ["progress_bar", "recalibrate"]
+__all__ = ["Estimator", "batch_moments", "recalibrate", "unwrap"]
 
 logger = logging.getLogger(__name__)
+
+Estimator = Literal["population", "unbiased"]
+"""``population``: ``var = M2 / n`` (what normalises the data to unit variance, what ONNX
+recalibration writes); ``unbiased``: ``var = M2 / (n - 1)``, what PyTorch keeps in
+``running_var`` in training. ``M2 = sum (x - mean)^2`` over all ``n`` values of a channel."""
+
+_PLAIN_FORWARDS = {_BatchNorm.forward, nn.SyncBatchNorm.forward}
 
 
 def recalibrate(
     module: nn.Module,
-    batches: Iterable[Any],
+    data: Iterable[Any],
     *,
     num_batches: int | None = None,
+    num_samples: int | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     where: Where = None,
-    progress: bool | None = None,
+    estimator: Estimator = "unbiased",
+    progress: bool | None = True,
+    distributed: bool | Literal["auto"] = "auto",
 ) -> Report:
-    """Recompute the running statistics of every BatchNorm from data, in place.
-
-    Each BatchNorm runs as in training (normalising with batch statistics, so later layers see
-    what they saw in training) while its input is accumulated exactly: per-channel mean and
-    unbiased variance over all values of all batches, in float64, merged batch by batch with
-    the parallel algorithm of Chan et al. These replace ``running_mean`` and ``running_var``
-    (what PreciseBN estimates, without its averaging error); ``num_batches_tracked`` grows by
-    the number of batches. Other modules (dropout, ...) stay in eval mode; every module's
-    training flag is restored afterwards (momentum is never touched), gradients are not
-    computed, and if a batch fails the statistics are left as they were.
+    """Recompute the running statistics of every BatchNorm from data, in place (module docstring).
 
     Args:
-        module: The model; its BatchNorm statistics are changed in place.
-        batches: An iterable of model inputs: tensors, tuples of positional inputs, dicts of
-            keyword inputs, or ``(inputs, target)`` pairs from a DataLoader (see below).
-        num_batches: Stop after this many batches.
-        where: Which BatchNorm modules to recalibrate (see :data:`Where`).
-        progress: Show a progress bar (default: when stdout is a terminal).
-
-    A batch that is a 2-tuple/list whose second item is not a float tensor is taken as
-    ``(inputs, target)`` and only ``inputs`` is fed.
+        module: The model, also inside ``DistributedDataParallel`` or ``torch.compile`` (the
+            wrapped module runs, eagerly). Its norms' statistics change in place.
+        data: Any iterable of batches, a ``DataLoader`` with workers included; one batch is
+            held at a time. A tensor is the input; a tuple or list gives its first element (the
+            ``(inputs, target)`` of a DataLoader); a dict is passed as keyword inputs.
+        num_batches: Stop after this many batches (per process).
+        num_samples: Stop after this many samples (the batches' first dimension), over all
+            processes: each process takes its share and the last batch is cut to fit.
+        forward_fn: ``forward_fn(model, batch)`` runs the model on a batch of any other form.
+        where: Which norms to recalibrate (see :data:`normfuse.torchmodel.modules.Where`).
+        estimator: The variance written to ``running_var``: ``"unbiased"`` (``M2 / (n - 1)``,
+            PyTorch's convention and the default) or ``"population"`` (``M2 / n``).
+        progress: A progress bar with batches/s and samples (on rank 0, on a terminal).
+        distributed: ``"auto"``: merge across processes when ``torch.distributed`` is
+            initialised with more than one; ``True``: require it; ``False``: this process only.
 
     Returns:
-        A report with one entry per BatchNorm: recalibrated, or skipped with the reason.
+        A report with one entry per norm (recalibrated, or skipped with the reason) and an undo
+        handle: ``report.restore()``, or ``with normfuse.recalibrate(...):`` to evaluate and
+        put the previous statistics back on exit.
+
+    Raises:
+        InputError: bad arguments, no batches, a batch of a form that needs ``forward_fn``.
+        Exception: whatever a batch raised, its message prefixed with the batch index; the
+            statistics, flags and buffers are then as they were.
     """
-    report = Report(action="recalibrate", framework="torch", before=module_stats(module))
-    names = module_names(module)
-    match = matcher(where)
-    targets: dict[int, Any] = {}
-    for m in module.modules():
-        if id(m) in targets or not is_bn_like(m) or not match(names[id(m)][0], m):
-            continue
-        if not has_stats(m):
-            report.entries.append(
-                Entry(
-                    names[id(m)][0],
-                    type(m).__name__,
-                    "skipped",
-                    reason="no running statistics (track_running_stats=False)",
-                )
-            )
-            continue
-        targets[id(m)] = m
-    moments = {k: ChannelMoments() for k in targets}
-
-    def pre_hook(m: nn.Module, args: Any) -> None:
-        moments[id(m)].add(args[0].detach().to(torch.float64).cpu().numpy())
-
-    flags = {id(m): m.training for m in module.modules()}
-    saved = {
-        k: {n: b.clone() for n, b in m.named_buffers(recurse=False)} for k, m in targets.items()
-    }
-    handles = [m.register_forward_pre_hook(pre_hook) for m in targets.values()]
-    seen = 0
+    if estimator not in ("population", "unbiased"):
+        raise InputError(f"estimator={estimator!r} is not known", "use 'unbiased' or 'population'")
+    for label, value in (("num_batches", num_batches), ("num_samples", num_samples)):
+        if value is not None and value < 1:
+            raise InputError(f"{label}={value} must be at least 1")
+    root, wrapper = unwrap(module)
+    group = _process_group(distributed)
+    rank, world = (_dist().get_rank(), _dist().get_world_size()) if group else (0, 1)
+    report = Report(action="recalibrate", framework="torch", before=module_stats(root))
+    if wrapper:
+        report.notes.append(f"ran the module inside {wrapper}, eagerly")
+    flags = {id(m): m.training for m in root.modules()}
+    run = _Run(root, report, where, estimator)
     try:
-        module.eval()
-        for m in targets.values():
-            if isinstance(m, _BatchNorm):
-                m.train()
-        with torch.no_grad(), progress_bar(progress, num_batches, batches) as items:
-            for batch in items:
-                if num_batches is not None and seen >= num_batches:
-                    break
-                call_module(module, move_inputs(_strip_target(batch), module))
-                seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-        for m in module.modules():
-            m.train(flags[id(m)])
-        with torch.no_grad():  # undo the updates BatchNorm made itself in training mode
-            for k, m in targets.items():
-                for n, b in m.named_buffers(recurse=False):
-                    b.copy_(saved[k][n])
-    if seen == 0:
+        root.eval()
+        run.select()
+        run.hook()
+        quota = None
+        if num_samples is not None:
+            quota = num_samples // world + (1 if rank < num_samples % world else 0)
+        with torch.no_grad():
+            run.loop(data, num_batches, quota, forward_fn, progress is not False and rank == 0)
+    except BaseException as exc:
+        run.close()
+        run.put_back()
+        _restore_flags(root, flags)
+        if run.failed_at is not None:
+            _name_batch(exc, run.failed_at)
+        raise
+    run.close()
+    run.put_back()
+    _restore_flags(root, flags)
+    batches, samples = run.batches, run.samples
+    if group is not None:
+        batches, samples = run.merge_ranks(group)
+        report.notes.append(f"merged exactly over {world} processes")
+    if batches == 0:
         raise InputError("recalibrate got no batches", "pass an iterable of model inputs")
-    with torch.no_grad():
-        for k, m in targets.items():
-            name = names[k][0]
-            acc = moments[k]
-            entry = Entry(name, type(m).__name__, "skipped")
-            report.entries.append(entry)
-            if acc.mean is None or acc.m2 is None:
-                entry.reason = "never called on these batches"
-                continue
-            m.running_mean.copy_(torch.from_numpy(acc.mean).to(m.running_mean))
-            m.running_var.copy_(
-                torch.from_numpy(acc.var(ddof=1)).to(m.running_var)
-            )  # as PyTorch keeps it
-            counter = getattr(m, "num_batches_tracked", None)
-            if isinstance(counter, torch.Tensor):
-                counter.add_(seen)
-            entry.status = "applied"
-            entry.target = f"statistics over {acc.n} values per channel"
-    report.after = module_stats(module)
-    report.notes.append(f"{seen} batch(es)")
+    run.write(batches)
+    report.after = module_stats(root)
+    report.notes.append(f"{batches} batch(es), {samples} sample(s), {estimator} variance")
+    report.undo = run.undo_handle()
     return report
 
 
-def _strip_target(batch: Any) -> Any:
-    if (
-        isinstance(batch, tuple | list)
-        and len(batch) == 2
-        and not (isinstance(batch[1], torch.Tensor) and batch[1].is_floating_point())
+def unwrap(module: nn.Module) -> tuple[nn.Module, str | None]:
+    """The module a ``DistributedDataParallel``/``DataParallel`` or ``torch.compile`` wrapper
+    runs, and the wrapper's name (``None`` when not wrapped)."""
+    names: list[str] = []
+    while True:
+        inner = getattr(module, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            names.append("torch.compile")
+            module = inner
+            continue
+        if isinstance(module, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            names.append(type(module).__name__)
+            module = module.module
+            continue
+        return module, " and ".join(names) or None
+
+
+def batch_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Count per channel, mean and sum of squared deviations of ``x`` (``(N, C, ...)``), float64.
+
+    The input is copied to float64 once; mean and deviations are then exact to float64
+    rounding (two passes: Welford's update inside ``var_mean`` per reduction block).
+    """
+    c = x.shape[1]
+    n = x.numel() // c if c else 0
+    dims = [0, *range(2, x.ndim)]
+    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
+    return n, mean, var * n
+
+
+@dataclasses.dataclass
+class _Target:
+    name: str
+    module: nn.Module
+    moments: ChannelMoments = dataclasses.field(default_factory=ChannelMoments)
+    calls: int = 0  # calls in the current batch
+    most_calls: int = 0
+
+
+class _Run:
+    """The state of one recalibration: targets, saved buffers, hooks, counts."""
+
+    def __init__(self, root: nn.Module, report: Report, where: Where, estimator: str) -> None:
+        self.root, self.report, self.where, self.estimator = root, report, where, estimator
+        self.targets: dict[int, _Target] = {}
+        self.saved: dict[int, dict[str, torch.Tensor]] = {}
+        self.handles: list[Any] = []
+        self.batches = self.samples = 0
+        self.failed_at: int | None = None
+
+    def select(self) -> None:
+        names = module_names(self.root)
+        match = matcher(self.where)
+        for m in self.root.modules():
+            name = names[id(m)][0]
+            if id(m) in self.targets or not is_bn_like(m) or not match(name, m):
+                continue
+            reason = _why_not(m)
+            if reason is not None:
+                self.report.entries.append(Entry(name, type(m).__name__, "skipped", reason=reason))
+                continue
+            self.targets[id(m)] = _Target(name, m)
+            if type(m).forward is _BatchNorm.forward and not list(m.children()):
+                m.training = True  # torch's own forward, in training: bit for bit update_bn's
+            self.saved[id(m)] = {
+                n: b.detach().clone() for n, b in m.named_buffers(recurse=False) if b is not None
+            }
+
+    def hook(self) -> None:
+        def pre_hook(m: nn.Module, args: Any) -> None:
+            target = self.targets[id(m)]
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.ndim < 2:
+                raise InputError(f"norm '{target.name}' was called without an (N, C, ...) tensor")
+            n, mean, m2 = batch_moments(x)
+            if n == 0:
+                return
+            target.moments.merge(n, mean.cpu().numpy(), m2.cpu().numpy())
+            target.calls += 1
+            if (
+                not m.training
+            ):  # normalise with its own statistics (biased variance, as in training)
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(m2 / n)
+
+        self.handles = [t.module.register_forward_pre_hook(pre_hook) for t in self.targets.values()]
+
+    def loop(
+        self,
+        data: Iterable[Any],
+        num_batches: int | None,
+        quota: int | None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None,
+        show: bool,
+    ) -> None:
+        total = num_batches
+        if total is None and quota is None and hasattr(data, "__len__"):
+            total = len(data)  # type: ignore[arg-type]
+        items = iter(data)
+        with _Bar(show, total) as bar:
+            while (num_batches is None or self.batches < num_batches) and (
+                quota is None or self.samples < quota
+            ):
+                self.failed_at = self.batches
+                try:
+                    batch = next(items)
+                except StopIteration:
+                    break
+                count = _batch_size(batch)
+                if quota is not None and count is not None and self.samples + count > quota:
+                    batch, count = _take(batch, quota - self.samples), quota - self.samples
+                for t in self.targets.values():
+                    t.calls = 0
+                if forward_fn is not None:
+                    forward_fn(self.root, batch)
+                else:
+                    call_module(self.root, move_inputs(_model_inputs(batch), self.root))
+                del batch
+                for t in self.targets.values():
+                    t.most_calls = max(t.most_calls, t.calls)
+                self.batches += 1
+                self.samples += count or 0
+                bar.advance(self.samples)
+        self.failed_at = None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def put_back(self) -> None:
+        """The buffers as they were before the pass (the hooks wrote batch statistics)."""
+        with torch.no_grad():
+            for k, t in self.targets.items():
+                for n, b in t.module.named_buffers(recurse=False):
+                    if n in self.saved[k]:
+                        b.copy_(self.saved[k][n])
+
+    def merge_ranks(self, group: Any) -> tuple[int, int]:
+        """All-gather every rank's ``(n, mean, M2)`` per target in float64 and merge them in
+        rank order, identically on every rank; returns the global batch and sample counts."""
+        dist = _dist()
+        device = torch.device("cpu")
+        if dist.get_backend(group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        parts = [torch.tensor([float(self.batches), float(self.samples)], dtype=torch.float64)]
+        for t in self.targets.values():
+            c = t.module.running_mean.numel()
+            acc = t.moments
+            mean = acc.mean if acc.mean is not None else np.zeros(c)
+            m2 = acc.m2 if acc.m2 is not None else np.zeros(c)
+            parts.append(torch.tensor([float(acc.n), float(t.most_calls)], dtype=torch.float64))
+            parts += [torch.from_numpy(mean), torch.from_numpy(m2)]
+        mine = torch.cat(parts).to(device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, mine, group=group)
+        rows = [g.cpu().numpy() for g in gathered]
+        batches = int(sum(r[0] for r in rows))
+        samples = int(sum(r[1] for r in rows))
+        offset = 2
+        for t in self.targets.values():
+            c = t.module.running_mean.numel()
+            merged = ChannelMoments()
+            for r in rows:
+                n = int(r[offset])
+                t.most_calls = max(t.most_calls, int(r[offset + 1]))
+                merged.merge(
+                    n, r[offset + 2 : offset + 2 + c], r[offset + 2 + c : offset + 2 + 2 * c]
+                )
+            t.moments = merged
+            offset += 2 + 2 * c
+        return batches, samples
+
+    def write(self, batches: int) -> None:
+        ddof = 1 if self.estimator == "unbiased" else 0
+        with torch.no_grad():
+            for t in self.targets.values():
+                m, acc = t.module, t.moments
+                entry = Entry(t.name, type(m).__name__, "skipped")
+                self.report.entries.append(entry)
+                if acc.mean is None or acc.m2 is None:
+                    entry.reason = "never called on these batches"
+                    continue
+                m.running_mean.copy_(torch.from_numpy(acc.mean))
+                m.running_var.copy_(torch.from_numpy(acc.var(ddof=ddof)))
+                counter = getattr(m, "num_batches_tracked", None)
+                if isinstance(counter, torch.Tensor):
+                    counter.add_(batches)
+                entry.status = "applied"
+                entry.target = f"statistics over {acc.n} values per channel"
+                if t.most_calls > 1:
+                    entry.target += f" (called {t.most_calls} times per batch: inputs pooled)"
+                    entry.warnings.append(
+                        f"called {t.most_calls} times per forward: its statistics are those of "
+                        "all its inputs together, each call normalised with its own batch's"
+                    )
+
+    def undo_handle(self) -> Callable[[], None]:
+        saved = {k: (t.module, self.saved[k]) for k, t in self.targets.items()}
+
+        def undo() -> None:
+            with torch.no_grad():
+                for m, buffers in saved.values():
+                    for n, b in m.named_buffers(recurse=False):
+                        if n in buffers:
+                            b.copy_(buffers[n])
+
+        return undo
+
+
+def _why_not(m: nn.Module) -> str | None:
+    """Why the pass cannot recalibrate ``m`` by writing batch statistics into its buffers."""
+    if not has_stats(m):
+        return "no running statistics (track_running_stats=False)"
+    if isinstance(m, FrozenBatchNorm) or type(m).forward in _PLAIN_FORWARDS:
+        return None
+    sig = norm_signature(m)  # what its eval forward computes, read from the forward itself
+    if not isinstance(sig, NormSignature):
+        return (
+            f"its forward is not known to normalise with its running statistics ({sig})"
+            if sig
+            else "its forward is not a norm"
+        )
+
+    def f64(t: Any, fill: float) -> np.ndarray:
+        if not isinstance(t, torch.Tensor):
+            return np.full(m.running_mean.numel(), fill)
+        return t.detach().to(torch.float64).cpu().numpy().reshape(-1)
+
+    own = Affine.from_batchnorm(
+        f64(getattr(m, "weight", None), 1.0),
+        f64(getattr(m, "bias", None), 0.0),
+        f64(m.running_mean, 0.0),
+        f64(m.running_var, 1.0),
+        float(getattr(m, "eps", 1e-5)),
+    )
+    if not (
+        np.allclose(sig.affine.scale, own.scale, rtol=1e-6, atol=1e-9)
+        and np.allclose(sig.affine.shift, own.shift, rtol=1e-6, atol=1e-9)
     ):
+        return "its forward does not normalise with running_mean/running_var as BatchNorm does"
+    return None
+
+
+def _restore_flags(root: nn.Module, flags: dict[int, bool]) -> None:
+    for m in root.modules():
+        if id(m) in flags:
+            m.training = flags[id(m)]
+
+
+def _name_batch(exc: BaseException, index: int) -> None:
+    """Put the failing batch's index into the error's message, keeping its type."""
+    text = f"batch {index} failed; the statistics were left as they were"
+    if isinstance(exc, KeyboardInterrupt):
+        return
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{text}: {exc.args[0]}", *exc.args[1:])
+    else:
+        exc.add_note(text)
+
+
+def _model_inputs(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor | Mapping):
+        return batch
+    if isinstance(batch, tuple | list) and batch:
         return batch[0]
-    return batch
+    raise InputError(
+        f"a batch of type {type(batch).__name__} is not a tensor, tuple, list or dict",
+        "pass forward_fn=lambda model, batch: model(...)",
+    )
 
 
-@contextlib.contextmanager
-def progress_bar(
-    show: bool | None, total: int | None, items: Iterable[Any]
-) -> Iterator[Iterable[Any]]:
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with Progress(transient=True, disable=show is False) as bar:
-        if show is None and not bar.console.is_terminal:
-            bar.disable = True
-        task = bar.add_task("recalibrating", total=total)
+def _batch_size(batch: Any) -> int | None:
+    found = tensors_of(batch)
+    return int(found[0].shape[0]) if found and found[0].ndim else None
 
-        def walk() -> Iterator[Any]:
-            for item in items:
-                yield item
-                bar.advance(task)
 
-        yield walk()
+def _take(batch: Any, k: int) -> Any:
+    """The first ``k`` samples of every tensor in ``batch`` that has the batch's size."""
+    size = _batch_size(batch)
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[:k] if v.ndim and v.shape[0] == size else v
+        if isinstance(v, Mapping):
+            return {key: cut(x) for key, x in v.items()}
+        if isinstance(v, tuple | list):
+            return type(v)(cut(x) for x in v)
+        return v
+
+    return cut(batch)
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def _process_group(distributed: bool | str) -> Any:
+    if distributed not in (True, False, "auto"):
+        raise InputError(f"distributed={distributed!r} is not known", "use 'auto', True or False")
+    if distributed is False:
+        return None
+    dist = _dist()
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        if distributed is True:
+            raise InputError(
+                "distributed=True but torch.distributed is not initialised",
+                "call torch.distributed.init_process_group first (torchrun does the set-up)",
+            )
+        return None
+    if dist.get_world_size() < 2 and distributed == "auto":
+        return None
+    return dist.group.WORLD
+
+
+class _Rate(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        speed = task.speed
+        return Text(f"{speed:.2f} batches/s" if speed else "- batches/s")
+
+
+class _Bar:
+    """A rich progress bar with batches, batches/s and samples; nothing when not shown."""
+
+    def __init__(self, show: bool, total: int | None) -> None:
+        self.progress = Progress(
+            TextColumn("recalibrating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TextColumn("{task.fields[samples]} samples"),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=not show,
+        )
+        if not self.progress.console.is_terminal:
+            self.progress.disable = True  # no bar, and no stray lines, in pipes and logs
+        self.task = self.progress.add_task("recalibrating", total=total, samples=0)
+
+    def __enter__(self) -> _Bar:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def advance(self, samples: int) -> None:
+        self.progress.update(self.task, advance=1, samples=samples)
