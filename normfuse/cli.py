@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from normfuse import __version__, api
+from normfuse import __version__
 from normfuse.core.errors import InputError, NormfuseError, ParityError, StrictError
 from normfuse.core.report import Report
 from normfuse.core.verdict import (
@@ -44,18 +45,39 @@ from normfuse.core.verdict import (
     raise_for_parity,
     raise_for_strict,
 )
-from normfuse.onnxgraph import io as onnx_io
-from normfuse.onnxgraph.fold import FoldOptions, run_fold
-from normfuse.onnxgraph.wire import default_mode
-from normfuse.runtime.inputs import (
-    check_finite,
-    check_runs,
-    check_seed,
-    load_inputs,
-    parse_shape,
-    parse_tolerances,
-)
-from normfuse.runtime.parity import check_models
+
+
+class _Deferred:
+    """A module imported on first use: ``normfuse --help`` and argument errors need neither onnx
+    nor onnxruntime (benchmarks/startup.py measures the start-up)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+def _deferred(module: str, name: str) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+api: Any = _Deferred("normfuse.api")
+onnx_io: Any = _Deferred("normfuse.onnxgraph.io")
+FoldOptions = _deferred("normfuse.onnxgraph.fold", "FoldOptions")
+run_fold = _deferred("normfuse.onnxgraph.fold", "run_fold")
+default_mode = _deferred("normfuse.onnxgraph.wire", "default_mode")
+check_finite = _deferred("normfuse.runtime.inputs", "check_finite")
+check_runs = _deferred("normfuse.runtime.inputs", "check_runs")
+check_seed = _deferred("normfuse.runtime.inputs", "check_seed")
+load_inputs = _deferred("normfuse.runtime.inputs", "load_inputs")
+parse_shape = _deferred("normfuse.runtime.inputs", "parse_shape")
+parse_tolerances = _deferred("normfuse.runtime.inputs", "parse_tolerances")
+check_models = _deferred("normfuse.runtime.parity", "check_models")
 
 __all__ = ["main"]
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 from normfuse.core.errors import ParityError, StrictError
 from normfuse.core.report import OutputParity, Report
@@ -84,6 +85,8 @@ def compare_outputs(
     defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
 ) -> OutputParity:
     """Compare one output; see the module docstring for the rule."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
     dtype = str(ref.dtype)
     default = defaults.get({"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0))
     atol = default[0] if atol is None else atol
@@ -181,6 +184,8 @@ CHANNEL_FLOOR = 0.1
 def per_channel_rel(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float]:
     """The largest ``max|a - b| / max(max|a_c|, CHANNEL_FLOOR * max|a|)`` over the channels
     ``a_c`` (axis 1), which channel, and its ``max|a - b|``."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
     a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a64.ndim < 2 or a64.shape != b64.shape or a64.size == 0:
         return 0.0, -1, 0.0
@@ -205,6 +210,8 @@ def channel_failure(
 
     A fold that scales one channel wrongly errs by that factor on the whole channel, which a
     tensor-wide figure can hide when that channel is small beside the others."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
     if not np.issubdtype(np.asarray(ref).dtype, np.floating):
         return None
     err, channel, err_abs = per_channel_rel(ref, cand)
