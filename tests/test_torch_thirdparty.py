@@ -898,3 +898,31 @@ def test_affine_chain_by_a_non_constant_or_dtype_changing_tensor_stays(path):
     folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
     assert not report.applied
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
+
+
+class NormLinear(nn.Module):
+    """As LeViT's head (``NormLinear``): BatchNorm1d, dropout, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.1)
+        self.linear = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.drop(self.bn(x.mean(1))))
+
+
+@pytest.mark.parametrize("path", ["module", "graphmodule", "exported"])
+def test_bn_before_linear_through_eval_dropout(path):
+    """In a graph, an eval dropout op returns its input: the BN folds into the Linear after it.
+    A dropout module stays and the BN with it (its output would change), with the reason."""
+    model = randomize(NormLinear(), 43)
+    x = image(2, 7, 16)
+    folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
+    if path == "exported":
+        assert len(report.applied) == 1, reasons(report)
+        assert bn_left(folded) == 0
+    else:
+        assert "dropout" in reasons(report)["bn"] or "module 'drop'" in reasons(report)["bn"]
+    assert rel_err(run(folded, x), ref64(model, x)) <= TOL

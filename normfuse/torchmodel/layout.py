@@ -28,8 +28,10 @@ from normfuse.torchmodel.normsig import is_meta
 __all__ = [
     "SHAPE_ONLY_SECOND",
     "is_cat",
+    "passthrough",
     "shape_of",
     "shape_only_use",
+    "skip_passthrough",
     "structural_reason",
     "view_input",
 ]
@@ -133,6 +135,36 @@ def lands_on_channels(src: fx.Node, view: fx.Node, channels: int) -> str | None:
     if after[0] != m:
         return f"the {view.name} turns {before} into {after}, not into (M, {channels})"
     return None
+
+
+_DROPOUT_FUNCS: set[Any] = {_aten.dropout.default, torch.dropout}
+
+
+def passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` returns its input unchanged: ``nn.Identity``, an eval-mode dropout module, or a
+    dropout call with ``train=False``."""
+    if node.op == "call_module":
+        m = gm.get_submodule(str(node.target))
+        if type(m) is torch.nn.Identity:
+            return len(node.args) == 1 and not node.kwargs
+        drop = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)
+        return type(m) in drop and not m.training and len(node.args) == 1 and not node.kwargs
+    if node.op == "call_function" and node.target in _DROPOUT_FUNCS:
+        train = node.kwargs.get("train", node.args[2] if len(node.args) > 2 else None)
+        return train is False
+    return False
+
+
+def skip_passthrough(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The first node after ``node``'s chain of single-use pass-through ops, and that chain."""
+    via: list[fx.Node] = []
+    while passthrough(gm, node):
+        users = [u for u in node.users if not is_meta(u)]
+        if len(users) != 1:
+            break
+        via.append(node)
+        node = users[0]
+    return node, via
 
 
 def is_cat(node: Any) -> bool:

@@ -24,6 +24,7 @@ from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
     lands_on_channels,
     shape_only_use,
+    skip_passthrough,
     structural_reason,
     view_input,
 )
@@ -499,7 +500,8 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     if through is not None:
         return through
     users = [u for u in users_of(norm.node) if not is_meta(u)]
-    structural = structural_reason(norm.input, users, describe_node)
+    ends = [skip_passthrough(gm, u) for u in users]
+    structural = structural_reason(norm.input, [e for e, _ in ends], describe_node)
     if structural is not None:
         return structural, None
     if norm.tail:
@@ -510,8 +512,18 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
             None,
         )
     if len(users) == 1:
-        lin = as_linear(gm, users[0])
-        if lin is not None and lin.node.args and lin.node.args[0] is norm.node:
+        nxt, via = ends[0]
+        lin = as_linear(gm, nxt)
+        graph_ops = bool(via) and all(v.op == "call_function" for v in via)
+        if lin is not None and via and not graph_ops:
+            return (
+                f"feeds {lin.label} through {', '.join(describe_node(v) for v in via)} (which "
+                "returns its input in eval): folding across it is not done, the module would "
+                "output other values",
+                None,
+            )
+        feeds = via[-1] if graph_ops else norm.node
+        if lin is not None and lin.node.args and lin.node.args[0] is feeds:
             if lin.channels("in") != norm.channels:
                 return (
                     f"{lin.label} has {lin.channels('in')} input channels, the norm {norm.channels}",
@@ -525,7 +537,12 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
                     f"precedes {lin.label}, which {what}: folding would change the borders",
                     None,
                 )
-            return dense_checked(Pair(norm, lin, "before"), norm.node)
+            pair = Pair(norm, lin, "before")
+            if via:
+                pair.warnings.append(
+                    f"through {', '.join(describe_node(v) for v in via)} (its input in eval)"
+                )
+            return dense_checked(pair, norm.node)
     after = ", ".join(describe_node(u) for u in users) or "nothing"
     return (
         f"follows {describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",

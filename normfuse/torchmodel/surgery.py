@@ -229,8 +229,10 @@ def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
         return
     if pair.direction == "after":  # its input: the op's output, or a view of it
         norm.node.replace_all_uses_with(norm.input)
-    else:
+    elif lin.node.args and lin.node.args[0] is norm.node:
         lin.node.replace_input_with(norm.node, norm.input)
+    else:  # through eval-mode dropout ops, the norm's only data use
+        norm.node.replace_all_uses_with(norm.input)
     for n in norm.erase:
         if not n.users:
             gm.graph.erase_node(n)
