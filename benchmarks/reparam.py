@@ -89,11 +89,15 @@ def ort_optimized_convs(data: bytes) -> int:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = path
         ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        return counts(Path(path).read_bytes())[1]
+        import onnx
+
+        nodes = onnx.load(path).graph.node
+        return sum("Conv" in n.op_type for n in nodes)  # Conv and onnxruntime's FusedConv
 
 
 def latencies(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[str, float]:
-    """Median ms per run, interleaved over forms and levels, for about ``seconds`` in all."""
+    """Median ms per run, interleaved over forms and levels (random order, each timed run after
+    an untimed one of the same session), for about ``seconds`` in all."""
     sessions = {
         (f, lvl): session(d, lvl)
         for f, d in forms.items()
@@ -103,13 +107,35 @@ def latencies(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[st
     for k, s in sessions.items():  # warm-up
         s.run(None, feeds[k])
     times: dict[tuple[str, str], list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    rng = np.random.default_rng(0)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or min(len(v) for v in times.values()) < 5:
-        for k, s in sessions.items():
+        # a random order each round, and each timed run right after an untimed one of the same
+        # session: a run that follows another model's (cold caches) would bias the order
+        rng.shuffle(order)
+        for k in order:
+            s = sessions[k]
+            s.run(None, feeds[k])
             t = time.perf_counter()
             s.run(None, feeds[k])
             times[k].append(time.perf_counter() - t)
     return {f"{f}/{lvl}": float(np.median(v)) * 1e3 for (f, lvl), v in times.items()}
+
+
+def latencies_apart(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[str, float]:
+    """:func:`latencies` in a fresh process that imports neither torch nor timm (torch's
+    OpenMP threads spin after a forward pass and take cores from onnxruntime)."""
+    import json
+    import subprocess
+
+    with tempfile.TemporaryDirectory() as d:
+        for f, data in forms.items():
+            (Path(d) / f"{f}.onnx").write_bytes(data)
+        np.save(Path(d) / "x.npy", x)
+        cmd = [sys.executable, __file__, "--latency-dir", d, "--seconds", str(seconds)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
@@ -170,7 +196,7 @@ def bench(name: str, size: int, seconds: float) -> dict:
         row[f"err_{f}"] = rel_err(s.run(None, {s.get_inputs()[0].name: xn})[0], ref)
     row["err_c_torch"] = rel_err(ref_c, ref)
     row["ort_opt_convs_a"] = ort_optimized_convs(a)
-    row["lat"] = latencies(forms, xn, seconds)
+    row["lat"] = latencies_apart(forms, xn, seconds)
     return row
 
 
@@ -210,14 +236,13 @@ def write(rows: list[dict], size: int, path: Path) -> None:
     lines += [fmt_row(r) for r in rows]
     lines += ["", "Float32 noise of the train-form model against its float64 run:", ""]
     lines += [f"- {r['model']}: {r['noise64']:.1e}" for r in rows if "noise64" in r]
-    try:
-        import onnxsim  # noqa: F401
-    except ImportError:
-        lines += [
-            "",
-            "onnxsim and onnxslim are not installed here; onnxruntime's optimizer (column "
-            "'ORT-optimized (a) Conv', ENABLE_EXTENDED) merges no branches.",
-        ]
+    lines += [
+        "",
+        "onnxruntime's optimizer (column 'ORT-optimized (a) Conv': Conv and FusedConv left by "
+        "ENABLE_EXTENDED) folds BN into convs and fuses activations, but merges no branches. "
+        "onnxsim and onnxslim are not installed here (no network); they fold constants and BN "
+        "likewise and merge no parallel convs either.",
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 
@@ -225,10 +250,18 @@ def write(rows: list[dict], size: int, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seconds", type=float, default=6.0, help="latency time per model")
+    p.add_argument("--seconds", type=float, default=10.0, help="latency time per model")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--latency-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.latency_dir:  # the child of latencies_apart
+        import json
+
+        d = Path(args.latency_dir)
+        forms = {f.stem: f.read_bytes() for f in sorted(d.glob("*.onnx"))}
+        print(json.dumps(latencies(forms, np.load(d / "x.npy"), args.seconds)))
+        return
     import warnings
 
     warnings.filterwarnings("ignore")
