@@ -120,6 +120,7 @@ class _Merger:
             if root.graph is not self.graph:
                 continue
             entry = self._block(root)
+            self.consts.drop_large()
             if entry is not None:
                 entries.append(entry)
         for node in list(self.graph):
@@ -377,6 +378,29 @@ class _Merger:
         br.rank = assumed
         return br
 
+    def _keys(self, leaf: ir.Value) -> set[int]:
+        """The tensors a term may be a linear map of (cheap: no weight is read), to read only
+        the terms that share one with another term."""
+        keys = {id(leaf)}
+        v = leaf
+        for _ in range(8):
+            p = v.producer()
+            if p is None or p.graph is not self.graph or not p.inputs:
+                break
+            data = [i for i in p.inputs if i is not None and i.const_value is None]
+            if p.op_type in ("Conv", "Gemm", "MatMul", "AveragePool") and p.inputs[0] is not None:
+                keys.add(id(p.inputs[0]))
+                v = p.inputs[0]
+            elif p.op_type in ("BatchNormalization", "Identity", "Mul", "Add") and data:
+                keys.update(id(i) for i in data)
+                v = data[0]
+            elif len(p.inputs) == 1 and p.inputs[0] is not None:  # a nonlinearity: for the report
+                v = p.inputs[0]
+            else:
+                break
+            keys.add(id(v))
+        return keys
+
     def _linear_branch(
         self, p: ir.Node, trail: list[ir.Node], scale: object, shift: object
     ) -> _Branch:
@@ -488,9 +512,17 @@ class _Merger:
         read: list[tuple[ir.Value, _Branch | None, bool, np.ndarray | None]] = []
         notes: list[tuple[object, str]] = []
         sinks = {id(v): n for n in tree for v in n.inputs if v is not None}
-        for leaf, coef in leaves:
+        keys = [self._keys(leaf) for leaf, _ in leaves]
+        seen: dict[int, int] = {}
+        for ks in keys:
+            for k in ks:
+                seen[k] = seen.get(k, 0) + 1
+        for (leaf, coef), ks in zip(leaves, keys, strict=True):
             if self.consts.try_resolve(leaf) is not None:
                 read.append((leaf, None, True, coef))
+                continue
+            if not any(seen[k] > 1 for k in ks):  # shares no tensor with another term
+                read.append((leaf, None, False, coef))
                 continue
             br = self._read(leaf, sinks[id(leaf)], notes)
             if br is not None:
@@ -757,16 +789,16 @@ class _Merger:
     # ------------------------------------------------------------------ sequences
 
     def _sequence(self, conv: ir.Node) -> Entry | None:
-        try:
-            k1 = self._conv_kernel(conv)
-        except Refused:
+        w = conv.inputs[1] if len(conv.inputs) > 1 else None
+        shape = w.const_value.shape if w is not None and w.const_value is not None else None
+        if shape is None:
             return None
-        first = self._first_of(conv, k1.weight.ndim)
+        first = self._first_of(conv, len(shape))  # structure first: weights are read after
         if first is None:
             return None
         conv0, mids, s, t = first
         try:
-            k0 = self._conv_kernel(conv0)
+            k0, k1 = self._conv_kernel(conv0), self._conv_kernel(conv)
         except Refused:
             return None
         if not (k0.is_pointwise or k1.is_pointwise):
