@@ -368,7 +368,7 @@ def test_concurrent_writers_of_one_output_never_break_it(tmp_path):
     sources, expected = [], []
     for i in range(2):
         src = tmp_path / f"src{i}.onnx"
-        model = _model(np.random.default_rng(10 + i), channels=256, layers=2)  # ~4.7 MB
+        model = _model(np.random.default_rng(10 + i), channels=128, layers=2)  # ~1.2 MB
         onnx.save(
             onnx.ModelProto.FromString(model.SerializeToString()),
             src,
