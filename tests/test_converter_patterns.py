@@ -9,8 +9,9 @@ random and far from the identity (running variance 0.05-6, some negative gamma).
 Each test folds with the public API (``normfuse.fold(model, check=True)``) and checks:
 (a) parity with the original on onnxruntime at ORT_DISABLE_ALL, relative error <= 1e-5 of the
 output's max-abs; (b) what folded and what stayed; (c) ``onnx.checker`` with ``full_check``.
-The graphs that fold nothing today are ``xfail(strict=True)``; the misaligned ones that must stay
-refused pass today.
+Every pattern folds (through the layout ops, normfuse/onnxgraph/paths.py) or raises; the
+misaligned ones stay refused with their reasons. ``xfail(strict=True)`` marks a pattern that does
+not fold yet (none at present).
 """
 
 from __future__ import annotations
