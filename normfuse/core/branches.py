@@ -24,12 +24,14 @@ import numpy as np
 __all__ = [
     "Incompatible",
     "Kernel",
+    "as_vector",
     "avgpool_kernel",
     "compose",
     "identity_kernel",
     "merge_parallel",
     "rounded",
     "same_pads",
+    "then_affine",
 ]
 
 
@@ -291,6 +293,19 @@ def compose(
         geometry.pads_end,
         group,
     )
+
+
+def as_vector(coef: np.ndarray | float | None) -> np.ndarray:
+    """A per-channel coefficient as a 1-D float64 array (``None`` is 1)."""
+    return np.ones(1) if coef is None else np.asarray(coef, np.float64).reshape(-1)
+
+
+def then_affine(k: Kernel, scale: object, shift: object) -> Kernel:
+    """``k`` followed by a per-channel ``y * scale + shift`` (scalars or vectors)."""
+    s = np.broadcast_to(as_vector(scale), (k.out_channels,))  # type: ignore[arg-type]
+    t = np.broadcast_to(as_vector(shift), (k.out_channels,))  # type: ignore[arg-type]
+    w = k.weight * s.reshape((-1,) + (1,) * (k.weight.ndim - 1))
+    return dataclasses.replace(k, weight=w, bias=k.bias * s + t)
 
 
 def rounded(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:

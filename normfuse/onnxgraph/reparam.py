@@ -1,30 +1,16 @@
 """Structural reparameterization: merge parallel and sequential linear branches into one op.
 
-Runs after the BN folds. A *block* is a sum (``Add``, a tree of ``Add`` whose inner results feed
-only the next ``Add``, or ``Sum``) whose terms include at least two linear branches of the same
-tensor ``x``:
-
-- ``Conv(x)`` (any kernel; its output may pass through a per-channel affine: BatchNormalization
-  or ``Mul`` by a constant), also as a sequence ``Conv(affine(Conv(x)))`` where one of the two
-  convs is 1x1 without stride or padding (DBB), and ``AveragePool(x)`` that counts its padding;
-- ``x`` itself, or a per-channel affine of it (a BatchNormalization on the identity branch that
-  the fold could not absorb): an identity kernel per group;
-- ``Gemm(x)`` / ``MatMul(x, W)`` on the same 2-D input (weights and biases summed);
-- constant per-channel terms (biases).
-
-The branches become one Conv (or one Gemm/MatMul) when strides, dilations and groups agree and
-the paddings put every tap on the same input positions (:mod:`normfuse.core.branches`, float64,
-one rounding into the weights' dtype); a per-channel affine that alone reads the sum
-(RepViT's BN after the sum) is merged too. A merge that would cost more multiply-adds than the
-branches it replaces is refused, as is every merge that is not exact. A term that cannot merge
-stays as it was (the merged op is added to it); a block where fewer than two branches merge is
-reported as skipped with the reasons and left untouched.
-
-A 1x1 Conv and a k x k Conv in sequence outside a sum (nothing but a per-channel affine
-between) merge likewise when exact and not more expensive.
-
-Every block gets one report entry. Imports: numpy, onnx_ir, :mod:`normfuse.core`,
-:mod:`normfuse.onnxgraph.const`, ``graph`` and ``edit``.
+Runs after the BN folds (docs/reparam.md). A *block* is a sum (``Add``/``Sub`` trees whose inner
+results feed only the next node, ``Sum``, per-channel scales of sub-sums) with two or more terms
+that are linear maps of one tensor ``x``: ``Conv(x)`` (+ a per-channel affine), a 1x1->kxk or
+kxk->1x1 sequence, ``AveragePool(x)`` counting its padding, ``x`` or a per-channel affine of it
+(an identity kernel per group), ``Gemm``/``MatMul`` on ``x``, and constant per-channel terms.
+They become one Conv (or Gemm/MatMul) when strides, dilations and groups agree and the paddings
+put every tap on the same input positions (:mod:`normfuse.core.branches`: float64, one rounding).
+A merge that is not exact, or costs more multiply-adds than its branches, is refused; terms that
+do not merge stay and are added to the merged op. Sequences outside sums merge likewise. Every
+block gets one report entry. Imports: numpy, onnx_ir, :mod:`normfuse.core`, ``const``,
+``graph`` and ``edit``.
 """
 
 from __future__ import annotations
@@ -37,7 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from normfuse.core import branches
-from normfuse.core.branches import Incompatible, Kernel
+from normfuse.core.branches import Incompatible, Kernel, as_vector, then_affine
 from normfuse.core.report import Entry
 from normfuse.onnxgraph.const import ConstantResolver, NotConstant
 from normfuse.onnxgraph.edit import Editor, all_graphs, all_names, opset_of
@@ -68,10 +54,6 @@ class _Branch:
     rank: int | None = None  # the rank assumed to read per-channel constants of the trail
     coef: np.ndarray | None = None  # the term's per-channel coefficient in the sum (None: 1)
 
-    @property
-    def is_identity(self) -> bool:
-        return self.kernel is None and self.dense is None and self.pool is None
-
 
 def reparam_model(model: ir.Model, *, dry_run: bool = False) -> list[Entry]:
     """Merge the branches of every block of ``model`` in place (see the module docstring).
@@ -95,14 +77,7 @@ def reparam_model(model: ir.Model, *, dry_run: bool = False) -> list[Entry]:
 
 
 class _Merger:
-    def __init__(
-        self,
-        graph: ir.Graph,
-        label: str,
-        consts: ConstantResolver,
-        names: set[str],
-        dry_run: bool,
-    ) -> None:
+    def __init__(self, graph: ir.Graph, label: str, consts, names: set[str], dry_run: bool) -> None:
         self.graph = graph
         self.label = label
         self.consts = consts
@@ -110,8 +85,6 @@ class _Merger:
         self.editor = Editor(graph, names, 1)
         self.tree_rank: int | None = None  # the rank assumed for a Mul expanded in a tree
         self.keep: list[object] = []  # removed nodes and values: their ids stay unique in the cache
-
-    # ------------------------------------------------------------------ finding blocks
 
     def run(self) -> list[Entry]:
         entries: list[Entry] = []
@@ -203,8 +176,6 @@ class _Merger:
             leaves.append((v, c))
         return nodes, leaves
 
-    # ------------------------------------------------------------------ reading branches
-
     def _exclusive(self, value: ir.Value, node: ir.Node) -> bool:
         uses = list(value.uses())
         return len(uses) == 1 and uses[0].node is node and not value.is_graph_output()
@@ -295,13 +266,11 @@ class _Merger:
         """AveragePool's geometry when it is a convolution, else the reason."""
         ks = tuple(ints_attr(node, "kernel_shape", []))
         n = len(ks)
-        pads = ints_attr(node, "pads", [0] * 2 * n)
         auto = get_attr(node, "auto_pad", "NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else str(auto)
         if auto not in ("NOTSET", "", "VALID"):
             return f"{label_of(node)} uses auto_pad={auto}"
-        if auto == "VALID":
-            pads = [0] * 2 * n
+        pads = [0] * 2 * n if auto == "VALID" else ints_attr(node, "pads", [0] * 2 * n)
         if int_attr(node, "ceil_mode", 0):
             return f"{label_of(node)} uses ceil_mode=1 (its last windows are partial)"
         if any(pads) and not int_attr(node, "count_include_pad", 0):
@@ -418,7 +387,7 @@ class _Merger:
                     k0 = self._conv_kernel(conv0)
                     c = k0.out_channels
                     pool = branches.avgpool_kernel(c, c, *geo)
-                    k = _post_affine(branches.compose(k0, pool, s, t), scale, shift)
+                    k = then_affine(branches.compose(k0, pool, s, t), scale, shift)
                     dtype = self.consts.resolve(conv0.inputs[1]).dtype
                     nodes = [*trail, p, *mid_nodes, conv0]
                     cost = k0.macs() * math.prod(pool.strides) + pool.macs()
@@ -432,7 +401,7 @@ class _Merger:
             return br
         k = self._conv_kernel(p)
         nodes = [*trail, p]
-        k = _post_affine(k, scale, shift)
+        k = then_affine(k, scale, shift)
         label = "x".join(map(str, k.shape))
         cost = k.macs()
         dtype = self.consts.resolve(p.inputs[1]).dtype
@@ -504,8 +473,6 @@ class _Merger:
         br.cost = w.size
         return br
 
-    # ------------------------------------------------------------------ merging a block
-
     def _block(self, root: ir.Node) -> Entry | None:
         self.tree_rank = None
         tree, leaves = self._tree(root)
@@ -543,8 +510,7 @@ class _Merger:
         if not groups:
             # a candidate all the same: two or more terms on one tensor, one of them linear
             for src, reasons in refused.items():
-                linear = [b for b in by_source.get(src, []) if not b.is_identity]  # type: ignore[call-overload]
-                if len(by_source.get(src, [])) + len(reasons) >= 2 and (linear or reasons):  # type: ignore[call-overload]
+                if len(by_source.get(src, [])) + len(reasons) >= 2:  # type: ignore[call-overload]
                     return self._entry(root, "skipped", reason="; ".join(reasons))
             return None
         group = max(groups, key=lambda g: sum(b.cost for b in g))
@@ -570,12 +536,12 @@ class _Merger:
                 root, "skipped", reason="a per-channel scale inside the sum has an unknown rank"
             )
         kept: list[_Branch] = [main]
-        kernels: list[Kernel] = [_post_affine(main.kernel, _one(main.coef), 0.0)]
+        kernels: list[Kernel] = [then_affine(main.kernel, as_vector(main.coef), 0.0)]
         for b in group:
             if b is main:
                 continue
             try:
-                k = _post_affine(self._as_kernel(b, main.kernel), _one(b.coef), 0.0)
+                k = then_affine(self._as_kernel(b, main.kernel), as_vector(b.coef), 0.0)
                 branches.merge_parallel([*kernels, k])
             except Incompatible as exc:
                 problems.append(f"{b.label} branch: {exc}")
@@ -590,7 +556,7 @@ class _Merger:
         for c, coef in consts:
             vec = self._per_channel(c, rank)
             if vec is not None and vec.size in (1, merged.out_channels):
-                extra = extra + vec * _one(coef)
+                extra = extra + vec * as_vector(coef)
                 used_consts.append(c)
         merged.bias = merged.bias + extra
         names = [b.label for b in kept]
@@ -627,30 +593,13 @@ class _Merger:
             )
         if self.dry_run:
             return self._entry(root, "foldable", target=target, warnings=warnings)
+        anchor = post[-1] if post else root
         try:
-            w = branches.rounded(merged.weight, main.dtype)
-            b = branches.rounded(merged.bias, main.dtype)
+            conv_out = self._emit_conv(anchor, main.source, merged, main.dtype, target_name)
         except Incompatible as exc:
             return self._entry(root, "skipped", reason=str(exc))
-        attrs = {
-            "kernel_shape": list(merged.shape),
-            "strides": list(merged.strides),
-            "pads": [*merged.pads_begin, *merged.pads_end],
-            "dilations": list(merged.dilations),
-            "group": merged.group,
-        }
-        ed = self.editor
-        anchor = post[-1] if post else root
-        conv_out = ed.op(
-            anchor,
-            "Conv",
-            [main.source, ed.const(f"{target_name}.weight", w), ed.const(f"{target_name}.bias", b)],
-            attrs,
-            base=target_name,
-        )
         out = self._add_foreign(anchor, conv_out, foreign)
-        old = (post[-1] if post else root).outputs[0]
-        ed.take_over(old, out)
+        self.editor.take_over(anchor.outputs[0], out)
         self._remove([*post, *tree, *(n for br in kept for n in br.nodes)], conv_out, target_name)
         return self._entry(root, "applied", target=target, warnings=warnings)
 
@@ -695,7 +644,7 @@ class _Merger:
         if aff is None or aff[2] is not v:
             return [], merged
         s, t, _ = aff
-        return [p], _post_affine(merged, s, t)
+        return [p], then_affine(merged, s, t)
 
     def _as_kernel(self, b: _Branch, main: Kernel) -> Kernel:
         n = main.spatial
@@ -713,7 +662,7 @@ class _Merger:
             k = branches.avgpool_kernel(main.out_channels, main.group, ks, strides, begin, end, dil)
         else:
             k = branches.identity_kernel(main.out_channels, main.group, n)
-        return _post_affine(k, b.scale, b.shift)
+        return then_affine(k, b.scale, b.shift)
 
     def _merge_dense(self, root, tree, read, group, main, consts, problems) -> Entry:
         w0, _ = main.dense
@@ -729,8 +678,8 @@ class _Merger:
                 if b.dense[0].shape != w0.shape:
                     problems.append(f"{b.label} branch: shape {b.dense[0].shape} vs {w0.shape}")
                     continue
-                wsum += b.dense[0] * _one(b.coef).reshape(1, -1)
-                bsum += b.dense[1] * _one(b.coef)
+                wsum += b.dense[0] * as_vector(b.coef).reshape(1, -1)
+                bsum += b.dense[1] * as_vector(b.coef)
             else:
                 if b.rank not in (None, 2) or w0.shape[0] != w0.shape[1]:
                     problems.append("identity needs a square weight and a 2-D input")
@@ -739,9 +688,9 @@ class _Merger:
                 if b.nodes and any(n.op_type == "BatchNormalization" for n in b.nodes):
                     problems.append("a BatchNormalization on a 2-D identity branch is not merged")
                     continue
-                wsum += np.diag(s) * _one(b.coef).reshape(1, -1)
+                wsum += np.diag(s) * as_vector(b.coef).reshape(1, -1)
                 shift = np.broadcast_to(np.asarray(b.shift, np.float64).reshape(-1), bsum.shape)
-                bsum += shift * _one(b.coef)
+                bsum += shift * as_vector(b.coef)
             kept.append(b)
         if len(kept) < 2:
             return self._entry(root, "skipped", reason="; ".join(problems))
@@ -752,7 +701,7 @@ class _Merger:
             if not any(b.gemm for b in kept) and (arr is None or arr.ndim > 1):
                 vec = None  # a MatMul's input may be 1-D: (1, n) would widen its output
             if vec is not None and vec.size in (1, bsum.size):
-                bsum = bsum + vec * _one(coef)
+                bsum = bsum + vec * as_vector(coef)
                 used.append(c)
         taken = {id(b) for b in kept}
         foreign = [
@@ -785,8 +734,6 @@ class _Merger:
         ed.take_over(root.outputs[0], out)
         self._remove([*tree, *(n for br in kept for n in br.nodes)])
         return self._entry(root, "applied", target=target, warnings=warnings)
-
-    # ------------------------------------------------------------------ sequences
 
     def _sequence(self, conv: ir.Node) -> Entry | None:
         w = conv.inputs[1] if len(conv.inputs) > 1 else None
@@ -821,42 +768,30 @@ class _Merger:
             return self._entry(conv, "foldable", target=target)
         dtype = self.consts.resolve(conv.inputs[1]).dtype
         try:
-            w, b = branches.rounded(merged.weight, dtype), branches.rounded(merged.bias, dtype)
+            out = self._emit_conv(conv, conv0.inputs[0], merged, dtype, node_name(conv))
         except Incompatible as exc:
             return self._entry(conv, "skipped", reason=str(exc))
-        ed = self.editor
-        base = node_name(conv)
-        out = ed.op(
-            conv,
-            "Conv",
-            [conv0.inputs[0], ed.const(f"{base}.weight", w), ed.const(f"{base}.bias", b)],
-            {
-                "kernel_shape": list(merged.shape),
-                "strides": list(merged.strides),
-                "pads": [*merged.pads_begin, *merged.pads_end],
-                "dilations": list(merged.dilations),
-                "group": merged.group,
-            },
-            base=base,
-        )
-        ed.take_over(conv.outputs[0], out)
-        self._remove([conv, *mids, conv0], out, base)
+        self.editor.take_over(conv.outputs[0], out)
+        self._remove([conv, *mids, conv0], out, node_name(conv))
         return self._entry(conv, "applied", target=target)
+
+    def _emit_conv(
+        self, anchor: ir.Node, source: ir.Value, k: Kernel, dtype: object, name: str
+    ) -> ir.Value:
+        """A Conv of ``k`` on ``source`` before ``anchor`` (weights rounded once into ``dtype``)."""
+        w, b = branches.rounded(k.weight, dtype), branches.rounded(k.bias, dtype)  # type: ignore[arg-type]
+        ed = self.editor
+        attrs = {
+            "kernel_shape": list(k.shape),
+            "strides": list(k.strides),
+            "pads": [*k.pads_begin, *k.pads_end],
+            "dilations": list(k.dilations),
+            "group": k.group,
+        }
+        inputs = [source, ed.const(f"{name}.weight", w), ed.const(f"{name}.bias", b)]
+        return ed.op(anchor, "Conv", inputs, attrs, base=name)
 
     def _entry(self, node: ir.Node, status, **kw) -> Entry:
         return Entry(
             node_name(node), node.op_type, status, graph=self.label, direction="reparam", **kw
         )
-
-
-def _one(coef: np.ndarray | None) -> np.ndarray:
-    """A term's coefficient as a 1-D array (``None`` is 1)."""
-    return np.ones(1) if coef is None else np.asarray(coef, np.float64).reshape(-1)
-
-
-def _post_affine(k: Kernel, scale: object, shift: object) -> Kernel:
-    """``k`` followed by a per-channel ``y * scale + shift``."""
-    s = np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (k.out_channels,))
-    t = np.broadcast_to(np.asarray(shift, np.float64).reshape(-1), (k.out_channels,))
-    w = k.weight * s.reshape((-1,) + (1,) * (k.weight.ndim - 1))
-    return dataclasses.replace(k, weight=w, bias=k.bias * s + t)
