@@ -28,7 +28,7 @@ from normfuse.core.errors import InputError, NormfuseError, StrictError
 from normfuse.core.report import ParityResult, Report
 from normfuse.core.verdict import FOLD_TOLERANCES, judge_parity, raise_for_parity, raise_for_strict
 from normfuse.onnxgraph import io as onnx_io
-from normfuse.onnxgraph.fold import FoldOptions, model_stats, run_fold
+from normfuse.onnxgraph.fold import FoldOptions, fold_model, model_stats, run_fold
 from normfuse.runtime.parity import check_models
 
 __all__ = [
@@ -152,6 +152,8 @@ def inspect(model: object, *, norm_affine: bool = False) -> Report:
     loaded = onnx_io.load(model, copy=False)
     report = Report(action="inspect")
     run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
+    if not norm_affine:
+        _suggest_only_what_folds(loaded.model, report)
     from normfuse.onnxgraph.edit import FUSED_MIN_OPSET
     from normfuse.onnxgraph.raise_norms import raise_model
 
@@ -162,6 +164,25 @@ def inspect(model: object, *, norm_affine: bool = False) -> Report:
     )
     report.entries.extend(raisable)  # decomposed norms, and what `normfuse raise` would write
     return report
+
+
+def _suggest_only_what_folds(model: ir.Model, report: Report) -> None:
+    """Keep the "pass --norm-affine" fix only on entries that it would fold (a dry run with it
+    says so); elsewhere say why it would not."""
+    hinted = [e for e in report.entries if e.fix and "--norm-affine" in e.fix]
+    if not hinted:
+        return
+    probe = {
+        (e.graph, e.node): e
+        for e in fold_model(model, FoldOptions(norm_affine=True, dry_run=True))
+    }
+    for e in hinted:
+        other = probe.get((e.graph, e.node))
+        if other is not None and other.status == "foldable":
+            continue
+        e.fix = None
+        if other is not None and other.reason:
+            e.reason = f"{e.reason}; its gamma/beta would not fold either: {other.reason}"
 
 
 def check(

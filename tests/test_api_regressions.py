@@ -389,11 +389,7 @@ def test_inspect_applies_nothing_and_does_not_call_raise_candidates_foldable():
     assert all(e["status"] != "foldable" for e in decomposed), [e["status"] for e in decomposed]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 defect 7: inspect suggests 'pass --norm-affine' for InstanceNormalization, "
-    "which fold --norm-affine still skips",
-)
+
 def test_a_suggested_fix_folds_the_entry(tmp_path):
     result = invoke("inspect", NORM_BLOCK, "--json", "-")
     assert result.exit_code == 0, result.output
