@@ -19,6 +19,27 @@ protobuf install side by side there; normfuse's own environment needs none of th
 models (``paddle2onnx`` pins an old onnx: convert in a third environment) and any other
 converted files are measured with ``--from-dir``.
 
+Paddle files (docs/converters.md, "Paddle (paddle2onnx)"; paddlepaddle 3.3.1 CPU, paddle2onnx
+2.1.0, which also needs ``packaging``)::
+
+    python3 -m venv /work/paddlevenv
+    /work/paddlevenv/bin/pip install paddlepaddle paddle2onnx packaging
+
+A short script run by ``/work/paddlevenv/bin/python`` builds each model (``paddle.vision.models.
+mobilenet_v2(pretrained=False, scale=0.5)``, ``resnet18(pretrained=False)``, Conv2D/Conv1D/
+Conv2DTranspose/Linear + BatchNorm layers), sets random BN ``_mean``/``_variance``/weight/bias
+and conv/linear biases with ``set_value``, calls ``model.eval()`` and ``paddle.jit.save(model,
+DIR/model, input_spec=[paddle.static.InputSpec([None, ...], "float32", "x")])`` (paddle 3
+writes ``model.json`` + ``model.pdiparams``), then converts each at opset 11 and 13::
+
+    /work/paddlevenv/bin/paddle2onnx --model_dir DIR --model_filename model.json \\
+        --params_filename model.pdiparams --save_file /tmp/paddle_onnx/NAME_op13.onnx \\
+        --opset_version 13
+    .venv/bin/python benchmarks/converters.py --from-dir /tmp/paddle_onnx --out /tmp/pb
+
+(the Markdown header says tf2onnx whatever the files' converter; an optional ``manifest.json``
+beside the files adds its fields to the rows).
+
 Per file, measured here with onnx and onnxruntime only (normfuse is run through its CLI,
 ``normfuse fold IN -o OUT --force --json OUT.json``, with ``--norm-affine`` when this script is
 given it, so this file imports nothing from the package):
