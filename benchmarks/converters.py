@@ -653,7 +653,12 @@ def main(argv: list[str] | None = None) -> int:
     peers = [t for t in PEERS if _has(args.peer_python, t)]
     rows = measure(files, manifest, args)
     md = (
-        f"Converted by tf2onnx (opset {args.opset}); BN / aff (near): BatchNormalization nodes / "
+        (
+            f"Files from {args.from_dir}"
+            if getattr(args, "from_dir", None)
+            else f"Converted by tf2onnx (opset {args.opset})"
+        )
+        + "; BN / aff (near): BatchNormalization nodes / "
         "per-channel Mul/Add/Sub/Div / those next to a linear op through layout ops; err: max "
         "relative error on onnxruntime (ORT_DISABLE_ALL); s: file in to file out.\n\n"
         + table(rows, peers)
