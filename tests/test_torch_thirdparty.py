@@ -555,18 +555,17 @@ def test_swap_groupnorm_keeps_activation():
     assert bool((out >= 0).all()), f"min output {float(out.min()):.3g}: the ReLU is not applied"
 
 
-@xfail(
-    "swap(to='batchnorm') turns FrozenBatchNormAct2d into a bare BatchNorm2d (act dropped), reported exact"
-)
 def test_swap_frozen_norm_act_back_to_batchnorm_keeps_activation():
     model = FROZEN_MODELS["minimal"]()
     x = image(2, 3, 16, 16)
     swapped, report = normfuse.swap(model, to="batchnorm")
     assert report.applied
     out, ref = run(swapped, x), run(model, x)
-    assert torch.equal(out, ref), (
+    # the same function (BatchNorm in eval vs its frozen form), rounded in another order
+    assert rel_err(out, ref) <= TOL, (
         f"max |diff| {float((out - ref).abs().max()):.3g}, exact={[e.exact for e in report.applied]}"
     )
+    assert bool((out >= 0).all()), "the ReLU after the norm is gone"
 
 
 def test_swap_entries_marked_exact_are_exact():
