@@ -70,6 +70,31 @@ def counts(data: bytes) -> tuple[int, int, int]:
     return len(ops), ops.count("Conv"), ops.count("BatchNormalization")
 
 
+def conv_signature(data: bytes) -> list[tuple]:
+    """Every Conv's weight shape and attributes, sorted: equal lists are equal convolutions."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    dims = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+            shape = dims.get(n.input[1], ())
+            k = len(shape) - 2
+            out.append(
+                (
+                    shape,
+                    tuple(attrs.get("strides", [1] * k)),
+                    tuple(attrs.get("pads", [0] * 2 * k)),
+                    tuple(attrs.get("dilations", [1] * k)),
+                    attrs.get("group", 1),
+                    len(n.input) > 2,
+                )
+            )
+    return sorted(out)
+
+
 def session(data: bytes, level: str):
     import onnxruntime as ort
 
@@ -120,7 +145,9 @@ def latencies(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[st
             t = time.perf_counter()
             s.run(None, feeds[k])
             times[k].append(time.perf_counter() - t)
-    return {f"{f}/{lvl}": float(np.median(v)) * 1e3 for (f, lvl), v in times.items()}
+    out = {f"{f}/{lvl}": float(np.median(v)) * 1e3 for (f, lvl), v in times.items()}
+    out.update({f"{f}/{lvl}/min": float(np.min(v)) * 1e3 for (f, lvl), v in times.items()})
+    return out
 
 
 def latencies_apart(forms: dict[str, bytes], x: np.ndarray, seconds: float) -> dict[str, float]:
@@ -196,21 +223,27 @@ def bench(name: str, size: int, seconds: float) -> dict:
         row[f"err_{f}"] = rel_err(s.run(None, {s.get_inputs()[0].name: xn})[0], ref)
     row["err_c_torch"] = rel_err(ref_c, ref)
     row["ort_opt_convs_a"] = ort_optimized_convs(a)
+    row["same_convs"] = conv_signature(b) == conv_signature(c)
     row["lat"] = latencies_apart(forms, xn, seconds)
     return row
 
 
 def fmt_row(r: dict) -> str:
     if "error" in r:
-        return f"| {r['model']} | export or run failed: {r['error']} |" + " |" * 9
+        return f"| {r['model']} | export or run failed: {r['error']} |" + " |" * 12
     lat = r["lat"]
     ca, cb, cc = r["counts_a"], r["counts_b"], r["counts_c"]
     return (
         f"| {r['model']} | {ca[0]} / {ca[1]} / {ca[2]} | {cb[0]} / {cb[1]} / {cb[2]} | "
-        f"{cc[0]} / {cc[1]} / {cc[2]} | {r['ort_opt_convs_a']} | {r['blocks'][0]} / {r['blocks'][1]} | "
+        f"{cc[0]} / {cc[1]} / {cc[2]} | {'yes' if r['same_convs'] else 'no'} | "
+        f"{r['ort_opt_convs_a']} | {r['blocks'][0]} / {r['blocks'][1]} | "
         f"{r['err_a']:.1e} | {r['err_b']:.1e} | {r['err_c']:.1e} | "
         f"{lat['a/ORT_ENABLE_ALL']:.2f} / {lat['b/ORT_ENABLE_ALL']:.2f} / {lat['c/ORT_ENABLE_ALL']:.2f} | "
-        f"{lat['a/ORT_DISABLE_ALL']:.2f} / {lat['b/ORT_DISABLE_ALL']:.2f} / {lat['c/ORT_DISABLE_ALL']:.2f} |"
+        f"{lat['a/ORT_DISABLE_ALL']:.2f} / {lat['b/ORT_DISABLE_ALL']:.2f} / {lat['c/ORT_DISABLE_ALL']:.2f} | "
+        + " / ".join(f"{lat[f'{f}/ORT_ENABLE_ALL/min']:.2f}" for f in "abc")
+        + " | "
+        + " / ".join(f"{lat[f'{f}/ORT_DISABLE_ALL/min']:.2f}" for f in "abc")
+        + " |"
     )
 
 
@@ -223,25 +256,35 @@ def write(rows: list[dict], size: int, path: Path) -> None:
         "",
         f"timm train-time models, random weights, BN statistics randomised, input 1x3x{size}x{size}, "
         f"float32; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, CPU, one "
-        "thread, median of interleaved runs. (a) the train-form export with BN kept; (b) "
+        "thread, median (and minimum) of interleaved runs in a process without torch, each timed "
+        "run after an untimed one of the same session, in random order; on a shared machine the "
+        "medians carry the neighbours' load, the minima show what the graphs cost. (a) the "
+        "train-form export with BN kept; (b) "
         "`normfuse fold --reparam` of (a); (c) the export of timm's `reparameterize_model(model)` "
         "(eval export, constant folding). Nodes exclude Identity/Constant. Error: max |y - y_torch| "
         "/ max |y_torch| against the train-form PyTorch model in float32 (whose own float32 noise "
-        "against float64 is in the last column).",
+        "against float64 is listed below the table).",
         "",
-        "| model | (a) nodes / Conv / BN | (b) | (c) | ORT-optimized (a) Conv | blocks merged / skipped "
-        "| err (a) | err (b) | err (c) | ms ENABLE_ALL a / b / c | ms DISABLE_ALL a / b / c |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | (a) nodes / Conv / BN | (b) | (c) | (b) convs = (c) convs | ORT-optimized (a) Conv "
+        "| blocks merged / skipped "
+        "| err (a) | err (b) | err (c) | ms ENABLE_ALL a / b / c | ms DISABLE_ALL a / b / c "
+        "| min ms ENABLE_ALL | min ms DISABLE_ALL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [fmt_row(r) for r in rows]
     lines += ["", "Float32 noise of the train-form model against its float64 run:", ""]
     lines += [f"- {r['model']}: {r['noise64']:.1e}" for r in rows if "noise64" in r]
     lines += [
         "",
+        "'(b) convs = (c) convs': the sorted list of every Conv's weight shape, strides, pads, "
+        "dilations, group and bias is the same in (b) and (c): the same convolutions; what else "
+        "differs is in the node counts.",
+    ]
+    lines += [
+        "",
         "onnxruntime's optimizer (column 'ORT-optimized (a) Conv': Conv and FusedConv left by "
         "ENABLE_EXTENDED) folds BN into convs and fuses activations, but merges no branches. "
-        "onnxsim and onnxslim are not installed here (no network); they fold constants and BN "
-        "likewise and merge no parallel convs either.",
+        "onnxsim and onnxslim are not installed here: not measured.",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
