@@ -210,3 +210,66 @@ def test_rounded_and_same_pads():
     assert same_pads("SAME_UPPER", 8, 3, 2, 1) == (0, 1)
     assert same_pads("SAME_LOWER", 8, 3, 2, 1) == (1, 0)
     assert same_pads("VALID", 8, 3, 2, 1) == (0, 0)
+
+
+def test_random_geometries_merge_exactly_or_refuse():
+    """Random kernels, paddings, strides, dilations and groups: whenever the branches' outputs
+    can be added, the merge either equals their sum or is refused."""
+    rng = np.random.default_rng(12)
+    merged_count = 0
+    for _ in range(300):
+        group = int(rng.choice([1, 2]))
+        stride, dil = int(rng.choice([1, 2])), int(rng.choice([1, 2]))
+        ks = []
+        span = int(rng.integers(0, 2))  # pads_begin + pads_end - dil * (k - 1): one output size
+        for _ in range(int(rng.integers(2, 4))):
+            shape = tuple(int(v) for v in rng.choice([1, 2, 3], size=2))
+            k = kernel(rng, 4, 4, shape, group, stride, dilation=dil, pads=(0, 0))
+            k.pads_begin = tuple(  # centred, or one tap off, or anywhere
+                max(0, dil * (shape[a] - 1) // 2 + int(rng.choice([0, 0, 1, -1, dil])))
+                for a in range(2)
+            )
+            k.pads_end = tuple(span + dil * (shape[a] - 1) - k.pads_begin[a] for a in range(2))
+            if min(k.pads_end) < 0 or not rng.integers(0, 4):
+                k.pads_end = tuple(int(v) for v in rng.integers(0, 3, size=2))
+            ks.append(k)
+        x = rng.standard_normal((1, 4, 7, 6))
+        outs = [conv(x, k) for k in ks]
+        if len({o.shape for o in outs}) != 1:
+            continue  # an invalid sum
+        try:
+            merged = merge_parallel(ks)
+        except Incompatible:
+            continue
+        merged_count += 1
+        close(conv(x, merged), sum(outs))
+    assert merged_count >= 20
+
+
+def test_random_sequences_compose_exactly_or_refuse():
+    rng = np.random.default_rng(13)
+    composed = 0
+    for _ in range(150):
+        g1, g2 = int(rng.choice([1, 2])), int(rng.choice([1, 2]))
+        first_pointwise = bool(rng.integers(0, 2))
+        shape = tuple(int(v) for v in rng.choice([1, 2, 3], size=2))
+        stride = int(rng.choice([1, 2]))
+        if first_pointwise:
+            a = kernel(rng, 4, 4, (1, 1), g1)
+            b = kernel(rng, 4, 4, shape, g2, stride, pads=tuple(rng.integers(0, 2, size=2)))
+        else:
+            a = kernel(rng, 4, 4, shape, g1, stride, pads=tuple(rng.integers(0, 2, size=2)))
+            b = kernel(rng, 4, 4, (1, 1), g2)
+        if rng.integers(0, 2):
+            a.bias[:] = 0
+        s = rng.standard_normal(4)
+        t = rng.standard_normal(4) if rng.integers(0, 2) else np.zeros(4)
+        x = rng.standard_normal((1, 4, 7, 6))
+        try:
+            merged = compose(a, b, s, t)
+        except Incompatible:
+            continue
+        composed += 1
+        mid = conv(x, a) * s.reshape(1, -1, 1, 1) + t.reshape(1, -1, 1, 1)
+        close(conv(x, merged), conv(mid, b))
+    assert composed >= 40
