@@ -444,3 +444,37 @@ def test_sub_with_foreign_terms(rng):
     model = b.model(b.add(scaled, b.conv("x", 6, 1)), extra_inputs=[y])
     merged, entries = merge(model)
     assert ops(merged) == ops(model) and entries[0].status == "skipped"
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_blocks_exact_or_unchanged(seed):
+    """Random RepVGG/ACNet/MobileOne-like blocks: merged exactly, or left as they were."""
+    rng = np.random.default_rng(seed)
+    b = Block(rng)
+    group = int(rng.choice([1, 2, 6]))
+    stride = int(rng.choice([1, 1, 2]))
+    terms = []
+    for _ in range(int(rng.integers(1, 4))):
+        k = [(3, 3), (1, 1), (1, 3), (3, 1)][int(rng.integers(0, 4))]
+        pads = [s // 2 for s in k] * 2 if stride == 1 or rng.integers(0, 3) else [0, 0, 0, 0]
+        conv = b.conv(
+            "x", 6, k, group=group, stride=stride, pads=pads, bias=bool(rng.integers(0, 2))
+        )
+        terms.append(b.bn(conv) if rng.integers(0, 2) else conv)
+    if stride == 1 and rng.integers(0, 2):
+        terms.append(b.bn("x") if rng.integers(0, 2) else "x")
+    if len(terms) < 2:
+        terms.append(b.conv("x", 6, 3, group=group, stride=stride))
+    try:
+        model = b.model(b.add(*terms))
+    except onnx.checker.ValidationError:
+        pytest.skip("the random terms do not add up (shapes differ)")
+    except onnx.shape_inference.InferenceError:
+        pytest.skip("the random terms do not add up (shapes differ)")
+    merged, entries = merge(model)
+    assert_same(model, merged, rng)
+    if ops(merged) != ops(model):
+        assert ops(merged) in (["Conv"], ["Conv", "Add"], ["Conv", "Conv", "Add"])
+        assert entries[0].status == "applied"
+    else:
+        assert all(e.status == "skipped" for e in entries)
