@@ -1,7 +1,8 @@
 """BatchNorm recalibration of a ResNet-50 on CPU: normfuse, ``torch.optim.swa_utils.update_bn``
 and an fvcore-style loop, in one run; time and distance from an exact float64 reference.
 
-Usage: ``python benchmarks/recalibrate.py [--images 2048] [--batch 32] [--size 64]``
+Usage: ``python benchmarks/recalibrate.py [--images 2048] [--batch 32] [--size 64] [--repeats 1]``
+(``--repeats``: rounds with the tools in turn, each tool's best time counts)
 
 * model: ``models/zoo.py`` ``build_full("resnet")`` (random weights, BN statistics moved by
   training passes, gamma/beta random), one copy per tool, all starting from the same state;
@@ -145,24 +146,29 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds; each tool's best time")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/RECALIBRATE.md")
     args = parser.parse_args()
     data = Images(args.images, args.batch, args.size)
     base = build_full("resnet").eval()
     print(f"ResNet-50, {len(bns(base))} BatchNorms, {args.images} images {args.size}x{args.size}")
     print(f"batches of {args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    models = {tool: copy.deepcopy(base) for tool in ("normfuse", "update_bn", "fvcore")}
-    with torch.no_grad():  # warm-up: one batch through each copy's kernels
+    with torch.no_grad():  # warm-up: one batch through the kernels
         base(next(iter(Images(args.batch, args.batch, args.size))))
-    seconds = {}
-    seconds["normfuse"] = timed(
-        lambda: normfuse.recalibrate(models["normfuse"], data, progress=False)
-    )
-    print(f"normfuse   {seconds['normfuse']:.1f} s")
-    seconds["update_bn"] = timed(lambda: torch.optim.swa_utils.update_bn(data, models["update_bn"]))
-    print(f"update_bn  {seconds['update_bn']:.1f} s")
-    seconds["fvcore"] = timed(lambda: fvcore_update_bn_stats(models["fvcore"], data))
-    print(f"fvcore     {seconds['fvcore']:.1f} s")
+    runs = {
+        "normfuse": lambda m: normfuse.recalibrate(m, data, progress=False),
+        "update_bn": lambda m: torch.optim.swa_utils.update_bn(data, m),
+        "fvcore": lambda m: fvcore_update_bn_stats(m, data),
+    }
+    tools = list(runs)
+    times: dict[str, list[float]] = {t: [] for t in tools}
+    models: dict[str, nn.Module] = {}
+    for r in range(args.repeats):  # round robin, the order rotated: load spikes hit all alike
+        for tool in tools[r % 3 :] + tools[: r % 3]:
+            models[tool] = copy.deepcopy(base)
+            times[tool].append(timed(lambda tool=tool: runs[tool](models[tool])))
+            print(f"round {r + 1}: {tool:10} {times[tool][-1]:.1f} s")
+    seconds = {t: min(v) for t, v in times.items()}
     start = time.perf_counter()
     ref = reference(copy.deepcopy(base), data)
     ref_seconds = time.perf_counter() - start
@@ -185,10 +191,13 @@ def main() -> None:
         "# BatchNorm recalibration: ResNet-50 on CPU",
         "",
         f"`python benchmarks/recalibrate.py --images {args.images} --batch {args.batch} "
-        f"--size {args.size}`: {args.images} synthetic images at {args.size}x{args.size} in "
+        f"--size {args.size} --repeats {args.repeats}`: {args.images} synthetic images at {args.size}x{args.size} in "
         f"batches of {args.batch}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.machine()}, load average {load:.1f} at the end (a shared machine: times "
-        "move with the load, ratios less; the tools run one after the other, once each). Reference: float64 statistics of the inputs each "
+        f"move with the load: {args.repeats} round(s), the tools in turn, each tool's best time; "
+        "all times: "
+        + "; ".join(f"{t} " + ", ".join(f"{x:.1f}" for x in v) for t, v in times.items())
+        + " s). Reference: float64 statistics of the inputs each "
         "BatchNorm sees in a train-mode forward, from shifted sums (an algorithm independent of "
         "normfuse's), unbiased variance. Difference: per BatchNorm `max|stat - ref| / max|ref|`, "
         "the largest over all 53.",

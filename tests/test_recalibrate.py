@@ -414,3 +414,15 @@ def test_two_processes_equal_one_process_over_the_union(tmp_path):
     )
     assert worst < 1e-12 and averaged > 1e-2
     assert math.isfinite(averaged)
+
+
+def test_bad_arguments_are_user_errors():
+    model = _resnetish()
+    with pytest.raises(normfuse.InputError, match="not initialised"):
+        normfuse.recalibrate(model, _batches(1), distributed=True, progress=False)
+    with pytest.raises(normfuse.InputError, match="estimator"):
+        normfuse.recalibrate(model, _batches(1), estimator="sample", progress=False)
+    with pytest.raises(normfuse.InputError, match="no batches"):
+        normfuse.recalibrate(model, [], progress=False)
+    with pytest.raises(normfuse.InputError, match="num_samples"):
+        normfuse.recalibrate(model, _batches(1), num_samples=0, progress=False)

@@ -4,7 +4,7 @@ across ``torch.distributed`` processes.
 During the pass every selected norm normalises each batch with that batch's own statistics (what
 BatchNorm does in training, so later layers see what they saw in training) while a pre-hook
 accumulates its input in float64: per call, the count, per-channel mean and sum of squared
-deviations (``var_mean`` on a float64 copy), merged batch by batch with Chan's parallel algorithm
+deviations (two passes over a float64 copy), merged batch by batch with Chan's parallel algorithm
 (:class:`normfuse.core.algebra.ChannelMoments`). Only the norms change mode, and only
 themselves: torch's own BatchNorm layers run their training forward (bit for bit what
 ``update_bn``'s pass computes); every other norm stays in eval and the pre-hook writes the
@@ -118,7 +118,7 @@ def recalibrate(
             raise InputError(f"{label}={value} must be at least 1")
     root, wrapper = unwrap(module)
     group = _process_group(distributed)
-    rank, world = (_dist().get_rank(), _dist().get_world_size()) if group else (0, 1)
+    rank, world = (0, 1) if group is None else (_dist().get_rank(), _dist().get_world_size())
     report = Report(action="recalibrate", framework="torch", before=module_stats(root))
     if wrapper:
         report.notes.append(f"ran the module inside {wrapper}, eagerly")
@@ -176,14 +176,16 @@ def unwrap(module: nn.Module) -> tuple[nn.Module, str | None]:
 def batch_moments(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Count per channel, mean and sum of squared deviations of ``x`` (``(N, C, ...)``), float64.
 
-    The input is copied to float64 once; mean and deviations are then exact to float64
-    rounding (two passes: Welford's update inside ``var_mean`` per reduction block).
+    Two passes over one float64 copy: the mean, then the deviations from it (subtracted in
+    place) summed as a squared 2-norm; exact to float64 rounding, no cancellation.
     """
     c = x.shape[1]
     n = x.numel() // c if c else 0
     dims = [0, *range(2, x.ndim)]
-    var, mean = torch.var_mean(x.detach().to(torch.float64), dim=dims, correction=0)
-    return n, mean, var * n
+    xd = x.detach().to(torch.float64, copy=True)
+    mean = xd.mean(dims)
+    xd.sub_(mean.view(1, c, *([1] * (x.ndim - 2))))
+    return n, mean, torch.linalg.vector_norm(xd, dim=dims).square()
 
 
 @dataclasses.dataclass
