@@ -173,8 +173,7 @@ def _suggest_only_what_folds(model: ir.Model, report: Report) -> None:
     if not hinted:
         return
     probe = {
-        (e.graph, e.node): e
-        for e in fold_model(model, FoldOptions(norm_affine=True, dry_run=True))
+        (e.graph, e.node): e for e in fold_model(model, FoldOptions(norm_affine=True, dry_run=True))
     }
     for e in hinted:
         other = probe.get((e.graph, e.node))
@@ -441,14 +440,15 @@ def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     ``where``, ``estimator``, ``progress``, ``distributed``; see docs/recalibrate.md).
     ONNX models: ``batches`` is a path (``.npz`` file or folder of them) or a list of
     ``{input name: array}``; returns ``(model, report)`` (see
-    :func:`normfuse.onnxgraph.recalibrate.recalibrate_model`); options ``num_batches``, ``where``,
+    :func:`normfuse.onnxgraph.recalibrate.recalibrate_model`, or with ``mode="batch"`` the one-pass
+    :func:`normfuse.onnxgraph.recalibrate.recalibrate_batch_mode`); options ``num_batches``, ``where``,
     ``provider``, ``progress``, ``check``.
     """
     if _is_torch(model):
         from normfuse.torchmodel.recalibrate import recalibrate as recalibrate_torch
 
         return recalibrate_torch(model, batches, **options)
-    from normfuse.onnxgraph.recalibrate import recalibrate_model
+    from normfuse.onnxgraph.recalibrate import recalibrate_batch_mode, recalibrate_model
     from normfuse.runtime.inputs import load_inputs
     from normfuse.runtime.sessions import check_feeds, make_session, select_provider
 
@@ -466,9 +466,17 @@ def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
         return lambda feeds: session.run(names, check_feeds(session, feeds, "the data"))
 
     where, progress = options.pop("where", None), options.pop("progress", None)
+    mode = options.pop("mode", "sequential")
+    if mode not in ("sequential", "batch"):
+        raise InputError(f"mode={mode!r} is not known", "use 'sequential' or 'batch'")
 
     def rewrite(m: ir.Model) -> tuple[ir.Model, list[Any], list[str]]:
-        entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
+        if mode == "batch":
+            entries = recalibrate_batch_mode(
+                m, data, runner=runner, where=where, progress=progress, total=len(data)
+            )
+        else:
+            entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
         return m, entries, [f"{len(data)} batch(es) on {label}", *session_notes]
 
     return onnx_rewrite(model, "recalibrate", rewrite, exact=False, what="recalibration", **options)

@@ -779,9 +779,20 @@ def insert(
 @click.option(
     "--where", default=None, metavar="GLOB", help="Only BatchNorm nodes whose name matches."
 )
-def recalibrate(data_path: Path, batches: int | None, where: str | None, **common: Any) -> None:
+@click.option(
+    "--mode",
+    type=click.Choice(["sequential", "batch"]),
+    default="sequential",
+    show_default=True,
+    help="sequential: each BatchNorm measured on what the recalibrated ones before it give, "
+    "one pass per level; batch: one pass, every BatchNorm normalising with the batch's own "
+    "statistics (PyTorch's training-mode recalibration).",
+)
+def recalibrate(
+    data_path: Path, batches: int | None, where: str | None, mode: str, **common: Any
+) -> None:
     """Recompute BatchNormalization mean/variance from data (float64, level by level)."""
-    from normfuse.onnxgraph.recalibrate import recalibrate_model
+    from normfuse.onnxgraph.recalibrate import recalibrate_batch_mode, recalibrate_model
     from normfuse.runtime.sessions import check_feeds, first_line, make_session, select_provider
 
     try:
@@ -816,7 +827,12 @@ def recalibrate(data_path: Path, batches: int | None, where: str | None, **commo
 
     def rewrite(m: Any) -> tuple[Any, list[Any], list[str]]:
         with _progress(console.is_terminal, console, "recalibrating", minimum=1) as progress:
-            entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
+            if mode == "batch":
+                entries = recalibrate_batch_mode(
+                    m, data, runner=runner, where=where, progress=progress, total=len(data)
+                )
+            else:
+                entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
         return m, entries, [f"{len(data)} batch(es) on {label}", *notes]
 
     _run_rewrite(

@@ -426,3 +426,61 @@ def test_bad_arguments_are_user_errors():
         normfuse.recalibrate(model, [], progress=False)
     with pytest.raises(normfuse.InputError, match="num_samples"):
         normfuse.recalibrate(model, _batches(1), num_samples=0, progress=False)
+
+
+# ---------------------------------------------------------------- ONNX, one pass (batch mode)
+
+
+def test_onnx_batch_mode_agrees_with_the_pytorch_recalibration(tmp_path):
+    """--mode batch: each BatchNormalization normalises with the batch's own statistics during
+    the single pass, as PyTorch's BatchNorm in training: the same statistics as PyTorch's."""
+    import io
+
+    import numpy as np
+    import onnx
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    model = _resnetish()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 3, 12, 12),),
+        buf,
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+        input_names=["x"],
+        dynamic_axes={"x": {0: "n"}},
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(onnx.load_from_string(buf.getvalue())), path)
+    batches = _batches(4, (6, 3, 12, 12))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, b in enumerate(batches):
+        np.savez(data / f"{i:03d}.npz", x=b.numpy())
+    new, report = normfuse.recalibrate(str(path), [{"x": b.numpy()} for b in batches], mode="batch")
+    assert len(report.applied) == 6
+    normfuse.recalibrate(model, batches, estimator="population", progress=False)
+    nodes = [n for n in new.graph.all_nodes() if n.op_type == "BatchNormalization"]
+    torch_bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    worst = 0.0
+    for node, bn in zip(nodes, torch_bns, strict=True):
+        for k, ref in ((3, bn.running_mean), (4, bn.running_var)):
+            got = torch.from_numpy(np.asarray(node.inputs[k].const_value.numpy()))
+            worst = max(worst, _rel(got, ref))
+    print(f"ONNX batch mode vs PyTorch recalibration: max relative difference {worst:.1e}")
+    assert worst < 1e-5
+    out = tmp_path / "r.onnx"
+    args = ["recalibrate", str(path), "--data", str(data), "--mode", "batch", "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "6 recalibrated" in result.output
+    written = onnx.load(out)
+    by_name = {t.name: onnx.numpy_helper.to_array(t) for t in written.graph.initializer}
+    first = nodes[0]
+    first_bn = next(n for n in written.graph.node if n.op_type == "BatchNormalization")
+    cli_var = by_name[first_bn.input[4]]
+    assert np.allclose(cli_var, first.inputs[4].const_value.numpy(), rtol=1e-6)

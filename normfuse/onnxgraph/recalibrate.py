@@ -3,13 +3,18 @@ exposed as outputs (through If branches and Loop bodies too), run by a runner th
 (onnxruntime in :mod:`normfuse.api`), accumulated per channel in float64 (Chan et al.'s merge)
 and written back; BatchNorms that depend on other BatchNorms are done after them, level by
 level, so each sees its inputs as the recalibrated model produces them.
+
+:func:`recalibrate_batch_mode` is the one-pass alternative: every BatchNorm of the main graph is
+replaced, in a copy that only runs, by the same normalisation with the batch's own statistics
+(as PyTorch's BatchNorm computes in training), and all their inputs are exposed at once, so the
+data is read once and the statistics are those PyTorch's training-mode recalibration measures.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -17,10 +22,10 @@ import onnx_ir as ir
 
 from normfuse.core.algebra import ChannelMoments
 from normfuse.core.report import Entry
-from normfuse.onnxgraph.edit import all_names, fresh_name, model_resolver, read_batchnorm
+from normfuse.onnxgraph.edit import BN, all_names, fresh_name, model_resolver, read_batchnorm
 from normfuse.onnxgraph.graph import node_name
 
-__all__ = ["Runner", "recalibrate_model"]
+__all__ = ["Runner", "recalibrate_batch_mode", "recalibrate_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -217,3 +222,139 @@ def _write_stats(node: ir.Node, mean: np.ndarray, var: np.ndarray) -> None:
         new.type, new.shape = ir.TensorType(tensor.dtype), ir.Shape(arr.reshape(shape).shape)
         graph.register_initializer(new)
         node.replace_input_with(idx, new)
+
+
+def _bn_proto_index(graph: onnx.GraphProto, output: str) -> int | None:
+    for i, n in enumerate(graph.node):
+        if n.op_type == "BatchNormalization" and n.output and n.output[0] == output:
+            return i
+    return None
+
+
+def _reduce_mean(
+    x: str, axes: list[int], out: str, opset: int, names: set[str], inits: list[onnx.TensorProto]
+) -> onnx.NodeProto:
+    if opset >= 18:
+        axes_name = fresh_name(names, f"{out}_axes")
+        inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
+        return onnx.helper.make_node("ReduceMean", [x, axes_name], [out], keepdims=1)
+    return onnx.helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1)
+
+
+def _batch_norm_nodes(
+    bn: BN, y: str, opset: int, names: set[str], inits: list[onnx.TensorProto]
+) -> list[onnx.NodeProto]:
+    """``y = (x - mean_b) / sqrt(var_b + eps) * gamma + beta`` with the batch's own (biased)
+    statistics over every axis but 1, as BatchNorm computes in training."""
+    rank = bn.rank or 2
+    axes = [0, *range(2, rank)]
+    view = (1, bn.channels) + (1,) * (rank - 2)
+    x = bn.x.name
+    n = {
+        k: fresh_name(names, f"{y}_{k}")
+        for k in ("mean", "d", "d2", "var", "ve", "std", "xn", "xs")
+    }
+    consts = {
+        "eps": np.array(bn.eps, bn.dtype),
+        "gamma": bn.gamma.astype(bn.dtype).reshape(view),
+        "beta": bn.beta.astype(bn.dtype).reshape(view),
+    }
+    c = {}
+    for k, v in consts.items():
+        c[k] = fresh_name(names, f"{y}_{k}")
+        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(v), c[k]))
+    make = onnx.helper.make_node
+    return [
+        _reduce_mean(x, axes, n["mean"], opset, names, inits),
+        make("Sub", [x, n["mean"]], [n["d"]]),
+        make("Mul", [n["d"], n["d"]], [n["d2"]]),
+        _reduce_mean(n["d2"], axes, n["var"], opset, names, inits),
+        make("Add", [n["var"], c["eps"]], [n["ve"]]),
+        make("Sqrt", [n["ve"]], [n["std"]]),
+        make("Div", [n["d"], n["std"]], [n["xn"]]),
+        make("Mul", [n["xn"], c["gamma"]], [n["xs"]]),
+        make("Add", [n["xs"], c["beta"]], [y]),
+    ]
+
+
+def recalibrate_batch_mode(
+    model: ir.Model,
+    batches: Iterable[dict[str, np.ndarray]],
+    *,
+    runner: Runner,
+    where: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    total: int = 0,
+) -> list[Entry]:
+    """Recompute BatchNormalization statistics in one pass over ``batches``, in place.
+
+    During the pass every BatchNormalization of the main graph normalises each batch with that
+    batch's own statistics (biased variance), as PyTorch's BatchNorm does in training and so as
+    ``update_bn``/PreciseBN/normfuse's PyTorch recalibration see the data; its input is
+    accumulated per channel in float64 (Chan's merge). The variance written is the population
+    one (``ddof=0``). BatchNorms inside subgraphs are left to ``mode="sequential"``.
+    """
+    consts = model_resolver(model)
+    entries: list[Entry] = []
+    targets: list[BN] = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        if where is not None and not fnmatch.fnmatchcase(node.name or "", where):
+            continue
+        entry = Entry(node_name(node), node.op_type, "skipped")
+        entries.append(entry)
+        info = read_batchnorm(node, consts)
+        if isinstance(info, str):
+            entry.reason = info
+        elif node.graph is not model.graph:
+            entry.reason = "inside a subgraph: use the sequential mode"
+        elif info.x.type is None or not info.x.name or info.rank is None:
+            entry.reason = "its input has no name, type or known rank"
+        else:
+            targets.append(info)
+    proto = ir.to_proto(model)
+    names = all_names(model)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
+    inits: list[onnx.TensorProto] = []
+    exposed: list[str] = []
+    live: list[BN] = []
+    for info in targets:
+        y = info.node.outputs[0].name
+        index = _bn_proto_index(proto.graph, y) if y else None
+        if index is None:
+            continue
+        new = _batch_norm_nodes(info, y, opset, names, inits)
+        del proto.graph.node[index]
+        for k, node in enumerate(new):
+            proto.graph.node.insert(index + k, node)
+        if info.x.name not in exposed:
+            exposed.append(info.x.name)
+            proto.graph.output.append(
+                onnx.helper.make_tensor_value_info(info.x.name, int(info.x.type.dtype), None)
+            )
+        live.append(info)
+    proto.graph.initializer.extend(inits)
+    moments = {k: ChannelMoments() for k in exposed}
+    run = runner(proto.SerializeToString(), exposed) if exposed else None
+    for done, feeds in enumerate(batches if run is not None else (), 1):
+        for xname, value in zip(exposed, run(feeds), strict=True):
+            moments[xname].add(np.asarray(value))
+        if progress is not None:
+            progress(done, total)
+    lookup = {node_name(i.node): i for i in live}
+    for entry in entries:
+        info = lookup.get(entry.node)
+        if info is None or entry.reason is not None:
+            if entry.reason is None:
+                entry.reason = "its output could not be found in the graph"
+            continue
+        acc = moments[info.x.name]
+        if acc.mean is None:
+            entry.reason = "never ran on these batches"
+            continue
+        _write_stats(info.node, acc.mean, acc.var())
+        entry.status = "applied"
+        entry.target = f"statistics over {acc.n} values per channel (one pass, batch statistics)"
+        entry.exact = False
+    return entries
