@@ -123,12 +123,7 @@ def fold(
     loaded = onnx_io.load(model)
     reference = _reference_bytes(model, loaded) if check else None
     report.timings["load"] = time.perf_counter() - t0
-    run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
-    if reparam:
-        from normfuse.onnxgraph.reparam import reparam_model
-
-        report.entries.extend(reparam_model(loaded.model))
-        report.after = model_stats(loaded.model)
+    run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, reparam=reparam), progress)
     if check:
         t1 = time.perf_counter()
         report.parity = _check_in_memory(

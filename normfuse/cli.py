@@ -365,6 +365,12 @@ def _with(options: list[Callable[[Any], Any]]) -> Callable[[Any], Any]:
     "chains) into the following linear ops.",
 )
 @click.option(
+    "--reparam",
+    is_flag=True,
+    help="Then merge parallel/sequential Conv, Gemm and identity branches into one op "
+    "(RepVGG, MobileOne, ...; docs/reparam.md).",
+)
+@click.option(
     "--external-data/--no-external-data",
     default=None,
     help="Write tensors to <output>.data [default: when the input had external data or "
@@ -381,6 +387,7 @@ def fold(
     in_place: bool,
     force: bool,
     norm_affine: bool,
+    reparam: bool,
     external_data: bool | None,
     verbose: bool,
     provider: str,
@@ -418,7 +425,9 @@ def fold(
         report = Report(action="fold")
         report.timings["load"] = time.perf_counter() - t0
         with _progress(console.is_terminal, console) as progress:
-            run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine), progress)
+            run_fold(
+                loaded.model, report, FoldOptions(norm_affine=norm_affine, reparam=reparam), progress
+            )
         if strict and report.skipped:  # --strict fails the run: nothing is written
             report.render(console, verbose=verbose)
             _emit_json(report.to_dict(), json_target)

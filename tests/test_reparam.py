@@ -478,3 +478,21 @@ def test_random_blocks_exact_or_unchanged(seed):
         assert entries[0].status == "applied"
     else:
         assert all(e.status == "skipped" for e in entries)
+
+
+def test_cli_fold_reparam(rng, tmp_path):
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    b = Block(rng)
+    out = b.add(b.bn(b.conv("x", 6, 3, bias=False)), b.bn(b.conv("x", 6, 1, bias=False)), b.bn("x"))
+    src, dst = tmp_path / "block.onnx", tmp_path / "merged.onnx"
+    onnx.save(b.model(out), src)
+    args = ["fold", str(src), "-o", str(dst), "--reparam"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert ops(onnx.load(dst)) == ["Conv"]
+    plain = tmp_path / "plain.onnx"
+    result = CliRunner().invoke(cli, ["fold", str(src), "-o", str(plain)], catch_exceptions=False)
+    assert result.exit_code == 0 and "BatchNormalization" in ops(onnx.load(plain))

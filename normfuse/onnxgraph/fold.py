@@ -82,10 +82,13 @@ class FoldOptions:
         norm_affine: Also fold the gamma/beta of LayerNorm/GroupNorm/InstanceNorm/RMSNorm, and
             plain Mul/Add chains, into the following linear ops (the norm keeps gamma=1, beta=0).
         dry_run: Decide and report, change nothing (``normfuse inspect``).
+        reparam: Then merge parallel/sequential linear branches into one op
+            (:mod:`normfuse.onnxgraph.reparam`: RepVGG, MobileOne, ...).
     """
 
     norm_affine: bool = False
     dry_run: bool = False
+    reparam: bool = False
 
 
 def fold_model(
@@ -566,6 +569,10 @@ def run_fold(
     if not options.dry_run:
         report.before = model_stats(model)
     report.entries.extend(fold_model(model, options, progress))
+    if options.reparam:
+        from normfuse.onnxgraph.reparam import reparam_model
+
+        report.entries.extend(reparam_model(model, dry_run=options.dry_run))
     report.after = model_stats(model)
     low = sorted({d for d in _low_precision_weights(model)})
     if low and report.applied:
