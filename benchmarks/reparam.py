@@ -188,23 +188,9 @@ def bench(name: str, size: int, seconds: float) -> dict:
     row: dict = {"model": name, "noise64": rel_err(ref, ref64)}
     a = export(model, x, keep_bn=True)
     t = time.perf_counter()
-    try:
-        folded, report = normfuse.fold(a, check=False, reparam=True)
-        b = folded if isinstance(folded, bytes) else folded.SerializeToString()
-        entries = report.entries
-    except TypeError:  # before the API takes reparam: the same two passes by hand
-        import onnx_ir as ir
-
-        from normfuse.onnxgraph.reparam import reparam_model
-
-        folded, report = normfuse.fold(a, check=False)
-        m = (
-            ir.from_proto(folded)
-            if not isinstance(folded, bytes)
-            else ir.from_proto(__import__("onnx").load_from_string(folded))
-        )
-        entries = reparam_model(m)
-        b = ir.to_proto(m).SerializeToString()
+    folded, report = normfuse.fold(a, check=False, reparam=True)
+    b = folded if isinstance(folded, bytes) else folded.SerializeToString()
+    entries = report.entries
     row["fold_s"] = time.perf_counter() - t
     merged = [e for e in entries if e.direction == "reparam"]
     row["blocks"] = (
