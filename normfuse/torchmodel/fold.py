@@ -57,8 +57,9 @@ from normfuse.torchmodel.modules import (
 )
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
 from normfuse.torchmodel.pairs import BN_TARGETS, trace_module
+from normfuse.torchmodel.reparam import reparam_graph
 from normfuse.torchmodel.surgery import drop_unused, fold_graph, sequential_graph
-from normfuse.torchmodel.untraced import fold_untraceable, uncovered_norms
+from normfuse.torchmodel.untraced import fold_untraceable, kept_buffers, uncovered_norms
 
 __all__ = ["compare_torch_outputs", "example_args", "fold_torch", "guess_inputs"]
 
@@ -199,6 +200,7 @@ def fold_torch(
     inplace: bool = False,
     strict: bool = False,
     tolerances: Mapping[str, tuple[float, float]] = TORCH_TOLERANCES,
+    reparam: bool = False,
 ) -> tuple[Any, Report]:
     """Fold BatchNorm into neighbouring Conv/ConvTranspose/Linear ops of a PyTorch model.
 
@@ -214,6 +216,10 @@ def fold_torch(
         inplace: Change ``model`` itself (``nn.Module``/``GraphModule`` only).
         strict: Raise :class:`normfuse.StrictError` when some candidate was skipped.
         tolerances: ``{dtype: (atol, rtol)}`` for the check.
+        reparam: Then merge parallel/sequential linear branches into one op
+            (:mod:`normfuse.torchmodel.reparam`). An ``nn.Module`` is merged on a traced copy
+            (``torch.fx``, else ``torch.export``): when a block merged, the result is that
+            GraphModule, not the model's class.
 
     Returns:
         ``(folded_model, report)``.
@@ -223,7 +229,7 @@ def fold_torch(
     folded: Any
     reference: Any
     if isinstance(model, torch.export.ExportedProgram):
-        folded, reference, example_inputs = _fold_exported(model, example_inputs, report)
+        folded, reference, example_inputs = _fold_exported(model, example_inputs, report, reparam)
     elif isinstance(model, nn.Module):
         reference = model
         if example_inputs is None:  # shapes for the proofs that need them, and the check
@@ -238,6 +244,8 @@ def fold_torch(
                     f"({'inplace=True' if inplace else 'check=False'})"
                 )
         folded = _fold_module(model, example_inputs, inplace, report)
+        if reparam:
+            folded = _reparam_module(folded, example_inputs, inplace, report)
         if inplace and check and example_inputs is not None:
             report.notes.append("inplace=True: the original is gone, parity not checked")
             check = False
@@ -339,8 +347,49 @@ def _fold_module(model: nn.Module, example_inputs: Any, inplace: bool, report: R
     return root
 
 
+def _reparam_module(root: nn.Module, example_inputs: Any, inplace: bool, report: Report) -> Any:
+    """The branch merges of ``root`` (already BN-folded): on ``root`` itself when it is a
+    GraphModule, else on a traced copy, returned when a block merged."""
+    if isinstance(root, fx.GraphModule):
+        report.entries.extend(reparam_graph(root))
+        report.after = module_stats(root)
+        return root
+    how = "torch.fx"
+    try:
+        gm: Any = trace_module(root)
+    except Exception as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        if example_inputs is None:
+            report.notes.append(f"reparam: torch.fx could not trace the model ({why}); no merge")
+            return root
+        args, kwargs = example_args(example_inputs)
+        try:
+            with kept_buffers(root), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = torch.export.export(root, args, kwargs, strict=False).module()
+        except Exception as exc2:
+            first = (str(exc2).strip().splitlines() or [type(exc2).__name__])[0][:160]
+            report.notes.append(
+                f"reparam: neither torch.fx ({why}) nor torch.export ({first}) could trace the "
+                "model; no merge"
+            )
+            return root
+        how = "torch.export"
+    entries = reparam_graph(gm)
+    report.entries.extend(entries)
+    if not any(e.status == "applied" for e in entries):
+        return root
+    report.notes.append(
+        f"reparam: merged in a {how} GraphModule of {type(root).__name__}: the result is that "
+        f"GraphModule (its submodules keep their names), not a {type(root).__name__}"
+        + ("; inplace=True changed the model's BN folds only" if inplace else "")
+    )
+    report.after = module_stats(gm)
+    return gm
+
+
 def _fold_exported(
-    ep: torch.export.ExportedProgram, example_inputs: Any, report: Report
+    ep: torch.export.ExportedProgram, example_inputs: Any, report: Report, reparam: bool = False
 ) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram, Any]:
     with warnings.catch_warnings():  # torch's own pytree deprecation noise on deepcopy
         warnings.simplefilter("ignore", FutureWarning)
@@ -357,6 +406,8 @@ def _fold_exported(
     entries, folded = fold_graph(gm, graph_mode=True)
     drop_unused(gm, folded)
     report.entries.extend(entries)
+    if reparam:
+        report.entries.extend(reparam_graph(gm))
     args, kwargs = example_args(example_inputs)
     dynamic = _dynamic_shapes(ep, args, kwargs)
     try:
