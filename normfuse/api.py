@@ -438,46 +438,40 @@ def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     PyTorch modules: :func:`normfuse.torchmodel.recalibrate.recalibrate` (in place, returns the
     report with an undo handle; options ``num_batches``, ``num_samples``, ``forward_fn``,
     ``where``, ``estimator``, ``progress``, ``distributed``; see docs/recalibrate.md).
-    ONNX models: ``batches`` is a path (``.npz`` file or folder of them) or a list of
-    ``{input name: array}``; returns ``(model, report)`` (see
-    :func:`normfuse.onnxgraph.recalibrate.recalibrate_model`, or with ``mode="batch"`` the one-pass
-    :func:`normfuse.onnxgraph.recalibrate.recalibrate_batch_mode`); options ``num_batches``, ``where``,
-    ``provider``, ``progress``, ``check``.
+    ONNX models: ``batches`` is a path (an ``.npz``/``.npy`` file, a folder of them, or a glob),
+    read one batch at a time, or a list of ``{input name: array}``; returns ``(model, report)``.
+    Options: ``mode`` (``"sequential"``/``"batch"``), ``num_batches``, ``num_samples``,
+    ``workers``, ``cache``, ``cache_mb``, ``where``, ``provider``, ``progress`` (a bar on a
+    terminal, ``False``, or ``callable(done, total)``), ``check``; see
+    :func:`normfuse.runtime.recalib_workers.recalibrate_onnx`.
     """
     if _is_torch(model):
         from normfuse.torchmodel.recalibrate import recalibrate as recalibrate_torch
 
         return recalibrate_torch(model, batches, **options)
-    from normfuse.onnxgraph.recalibrate import recalibrate_batch_mode, recalibrate_model
-    from normfuse.runtime.inputs import load_inputs
-    from normfuse.runtime.sessions import check_feeds, make_session, select_provider
+    from normfuse.runtime.inputs import memory_batches, open_batches
+    from normfuse.runtime.recalib_workers import DEFAULT_CACHE_MB, recalibrate_onnx
 
-    data = load_inputs(batches) if isinstance(batches, (str, os.PathLike)) else list(batches)
-    num = options.pop("num_batches", None)
-    if num is not None:
-        data = data[:num]
-    if not data:
-        raise InputError("recalibrate got no batches", "pass an .npz file or a folder of them")
-    providers, label = select_provider(options.pop("provider", "auto"))
-    session_notes: list[str] = []
-
-    def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
-        session = make_session(payload, providers, "disable", session_notes)
-        return lambda feeds: session.run(names, check_feeds(session, feeds, "the data"))
-
-    where, progress = options.pop("where", None), options.pop("progress", None)
-    mode = options.pop("mode", "sequential")
-    if mode not in ("sequential", "batch"):
-        raise InputError(f"mode={mode!r} is not known", "use 'sequential' or 'batch'")
+    if isinstance(batches, (str, os.PathLike)):
+        stream = open_batches(batches, option="data")
+    elif isinstance(batches, Mapping):
+        stream = memory_batches([batches])
+    else:
+        stream = memory_batches(list(batches))
+    stream = stream.limit(options.pop("num_batches", None), options.pop("num_samples", None))
+    run = {
+        "mode": options.pop("mode", "sequential"),
+        "workers": options.pop("workers", 1),
+        "provider": options.pop("provider", "auto"),
+        "cache": options.pop("cache", True),
+        "cache_mb": options.pop("cache_mb", DEFAULT_CACHE_MB),
+        "where": options.pop("where", None),
+        "progress": options.pop("progress", True),
+    }
 
     def rewrite(m: ir.Model) -> tuple[ir.Model, list[Any], list[str]]:
-        if mode == "batch":
-            entries = recalibrate_batch_mode(
-                m, data, runner=runner, where=where, progress=progress, total=len(data)
-            )
-        else:
-            entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
-        return m, entries, [f"{len(data)} batch(es) on {label}", *session_notes]
+        entries, notes = recalibrate_onnx(m, stream, **run)
+        return m, entries, notes
 
     return onnx_rewrite(model, "recalibrate", rewrite, exact=False, what="recalibration", **options)
 

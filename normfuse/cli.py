@@ -780,11 +780,18 @@ def insert(
 @click.option(
     "--data",
     "data_path",
-    type=click.Path(path_type=Path),
+    metavar="DIR|FILE|GLOB",
     required=True,
-    help="Batches: an .npz file, or a folder of .npz files (one batch each), keyed by input name.",
+    help="Batches, read one at a time: a folder of .npz files (one batch each, keyed by input "
+    "name; or of .npy files for a one-input model), one such file, or a glob ('calib/*.npz').",
 )
 @click.option("--batches", type=int, default=None, help="Use at most this many batches.")
+@click.option(
+    "--samples",
+    type=int,
+    default=None,
+    help="Use at most this many samples (over the batch dimension; the last batch is cut).",
+)
 @click.option(
     "--where", default=None, metavar="GLOB", help="Only BatchNorm nodes whose name matches."
 )
@@ -797,52 +804,63 @@ def insert(
     "one pass per level; batch: one pass, every BatchNorm normalising with the batch's own "
     "statistics (PyTorch's training-mode recalibration).",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Worker processes, each an onnxruntime session on its shard of the batches; merged "
+    "exactly.",
+)
+@click.option(
+    "--cache-mb",
+    type=float,
+    default=1024,
+    show_default=True,
+    help="sequential: memory for each level's inputs (all workers); beyond it a temporary "
+    "folder, removed at the end.",
+)
+@click.option(
+    "--no-cache", is_flag=True, help="sequential: run each level's prefix from the data instead."
+)
 def recalibrate(
-    data_path: Path, batches: int | None, where: str | None, mode: str, **common: Any
+    data_path: str,
+    batches: int | None,
+    samples: int | None,
+    where: str | None,
+    mode: str,
+    workers: int,
+    cache_mb: float,
+    no_cache: bool,
+    **common: Any,
 ) -> None:
-    """Recompute BatchNormalization mean/variance from data (float64, level by level)."""
-    from normfuse.onnxgraph.recalibrate import recalibrate_batch_mode, recalibrate_model
-    from normfuse.runtime.sessions import check_feeds, first_line, make_session, select_provider
+    """Recompute BatchNormalization mean/variance from data (float64, merged exactly)."""
+    from normfuse.runtime.inputs import open_batches
+    from normfuse.runtime.recalib_workers import recalibrate_onnx
 
     try:
-        if batches is not None and batches < 1:
-            raise InputError(f"--batches {batches} uses no data", "give --batches 1 or more")
-        data = load_inputs(data_path)[: batches if batches is not None else None]
-        check_finite(data, str(data_path))  # NaN data would write NaN statistics
-        providers, label = select_provider(common["provider"])
+        if workers < 1:
+            raise InputError(f"--workers {workers} runs nothing", "give --workers 1 or more")
+        if cache_mb < 0:
+            raise InputError(f"--cache-mb {cache_mb:g} is below 0", "give 0 or more")
+        stream = open_batches(data_path).limit(batches, samples)
     except NormfuseError as exc:
         _fail(exc, _Ctx.debug)
         return
-    notes: list[str] = []
-
-    def runner(payload: bytes, names: list[str]) -> Callable[[dict[str, Any]], list[Any]]:
-        session = make_session(payload, providers, "disable", notes)
-        where = f"--data {data_path}"
-
-        def run(feeds: dict[str, Any]) -> list[Any]:
-            checked = check_feeds(session, feeds, where)
-            try:
-                return session.run(names, checked)
-            except Exception as exc:  # onnxruntime's errors: the data does not fit the model
-                raise InputError(
-                    f"onnxruntime cannot run the model on the batches of {where}: "
-                    f"{first_line(exc)}",
-                    "check the input shapes",
-                ) from None
-
-        return run
-
-    console = Console(stderr=True)
 
     def rewrite(m: Any) -> tuple[Any, list[Any], list[str]]:
-        with _progress(console.is_terminal, console, "recalibrating", minimum=1) as progress:
-            if mode == "batch":
-                entries = recalibrate_batch_mode(
-                    m, data, runner=runner, where=where, progress=progress, total=len(data)
-                )
-            else:
-                entries = recalibrate_model(m, data, runner=runner, where=where, progress=progress)
-        return m, entries, [f"{len(data)} batch(es) on {label}", *notes]
+        entries, notes = recalibrate_onnx(
+            m,
+            stream,
+            mode=mode,
+            workers=workers,
+            provider=common["provider"],
+            cache=not no_cache,
+            cache_mb=cache_mb,
+            where=where,
+            progress=True,
+        )
+        return m, entries, notes
 
     _run_rewrite(
         "recalibrate",

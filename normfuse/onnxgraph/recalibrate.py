@@ -1,20 +1,30 @@
-"""``recalibrate``: BatchNormalization statistics from data. The inputs of the BatchNorms are
-exposed as outputs (through If branches and Loop bodies too), run by a runner the caller gives
-(onnxruntime in :mod:`normfuse.api`), accumulated per channel in float64 (Chan et al.'s merge)
-and written back; BatchNorms that depend on other BatchNorms are done after them, level by
-level, so each sees its inputs as the recalibrated model produces them.
+"""``recalibrate``: BatchNormalization statistics from data, in float64 (Chan et al.'s merge).
 
-:func:`recalibrate_batch_mode` is the one-pass alternative: every BatchNorm of the main graph is
-replaced, in a copy that only runs, by the same normalisation with the batch's own statistics
-(as PyTorch's BatchNorm computes in training), and all their inputs are exposed at once, so the
-data is read once and the statistics are those PyTorch's training-mode recalibration measures.
+This module plans the passes over the data and writes the statistics; it never runs a model.
+Each pass is a :class:`Step` (an ONNX model, what it is fed, which of its tensors to measure and
+which to keep for the next step) that an executor runs over every batch (onnxruntime, in one or
+several processes: :mod:`normfuse.runtime.recalib_workers`) and answers with per-channel
+moments (:class:`StepResult`).
+
+* :func:`recalibrate_model` (``mode="sequential"``): BatchNorms are taken level by level (a
+  BatchNorm after another one waits until that one has its new statistics), so each is measured
+  on the inputs the recalibrated model gives it. Level ``l`` runs only the nodes it needs: from
+  the data, the prefix of the graph up to the inputs of that level; with the cache, only the
+  nodes between the previous level's *frontier* (every tensor of depth at most ``l`` that a
+  later node reads, kept by the executor from the previous step) and this one's.
+  BatchNorms inside If/Loop bodies make every level run the whole graph with their inputs
+  exposed as outputs (through the branches and bodies), from the data.
+* :func:`recalibrate_batch_mode`: one pass; every BatchNorm of the main graph is replaced, in a
+  copy that only runs, by the same normalisation with the batch's own statistics (as PyTorch's
+  BatchNorm computes in training), and all their inputs are measured at once.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -25,36 +35,316 @@ from normfuse.core.report import Entry
 from normfuse.onnxgraph.edit import BN, all_names, fresh_name, model_resolver, read_batchnorm
 from normfuse.onnxgraph.graph import node_name
 
-__all__ = ["Runner", "recalibrate_batch_mode", "recalibrate_model"]
+__all__ = ["Executor", "Step", "StepResult", "recalibrate_batch_mode", "recalibrate_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def _bn_levels(model: ir.Model) -> dict[int, int]:
-    """For each BatchNormalization (by id), how many BatchNorms lie on the longest path before it."""
-    level: dict[int, int] = {}
+@dataclasses.dataclass
+class Step:
+    """One pass over the data.
 
-    def walk(graph: ir.Graph, depth_in: dict[int, int], base: int) -> int:
+    Attributes:
+        model: The serialized ONNX model to run per batch; ``None`` when nothing needs running
+            (every tensor wanted is fed).
+        outputs: The names the model returns, in order.
+        inputs: The names fed to it (from the data or the kept tensors), and fed through.
+        source: ``"data"`` (the batches) or ``"cache"`` (the tensors the previous step kept).
+        measure: Key -> name of a tensor (an output or an input) whose moments are wanted.
+        stacked: Outputs with a leading iteration axis (Loop/Scan scan outputs).
+        keep: Tensors (outputs or inputs) to keep, per batch, for the next step.
+        index: This step's number (from 1) and how many the run has at most.
+    """
+
+    model: bytes | None
+    outputs: list[str]
+    inputs: list[str]
+    source: str
+    measure: dict[str, str]
+    stacked: frozenset[str] = frozenset()
+    keep: list[str] = dataclasses.field(default_factory=list)
+    index: tuple[int, int] = (1, 1)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What an executor gives back for a :class:`Step`.
+
+    Attributes:
+        moments: Per measure key, the moments over all the batches.
+        kept: The ONNX element type of every kept tensor, or ``None`` when they could not all
+            be kept (then the next level starts from the data again).
+    """
+
+    moments: dict[str, ChannelMoments]
+    kept: dict[str, int] | None = None
+
+
+Executor = Callable[[Step], StepResult]
+"""Runs a :class:`Step` over every batch (see :mod:`normfuse.runtime.recalib_workers`)."""
+
+
+def _targets(
+    model: ir.Model, where: str | None, entries: dict[int, Entry]
+) -> list[tuple[ir.Node, BN]]:
+    """The BatchNorms to recalibrate; every one matched gets an entry (skipped with a reason)."""
+    consts = model_resolver(model)
+    targets = []
+    for node in model.graph.all_nodes():
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        if where is not None and not fnmatch.fnmatchcase(node.name or "", where):
+            continue
+        entry = Entry(node_name(node), node.op_type, "skipped")
+        entries[id(node)] = entry
+        info = read_batchnorm(node, consts)
+        if isinstance(info, str):
+            entry.reason = info
+            continue
+        if info.x.type is None or not info.x.name:
+            entry.reason = "its input has no name or type"
+            continue
+        targets.append((node, info))
+    return targets
+
+
+def recalibrate_model(
+    model: ir.Model,
+    *,
+    execute: Executor,
+    where: str | None = None,
+    cache: bool = True,
+) -> list[Entry]:
+    """Recompute BatchNormalization mean/variance level by level, in place (module docstring).
+
+    The variance written is the population variance of the data (``ddof=0``): the one that
+    gives the normalised values unit variance, as ONNX BatchNormalization uses it.
+
+    Args:
+        model: The model; the statistics of its BatchNorms change in place.
+        execute: Runs a :class:`Step` over the data.
+        where: Only BatchNorm nodes whose name matches this glob.
+        cache: Ask the executor to keep each level's frontier for the next level; without it
+            every level runs its prefix of the graph from the data.
+    """
+    levels, depths = _depths(model)
+    entries: dict[int, Entry] = {}
+    targets = _targets(model, where, entries)
+    by_level: dict[int, list[tuple[ir.Node, BN]]] = {}
+    for t in targets:
+        by_level.setdefault(levels.get(id(t[0]), 0), []).append(t)
+    order = sorted(by_level)
+    nested = any(node.graph is not model.graph for node, _ in targets)
+    cut = None if nested else _Cut(model, depths)
+    prev: int | None = None  # the level whose frontier the executor holds
+    types: dict[str, int] = {}
+    for k, level in enumerate(order, 1):
+        group = by_level[level]
+        if cut is None:
+            step, names = _exposed_step(model, group, entries)
+        else:
+            keep_next = cache and k < len(order)
+            step = cut.step([info.x for _, info in group], level, prev, types, keep_next)
+            names = {info.x.name: info.x.name for _, info in group if info.x.name}
+        step.index = (k, len(order))
+        result = execute(step)
+        if cut is not None and result.kept is not None and step.keep:
+            prev, types = level, result.kept
+        else:
+            prev = None
+        for node, info in group:
+            entry = entries[id(node)]
+            key = info.x.name
+            if entry.reason is not None or key not in names:
+                continue
+            acc = result.moments.get(key)
+            if acc is None or acc.mean is None:
+                entry.reason = "never ran on these batches (a branch not taken)"
+                continue
+            _write_stats(node, acc.mean, acc.var())
+            entry.status = "applied"
+            entry.target = f"statistics over {acc.n} values per channel (level {level})"
+            entry.exact = False
+    return list(entries.values())
+
+
+def _exposed_step(
+    model: ir.Model, group: list[tuple[ir.Node, BN]], entries: dict[int, Entry]
+) -> tuple[Step, dict[str, str]]:
+    """The whole model with the inputs of ``group`` exposed as outputs (through If/Loop bodies)."""
+    proto = ir.to_proto(model)  # the current statistics
+    names = all_names(model)
+    exposed: dict[str, tuple[str, bool]] = {}
+    for node, info in group:
+        xname = info.x.name
+        assert xname and info.x.type is not None
+        if xname in exposed:
+            continue
+        result = _expose(proto, xname, int(info.x.type.dtype), info.rank or 2, names)
+        if isinstance(result, str):
+            entries[id(node)].reason = result
+            continue
+        exposed[xname] = result
+    measure = {k: v[0] for k, v in exposed.items()}
+    step = Step(
+        model=proto.SerializeToString() if measure else None,
+        outputs=list(measure.values()),
+        inputs=[v.name for v in model.graph.inputs if v.name and v.const_value is None],
+        source="data",
+        measure=measure,
+        stacked=frozenset(v[0] for v in exposed.values() if v[1]),
+    )
+    return step, {k: k for k in measure}
+
+
+def _depths(model: ir.Model) -> tuple[dict[int, int], dict[int, int]]:
+    """For each BatchNormalization (by id), how many BatchNorms lie on the longest path before
+    it; and for each node of the main graph (by id), that count for its outputs."""
+    level: dict[int, int] = {}
+    out: dict[int, int] = {}
+
+    def walk(graph: ir.Graph, depth_in: dict[int, int], base: int, top: bool) -> int:
         deepest = base
         depth: dict[int, int] = dict(depth_in)
         for node in graph:
             d = max([depth.get(id(v), base) for v in node.inputs if v is not None] + [base])
             for attr in node.attributes.values():
                 if attr.type == ir.AttributeType.GRAPH:
-                    d = max(d, walk(attr.value, depth, d))
+                    d = max(d, walk(attr.value, depth, d, False))
                 elif attr.type == ir.AttributeType.GRAPHS:
                     for g in attr.value:
-                        d = max(d, walk(g, depth, d))
+                        d = max(d, walk(g, depth, d, False))
             if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
                 level[id(node)] = d
                 d += 1
             for o in node.outputs:
                 depth[id(o)] = d
+            if top:
+                out[id(node)] = d
             deepest = max(deepest, d)
         return deepest
 
-    walk(model.graph, {}, 0)
-    return level
+    walk(model.graph, {}, 0, True)
+    return level, out
+
+
+class _Cut:
+    """The main graph cut by depth: which nodes a level needs and what crosses each cut.
+
+    ``P(l)``: the nodes whose outputs have depth at most ``l`` (they depend only on BatchNorms
+    of levels below ``l``); the frontier ``F(l)``: graph inputs and outputs of ``P(l)`` that a
+    node outside ``P(l)`` reads (directly or from inside its If/Loop bodies).
+    """
+
+    def __init__(self, model: ir.Model, depths: dict[int, int]) -> None:
+        self.model = model
+        self.nodes = list(model.graph)
+        self.depth = [depths[id(n)] for n in self.nodes]
+        self.inputs = [v for v in model.graph.inputs if v.const_value is None]
+        main: set[int] = {id(v) for v in model.graph.inputs}
+        main.update(id(v) for v in model.graph.initializers.values())
+        self.producer: dict[int, int] = {}
+        for i, n in enumerate(self.nodes):
+            for o in n.outputs:
+                main.add(id(o))
+                self.producer[id(o)] = i
+        self.uses: list[list[ir.Value]] = []
+        self.read_at: dict[int, int] = {}  # value -> the deepest node that reads it
+        for i, n in enumerate(self.nodes):
+            used: dict[int, ir.Value] = {id(v): v for v in n.inputs if v is not None}
+            for attr in n.attributes.values():
+                graphs = (
+                    [attr.value]
+                    if attr.type == ir.AttributeType.GRAPH
+                    else list(attr.value)
+                    if attr.type == ir.AttributeType.GRAPHS
+                    else []
+                )
+                for g in graphs:
+                    for inner in g.all_nodes():
+                        for v in inner.inputs:
+                            if v is not None and id(v) in main:
+                                used[id(v)] = v
+            self.uses.append(list(used.values()))
+            for key in used:
+                self.read_at[key] = max(self.read_at.get(key, -1), self.depth[i])
+
+    def frontier(self, level: int | None) -> list[ir.Value]:
+        if level is None:
+            return list(self.inputs)
+        found = [v for v in self.inputs if self.read_at.get(id(v), -1) > level]
+        for i, n in enumerate(self.nodes):
+            if self.depth[i] <= level:
+                found += [o for o in n.outputs if self.read_at.get(id(o), -1) > level]
+        return found
+
+    def step(
+        self,
+        measure: list[ir.Value],
+        level: int,
+        prev: int | None,
+        types: dict[str, int],
+        keep_next: bool,
+    ) -> Step:
+        """The nodes between the frontier of ``prev`` (``None``: the graph inputs) and the
+        inputs of level ``level`` (and its frontier, when ``keep_next``)."""
+        fed = self.frontier(prev)
+        fed_ids = {id(v) for v in fed}
+        keep = self.frontier(level) if keep_next else []
+        wanted: dict[int, ir.Value] = {id(v): v for v in [*measure, *keep]}
+        chosen: set[int] = set()
+        stack = [self.producer[k] for k in wanted if k not in fed_ids]
+        while stack:
+            i = stack.pop()
+            if i in chosen:
+                continue
+            chosen.add(i)
+            for v in self.uses[i]:
+                if id(v) in fed_ids or (v.producer() is None and v.const_value is not None):
+                    continue
+                stack.append(self.producer[id(v)])
+        idx = sorted(chosen)
+        used: dict[int, ir.Value] = {}
+        for i in idx:
+            used.update((id(v), v) for v in self.uses[i])
+        outputs = [v.name or "" for k, v in wanted.items() if k not in fed_ids]
+        model = None
+        if idx:
+            graph = onnx.GraphProto(name=f"recalibrate_level_{level}")
+            graph.node.extend(ir.serde.serialize_node(self.nodes[i]) for i in idx)
+            for v in fed:
+                if id(v) not in used:
+                    continue
+                if prev is None:
+                    graph.input.append(ir.serde.serialize_value(v))
+                else:
+                    name = v.name or ""
+                    graph.input.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            for v in used.values():
+                if v.producer() is None and v.const_value is not None and id(v) not in fed_ids:
+                    tensor = ir.serde.serialize_tensor(v.const_value)
+                    tensor.name = v.name or ""
+                    graph.initializer.append(tensor)
+            graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+            proto = onnx.helper.make_model(
+                graph,
+                opset_imports=[
+                    onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()
+                ],
+                ir_version=self.model.ir_version,
+            )
+            proto.functions.extend(
+                ir.serde.serialize_function(f) for f in self.model.functions.values()
+            )
+            model = proto.SerializeToString()
+        return Step(
+            model=model,
+            outputs=outputs if model is not None else [],
+            inputs=[v.name or "" for v in fed if id(v) in used or id(v) in wanted],
+            source="data" if prev is None else "cache",
+            measure={v.name or "": v.name or "" for v in measure},
+            keep=[v.name or "" for v in keep],
+        )
 
 
 _SUBGRAPH_OWNERS = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
@@ -109,89 +399,6 @@ def _expose(
         owner.output.append(name)
     proto.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
     return name, stacked
-
-
-Runner = Callable[[bytes, list[str]], Callable[[dict[str, np.ndarray]], list[np.ndarray]]]
-"""``runner(model_bytes, output_names)`` returns ``run(feeds) -> outputs`` (onnxruntime)."""
-
-
-def recalibrate_model(
-    model: ir.Model,
-    batches: Sequence[dict[str, np.ndarray]],
-    *,
-    runner: Runner,
-    where: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> list[Entry]:
-    """Recompute BatchNormalization mean/variance from ``batches``, in place.
-
-    BatchNorms are taken level by level (a BatchNorm after another one waits until that one has
-    its new statistics), so each is measured on the inputs the recalibrated model gives it.
-    The variance written is the population variance of the data (``ddof=0``): the one that
-    gives the normalised values unit variance, as ONNX BatchNormalization uses it.
-    """
-    levels = _bn_levels(model)
-    consts = model_resolver(model)
-    entries: dict[int, Entry] = {}
-    targets: list[tuple[ir.Node, str, int, int]] = []
-    for node in model.graph.all_nodes():
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        if where is not None and not fnmatch.fnmatchcase(node.name or "", where):
-            continue
-        entry = Entry(node_name(node), node.op_type, "skipped")
-        entries[id(node)] = entry
-        info = read_batchnorm(node, consts)
-        if isinstance(info, str):
-            entry.reason = info
-            continue
-        if info.x.type is None or not info.x.name:
-            entry.reason = "its input has no name or type"
-            continue
-        targets.append((node, info.x.name, int(info.x.type.dtype), info.rank or 2))
-    by_level: dict[int, list[tuple[ir.Node, str, int, int]]] = {}
-    for t in targets:
-        by_level.setdefault(levels.get(id(t[0]), 0), []).append(t)
-    total = len(by_level) * len(batches)
-    done = 0
-    for level in sorted(by_level):
-        group = by_level[level]
-        proto = ir.to_proto(model)  # the current statistics, with the inputs exposed
-        names = all_names(model)
-        exposed: dict[str, tuple[str, bool]] = {}
-        for node, xname, elem, rank in group:
-            if xname in exposed:
-                continue
-            result = _expose(proto, xname, elem, rank, names)
-            if isinstance(result, str):
-                entries[id(node)].reason = result
-                continue
-            exposed[xname] = result
-        order = list(exposed)
-        run = runner(proto.SerializeToString(), [exposed[k][0] for k in order])
-        moments = {k: ChannelMoments() for k in order}
-        for feeds in batches:
-            for xname, value in zip(order, run(feeds), strict=True):
-                arr = np.asarray(value)
-                if exposed[xname][1] and arr.ndim >= 3:
-                    arr = arr.reshape((-1, *arr.shape[2:]))  # iterations x batch -> one batch axis
-                moments[xname].add(arr)
-            done += 1
-            if progress is not None:
-                progress(done, total)
-        for node, xname, _, _ in group:
-            entry = entries[id(node)]
-            if xname not in moments:
-                continue
-            acc = moments[xname]
-            if acc.mean is None:
-                entry.reason = "never ran on these batches (a branch not taken)"
-                continue
-            _write_stats(node, acc.mean, acc.var())
-            entry.status = "applied"
-            entry.target = f"statistics over {acc.n} values per channel (level {level})"
-            entry.exact = False
-    return list(entries.values())
 
 
 def _write_stats(node: ir.Node, mean: np.ndarray, var: np.ndarray) -> None:
@@ -249,7 +456,7 @@ def _batch_norm_nodes(
     rank = bn.rank or 2
     axes = [0, *range(2, rank)]
     view = (1, bn.channels) + (1,) * (rank - 2)
-    x = bn.x.name
+    x = bn.x.name or ""
     n = {
         k: fresh_name(names, f"{y}_{k}")
         for k in ("mean", "d", "d2", "var", "ve", "std", "xn", "xs")
@@ -278,15 +485,9 @@ def _batch_norm_nodes(
 
 
 def recalibrate_batch_mode(
-    model: ir.Model,
-    batches: Iterable[dict[str, np.ndarray]],
-    *,
-    runner: Runner,
-    where: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    total: int = 0,
+    model: ir.Model, *, execute: Executor, where: str | None = None
 ) -> list[Entry]:
-    """Recompute BatchNormalization statistics in one pass over ``batches``, in place.
+    """Recompute BatchNormalization statistics in one pass over the data, in place.
 
     During the pass every BatchNormalization of the main graph normalises each batch with that
     batch's own statistics (biased variance), as PyTorch's BatchNorm does in training and so as
@@ -294,25 +495,17 @@ def recalibrate_batch_mode(
     accumulated per channel in float64 (Chan's merge). The variance written is the population
     one (``ddof=0``). BatchNorms inside subgraphs are left to ``mode="sequential"``.
     """
-    consts = model_resolver(model)
-    entries: list[Entry] = []
+    by_node: dict[int, Entry] = {}
     targets: list[BN] = []
-    for node in model.graph.all_nodes():
-        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
-            continue
-        if where is not None and not fnmatch.fnmatchcase(node.name or "", where):
-            continue
-        entry = Entry(node_name(node), node.op_type, "skipped")
-        entries.append(entry)
-        info = read_batchnorm(node, consts)
-        if isinstance(info, str):
-            entry.reason = info
-        elif node.graph is not model.graph:
+    for node, info in _targets(model, where, by_node):
+        entry = by_node[id(node)]
+        if node.graph is not model.graph:
             entry.reason = "inside a subgraph: use the sequential mode"
-        elif info.x.type is None or not info.x.name or info.rank is None:
-            entry.reason = "its input has no name, type or known rank"
+        elif info.rank is None:
+            entry.reason = "its input has no known rank"
         else:
             targets.append(info)
+    entries = list(by_node.values())
     proto = ir.to_proto(model)
     names = all_names(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
@@ -322,7 +515,7 @@ def recalibrate_batch_mode(
     for info in targets:
         y = info.node.outputs[0].name
         index = _bn_proto_index(proto.graph, y) if y else None
-        if index is None:
+        if index is None or y is None or info.x.name is None or info.x.type is None:
             continue
         new = _batch_norm_nodes(info, y, opset, names, inits)
         del proto.graph.node[index]
@@ -335,25 +528,28 @@ def recalibrate_batch_mode(
             )
         live.append(info)
     proto.graph.initializer.extend(inits)
-    moments = {k: ChannelMoments() for k in exposed}
-    run = runner(proto.SerializeToString(), exposed) if exposed else None
-    for done, feeds in enumerate(batches if run is not None else (), 1):
-        for xname, value in zip(exposed, run(feeds), strict=True):
-            moments[xname].add(np.asarray(value))
-        if progress is not None:
-            progress(done, total)
+    moments: dict[str, ChannelMoments] = {}
+    if exposed:
+        step = Step(
+            model=proto.SerializeToString(),
+            outputs=exposed,
+            inputs=[v.name for v in model.graph.inputs if v.name and v.const_value is None],
+            source="data",
+            measure={k: k for k in exposed},
+        )
+        moments = execute(step).moments
     lookup = {node_name(i.node): i for i in live}
     for entry in entries:
-        info = lookup.get(entry.node)
-        if info is None or entry.reason is not None:
+        live_bn = lookup.get(entry.node)
+        if live_bn is None or entry.reason is not None:
             if entry.reason is None:
                 entry.reason = "its output could not be found in the graph"
             continue
-        acc = moments[info.x.name]
+        acc = moments.get(live_bn.x.name or "", ChannelMoments())
         if acc.mean is None:
             entry.reason = "never ran on these batches"
             continue
-        _write_stats(info.node, acc.mean, acc.var())
+        _write_stats(live_bn.node, acc.mean, acc.var())
         entry.status = "applied"
         entry.target = f"statistics over {acc.n} values per channel (one pass, batch statistics)"
         entry.exact = False

@@ -8,11 +8,13 @@ Imports: numpy and :mod:`normfuse.core`.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import logging
 import math
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +25,17 @@ from normfuse.runtime.sessions import ORT_TYPES, first_line
 
 __all__ = [
     "MAX_ELEMENTS",
+    "BatchRef",
+    "BatchStream",
     "check_finite",
     "check_runs",
     "check_seed",
     "generate_inputs",
     "load_inputs",
+    "memory_batches",
+    "npy_shape",
+    "npz_shapes",
+    "open_batches",
     "parse_shape",
     "parse_tolerances",
     "tolerance_for",
@@ -128,36 +136,83 @@ def load_inputs(path: str | os.PathLike) -> list[dict[str, np.ndarray]]:
 def _check_npz(path: Path) -> None:
     """Refuse, before numpy reads anything, what is not an npz of plain arrays whose headers
     agree with their stored sizes (a header may claim any shape)."""
-    note = "save them with numpy.savez (plain arrays, no objects)"
+    npz_shapes(path)
+
+
+_NOTE_NPZ = "save them with numpy.savez (plain arrays, no objects)"
+_NOTE_NPY = "save it with numpy.save (a plain array, no objects)"
+
+
+def _read_header(member: Any, where: str, note: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an npy header (numpy bounds the header's size, 10,000 bytes)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    else:
+        raise InputError(f"{where} is npy {version}", note)
+    if dtype.hasobject:
+        raise InputError(f"{where} holds Python objects", note)
+    return tuple(shape), dtype
+
+
+def npz_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of an ``.npz``, from the headers alone, after checking that it
+    is a zip of plain arrays whose headers agree with their stored sizes.
+
+    Raises:
+        InputError: Anything else (objects, a header that claims more than is stored, ...).
+    """
+    note = _NOTE_NPZ
     if not zipfile.is_zipfile(path):
         raise InputError(f"{path} is not an .npz file (not a zip archive)", note)
+    shapes: dict[str, tuple[int, ...]] = {}
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
                 if not info.filename.endswith(".npy"):
                     raise InputError(f"{path} holds {info.filename!r}, which is not an array", note)
                 with archive.open(info) as member:
-                    version = np.lib.format.read_magic(member)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
-                    elif version == (2, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
-                    else:
-                        raise InputError(f"{path} member {info.filename!r} is npy {version}", note)
+                    where = f"{path} member {info.filename!r}"
+                    shape, dtype = _read_header(member, where, note)
                     header = member.tell()
-                if dtype.hasobject:
-                    raise InputError(f"{path} member {info.filename!r} holds Python objects", note)
                 need = math.prod(shape) * dtype.itemsize
                 if need != info.file_size - header:
                     raise InputError(
-                        f"{path} member {info.filename!r} claims shape {shape} ({need} bytes) "
+                        f"{where} claims shape {shape} ({need} bytes) "
                         f"but holds {info.file_size - header} bytes",
                         note,
                     )
+                shapes[info.filename[: -len(".npy")]] = shape
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"cannot read inputs from {path} ({first_line(exc)})", note) from None
+    return shapes
+
+
+def npy_shape(path: Path) -> tuple[int, ...]:
+    """The shape of an ``.npy`` array from its header, checked against the file's size.
+
+    Raises:
+        InputError: Not a plain npy array, or a header that claims more than is stored.
+    """
+    try:
+        with open(path, "rb") as f:
+            shape, dtype = _read_header(f, str(path), _NOTE_NPY)
+            header = f.tell()
+            stored = os.fstat(f.fileno()).st_size - header
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"cannot read inputs from {path} ({first_line(exc)})", _NOTE_NPY) from None
+    need = math.prod(shape) * dtype.itemsize
+    if need != stored:
+        raise InputError(
+            f"{path} claims shape {shape} ({need} bytes) but holds {stored} bytes", _NOTE_NPY
+        )
+    return shape
 
 
 def parse_tolerances(values: Sequence[str], option: str) -> float | dict[str, float] | None:
@@ -242,3 +297,209 @@ def generate_inputs(
         else:
             feeds[inp.name] = rng.integers(0, 8, shape).astype(dtype)
     return feeds
+
+
+# ------------------------------------------------------------------ streamed batches (recalibrate)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRef:
+    """One batch of a :class:`BatchStream`: where it is and how many samples it gives.
+
+    Attributes:
+        index: Its position in the whole data (names it in messages; sharding keeps it).
+        source: A file (``.npz`` keyed by input name, ``.npy`` for a one-input model) or an
+            index into the stream's in-memory batches.
+        size: Its samples (the leading dimension of its first array with one), if any.
+        take: Cut to this many samples (``--samples``), else ``None``.
+    """
+
+    index: int
+    source: str | int
+    size: int | None
+    take: int | None = None
+
+
+class BatchStream:
+    """Batches read one at a time, as often as asked (each pass reads the files again).
+
+    Every file's headers are checked when the stream is opened (plain arrays, sizes that agree
+    with the bytes stored, no pickles); a batch is read with ``allow_pickle=False`` when its
+    turn comes, cut to its ``take``, and refused if a float array holds NaN or infinity. The
+    stream pickles (paths and counts; in-memory batches travel with it), so a worker process
+    can read its own shard.
+    """
+
+    def __init__(
+        self,
+        refs: Sequence[BatchRef],
+        where: str,
+        memory: Sequence[Mapping[str, np.ndarray]] | None = None,
+        single: str | None = None,
+    ) -> None:
+        self.refs = list(refs)
+        self.where = where
+        self.memory = memory
+        self.single = single  # the input an .npy array feeds
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @property
+    def samples(self) -> int:
+        """Samples over all batches (those of unknown size count 0)."""
+        return sum((r.take if r.take is not None else r.size) or 0 for r in self.refs)
+
+    @property
+    def has_npy(self) -> bool:
+        return any(isinstance(r.source, str) and r.source.endswith(".npy") for r in self.refs)
+
+    def _derive(self, refs: Sequence[BatchRef]) -> BatchStream:
+        memory = self.memory
+        if memory is not None:  # only the batches the refs name travel with a shard
+            keep = {int(r.source) for r in refs}
+            memory = [b if i in keep else {} for i, b in enumerate(memory)]
+        return BatchStream(refs, self.where, memory, self.single)
+
+    def limit(self, batches: int | None = None, samples: int | None = None) -> BatchStream:
+        """The first ``batches`` batches, then the first ``samples`` samples (the last batch cut).
+
+        Raises:
+            InputError: A bound below 1, or ``samples`` on batches without a batch dimension.
+        """
+        refs = self.refs
+        for option, value in (("--batches", batches), ("--samples", samples)):
+            if value is not None and value < 1:
+                raise InputError(f"{option} {value} uses no data", f"give {option} 1 or more")
+        if batches is not None:
+            refs = refs[:batches]
+        if samples is not None:
+            cut: list[BatchRef] = []
+            seen = 0
+            for r in refs:
+                if seen >= samples:
+                    break
+                if r.size is None:
+                    raise InputError(
+                        f"batch {r.index} ({self.name(r)}) has no batch dimension to count "
+                        "--samples over",
+                        "use --batches",
+                    )
+                take = min(r.size, samples - seen)
+                cut.append(dataclasses.replace(r, take=take if take < r.size else None))
+                seen += take
+            refs = cut
+        return self._derive(refs)
+
+    def shard(self, k: int, n: int) -> BatchStream:
+        """Batches ``k, k + n, k + 2n, ...`` (by position): worker ``k`` of ``n``."""
+        return self._derive(self.refs[k::n])
+
+    def bind(self, inputs: Sequence[str]) -> BatchStream:
+        """Name the input that ``.npy`` batches feed: the model must take exactly one.
+
+        Raises:
+            InputError: ``.npy`` batches for a model with several inputs.
+        """
+        if not self.has_npy:
+            return self
+        if len(inputs) != 1:
+            raise InputError(
+                f".npy batches feed a one-input model; this one takes {', '.join(inputs)}",
+                "save each batch as an .npz keyed by input name (numpy.savez)",
+            )
+        return BatchStream(self.refs, self.where, self.memory, inputs[0])
+
+    def name(self, ref: BatchRef) -> str:
+        return ref.source if isinstance(ref.source, str) else f"{self.where}[{ref.source}]"
+
+    def read(self, ref: BatchRef) -> dict[str, np.ndarray]:
+        """One batch, cut and checked.
+
+        Raises:
+            InputError: It cannot be read, or holds NaN or infinity.
+        """
+        source = ref.source
+        if isinstance(source, str):
+            try:
+                if source.endswith(".npy"):
+                    batch = {self.single or "": np.load(source, allow_pickle=False)}
+                else:
+                    with np.load(source, allow_pickle=False) as data:
+                        batch = {k: data[k] for k in data.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, MemoryError) as exc:
+                raise InputError(
+                    f"cannot read batch {ref.index} from {source} ({first_line(exc)})",
+                    "save it with numpy.savez or numpy.save",
+                ) from None
+        else:
+            assert self.memory is not None
+            batch = {k: np.asarray(v) for k, v in self.memory[source].items()}
+        if ref.take is not None:
+            batch = {
+                k: v[: ref.take] if v.ndim and v.shape[0] == ref.size else v
+                for k, v in batch.items()
+            }
+        for key, array in batch.items():
+            if np.issubdtype(array.dtype, np.inexact) and not np.isfinite(array).all():
+                raise InputError(
+                    f"input '{key or self.single}' of batch {ref.index} ({self.name(ref)}) holds "
+                    "NaN or infinity",
+                    "give finite data",
+                )
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for ref in self.refs:
+            yield self.read(ref)
+
+
+def _leading(shapes: Sequence[tuple[int, ...]]) -> int | None:
+    return next((int(s[0]) for s in shapes if len(s) >= 1), None)
+
+
+def open_batches(spec: str | os.PathLike[str], option: str = "--data") -> BatchStream:
+    """A :class:`BatchStream` over a folder (its ``.npz`` files, else its ``.npy`` files, in
+    name order), one ``.npz``/``.npy`` file, or a glob pattern (``calib/*.npz``,
+    ``data/**/*.npz``); every file's headers are checked here, nothing else is read.
+
+    Raises:
+        InputError: Nothing matches, or a file is not a plain ``.npz``/``.npy``.
+    """
+    text = os.fspath(spec)
+    p = Path(text)
+    if p.is_dir():
+        files = sorted(p.glob("*.npz")) or sorted(p.glob("*.npy"))
+        if not files:
+            raise InputError(f"the folder {p} holds no .npz or .npy files", _NOTE_NPZ)
+    elif p.is_file():
+        files = [p]
+    elif glob.has_magic(text):
+        files = [Path(f) for f in sorted(glob.glob(text, recursive=True)) if Path(f).is_file()]
+        if not files:
+            raise InputError(f"{option} {text} matches no file", "check the pattern")
+    else:
+        raise InputError(f"no such file, folder or pattern: {option} {text}")
+    refs = []
+    for i, f in enumerate(files):
+        if f.suffix == ".npy":
+            size = _leading([npy_shape(f)])
+        elif f.suffix == ".npz" or p.is_file():
+            size = _leading(list(npz_shapes(f).values()))
+        else:
+            raise InputError(f"{f} is neither an .npz nor an .npy file", "narrow the pattern")
+        refs.append(BatchRef(i, str(f), size))
+    return BatchStream(refs, f"{option} {text}")
+
+
+def memory_batches(batches: Sequence[Mapping[str, np.ndarray]]) -> BatchStream:
+    """A :class:`BatchStream` over batches already in memory (``{input name: array}``)."""
+    refs = []
+    for i, b in enumerate(batches):
+        if not isinstance(b, Mapping):
+            raise InputError(
+                f"batch {i} is a {type(b).__name__}, not a mapping of input name to array",
+                "give {'x': array} per batch, a path or a list of them",
+            )
+        refs.append(BatchRef(i, i, _leading([np.shape(v) for v in b.values()])))
+    return BatchStream(refs, "the data", batches)
