@@ -351,7 +351,7 @@ def _reparam_module(root: nn.Module, example_inputs: Any, inplace: bool, report:
     """The branch merges of ``root`` (already BN-folded): on ``root`` itself when it is a
     GraphModule, else on a traced copy, returned when a block merged."""
     if isinstance(root, fx.GraphModule):
-        report.entries.extend(reparam_graph(root))
+        report.entries.extend(reparam_graph(root, earlier=report.entries))
         report.after = module_stats(root)
         return root
     how = "torch.fx"
@@ -375,7 +375,7 @@ def _reparam_module(root: nn.Module, example_inputs: Any, inplace: bool, report:
             )
             return root
         how = "torch.export"
-    entries = reparam_graph(gm)
+    entries = reparam_graph(gm, earlier=report.entries)
     report.entries.extend(entries)
     if not any(e.status == "applied" for e in entries):
         return root
@@ -407,7 +407,7 @@ def _fold_exported(
     drop_unused(gm, folded)
     report.entries.extend(entries)
     if reparam:
-        report.entries.extend(reparam_graph(gm))
+        report.entries.extend(reparam_graph(gm, earlier=report.entries))
     args, kwargs = example_args(example_inputs)
     dynamic = _dynamic_shapes(ep, args, kwargs)
     try:

@@ -118,14 +118,32 @@ def _tuple(value: Any, n: int) -> tuple[int, ...]:
     return out * n if len(out) == 1 else out
 
 
-def reparam_graph(gm: fx.GraphModule, label: str = "") -> list[Entry]:
+def reparam_graph(
+    gm: fx.GraphModule, label: str = "", earlier: list[Entry] | None = None
+) -> list[Entry]:
     """Merge the branches of every block of ``gm`` in place (see the module docstring).
+
+    Args:
+        gm: The graph, after the BN folds.
+        label: The report's ``graph`` field.
+        earlier: The BN folds' entries: a norm skipped there (an identity branch's BatchNorm)
+            and merged here becomes applied, into the merged op, direction ``reparam``.
 
     Returns:
         One entry per block: applied with the branches merged, or skipped with the reason.
     """
     merger = _Merger(gm, label)
     entries = merger.run()
+    for e in earlier or []:
+        target = merger.absorbed.get(e.node)
+        if target is not None and e.status == "skipped" and e.graph == label:
+            e.status, e.target, e.direction, e.reason, e.fix = (
+                "applied",
+                target,
+                "reparam",
+                None,
+                None,
+            )
     if merger.changed:
         drop_unused(gm, set())
         gm.delete_all_unused_submodules()
@@ -141,6 +159,7 @@ class _Merger:
         self.changed = False
         self.consts: dict[fx.Node, torch.Tensor | None] = {}
         self.rank: int | None = None
+        self.absorbed: dict[str, str] = {}  # norm name -> the merged op it went into
 
     # ------------------------------------------------------------------ reading the graph
     def run(self) -> list[Entry]:
@@ -687,14 +706,13 @@ class _Merger:
         anchor = post[-1] if post else root
         out = self._emit_conv(anchor, main, merged)
         target = f"{self._name(out)} ({' + '.join(names)})"
-        self._finish(anchor, out, foreign, [*post, *tree, *(n for b in kept for n in b.nodes)])
         warnings = [f"not merged: {p}" for p in problems]
         if post:
-            warnings.append(
-                "merged the per-channel "
-                + ", ".join(self._name(n) for n in post)
-                + " after the sum"
-            )
+            what = ", ".join(self._name(n) for n in post)
+            warnings.append(f"merged the per-channel {what} after the sum")
+        self._finish(
+            anchor, out, foreign, [*post, *tree, *(n for b in kept for n in b.nodes)], target
+        )
         return self._entry(root, "applied", target=target, warnings=warnings)
 
     def _foreign(self, read, kept, used) -> list | None:
@@ -768,14 +786,12 @@ class _Merger:
         layer = nn.Linear(w0.shape[1], w0.shape[0], device=main.ref.device, dtype=main.ref.dtype)
         self._load(layer, wsum, bsum, main.ref)
         out = self._install(anchor, main, layer, main.source)
-        names = [b.label for b in kept]
-        self._finish(anchor, out, foreign, [*post, *tree, *(n for b in kept for n in b.nodes)])
-        return self._entry(
-            root,
-            "applied",
-            target=f"{self._name(out)} ({' + '.join(names)})",
-            warnings=[f"not merged: {p}" for p in problems],
+        target = f"{self._name(out)} ({' + '.join(b.label for b in kept)})"
+        self._finish(
+            anchor, out, foreign, [*post, *tree, *(n for b in kept for n in b.nodes)], target
         )
+        warnings = [f"not merged: {p}" for p in problems]
+        return self._entry(root, "applied", target=target, warnings=warnings)
 
     # --------------------------------------------------------------------- sequences
     def _sequence(self, op: fx.Node) -> Entry | None:
@@ -804,8 +820,9 @@ class _Merger:
         nodes = [op, *mids]
         branch = _Branch(self._input(mids[-1], nodes), pair, nodes, [], kernel=merged, ref=w, op=op)
         out = self._emit_conv(op, branch, merged)
-        self._finish(op, out, [], branch.nodes)
-        return self._entry(op, "applied", target=f"{self._name(out)} ({pair})")
+        target = f"{self._name(out)} ({pair})"
+        self._finish(op, out, [], branch.nodes, target)
+        return self._entry(op, "applied", target=target)
 
     # ------------------------------------------------------------------------ writing
     def _load(self, layer: nn.Module, w64: np.ndarray, b64: np.ndarray, ref: torch.Tensor) -> None:
@@ -865,9 +882,15 @@ class _Merger:
         )
         return out
 
-    def _finish(self, anchor: fx.Node, out: fx.Node, foreign: list, nodes: list[fx.Node]) -> None:
+    def _finish(
+        self, anchor: fx.Node, out: fx.Node, foreign: list, nodes: list[fx.Node], target: str
+    ) -> None:
         """``out`` plus the terms that stay replaces ``anchor``; the merged nodes go."""
         graph = self.gm.graph
+        for node in nodes:
+            norm = as_norm(self.gm, node)
+            if norm is not None and norm.affine is not None:
+                self.absorbed[norm.name] = target
         for value, coef in foreign:
             with graph.inserting_before(anchor):
                 out = graph.call_function(
