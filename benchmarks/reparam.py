@@ -1,6 +1,6 @@
 """Structural reparameterization on timm's train-time models (issue 22), one command.
 
-    python benchmarks/reparam.py [--size 64] [--seconds 6] [--models repvgg_a0,...]
+    python benchmarks/reparam.py [--size 64] [--seconds 10] [--models repvgg_a0,...] [--parts onnx,torch]
 
 For each model (pretrained=False, random weights, BN statistics randomised, eval mode):
 
@@ -11,7 +11,15 @@ For each model (pretrained=False, random weights, BN statistics randomised, eval
     train-form PyTorch model (float32; beside it the train-form export's own error), and
     onnxruntime CPU latency at ORT_ENABLE_ALL and ORT_DISABLE_ALL, batch 1, one thread, median
     of interleaved runs. What onnxruntime's own optimizer leaves of (a) is counted too (onnxsim
-    and onnxslim when installed). Writes ``benchmarks/results/REPARAM.md``.
+    and onnxslim when installed).
+
+PyTorch, on the same model and input: ``normfuse.fold(model, reparam=True)`` (an
+``nn.Module``: merged in a torch.fx-traced copy) against timm's ``reparameterize_model``:
+convolution calls (and whether they are the same convolutions), max error relative to the
+output's max against the train form's float64 forward (beside it the train form's own float32
+error), fold time, and CPU latency of the forward (one thread, ``torch.inference_mode``, median
+and minimum of interleaved runs) of the train form, normfuse's result and timm's deploy form,
+with the ratios. Writes ``benchmarks/results/REPARAM.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-MODELS = ["repvgg_a0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1"]
+MODELS = ["repvgg_a0", "repvgg_b0", "mobileone_s0", "fastvit_t8", "repghostnet_050", "repvit_m1"]
 OUT = ROOT / "benchmarks" / "results" / "REPARAM.md"
 
 
@@ -169,7 +177,93 @@ def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(out.astype(np.float64) - ref)) / np.max(np.abs(ref)))
 
 
-def bench(name: str, size: int, seconds: float) -> dict:
+def torch_convs(model, x) -> list[tuple]:
+    """Every convolution call of a forward: weight shape, stride, padding, dilation, groups;
+    sorted (equal lists: the same convolutions, biases aside)."""
+    import torch
+
+    calls: list[tuple] = []
+
+    def hook(m, _args, _out) -> None:
+        pad = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+        calls.append((tuple(m.weight.shape), tuple(m.stride), pad, tuple(m.dilation), m.groups))
+
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.conv._ConvNd)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(calls)
+
+
+def torch_latencies(models: dict, x, seconds: float) -> dict[str, float]:
+    """Median and minimum ms of each model's forward, one thread, interleaved in random order,
+    each timed run right after an untimed one of the same model."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    times: dict[str, list[float]] = {k: [] for k in models}
+    order = list(models)
+    rng = np.random.default_rng(0)
+    try:
+        with torch.inference_mode():
+            for m in models.values():
+                m(x)
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end or min(len(v) for v in times.values()) < 5:
+                rng.shuffle(order)
+                for k in order:
+                    models[k](x)
+                    t = time.perf_counter()
+                    models[k](x)
+                    times[k].append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(threads)
+    out = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    out.update({f"{k}/min": float(np.min(v)) * 1e3 for k, v in times.items()})
+    return out
+
+
+def bench_torch(model, deployed, x, ref64: np.ndarray, seconds: float) -> dict:
+    """normfuse's PyTorch reparam of ``model`` against timm's ``deployed`` form."""
+    import torch
+
+    import normfuse
+
+    t = time.perf_counter()
+    merged, report = normfuse.fold(model, example_inputs=x, reparam=True, check=False)
+    row: dict = {"fold_s": time.perf_counter() - t, "kind": type(merged).__name__}
+    blocks = [e for e in report.entries if e.direction == "reparam" and e.op_type in ("add", "sub")]
+    row["blocks"] = (
+        sum(e.status == "applied" for e in blocks),
+        sum(e.status == "skipped" for e in blocks),
+    )
+    seqs = [e for e in report.entries if e.direction == "reparam" and e not in blocks]
+    row["seqs"] = (
+        sum(e.status == "applied" and "Norm" not in e.op_type for e in seqs),
+        sum(e.status == "skipped" for e in seqs),
+    )
+    forms = {"train": model, "normfuse": merged, "timm": deployed}
+    sigs = {k: torch_convs(m, x) for k, m in forms.items()}
+    row["convs"] = {k: len(v) for k, v in sigs.items()}
+    row["same_convs"] = sigs["normfuse"] == sigs["timm"]
+    bn_type = torch.nn.modules.batchnorm._BatchNorm
+    row["bns"] = {k: sum(isinstance(x, bn_type) for x in m.modules()) for k, m in forms.items()}
+    with torch.no_grad():
+        for k, m in forms.items():
+            row[f"err_{k}"] = rel_err(m(x).double().numpy(), ref64)
+    row["lat"] = torch_latencies(forms, x, seconds)
+    return row
+
+
+def bench(name: str, size: int, seconds: float, parts: tuple[str, ...] = ("onnx", "torch")) -> dict:
     import torch
 
     import normfuse
@@ -186,6 +280,11 @@ def bench(name: str, size: int, seconds: float) -> dict:
         ref = model(x).double().numpy()
         ref64 = copy.deepcopy(model).double()(x.double()).numpy()
     row: dict = {"model": name, "noise64": rel_err(ref, ref64)}
+    deployed = reparameterize_model(copy.deepcopy(model)).eval()
+    if "torch" in parts:
+        row["torch"] = bench_torch(model, deployed, x, ref64, seconds)
+    if "onnx" not in parts:
+        return row
     a = export(model, x, keep_bn=True)
     t = time.perf_counter()
     folded, report = normfuse.fold(a, check=False, reparam=True)
@@ -197,7 +296,6 @@ def bench(name: str, size: int, seconds: float) -> dict:
         sum(e.status == "applied" for e in merged),
         sum(e.status == "skipped" for e in merged),
     )
-    deployed = reparameterize_model(copy.deepcopy(model)).eval()
     with torch.no_grad():
         ref_c = deployed(x).double().numpy()
     c = export(deployed, x, keep_bn=False)
@@ -214,8 +312,25 @@ def bench(name: str, size: int, seconds: float) -> dict:
     return row
 
 
+def fmt_torch(r: dict) -> str:
+    if "error" in r or "torch" not in r:
+        return f"| {r['model']} | {r.get('error', 'not run')} |" + " |" * 9
+    t = r["torch"]
+    c, lat = t["convs"], t["lat"]
+    return (
+        f"| {r['model']} | {c['train']} → {c['normfuse']} / {c['timm']} | "
+        f"{'yes' if t['same_convs'] else 'no'} | {t['bns']['normfuse']} / {t['bns']['timm']} | "
+        f"{t['blocks'][0]} / {t['blocks'][1]} | "
+        f"{t['err_normfuse']:.1e} / {t['err_timm']:.1e} / {t['err_train']:.1e} | "
+        f"{t['fold_s']:.1f} | "
+        f"{lat['train']:.2f} / {lat['normfuse']:.2f} / {lat['timm']:.2f} | "
+        f"{lat['train/min']:.2f} / {lat['normfuse/min']:.2f} / {lat['timm/min']:.2f} | "
+        f"{lat['normfuse'] / lat['train']:.2f} / {lat['normfuse'] / lat['timm']:.2f} |"
+    )
+
+
 def fmt_row(r: dict) -> str:
-    if "error" in r:
+    if "error" in r or "lat" not in r:
         return f"| {r['model']} | export or run failed: {r['error']} |" + " |" * 12
     lat = r["lat"]
     ca, cb, cc = r["counts_a"], r["counts_b"], r["counts_c"]
@@ -257,7 +372,28 @@ def write(rows: list[dict], size: int, path: Path) -> None:
         "| min ms ENABLE_ALL | min ms DISABLE_ALL |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [fmt_row(r) for r in rows]
+    lines += [fmt_row(r) for r in rows if "lat" in r or "error" in r]
+    lines += [
+        "",
+        "## PyTorch: `normfuse.fold(model, reparam=True)` vs timm's `reparameterize_model`",
+        "",
+        "The same models and input. normfuse folds the BNs and merges the branches of the "
+        "train-form `nn.Module` in a torch.fx-traced copy (the result is a GraphModule); timm "
+        "switches each block to its deploy form. Conv: convolution calls of one forward, train "
+        "form → normfuse / timm; 'same convs': the sorted lists of every call's weight shape, "
+        "stride, padding, dilation and groups are equal. BN: BatchNorm modules left (timm's deploy form keeps the BNs of convs outside its reparameterizable blocks; normfuse folds them). Error: max |y - y64| / max |y64| "
+        "against the train form's float64 forward, of normfuse / timm / the train form itself "
+        "(float32). Latency: the forward in float32, one thread, `torch.inference_mode`, median "
+        "and minimum of interleaved runs in random order (each timed run after an untimed one "
+        "of the same model); ratios of the medians.",
+        "",
+        "| model | Conv train → normfuse / timm | same convs | BN normfuse / timm "
+        "| blocks merged / skipped "
+        "| err normfuse / timm / train | fold s | ms median train / normfuse / timm "
+        "| ms min train / normfuse / timm | normfuse ÷ train / ÷ timm |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [fmt_torch(r) for r in rows]
     lines += ["", "Float32 noise of the train-form model against its float64 run:", ""]
     lines += [f"- {r['model']}: {r['noise64']:.1e}" for r in rows if "noise64" in r]
     lines += [
@@ -282,6 +418,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=10.0, help="latency time per model")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--out", type=Path, default=OUT)
+    p.add_argument("--parts", default="onnx,torch", help="onnx, torch or both")
     p.add_argument("--latency-dir", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.latency_dir:  # the child of latencies_apart
@@ -298,12 +435,14 @@ def main() -> None:
     for name in args.models.split(","):
         t = time.perf_counter()
         try:
-            row = bench(name, args.size, args.seconds)
+            row = bench(name, args.size, args.seconds, tuple(args.parts.split(",")))
         except Exception as exc:  # record and go on
             traceback.print_exc()
             row = {"model": name, "error": f"{type(exc).__name__}: {str(exc)[:120]}"}
         rows.append(row)
-        print(fmt_row(row), f"({time.perf_counter() - t:.0f} s)", flush=True)
+        if "lat" in row or "error" in row:
+            print(fmt_row(row), flush=True)
+        print(fmt_torch(row), f"({time.perf_counter() - t:.0f} s)", flush=True)
         write(rows, args.size, args.out)
     print(f"wrote {args.out}")
 
