@@ -25,6 +25,7 @@ import dataclasses
 import fnmatch
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,7 +51,10 @@ class Step:
         outputs: The names the model returns, in order.
         inputs: The names fed to it (from the data or the kept tensors), and fed through.
         source: ``"data"`` (the batches) or ``"cache"`` (the tensors the previous step kept).
-        measure: Key -> name of a tensor (an output or an input) whose moments are wanted.
+        measure: Key -> name of a tensor (an output or an input) whose moments the executor
+            computes (float64, per channel on axis 1).
+        moments: Key -> the outputs that carry a tensor's moments measured in the model itself
+            (its float64 mean with kept dimensions, sum of squared deviations, element count).
         stacked: Outputs with a leading iteration axis (Loop/Scan scan outputs).
         keep: Tensors (outputs or inputs) to keep, per batch, for the next step.
         index: This step's number (from 1) and how many the run has at most.
@@ -61,6 +65,7 @@ class Step:
     inputs: list[str]
     source: str
     measure: dict[str, str]
+    moments: dict[str, tuple[str, str, str]] = dataclasses.field(default_factory=dict)
     stacked: frozenset[str] = frozenset()
     keep: list[str] = dataclasses.field(default_factory=list)
     index: tuple[int, int] = (1, 1)
@@ -144,7 +149,8 @@ def recalibrate_model(
             step, names = _exposed_step(model, group, entries)
         else:
             keep_next = cache and k < len(order)
-            step = cut.step([info.x for _, info in group], level, prev, types, keep_next)
+            measure = {id(info.x): (info.x, info.rank) for _, info in group}
+            step = cut.step(list(measure.values()), level, prev, types, keep_next)
             names = {info.x.name: info.x.name for _, info in group if info.x.name}
         step.index = (k, len(order))
         result = execute(step)
@@ -238,6 +244,8 @@ class _Cut:
 
     def __init__(self, model: ir.Model, depths: dict[int, int]) -> None:
         self.model = model
+        self.names = all_names(model)
+        self.opset = model.opset_imports.get("", 18)
         self.nodes = list(model.graph)
         self.depth = [depths[id(n)] for n in self.nodes]
         self.inputs = [v for v in model.graph.inputs if v.const_value is None]
@@ -280,18 +288,20 @@ class _Cut:
 
     def step(
         self,
-        measure: list[ir.Value],
+        measure: list[tuple[ir.Value, int | None]],
         level: int,
         prev: int | None,
         types: dict[str, int],
         keep_next: bool,
     ) -> Step:
         """The nodes between the frontier of ``prev`` (``None``: the graph inputs) and the
-        inputs of level ``level`` (and its frontier, when ``keep_next``)."""
+        inputs of level ``level`` (and its frontier, when ``keep_next``). The tensors measured
+        that the step computes are measured in it (float64 moments as outputs)."""
         fed = self.frontier(prev)
         fed_ids = {id(v) for v in fed}
         keep = self.frontier(level) if keep_next else []
-        wanted: dict[int, ir.Value] = {id(v): v for v in [*measure, *keep]}
+        wanted: dict[int, ir.Value] = {id(v): v for v, _ in measure}
+        wanted.update((id(v), v) for v in keep)
         chosen: set[int] = set()
         stack = [self.producer[k] for k in wanted if k not in fed_ids]
         while stack:
@@ -307,11 +317,25 @@ class _Cut:
         used: dict[int, ir.Value] = {}
         for i in idx:
             used.update((id(v), v) for v in self.uses[i])
-        outputs = [v.name or "" for k, v in wanted.items() if k not in fed_ids]
+        in_graph = {
+            v.name or "": rank for v, rank in measure if id(v) not in fed_ids and rank is not None
+        }
+        outputs = [
+            v.name or ""
+            for k, v in wanted.items()
+            if k not in fed_ids and (v.name not in in_graph or id(v) in {id(u) for u in keep})
+        ]
         model = None
+        moments: dict[str, tuple[str, str, str]] = {}
         if idx:
             graph = onnx.GraphProto(name=f"recalibrate_level_{level}")
             graph.node.extend(ir.serde.serialize_node(self.nodes[i]) for i in idx)
+            for name, rank in in_graph.items():
+                nodes, moments[name] = _moment_nodes(
+                    name, rank, self.opset, self.names, graph.initializer
+                )
+                graph.node.extend(nodes)
+                outputs += moments[name]
             for v in fed:
                 if id(v) not in used:
                     continue
@@ -342,7 +366,8 @@ class _Cut:
             outputs=outputs if model is not None else [],
             inputs=[v.name or "" for v in fed if id(v) in used or id(v) in wanted],
             source="data" if prev is None else "cache",
-            measure={v.name or "": v.name or "" for v in measure},
+            measure={v.name or "": v.name or "" for v, _ in measure if v.name not in moments},
+            moments=moments,
             keep=[v.name or "" for v in keep],
         )
 
@@ -438,49 +463,65 @@ def _bn_proto_index(graph: onnx.GraphProto, output: str) -> int | None:
     return None
 
 
-def _reduce_mean(
-    x: str, axes: list[int], out: str, opset: int, names: set[str], inits: list[onnx.TensorProto]
+def _reduce(
+    op: str, x: str, axes: list[int], out: str, opset: int, names: set[str], inits: list[Any]
 ) -> onnx.NodeProto:
-    if opset >= 18:
+    """``ReduceMean`` (keepdims) or ``ReduceSum`` (not), with axes as the opset wants them."""
+    keep = int(op == "ReduceMean")
+    if opset >= (18 if op == "ReduceMean" else 13):
         axes_name = fresh_name(names, f"{out}_axes")
         inits.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), axes_name))
-        return onnx.helper.make_node("ReduceMean", [x, axes_name], [out], keepdims=1)
-    return onnx.helper.make_node("ReduceMean", [x], [out], axes=axes, keepdims=1)
+        return onnx.helper.make_node(op, [x, axes_name], [out], keepdims=keep)
+    return onnx.helper.make_node(op, [x], [out], axes=axes, keepdims=keep)
 
 
-def _batch_norm_nodes(
-    bn: BN, y: str, opset: int, names: set[str], inits: list[onnx.TensorProto]
-) -> list[onnx.NodeProto]:
-    """``y = (x - mean_b) / sqrt(var_b + eps) * gamma + beta`` with the batch's own (biased)
-    statistics over every axis but 1, as BatchNorm computes in training."""
-    rank = bn.rank or 2
+def _moment_nodes(
+    x: str, rank: int, opset: int, names: set[str], inits: list[Any]
+) -> tuple[list[onnx.NodeProto], tuple[str, str, str]]:
+    """Nodes that measure ``x`` per channel (axis 1) in float64: its mean (kept dims), the sum
+    of squared deviations from it, and its element count; and those three names."""
     axes = [0, *range(2, rank)]
-    view = (1, bn.channels) + (1,) * (rank - 2)
-    x = bn.x.name or ""
-    n = {
-        k: fresh_name(names, f"{y}_{k}")
-        for k in ("mean", "d", "d2", "var", "ve", "std", "xn", "xs")
-    }
-    consts = {
-        "eps": np.array(bn.eps, bn.dtype),
-        "gamma": bn.gamma.astype(bn.dtype).reshape(view),
-        "beta": bn.beta.astype(bn.dtype).reshape(view),
-    }
-    c = {}
-    for k, v in consts.items():
-        c[k] = fresh_name(names, f"{y}_{k}")
-        inits.append(onnx.numpy_helper.from_array(np.ascontiguousarray(v), c[k]))
+    n = {k: fresh_name(names, f"{x}_{k}") for k in ("f64", "mean64", "dev", "dev2", "m2", "size")}
     make = onnx.helper.make_node
+    nodes = [
+        make("Cast", [x], [n["f64"]], to=onnx.TensorProto.DOUBLE),
+        _reduce("ReduceMean", n["f64"], axes, n["mean64"], opset, names, inits),
+        make("Sub", [n["f64"], n["mean64"]], [n["dev"]]),
+        make("Mul", [n["dev"], n["dev"]], [n["dev2"]]),
+        _reduce("ReduceSum", n["dev2"], axes, n["m2"], opset, names, inits),
+        make("Size", [x], [n["size"]]),
+    ]
+    return nodes, (n["mean64"], n["m2"], n["size"])
+
+
+def _batch_stats_bn(
+    bn: BN,
+    proto_node: onnx.NodeProto,
+    moments: tuple[str, str, str],
+    stat_type: int,
+    names: set[str],
+    inits: list[Any],
+) -> list[onnx.NodeProto]:
+    """The BatchNorm fed with the batch's own statistics (float64, rounded to its type; the
+    biased variance, as BatchNorm uses in training) in place of its running ones."""
+    mean64, m2, size = moments
+    y = proto_node.output[0]
+    n = {k: fresh_name(names, f"{y}_{k}") for k in ("vec", "count", "per", "var64", "mean", "var")}
+    c = {k: fresh_name(names, f"{y}_{k}") for k in ("flat", "channels")}
+    inits.append(onnx.numpy_helper.from_array(np.array([-1], np.int64), c["flat"]))
+    inits.append(onnx.numpy_helper.from_array(np.array(bn.channels, np.float64), c["channels"]))
+    make = onnx.helper.make_node
+    node = onnx.NodeProto()
+    node.CopyFrom(proto_node)
+    node.input[3], node.input[4] = n["mean"], n["var"]
     return [
-        _reduce_mean(x, axes, n["mean"], opset, names, inits),
-        make("Sub", [x, n["mean"]], [n["d"]]),
-        make("Mul", [n["d"], n["d"]], [n["d2"]]),
-        _reduce_mean(n["d2"], axes, n["var"], opset, names, inits),
-        make("Add", [n["var"], c["eps"]], [n["ve"]]),
-        make("Sqrt", [n["ve"]], [n["std"]]),
-        make("Div", [n["d"], n["std"]], [n["xn"]]),
-        make("Mul", [n["xn"], c["gamma"]], [n["xs"]]),
-        make("Add", [n["xs"], c["beta"]], [y]),
+        make("Reshape", [mean64, c["flat"]], [n["vec"]]),
+        make("Cast", [size], [n["count"]], to=onnx.TensorProto.DOUBLE),
+        make("Div", [n["count"], c["channels"]], [n["per"]]),
+        make("Div", [m2, n["per"]], [n["var64"]]),
+        make("Cast", [n["vec"]], [n["mean"]], to=stat_type),
+        make("Cast", [n["var64"]], [n["var"]], to=stat_type),
+        node,
     ]
 
 
@@ -509,33 +550,41 @@ def recalibrate_batch_mode(
     proto = ir.to_proto(model)
     names = all_names(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
-    inits: list[onnx.TensorProto] = []
-    exposed: list[str] = []
+    init_types = {t.name: t.data_type for t in proto.graph.initializer}
+    inits: list[Any] = []
+    measured: dict[str, tuple[str, str, str]] = {}
     live: list[BN] = []
     for info in targets:
         y = info.node.outputs[0].name
         index = _bn_proto_index(proto.graph, y) if y else None
-        if index is None or y is None or info.x.name is None or info.x.type is None:
+        xname = info.x.name
+        if index is None or xname is None or info.rank is None or info.x.type is None:
             continue
-        new = _batch_norm_nodes(info, y, opset, names, inits)
+        bn_node = proto.graph.node[index]
+        found = measured.get(xname)
+        new: list[onnx.NodeProto] = []
+        if found is None:
+            new, found = _moment_nodes(xname, info.rank, opset, names, inits)
+            measured[xname] = found
+        stat_type = init_types.get(bn_node.input[3], int(info.x.type.dtype))
+        new += _batch_stats_bn(info, bn_node, found, stat_type, names, inits)
         del proto.graph.node[index]
         for k, node in enumerate(new):
             proto.graph.node.insert(index + k, node)
-        if info.x.name not in exposed:
-            exposed.append(info.x.name)
-            proto.graph.output.append(
-                onnx.helper.make_tensor_value_info(info.x.name, int(info.x.type.dtype), None)
-            )
         live.append(info)
     proto.graph.initializer.extend(inits)
     moments: dict[str, ChannelMoments] = {}
-    if exposed:
+    if measured:
+        del proto.graph.output[:]
+        outputs = [name for triple in measured.values() for name in triple]
+        proto.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
         step = Step(
             model=proto.SerializeToString(),
-            outputs=exposed,
+            outputs=outputs,
             inputs=[v.name for v in model.graph.inputs if v.name and v.const_value is None],
             source="data",
-            measure={k: k for k in exposed},
+            measure={},
+            moments=measured,
         )
         moments = execute(step).moments
     lookup = {node_name(i.node): i for i in live}

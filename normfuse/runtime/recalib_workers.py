@@ -69,7 +69,14 @@ from normfuse.runtime.sessions import (
     with_options,
 )
 
-__all__ = ["DEFAULT_CACHE_MB", "InputSpec", "ShardRunner", "input_specs", "recalibrate_onnx"]
+__all__ = [
+    "DEFAULT_CACHE_MB",
+    "InputSpec",
+    "ShardRunner",
+    "add_moments",
+    "input_specs",
+    "recalibrate_onnx",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +283,7 @@ class ShardRunner:
         session = self._session(step.model) if step.model is not None else None
         feeds_of = [i.name for i in session.get_inputs()] if session is not None else []
         new = _Store(self.budget, self.folder, f"{os.getpid()}-{self.steps}") if step.keep else None
-        moments = {k: ChannelMoments() for k in step.measure}
+        moments = {k: ChannelMoments() for k in [*step.measure, *step.moments]}
         for ref, feeds in self._batches(step):
             values: dict[str, Any] = dict(feeds)
             if session is not None:
@@ -293,7 +300,13 @@ class ShardRunner:
                 arr = np.asarray(values[name])
                 if name in step.stacked and arr.ndim >= 3:
                     arr = arr.reshape((-1, *arr.shape[2:]))  # iterations x batch -> one axis
-                moments[key].add(arr)
+                add_moments(moments[key], arr)
+            for key, (mean_name, m2_name, size_name) in step.moments.items():
+                mean = np.asarray(values[mean_name], np.float64).reshape(-1)
+                size = int(np.asarray(values[size_name]))
+                if mean.size and size:
+                    m2 = np.asarray(values[m2_name], np.float64).reshape(-1)
+                    moments[key].merge(size // mean.size, mean, m2)
             if new is not None:
                 new.add({n: values[n] for n in step.keep})
             del values, feeds
@@ -325,6 +338,20 @@ class ShardRunner:
 
 
 _SPILLED = "the cache went partly to a temporary folder (removed at the end)"
+
+
+def add_moments(acc: ChannelMoments, x: np.ndarray) -> None:
+    """Merge the per-channel moments of ``x`` (``(N, C, ...)``, channel axis 1) into ``acc``:
+    the float64 mean of the float32 values (numpy's pairwise sums), then the squared deviations
+    from it summed in float64; the same figures as :meth:`ChannelMoments.add` to float64
+    rounding, with one float64 copy and no transposed one."""
+    if x.size == 0 or x.ndim < 2:
+        return
+    v = x.reshape(x.shape[0], x.shape[1], -1)
+    mean = v.mean(axis=(0, 2), dtype=np.float64)
+    d = v.astype(np.float64)
+    d -= mean[None, :, None]
+    acc.merge(v.shape[0] * v.shape[2], mean, np.einsum("ncs,ncs->c", d, d))
 
 
 def _elem(dtype: np.dtype) -> int:
@@ -379,6 +406,23 @@ def _worker(
         runner.close()
 
 
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored (so that a process started here inherits that) and held back meanwhile:
+    one that comes reaches this process's own handler at the end."""
+    try:
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to hand on
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 class _Pool:
     """``workers`` processes, each on its shard; ``run`` sends a step to all and merges."""
 
@@ -414,7 +458,8 @@ class _Pool:
                 name=f"normfuse-recalibrate-{k}",
                 daemon=True,
             )
-            proc.start()
+            with _sigint_ignored():  # inherited: a Ctrl-C during its start-up is the parent's
+                proc.start()
             theirs.close()
             self.procs.append(proc)
             self.conns.append(mine)
