@@ -423,3 +423,44 @@ def test_timm_train_forms_match_reparameterize_model(name):
         own = float((model(x).double() - ref64).abs().max() / ref64.abs().max())
     assert conv_calls(out) == conv_calls(deploy)
     assert err <= max(1e-5, 2 * own)
+
+
+def test_a_scale_that_is_not_per_channel_is_refused():
+    """A branch times a (1, 1, H, W) mask is no convolution: the block stays."""
+    g = gen(17)
+
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g)
+            self.register_buffer("mask", torch.rand(1, 1, 8, 8, generator=g))
+
+        def forward(self, x):
+            return self.a(x) + self.b(x) * self.mask
+
+    model = Masked().eval()
+    out, entries, err, _ = merged(model, torch.randn(1, 6, 8, 8, generator=g))
+    assert convs(out) == 2 and err <= 1e-5
+    assert entries[0].status == "skipped" and "not per-channel" in entries[0].reason
+
+
+def test_functional_convs_in_a_graphmodule():
+    """F.conv2d with the module's own parameters (no nn.Conv2d), traced: merged all the same."""
+    g = gen(18)
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w3 = nn.Parameter(torch.randn(6, 6, 3, 3, generator=g) * 0.3)
+            self.w1 = nn.Parameter(torch.randn(6, 6, 1, 1, generator=g) * 0.3)
+            self.b1 = nn.Parameter(torch.randn(6, generator=g))
+            self.bn = bn(6, g)
+
+        def forward(self, x):
+            return F.conv2d(x, self.w3, None, 1, 1) + F.conv2d(x, self.w1, self.b1) + self.bn(x)
+
+    model = Functional().eval()
+    x = torch.randn(1, 6, 8, 8, generator=g)
+    out, entries, err, report = merged(fx.symbolic_trace(model), x)
+    assert convs(out) == 1 and err <= 1e-5 and report.parity.passed
+    assert entries[0].target.endswith("(3x3 + 1x1 + identity BatchNorm2d)")

@@ -160,19 +160,20 @@ class _Merger:
         self.consts: dict[fx.Node, torch.Tensor | None] = {}
         self.rank: int | None = None
         self.absorbed: dict[str, str] = {}  # norm name -> the merged op it went into
+        self.erased: set[fx.Node] = set()  # fx keeps an erased node's ``graph``
 
     # ------------------------------------------------------------------ reading the graph
     def run(self) -> list[Entry]:
         entries: list[Entry] = []
         roots = [n for n in self.gm.graph.nodes if self._is_sum(n) and not self._inner(n)]
         for root in roots:
-            if root.graph is not self.gm.graph:  # erased by an earlier merge
+            if root in self.erased:
                 continue
             entry = self._block(root)
             if entry is not None:
                 entries.append(entry)
         for node in list(self.gm.graph.nodes):
-            if node.graph is self.gm.graph and self._conv(node) is not None:
+            if node not in self.erased and self._conv(node) is not None:
                 entry = self._sequence(node)
                 if entry is not None:
                     entries.append(entry)
@@ -523,7 +524,7 @@ class _Merger:
                         op=mids[-1],
                         cost=cost,
                     )
-                except Incompatible as exc:
+                except (Incompatible, ValueError) as exc:
                     logger.debug("pool sequence not merged: %s", exc)
             return _Branch(self._input(op, nodes), label, nodes, trail, pool=geo, op=op)
         conv = self._conv(op)
@@ -543,7 +544,7 @@ class _Merger:
                         cost += k0.macs() * (math.prod(k.strides) if k0.is_pointwise else 1)
                         nodes += mids
                         source, k = self._input(mids[-1], nodes), merged
-                except Incompatible as exc:
+                except (Incompatible, ValueError) as exc:
                     logger.debug("sequence not merged: %s", exc)
             return _Branch(source, label, nodes, trail, kernel=k, ref=w, op=op, cost=cost)
         lin = as_linear(self.gm, op)
@@ -629,7 +630,7 @@ class _Merger:
         problems = list(refused.get(group[0].source, []))
         try:
             return self._merge(root, tree, read, group, problems)
-        except Incompatible as exc:
+        except (Incompatible, ValueError) as exc:
             return self._entry(root, "skipped", reason=str(exc))
 
     def _as_kernel(self, b: _Branch, main: Kernel) -> Kernel:
@@ -667,7 +668,7 @@ class _Merger:
             try:
                 k = then_affine(self._as_kernel(b, main.kernel), as_vector(b.coef), 0.0)
                 branches.merge_parallel([*kernels, k])
-            except Incompatible as exc:
+            except (Incompatible, ValueError) as exc:
                 if b is main:
                     raise
                 problems.append(f"{b.label} branch: {exc}")
@@ -736,7 +737,7 @@ class _Merger:
             return [], merged
         try:
             s, t = self.trail_affine([(step[0], step[1])], rank)
-        except Incompatible:
+        except (Incompatible, ValueError):
             return [], merged
         return step[3], then_affine(merged, s, t)
 
@@ -807,7 +808,7 @@ class _Merger:
         try:
             s, t = self.trail_affine(mid_trail, k1.weight.ndim)
             merged = branches.compose(k0, k1, s, t)
-        except Incompatible as exc:
+        except (Incompatible, ValueError) as exc:
             return self._entry(op, "skipped", reason=f"{pair}: {exc}")
         cost = k1.macs() + k0.macs() * (math.prod(k1.strides) if k0.is_pointwise else 1)
         if merged.macs() > cost:
@@ -819,7 +820,10 @@ class _Merger:
             )
         nodes = [op, *mids]
         branch = _Branch(self._input(mids[-1], nodes), pair, nodes, [], kernel=merged, ref=w, op=op)
-        out = self._emit_conv(op, branch, merged)
+        try:
+            out = self._emit_conv(op, branch, merged)
+        except Incompatible as exc:
+            return self._entry(op, "skipped", reason=f"{pair}: {exc}")
         target = f"{self._name(out)} ({pair})"
         self._finish(op, out, [], branch.nodes, target)
         return self._entry(op, "applied", target=target)
@@ -899,8 +903,9 @@ class _Merger:
         anchor.replace_all_uses_with(out)
         order = {n: i for i, n in enumerate(graph.nodes)}
         for node in sorted(set(nodes), key=lambda n: -order.get(n, -1)):
-            if node.graph is graph and not node.users:
+            if node not in self.erased and not node.users:
                 graph.erase_node(node)
+                self.erased.add(node)
         self.consts.clear()
         self.changed = True
 
