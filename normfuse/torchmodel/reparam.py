@@ -145,6 +145,10 @@ def reparam_graph(
                 None,
             )
     if merger.changed:
+        for node in list(gm.graph.nodes):  # nn.Identity / eval dropout left by the folds
+            if passthrough(gm, node) and isinstance(node.args[0], fx.Node):
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
         drop_unused(gm, set())
         gm.delete_all_unused_submodules()
         gm.graph.lint()
