@@ -55,8 +55,14 @@ M = TypeVar("M")
 
 
 def load(source: object) -> ir.Model:
-    """Read a model (path with lazy external data, bytes, ModelProto, onnx_ir.Model, ONNXProgram)."""
-    return onnx_io.load(source, copy=False).model
+    """Read a model (path, bytes, ModelProto, onnx_ir.Model, ONNXProgram).
+
+    From a path the read is lazy, as the command's: tensors of 1 KiB or more stay in the file
+    (memory maps) and are read when used or copied file to file by :func:`save`. The file must
+    stay unchanged until then: :func:`save` (and any rewrite) checks its size, inode and
+    modification time and refuses a changed file (docs/python.md).
+    """
+    return onnx_io.load(source, copy=False, lazy=True).model
 
 
 def save(
@@ -90,7 +96,8 @@ def fold(
 
     The input is never modified. The result has the type of the input (``onnx.ModelProto``,
     ``bytes``, ``onnx_ir.Model``, ``torch.onnx.ONNXProgram``); a path gives an ``onnx_ir.Model``
-    whose untouched tensors still read lazily from the input's external data.
+    whose untouched tensors still read lazily from the input file and its external data, as
+    :func:`load` (the file must stay unchanged until the model is saved; a change is refused).
 
     Args:
         model: The model.
@@ -125,10 +132,11 @@ def fold(
         )
     report = Report(action="fold")
     t0 = time.perf_counter()
-    loaded = onnx_io.load(model)
+    loaded = onnx_io.load(model, lazy=True)
     reference = _reference_bytes(model, loaded) if check else None
     report.timings["load"] = time.perf_counter() - t0
-    run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, reparam=reparam), progress)
+    options = FoldOptions(norm_affine=norm_affine, reparam=reparam)
+    run_fold(loaded.model, report, options, progress, loaded.take_proto())
     if check:
         t1 = time.perf_counter()
         report.parity = _check_in_memory(
@@ -149,9 +157,10 @@ def fold(
 
 def inspect(model: object, *, norm_affine: bool = False) -> Report:
     """What :func:`fold` would do, without changing anything."""
-    loaded = onnx_io.load(model, copy=False)
+    loaded = onnx_io.load(model, copy=False, lazy=True)
     report = Report(action="inspect")
-    run_fold(loaded.model, report, FoldOptions(norm_affine=norm_affine, dry_run=True))
+    options = FoldOptions(norm_affine=norm_affine, dry_run=True)
+    run_fold(loaded.model, report, options, None, loaded.take_proto())
     if not norm_affine:
         _suggest_only_what_folds(loaded.model, report)
     from normfuse.onnxgraph.edit import FUSED_MIN_OPSET
@@ -222,7 +231,7 @@ def check(
 
 def _reference_bytes(model: object, loaded: onnx_io.Loaded) -> bytes | None:
     """The original model for the check, taken before folding, without another round trip."""
-    if loaded.path is not None or onnx_io.has_external_data(loaded.model):
+    if loaded.path is not None or onnx_io.reads_lazily(loaded.model):
         return None  # checked from the file
     if isinstance(model, (bytes, bytearray)):
         return bytes(model)
@@ -239,6 +248,9 @@ def _as_source(model: object, spill: Path) -> str | bytes:
     inner = onnx_io.unwrap(model)
     if onnx_io.has_external_data(inner):
         onnx_io.save(inner, spill, force=True, external_data=True)
+        return str(spill)
+    if onnx_io.reads_lazily(inner):  # tensors still in the input file: copied file to file
+        onnx_io.save(inner, spill, force=True, external_data=False)
         return str(spill)
     return ir.to_proto(inner).SerializeToString()
 

@@ -425,9 +425,8 @@ def fold(
         report = Report(action="fold")
         report.timings["load"] = time.perf_counter() - t0
         with _progress(console.is_terminal, console) as progress:
-            run_fold(
-                loaded.model, report, FoldOptions(norm_affine=norm_affine, reparam=reparam), progress
-            )
+            options = FoldOptions(norm_affine=norm_affine, reparam=reparam)
+            run_fold(loaded.model, report, options, progress, loaded.take_proto())
         if strict and report.skipped:  # --strict fails the run: nothing is written
             report.render(console, verbose=verbose)
             _emit_json(report.to_dict(), json_target)
@@ -1058,7 +1057,7 @@ def bench(
             paths = list(models)
             if fold_first:
                 loaded = onnx_io.load(models[0], lazy=True)
-                run_fold(loaded.model, Report(), FoldOptions())
+                run_fold(loaded.model, Report(), FoldOptions(), None, loaded.take_proto())
                 paths.append(
                     onnx_io.save(loaded.model, Path(tmp) / f"{models[0].stem}.folded.onnx")
                 )

@@ -7,6 +7,7 @@
 * :mod:`~normfuse.core.verdict`: the parity rule (tolerances, ``compare_outputs``) and what a
   failure or a strict skip raises.
 * :mod:`~normfuse.core.errors`: the errors normfuse raises on purpose.
+* :mod:`~normfuse.core.gcpause`: the garbage collector paused while big graphs are built.
 
 May import: numpy, ml_dtypes, rich (reports). Never onnx_ir, onnxruntime, torch, nor any other
 normfuse package.

@@ -170,6 +170,8 @@ class ConstantResolver:
         self.ir_version = ir_version
         self._cache: dict[int, np.ndarray | NotConstant] = {}
         self._large: list[int] = []  # keys of cached arrays of at least LARGE_BYTES
+        # id -> (value, could it be constant): the value is kept so that its id is not reused
+        self._maybe: dict[int, tuple[ir.Value, bool]] = {}
         self.files = OpenFiles() if keep_open else None
 
     def close(self) -> None:
@@ -185,10 +187,46 @@ class ConstantResolver:
 
     def try_resolve(self, value: ir.Value | None) -> np.ndarray | None:
         """The array, or ``None`` when the value is not constant."""
+        if not self.may_be_constant(value):
+            return None  # most values of a graph: no exception raised through the producers
         try:
             return self.resolve(value)
         except NotConstant:
             return None
+
+    def may_be_constant(self, value: ir.Value | None, depth: int = 0) -> bool:
+        """False when ``value`` is certainly not a compile-time constant (a structural test:
+        no tensor is read); True means that :meth:`resolve` may succeed."""
+        if value is None:
+            return False
+        key = id(value)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return not isinstance(hit, NotConstant)
+        known = self._maybe.get(key)
+        if known is not None and known[0] is value:
+            return known[1]
+        if self.is_overridable_input(value):
+            result = False
+        elif value.const_value is not None:
+            result = True
+        else:
+            node = value.producer()
+            if (
+                node is None
+                or node.domain not in ("", "ai.onnx")
+                or node.op_type not in _EVALUATORS
+                or len(node.outputs) != 1
+            ):
+                result = False
+            elif node.op_type in ("Shape", "Constant") or depth > _MAX_DEPTH:
+                result = True  # Shape reads only the shape of its input
+            else:
+                result = all(
+                    self.may_be_constant(v, depth + 1) for v in node.inputs if v is not None
+                )
+        self._maybe[key] = (value, result)
+        return result
 
     def resolve(self, value: ir.Value | None, depth: int = 0) -> np.ndarray:
         """The constant array behind ``value``.
@@ -209,12 +247,13 @@ class ConstantResolver:
             if isinstance(hit, np.ndarray) and hit.nbytes >= LARGE_BYTES:
                 self._large.append(key)
         if isinstance(hit, NotConstant):
-            raise hit
+            raise hit.with_traceback(None)  # a cached reason raised again keeps no old frames
         return hit
 
     def forget(self, value: ir.Value) -> None:
         """Drop a cached result (after the value's tensor was replaced)."""
         self._cache.pop(id(value), None)
+        self._maybe.pop(id(value), None)
 
     def resolve_weight(self, value: ir.Value | None) -> np.ndarray | FileArray:
         """Like :meth:`resolve`, but a large file-backed tensor comes back as a :class:`FileArray`."""

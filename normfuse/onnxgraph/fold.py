@@ -30,13 +30,14 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
 from normfuse.core import algebra
 from normfuse.core.algebra import Affine
+from normfuse.core.gcpause import gc_paused
 from normfuse.core.report import Entry, Report, Status
 from normfuse.onnxgraph.affines import AffineBuilder, Link
 from normfuse.onnxgraph.chains import ChainFinder
@@ -61,6 +62,9 @@ from normfuse.onnxgraph.graph import (
 from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
 from normfuse.onnxgraph.paths import AxisPath, InferredShapes, walk_back, walk_forward
 from normfuse.onnxgraph.writer import GraphWriter, deferrable
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["FoldOptions", "fold_model", "model_stats", "run_fold"]
 
@@ -95,6 +99,7 @@ def fold_model(
     model: ir.Model,
     options: FoldOptions = FoldOptions(),
     progress: Callable[[int, int], None] | None = None,
+    source: onnx.ModelProto | None = None,
 ) -> list[Entry]:
     """Fold every foldable affine in ``model`` in place.
 
@@ -102,13 +107,18 @@ def fold_model(
         model: The model; modified in place unless ``options.dry_run``.
         options: What may be folded.
         progress: Called with ``(done, total)`` chains as work proceeds.
+        source: The ModelProto ``model`` was just read from, unchanged since
+            (:meth:`normfuse.onnxgraph.io.Loaded.take_proto`); it spares shape inference a
+            serialization of the graph.
 
     Returns:
         One entry per candidate, in graph order.
     """
     names = {v.name for c, _ in containers(model) for v in values_of(c) if v.name}
     main_opset = model.opset_imports.get("") or model.opset_imports.get("ai.onnx") or 1
-    inferred = InferredShapes(model, main_opset)  # converters that write no value_info (tf2onnx)
+    inferred = InferredShapes(
+        model, main_opset, source, for_fold=True
+    )  # converters that write no value_info (tf2onnx)
     work: list[_Folder] = []
     for container, label in containers(model):
         opset = (
@@ -563,12 +573,25 @@ def run_fold(
     report: Report,
     options: FoldOptions,
     progress: Callable[[int, int], None] | None = None,
+    source: onnx.ModelProto | None = None,
 ) -> None:
-    """Fold ``model`` in place and fill ``report`` (entries, statistics, fold time)."""
+    """Fold ``model`` in place and fill ``report`` (entries, statistics, fold time); ``source``
+    as for :func:`fold_model`. The garbage collector is paused meanwhile."""
+    with gc_paused():
+        _run_fold(model, report, options, progress, source)
+
+
+def _run_fold(
+    model: ir.Model,
+    report: Report,
+    options: FoldOptions,
+    progress: Callable[[int, int], None] | None,
+    source: onnx.ModelProto | None,
+) -> None:
     t = time.perf_counter()
     if not options.dry_run:
         report.before = model_stats(model)
-    report.entries.extend(fold_model(model, options, progress))
+    report.entries.extend(fold_model(model, options, progress, source))
     if options.reparam:
         from normfuse.onnxgraph.reparam import reparam_model
 

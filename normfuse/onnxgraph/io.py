@@ -32,6 +32,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
+from normfuse.core.gcpause import gc_paused
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
@@ -48,10 +49,12 @@ __all__ = [
     "INPUT_FILES_KEY",
     "Loaded",
     "check_destination",
+    "check_unchanged",
     "copy_model",
     "file_identity",
     "file_kind",
     "has_external_data",
+    "reads_lazily",
     "load",
     "save",
     "to_kind",
@@ -69,6 +72,11 @@ EXTERNAL_DATA_KEY = "normfuse.external_data"
 #: model was read from (the model file and its external data). :func:`save` never removes
 #: them unless told the caller replaces its own input (``discard``).
 INPUT_FILES_KEY = "normfuse.input_files"
+
+#: In-memory record (``ir.Model.meta``) of the files the model reads tensors from lazily (a
+#: self-backed model file, external data files): resolved path -> (device, inode, size,
+#: mtime in ns) when read. :func:`check_unchanged` compares them before the tensors are used.
+SOURCE_STATE_KEY = "normfuse.source_state"
 
 #: Suffixes onnx reads as text; other files must start like a serialized ModelProto.
 _TEXT_SUFFIXES = frozenset({".txt", ".onnxtxt", ".textproto", ".pbtxt", ".json", ".onnxjson"})
@@ -145,12 +153,22 @@ class Loaded:
         kind: ``path``, ``bytes``, ``proto``, ``ir`` or ``onnx_program``.
         path: The file it came from, for ``path`` inputs.
         original: The caller's object, for ``onnx_program``.
+        proto: The ModelProto the model was deserialized from (tensor bytes of a lazy load
+            left out), while nothing has changed the model: :meth:`take_proto` hands it over
+            once, to the rewrite that follows the load at once (shape inference copies its
+            fields instead of serializing the graph again).
     """
 
     model: ir.Model
     kind: str
     path: Path | None = None
     original: Any = None
+    proto: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
+
+    def take_proto(self) -> onnx.ModelProto | None:
+        """The source ModelProto, once; ``None`` afterwards (the model may change from then on)."""
+        proto, self.proto = self.proto, None
+        return proto
 
 
 def _is_onnx_program(obj: object) -> bool:
@@ -158,7 +176,7 @@ def _is_onnx_program(obj: object) -> bool:
 
 
 def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
-    """Read a model from any supported form.
+    """Read a model from any supported form (the garbage collector paused meanwhile).
 
     Args:
         source: A path, bytes, ``onnx.ModelProto``, ``onnx_ir.Model`` or ``ONNXProgram``.
@@ -171,6 +189,11 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
     Raises:
         InputError: The source is missing, not a file, not ONNX, or of an unknown type.
     """
+    with gc_paused():
+        return _load(source, copy, lazy)
+
+
+def _load(source: object, copy: bool, lazy: bool) -> Loaded:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         try:
@@ -189,8 +212,13 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         if path.suffix.lower() not in _TEXT_SUFFIXES:
             check_model_prefix(path)
         try:
-            model = _try_self_backed(path) if lazy else None
-            model = model if model is not None else ir.load(path)
+            backed = _try_self_backed(path) if lazy else None
+            if backed is not None:
+                model, proto = backed
+            else:  # what ir.load does, keeping the ModelProto
+                proto = onnx.load(path, load_external_data=False)
+                model = ir.serde.deserialize_model(proto)
+                ir.external_data.set_base_dir(model.graph, str(path.parent))
         except ir.serde.SerdeError as exc:  # a RuntimeError: it goes first
             raise InputError(
                 f"{path} is not a readable ONNX model ({short_error(root_cause(exc))})"
@@ -212,10 +240,16 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         if external:
             _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
+        sources = _sources(model)
         model.meta[INPUT_FILES_KEY] = frozenset(
-            {(st.st_dev, st.st_ino)} | {i for i in map(file_identity, _sources(model)) if i}
+            {(st.st_dev, st.st_ino)} | {i for i in map(file_identity, sources) if i}
         )
-        return Loaded(model, "path", path=path)
+        state = {str(path.resolve()): _state(st)} if backed is not None else {}
+        for source_path in sources:
+            with contextlib.suppress(OSError):
+                state.setdefault(str(source_path), _state(os.stat(source_path)))
+        model.meta[SOURCE_STATE_KEY] = state
+        return Loaded(model, "path", path=path, proto=proto)
     if isinstance(source, (bytes, bytearray, memoryview)):
         proto = onnx.ModelProto()
         try:
@@ -225,13 +259,14 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
         model = ir.from_proto(proto)
         _check_has_graph(model, "bytes")
         _check_structure(model, "bytes")
-        return Loaded(model, "bytes")
+        return Loaded(model, "bytes", proto=proto)
     if isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
         _check_has_graph(model, "ModelProto")
         _check_structure(model, "ModelProto")
-        return Loaded(model, "proto")
+        return Loaded(model, "proto", proto=source)
     if isinstance(source, ir.Model):
+        check_unchanged(source)
         model = copy_model(source) if copy else source
         return Loaded(model, "ir", original=source)
     if _is_onnx_program(source):
@@ -245,28 +280,44 @@ def load(source: object, *, copy: bool = True, lazy: bool = False) -> Loaded:
 
 
 def copy_model(model: ir.Model) -> ir.Model:
-    """A private copy that reads external data from where the original does (a relative
-    location stays relative to the original's folder, whatever the working directory), with
-    the original's in-memory flags (external data, input files)."""
-    copied = ir.from_proto(ir.to_proto(model))
-    folders: dict[str, Any] = {}
-    for graph in model.graphs():
-        for name, value in graph.initializers.items():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                folders[name] = tensor.base_dir
-    for graph in copied.graphs():
-        for name, value in graph.initializers.items():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor) and name in folders:
-                tensor.base_dir = folders[name]
-    for key in (EXTERNAL_DATA_KEY, INPUT_FILES_KEY):
+    """A private copy: every graph, node and value new, the tensors shared (``Model.clone``;
+    normfuse never writes into a tensor, it replaces them), with the original's in-memory flags
+    (external data, input files, the file a self-backed model reads). External tensors keep
+    reading from where the original's do."""
+    copied = model.clone()
+    for key in (EXTERNAL_DATA_KEY, INPUT_FILES_KEY, SELF_BACKED_KEY, SOURCE_STATE_KEY):
         if key in model.meta:
             copied.meta[key] = model.meta[key]
     return copied
 
 
-def _try_self_backed(path: Path) -> ir.Model | None:
+def _state(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def check_unchanged(model: ir.Model) -> None:
+    """Refuse a model whose lazily read files changed since it was read (their tensors would
+    be read from different bytes).
+
+    Raises:
+        InputError: A file is gone, replaced or modified.
+    """
+    for name, state in model.meta.get(SOURCE_STATE_KEY, {}).items():
+        try:
+            now: tuple[int, int, int, int] | None = _state(os.stat(name))
+        except OSError:
+            now = None
+        if now != state:
+            what = "was removed" if now is None else "changed"
+            raise InputError(
+                f"{name} {what} since the model was read from it, and the model reads tensors "
+                "from that file",
+                "load the model again and redo the rewrite; keep the file unchanged until the "
+                "model is saved (docs/python.md: lazy loading)",
+            )
+
+
+def _try_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
     """The self-backed model, or ``None`` so that the normal loader reads (and judges) the file."""
     try:
         return load_self_backed(path)
@@ -444,6 +495,15 @@ def has_external_data(model: ir.Model) -> bool:
     return False
 
 
+def reads_lazily(model: ir.Model) -> bool:
+    """True when some tensor of the model is still read from a file (self-backed included)."""
+    return any(
+        isinstance(value.const_value, ir.ExternalTensor)
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+    )
+
+
 def _total_bytes(model: ir.Model) -> int:
     return sum(
         v.const_value.nbytes
@@ -537,6 +597,7 @@ def save(
             writing failed (disk full, no permission): nothing was written.
     """
     ir_model = unwrap(model)
+    check_unchanged(ir_model)
     out = Path(path)
     here = file_identity(out)
     if protect is not None and here is not None and here == file_identity(protect):
@@ -557,9 +618,10 @@ def save(
         fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=folder)
         os.close(fd)
         tmp = Path(tmp_name)
-        data_name = write_streaming(
-            ir_model, tmp, external_data=_data_names(out.name) if external_data else None
-        )
+        with gc_paused():
+            data_name = write_streaming(
+                ir_model, tmp, external_data=_data_names(out.name) if external_data else None
+            )
         os.chmod(tmp, default_mode())
         if verify is not None:
             verify(tmp)

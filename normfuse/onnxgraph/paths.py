@@ -27,13 +27,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Iterable
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from normfuse.onnxgraph.const import ConstantResolver
-from normfuse.onnxgraph.graph import get_attr, label_of, others, rank_of
+from normfuse.onnxgraph.graph import (
+    ELEMENTWISE_OPS,
+    LINEAR_OPS,
+    NORM_OPS,
+    get_attr,
+    label_of,
+    others,
+    rank_of,
+)
 
 __all__ = [
     "LAYOUT_OPS",
@@ -53,6 +62,8 @@ LAYOUT_OPS = frozenset(
 )
 #: Initializers above this size go to shape inference as typed inputs, without their values.
 _INFER_INLINE_BYTES = 1024
+#: Ops around which a fold reads shapes (with elementwise ops that have a constant operand).
+_READ_BY_FOLD = LINEAR_OPS | NORM_OPS | LAYOUT_OPS
 
 
 @dataclasses.dataclass
@@ -505,31 +516,45 @@ class InferredShapes:
     none, set for the length of a fold and taken back by :meth:`restore`.
 
     Inference runs on a copy of the graph in which initializers above 1 KiB are typed inputs
-    without values, so nothing large is read or copied.
+    without values, so nothing large is read or copied. ``source`` is the ModelProto the model
+    was just read from, unchanged since (the loader's, :attr:`normfuse.onnxgraph.io.Loaded.proto`):
+    its fields are copied in C++ instead of serializing every node again. ``for_fold`` sets
+    shapes only on the values a fold reads (:func:`_fold_reads`), not on every value.
     """
 
-    def __init__(self, model: ir.Model, opset: int) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        opset: int,
+        source: onnx.ModelProto | None = None,
+        *,
+        for_fold: bool = False,
+    ) -> None:
         self._given: list[tuple[ir.Value, ir.Shape]] = []
         graph = model.graph
         # the shapes values had, for those that take an inferred one over from another value
         self._had: dict[int, tuple[ir.Value, ir.Shape]] = {
             id(v): (v, v.shape) for n in graph for v in n.outputs if v.shape is not None
         }
-        missing = [
-            v
-            for node in graph
-            for v in node.outputs
-            if v is not None and v.shape is None and v.name
-        ]
-        if not missing:
-            return
         consts = ConstantResolver(opset, model.ir_version)
+        everything = [v for n in graph for v in n.outputs if v is not None]
+        outputs = _fold_reads(graph, consts) if for_fold else everything
+        missing = [v for v in outputs if v.shape is None and v.name]
+        if not missing:
+            consts.close()
+            return
         try:
+            result: onnx.GraphProto | None = None
             try:
-                inferred = _infer(model, consts)
+                light = _light_copy(model, source) if source is not None else None
+                result = _infer(model, consts, light)
             except Exception as exc:  # inference is a help, never a requirement
                 logger.info("shape inference failed, using the shapes the model has: %s", exc)
-                inferred = {}
+            inferred = _shapes_of(result, {v.name for v in missing if v.name})
+            if len(inferred) < len(missing) and for_fold:
+                # the fallback below builds a shape from the producer's: give it every value
+                missing = [v for v in everything if v.shape is None and v.name]
+                inferred = _shapes_of(result, None)
             for v in missing:  # in graph order, so each can build on the ones before
                 shape = inferred.get(v.name or "")
                 if shape is None:
@@ -584,8 +609,82 @@ _SHAPE_INPUTS = {
 }
 
 
-def _infer(model: ir.Model, consts: ConstantResolver) -> dict[str, ir.Shape]:
+def _fold_reads(graph: ir.Graph, consts: ConstantResolver) -> list[ir.Value]:
+    """The computed values whose shapes a fold may read, each once, in graph order: the
+    inputs and outputs of linear ops, norms, layout ops and elementwise ops with an operand
+    that may be constant, and what ``Shape`` reads (a constant can come from a shape)."""
+    seen: set[int] = set()
+    out: list[ir.Value] = []
+
+    def add(values: Iterable[ir.Value | None]) -> None:
+        for v in values:
+            if v is not None and id(v) not in seen and v.producer() is not None:
+                seen.add(id(v))
+                out.append(v)
+
+    for node in graph:
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if op in _READ_BY_FOLD or (
+            op in ELEMENTWISE_OPS and any(consts.may_be_constant(v) for v in node.inputs)
+        ):
+            add(node.inputs)
+            add(node.outputs)
+        elif op == "Shape" and node.inputs:
+            add(node.inputs[:1])
+    return out
+
+
+def _light_copy(model: ir.Model, source: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``source`` without the bytes of its large initializers, or ``None`` when its main graph
+    is not node for node the one of ``model`` (then the graph is serialized again)."""
+    graph, src = model.graph, source.graph
+    if len(src.node) != len(graph):
+        return None
+    proto = onnx.ModelProto()
+    proto.ir_version = max(model.ir_version, 4)
+    proto.opset_import.extend(source.opset_import)
+    proto.functions.extend(source.functions)
+    g = proto.graph
+    g.name = src.name or "main"
+    g.node.extend(src.node)
+    g.input.extend(src.input)
+    g.output.extend(src.output)
+    g.value_info.extend(src.value_info)
+    inputs = {i.name for i in src.input}
+    for tensor in src.initializer:
+        large = tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() > (
+            _INFER_INLINE_BYTES + 64
+        )
+        if not large:
+            g.initializer.append(tensor)
+        elif tensor.name not in inputs:
+            g.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )
+    return proto
+
+
+def _infer(
+    model: ir.Model, consts: ConstantResolver, light: onnx.ModelProto | None = None
+) -> onnx.GraphProto:
+    """The main graph after onnx's shape inference (``value_info`` and outputs typed)."""
     graph = model.graph
+    if light is not None:
+        folded: dict[int, str] = {}
+        for i, node in enumerate(graph):
+            proto_node = light.graph.node[i] if node.op_type in _SHAPE_INPUTS else None
+            if proto_node is None:
+                continue
+            if proto_node.op_type != node.op_type or list(proto_node.output) != [
+                o.name or "" for o in node.outputs
+            ]:
+                light = None  # not the graph that was read: serialize it again
+                break
+            _fold_shape_inputs(node, proto_node, light.graph, consts, folded)
+    if light is not None:
+        return _run_inference(light)
     proto = onnx.ModelProto()
     proto.ir_version = max(model.ir_version, 4)
     for domain, version in model.opset_imports.items():
@@ -626,30 +725,53 @@ def _infer(model: ir.Model, consts: ConstantResolver) -> dict[str, ir.Shape]:
                 )
             )
             continue
-        proto_node = ir.serde.serialize_node(node)
-        for idx in _SHAPE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
-            v = node.inputs[idx] if idx < len(node.inputs) else None
-            producer = v.producer() if v is not None else None
-            if v is None or producer is None or producer.op_type == "Constant":
-                continue
-            if id(v) not in folded:
-                arr = consts.try_resolve(v)
-                if arr is None or arr.size > 64 or not np.issubdtype(arr.dtype, np.integer):
-                    continue
-                name = f"__normfuse_shape_{len(folded)}"
-                g.initializer.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
-                folded[id(v)] = name
-            proto_node.input[idx] = folded[id(v)]
-        g.node.append(proto_node)
+        proto_node = g.node.add()
+        ir.serde.serialize_node_into(proto_node, node)
+        _fold_shape_inputs(node, proto_node, g, consts, folded)
     for v in graph.outputs:
         g.output.append(ir.serde.serialize_value(v))
     for function in model.functions.values():
         proto.functions.append(ir.serde.serialize_function(function))
-    result = onnx.shape_inference.infer_shapes(
+    return _run_inference(proto)
+
+
+def _fold_shape_inputs(
+    node: ir.Node,
+    proto_node: onnx.NodeProto,
+    g: onnx.GraphProto,
+    consts: ConstantResolver,
+    folded: dict[int, str],
+) -> None:
+    """Computed shape/axes inputs that resolve to small integer constants go in as constants."""
+    for idx in _SHAPE_INPUTS.get(node.op_type, ()) if node.domain in ("", "ai.onnx") else ():
+        v = node.inputs[idx] if idx < len(node.inputs) else None
+        producer = v.producer() if v is not None else None
+        if v is None or producer is None or producer.op_type == "Constant":
+            continue
+        if id(v) not in folded:
+            arr = consts.try_resolve(v)
+            if arr is None or arr.size > 64 or not np.issubdtype(arr.dtype, np.integer):
+                continue
+            name = f"__normfuse_shape_{len(folded)}"
+            g.initializer.append(onnx.numpy_helper.from_array(np.asarray(arr), name))
+            folded[id(v)] = name
+        proto_node.input[idx] = folded[id(v)]
+
+
+def _run_inference(proto: onnx.ModelProto) -> onnx.GraphProto:
+    return onnx.shape_inference.infer_shapes(
         proto, check_type=False, strict_mode=False, data_prop=True
-    )
+    ).graph
+
+
+def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[str, ir.Shape]:
+    """Shapes by value name from an inferred graph (only the ``wanted`` names, when given)."""
     out: dict[str, ir.Shape] = {}
-    for info in [*result.graph.value_info, *result.graph.output]:
+    if graph is None:
+        return out
+    for info in [*graph.value_info, *graph.output]:
+        if wanted is not None and info.name not in wanted:
+            continue
         t = info.type
         if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             continue

@@ -217,13 +217,14 @@ def check_model_prefix(path: Path) -> None:
                 ) from None
 
 
-def load_self_backed(path: Path) -> ir.Model | None:
+def load_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
     """Parse ``path`` without its large initializer bytes, which become views into the file.
 
     The protobuf wire format is scanned over a memory map: every field is copied as it is but
     the main graph's initializers, whose ``raw_data`` is replaced by an external-data reference
     (location: the model file itself, at the byte offset of that data). Returns ``None`` when
-    nothing is large enough to be worth it, or the file already uses external data.
+    nothing is large enough to be worth it, or the file already uses external data. The
+    parsed (light) ModelProto comes with the model.
     """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -259,7 +260,7 @@ def load_self_backed(path: Path) -> ir.Model | None:
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value.meta[SELF_BACKED_KEY] = True
     model.meta[SELF_BACKED_KEY] = str(path)
-    return model
+    return model, proto
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -1,0 +1,218 @@
+"""The API's paths as pipelines take them (issue 20) and big graphs (issue 16, item 10).
+
+- ``load(path)`` and ``fold(path)`` read lazily, as the command does: large tensors stay in
+  the file, and a file that changed before the model is saved is refused, never read.
+- ``fold(onnx_ir.Model)`` works on a clone that shares the caller's tensors: the caller's
+  arrays (writable numpy arrays included) keep their bytes.
+- Shape inference from the loader's ModelProto gives the shapes the serialized graph gives.
+- The constant resolver answers "not constant" structurally, without raising through every
+  producer (what made chain finding quadratic-looking on 200k-node graphs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto as TP
+from onnx import helper
+
+import normfuse
+from normfuse.core.errors import InputError
+from normfuse.onnxgraph import io as onnx_io
+from normfuse.onnxgraph import paths
+from normfuse.onnxgraph.const import ConstantResolver
+from tests.conftest import bn_node, bn_params, make_model, normal, run, tensor
+
+F = TP.FLOAT
+
+
+def _conv_bn(rng: np.random.Generator, cin: int = 8, cout: int = 32) -> onnx.ModelProto:
+    """Conv (a weight above the 1 KiB lazy threshold) + BN with random statistics, then a
+    per-channel Mul/Add after a Relu (a chain that stays)."""
+    inits = [
+        tensor("W", normal(rng, [cout, cin, 3, 3])),
+        *bn_params(rng, cout),
+        tensor("k", rng.uniform(0.5, 1.5, (1, cout, 1, 1)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "b"),
+        helper.make_node("Relu", ["b"], ["r"], name="relu"),
+        helper.make_node("Mul", ["r", "k"], ["y"], name="mul"),
+    ]
+    return make_model(nodes, [("x", F, [2, cin, 6, 6])], [("y", F, [2, cout, 6, 6])], inits)
+
+
+@pytest.fixture
+def saved(rng, tmp_path):
+    m = _conv_bn(rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    return m, path
+
+
+def test_load_is_lazy_and_save_copies_the_untouched_tensors(saved, tmp_path, rng):
+    m, path = saved
+    model = normfuse.load(path)
+    w = model.graph.initializers["W"].const_value
+    assert isinstance(w, ir.ExternalTensor), "a large tensor stays in the file"
+    folded, report = normfuse.fold(model, check=False)
+    assert len(report.applied) == 1
+    out = normfuse.save(folded, tmp_path / "out.onnx")
+    x = {"x": normal(rng, [2, 8, 6, 6])}
+    np.testing.assert_allclose(run(onnx.load(out), x)[0], run(m, x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change", ["rewrite", "replace", "remove", "touch"])
+def test_a_changed_file_is_refused_before_its_tensors_are_read(saved, tmp_path, change):
+    _, path = saved
+    model = normfuse.load(path)
+    folded, _ = normfuse.fold(path, check=False)  # also lazy: untouched tensors in the file
+    other = _conv_bn(np.random.default_rng(99))
+    if change == "rewrite":  # same inode, new bytes
+        with open(path, "r+b") as f:
+            f.write(other.SerializeToString())
+    elif change == "replace":  # a new file renamed over it
+        onnx.save(other, tmp_path / "new.onnx")
+        os.replace(tmp_path / "new.onnx", path)
+    elif change == "remove":
+        path.unlink()
+    else:  # same bytes, a new modification time
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    for what in (model, folded):
+        with pytest.raises(InputError, match="since the model was read from it"):
+            normfuse.save(what, tmp_path / "out.onnx", force=True)
+    with pytest.raises(InputError, match="since the model was read from it"):
+        normfuse.fold(model, check=False)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_the_command_refuses_nothing_when_the_file_stays(saved, tmp_path):
+    _, path = saved
+    model = normfuse.load(path)
+    normfuse.save(model, tmp_path / "a.onnx")
+    normfuse.save(model, tmp_path / "b.onnx")  # saved twice: the file is still the one read
+    assert onnx.load(tmp_path / "a.onnx").SerializeToString() == (
+        onnx.load(tmp_path / "b.onnx").SerializeToString()
+    )
+
+
+def test_fold_of_an_onnx_ir_model_leaves_the_callers_arrays(rng):
+    """The clone shares tensors: writable numpy-backed tensors must keep their bytes."""
+    m = _conv_bn(rng)
+    model = ir.from_proto(m)
+    for value in model.graph.initializers.values():  # tensors over writable arrays
+        value.const_value = ir.Tensor(value.const_value.numpy().copy(), name=value.name)
+    before = {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
+    for kwargs in ({}, {"norm_affine": True}, {"reparam": True}):
+        folded, report = normfuse.fold(model, **kwargs)
+        assert report.applied
+        after = {k: v.const_value.numpy() for k, v in model.graph.initializers.items()}
+        assert after.keys() == before.keys()
+        for k in before:
+            np.testing.assert_array_equal(after[k], before[k], err_msg=k)
+        assert [n.op_type for n in model.graph] == ["Conv", "BatchNormalization", "Relu", "Mul"]
+        assert folded is not model
+
+
+def test_inference_from_the_source_proto_equals_the_serialized_graph(rng):
+    """A tf2onnx-style graph without value_info, a Reshape whose shape is computed."""
+    c = 6
+    inits = [
+        tensor("W", normal(rng, [c, 4, 3, 3])),
+        *bn_params(rng, c),
+        tensor("axes", np.array([0], np.int64)),
+        tensor("tail", np.array([-1], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["xt", "W"], ["c"], pads=[1, 1, 1, 1]),
+        bn_node("c", "b"),
+        helper.make_node("Shape", ["b"], ["s"]),
+        helper.make_node("Gather", ["s", "axes"], ["n"], axis=0),
+        helper.make_node("Concat", ["n", "tail"], ["shape"], axis=0),
+        helper.make_node("Reshape", ["b", "shape"], ["y"]),
+    ]
+    m = make_model(nodes, [("x", F, ["N", 5, 5, 4])], [("y", F, None)], inits)
+    del m.graph.value_info[:]
+    model = ir.from_proto(m)
+    consts = ConstantResolver(17, model.ir_version)
+    light = paths._light_copy(model, m)
+    assert light is not None
+    a = paths._shapes_of(paths._infer(model, consts), None)
+    b = paths._shapes_of(paths._infer(model, consts, light), None)
+    assert {k: str(v) for k, v in a.items()} == {k: str(v) for k, v in b.items()}
+    assert str(b["c"]) == "[N,6,5,5]"
+    # a graph that is not the one read (a node more) is serialized again
+    model.graph.append(ir.node("Identity", [model.graph.outputs[0]]))
+    assert paths._light_copy(model, m) is None
+
+
+def test_may_be_constant_is_structural_and_agrees_with_resolve(rng):
+    inits = [tensor("a", normal(rng, [3])), tensor("b", normal(rng, [3]))]
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["ab"]),  # constant expression
+        helper.make_node("Relu", ["x"], ["r"]),  # run time
+        helper.make_node("Mul", ["r", "ab"], ["m"]),  # run time (one operand is)
+        helper.make_node("Shape", ["x"], ["s"]),  # constant: the input's shape is static
+        helper.make_node("Cast", ["s"], ["sf"], to=TP.FLOAT),
+        helper.make_node("Add", ["m", "sf"], ["y"]),
+    ]
+    model = ir.from_proto(make_model(nodes, [("x", F, [3])], [("y", F, [3])], inits))
+    consts = ConstantResolver(17, model.ir_version)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    values["x"] = model.graph.inputs[0]
+    expected = {"ab": True, "r": False, "m": False, "s": True, "sf": True, "y": False, "x": False}
+    for name, constant in expected.items():
+        assert consts.may_be_constant(values[name]) is constant, name
+        assert (consts.try_resolve(values[name]) is not None) is constant, name
+    np.testing.assert_array_equal(consts.try_resolve(values["sf"]), [3.0])
+
+
+def test_deep_graph_chain_finding_raises_no_cascade(rng):
+    """A 3,000-node residual chain: every Add is asked whether an operand is constant; the
+    answer must come without resolving (and raising) through the whole prefix."""
+    nodes, x = [], "x"
+    for i in range(1500):
+        nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
+        nodes.append(helper.make_node("Add", [f"r{i}", x], [f"t{i}"]))
+        x = f"t{i}"
+    model = ir.from_proto(make_model(nodes, [("x", F, [1, 4])], [(x, F, [1, 4])], []))
+    consts = ConstantResolver(17, model.ir_version)
+    calls = 0
+    resolve = consts.resolve
+
+    def counting(value, depth=0):
+        nonlocal calls
+        calls += 1
+        return resolve(value, depth)
+
+    consts.resolve = counting  # type: ignore[method-assign]
+    for node in model.graph:
+        for v in node.inputs:
+            assert consts.try_resolve(v) is None
+    assert calls == 0
+
+
+def test_the_loaders_proto_is_handed_over_once(saved):
+    _, path = saved
+    loaded = onnx_io.load(path, lazy=True)
+    assert loaded.take_proto() is not None
+    assert loaded.take_proto() is None
+
+
+def test_rewrites_of_a_lazily_loaded_model_are_checked_from_its_file(saved, tmp_path):
+    """The check must see the tensors, not references into the input file."""
+    _, path = saved
+    model = normfuse.load(path)
+    folded, report = normfuse.fold(model)  # checked
+    assert report.parity is not None and report.parity.passed
+    swapped, report = normfuse.swap(model, "frozen")
+    assert report.parity is not None and report.parity.passed
+    again, report = normfuse.fold(path)  # a path: lazy, checked
+    assert report.parity is not None and report.parity.passed
