@@ -464,3 +464,28 @@ def test_functional_convs_in_a_graphmodule():
     out, entries, err, report = merged(fx.symbolic_trace(model), x)
     assert convs(out) == 1 and err <= 1e-5 and report.parity.passed
     assert entries[0].target.endswith("(3x3 + 1x1 + identity BatchNorm2d)")
+
+
+def test_untraceable_module_is_merged_through_torch_export():
+    """torch.fx cannot trace a branch on the input's shape; torch.export can: the merge is made
+    in the exported module's graph, and the result says so."""
+    g = gen(19)
+
+    class ShapeBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Sum(conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g), bn(6, g))
+
+        def forward(self, x):
+            if x.shape[-1] > 4:
+                x = x * 2
+            return self.block(x)
+
+    model = ShapeBranch().eval()
+    x = torch.randn(1, 6, 8, 8, generator=g)
+    with pytest.raises(fx.proxy.TraceError):
+        fx.symbolic_trace(model)
+    out, entries, err, report = merged(model, x)
+    assert convs(out) == 1 and err <= 1e-5 and report.parity.passed
+    assert entries[0].status == "applied"
+    assert any("torch.export GraphModule" in n for n in report.notes)
