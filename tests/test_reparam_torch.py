@@ -348,9 +348,10 @@ def test_repvgg_style_network_each_input_kind(kind):
     assert err <= 1e-5
     assert [e.status for e in entries] == ["applied"] * 4
     assert report.parity.passed
-    if kind == "module":
-        assert isinstance(out, fx.GraphModule)
-        assert any("GraphModule" in n for n in report.notes)
+    if kind == "module":  # merged inside its blocks, each now a GraphModule: the class stays
+        assert type(out) is nn.Sequential
+        assert all(isinstance(out[i], fx.GraphModule) for i in range(4))
+        assert any("keeps its class Sequential" in n for n in report.notes)
     if kind == "exported":
         assert isinstance(out, torch.export.ExportedProgram)
 
@@ -467,19 +468,19 @@ def test_functional_convs_in_a_graphmodule():
 
 
 def test_untraceable_module_is_merged_through_torch_export():
-    """torch.fx cannot trace a branch on the input's shape; torch.export can: the merge is made
-    in the exported module's graph, and the result says so."""
+    """torch.fx cannot trace a branch on the input's shape; torch.export can: a block in the
+    model's own forward is merged in the exported module's graph, and the result says so."""
     g = gen(19)
 
     class ShapeBranch(nn.Module):
         def __init__(self):
             super().__init__()
-            self.block = Sum(conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g), bn(6, g))
+            self.a, self.b, self.bn = conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g), bn(6, g)
 
         def forward(self, x):
             if x.shape[-1] > 4:
                 x = x * 2
-            return self.block(x)
+            return self.a(x) + self.b(x) + self.bn(x)
 
     model = ShapeBranch().eval()
     x = torch.randn(1, 6, 8, 8, generator=g)
@@ -487,5 +488,32 @@ def test_untraceable_module_is_merged_through_torch_export():
         fx.symbolic_trace(model)
     out, entries, err, report = merged(model, x)
     assert convs(out) == 1 and err <= 1e-5 and report.parity.passed
-    assert entries[0].status == "applied"
+    assert isinstance(out, fx.GraphModule) and entries[0].status == "applied"
     assert any("torch.export GraphModule" in n for n in report.notes)
+
+
+def test_submodule_blocks_keep_the_model_class_and_its_methods():
+    """Blocks inside submodules: each such submodule becomes its merged GraphModule; the model
+    stays an instance of its class (its other methods and attributes too)."""
+    g = gen(20)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 6, 3, padding=1)
+            self.block = Sum(conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g), bn(6, g))
+            self.label = "mine"
+
+        def forward(self, x):
+            return self.block(self.stem(x))
+
+        def describe(self):
+            return self.label
+
+    model = Net().eval()
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    out, entries, err, report = merged(model, x)
+    assert type(out) is Net and out.describe() == "mine"
+    assert isinstance(out.block, fx.GraphModule) and convs(out) == 2
+    assert err <= 1e-5 and report.parity.passed
+    assert [e.node for e in entries] == ["block"]

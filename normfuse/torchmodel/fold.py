@@ -29,6 +29,7 @@ elsewhere, zero padding, shape mismatch, ...).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 import warnings
@@ -56,7 +57,7 @@ from normfuse.torchmodel.modules import (
     tensors_of,
 )
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
-from normfuse.torchmodel.pairs import BN_TARGETS, trace_module
+from normfuse.torchmodel.pairs import BN_TARGETS, is_bn_module, is_linear_module, trace_module
 from normfuse.torchmodel.reparam import reparam_graph
 from normfuse.torchmodel.surgery import drop_unused, fold_graph, sequential_graph
 from normfuse.torchmodel.untraced import fold_untraceable, kept_buffers, uncovered_norms
@@ -217,9 +218,10 @@ def fold_torch(
         strict: Raise :class:`normfuse.StrictError` when some candidate was skipped.
         tolerances: ``{dtype: (atol, rtol)}`` for the check.
         reparam: Then merge parallel/sequential linear branches into one op
-            (:mod:`normfuse.torchmodel.reparam`). An ``nn.Module`` is merged on a traced copy
-            (``torch.fx``, else ``torch.export``): when a block merged, the result is that
-            GraphModule, not the model's class.
+            (:mod:`normfuse.torchmodel.reparam`). In an ``nn.Module``, submodules holding a
+            block become their merged GraphModules (the model keeps its class); a block in the
+            model's own ``forward`` is merged in a trace of the whole (``torch.fx``, else
+            ``torch.export``), and the result is then that GraphModule.
 
     Returns:
         ``(folded_model, report)``.
@@ -349,43 +351,120 @@ def _fold_module(model: nn.Module, example_inputs: Any, inplace: bool, report: R
 
 def _reparam_module(root: nn.Module, example_inputs: Any, inplace: bool, report: Report) -> Any:
     """The branch merges of ``root`` (already BN-folded): on ``root`` itself when it is a
-    GraphModule, else on a traced copy, returned when a block merged."""
+    GraphModule; else in its submodules (:func:`_reparam_parts`, the model keeps its class), then
+    on a traced copy of the whole, returned when a block merged there."""
     if isinstance(root, fx.GraphModule):
         report.entries.extend(reparam_graph(root, earlier=report.entries))
         report.after = module_stats(root)
         return root
+    found, replaced = _reparam_parts(root, example_inputs, report)
     how = "torch.fx"
     try:
         gm: Any = trace_module(root)
     except Exception as exc:
         why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        if example_inputs is None:
-            report.notes.append(f"reparam: torch.fx could not trace the model ({why}); no merge")
-            return root
-        args, kwargs = example_args(example_inputs)
-        try:
-            with kept_buffers(root), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                gm = torch.export.export(root, args, kwargs, strict=False).module()
-        except Exception as exc2:
-            first = (str(exc2).strip().splitlines() or [type(exc2).__name__])[0][:160]
-            report.notes.append(
-                f"reparam: neither torch.fx ({why}) nor torch.export ({first}) could trace the "
-                "model; no merge"
-            )
-            return root
-        how = "torch.export"
-    entries = reparam_graph(gm, earlier=report.entries)
-    report.entries.extend(entries)
+        gm = None
+        if example_inputs is not None:
+            args, kwargs = example_args(example_inputs)
+            try:
+                with kept_buffers(root), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    gm = torch.export.export(root, args, kwargs, strict=False).module()
+                how = "torch.export"
+            except Exception as exc2:
+                why += f"; torch.export: {(str(exc2).strip().splitlines() or [''])[0][:160]}"
+        if gm is None:
+            report.notes.append(f"reparam: the model as a whole could not be traced ({why})")
+    entries = reparam_graph(gm, earlier=report.entries) if gm is not None else []
+    for e in entries:
+        if e.status == "applied" or e.node not in found:
+            found[e.node] = e
+    report.entries.extend(sorted(found.values(), key=lambda e: _path_key(e.node)))
+    if replaced:
+        report.notes.append(
+            f"reparam: merged inside {len(replaced)} submodule(s), each replaced by its merged "
+            f"torch.fx GraphModule ({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}"
+            f"); the model keeps its class {type(root).__name__}"
+        )
     if not any(e.status == "applied" for e in entries):
+        report.after = module_stats(root)
         return root
     report.notes.append(
-        f"reparam: merged in a {how} GraphModule of {type(root).__name__}: the result is that "
-        f"GraphModule (its submodules keep their names), not a {type(root).__name__}"
+        f"reparam: merged in a {how} GraphModule of {type(root).__name__} (a block in its own "
+        f"forward): the result is that GraphModule (its submodules keep their names), not a "
+        f"{type(root).__name__}"
         + ("; inplace=True changed the model's BN folds only" if inplace else "")
     )
     report.after = module_stats(gm)
     return gm
+
+
+def _path_key(path: str) -> list[tuple[int, int | str]]:
+    """A module path as a sort key: ``stages.10`` after ``stages.9``."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in path.split(".")]
+
+
+def _reparam_parts(
+    root: nn.Module, example_inputs: Any, report: Report
+) -> tuple[dict[str, Entry], list[str]]:
+    """Merge inside each submodule that ``torch.fx`` traces alone, deepest first, and replace a
+    submodule where a block merged by its merged GraphModule, so that the model keeps its class.
+
+    Only submodules that every call on ``example_inputs`` (forward pre-hooks) passes tensors
+    only, positionally, one for each parameter of ``forward``: a trace alone reads optional
+    arguments as given, which a call without them would contradict. Returns the entries by
+    block and the submodules replaced."""
+    found: dict[str, Entry] = {}
+    replaced: list[str] = []
+    if example_inputs is None:
+        return found, replaced
+    plain: dict[int, bool] = {}
+
+    def hook(m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        try:
+            params = list(inspect.signature(m.forward).parameters.values())
+        except (TypeError, ValueError):
+            params = []
+        good = (
+            not kwargs
+            and len(args) == len(params)
+            and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+            and all(isinstance(a, torch.Tensor) for a in args)
+        )
+        plain[id(m)] = plain.get(id(m), True) and good
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in root.modules()]
+    try:
+        with torch.no_grad(), kept_buffers(root), eval_mode(root):
+            call_module(root, move_inputs(example_inputs, root))
+    except Exception:
+        return found, replaced
+    finally:
+        for h in handles:
+            h.remove()
+    for name, sub in reversed(list(root.named_modules())):
+        if (
+            not name
+            or not plain.get(id(sub))
+            or not any(True for _ in sub.children())
+            or isinstance(sub, fx.GraphModule)
+            or is_linear_module(sub)
+            or is_bn_module(sub)
+        ):
+            continue
+        try:
+            gm = trace_module(sub)
+        except Exception:
+            continue
+        entries = reparam_graph(gm, earlier=report.entries, prefix=name)
+        for e in entries:
+            if e.status == "applied" or e.node not in found:
+                found[e.node] = e
+        if any(e.status == "applied" for e in entries):
+            parent, _, leaf = name.rpartition(".")
+            setattr(root.get_submodule(parent) if parent else root, leaf, gm)
+            replaced.append(name)
+    return found, replaced
 
 
 def _fold_exported(

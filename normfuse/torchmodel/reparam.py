@@ -119,7 +119,7 @@ def _tuple(value: Any, n: int) -> tuple[int, ...]:
 
 
 def reparam_graph(
-    gm: fx.GraphModule, label: str = "", earlier: list[Entry] | None = None
+    gm: fx.GraphModule, label: str = "", earlier: list[Entry] | None = None, prefix: str = ""
 ) -> list[Entry]:
     """Merge the branches of every block of ``gm`` in place (see the module docstring).
 
@@ -128,11 +128,13 @@ def reparam_graph(
         label: The report's ``graph`` field.
         earlier: The BN folds' entries: a norm skipped there (an identity branch's BatchNorm)
             and merged here becomes applied, into the merged op, direction ``reparam``.
+        prefix: ``gm``'s qualified name in the model (``gm`` traced from a submodule): the
+            entries name modules from the model's root.
 
     Returns:
         One entry per block: applied with the branches merged, or skipped with the reason.
     """
-    merger = _Merger(gm, label)
+    merger = _Merger(gm, label, prefix)
     entries = merger.run()
     for e in earlier or []:
         target = merger.absorbed.get(e.node)
@@ -157,9 +159,10 @@ def reparam_graph(
 
 
 class _Merger:
-    def __init__(self, gm: fx.GraphModule, label: str) -> None:
+    def __init__(self, gm: fx.GraphModule, label: str, prefix: str = "") -> None:
         self.gm = gm
         self.label = label
+        self.prefix = prefix
         self.changed = False
         self.consts: dict[fx.Node, torch.Tensor | None] = {}
         self.rank: int | None = None
@@ -336,9 +339,7 @@ class _Merger:
             norm is not None
             and norm.node is node
             and norm.affine is not None
-            and all(
-                isinstance(m, nn.Identity | nn.Dropout) and not m.training for _, m in norm.tail
-            )
+            and all(type(m) in (nn.Identity, nn.Dropout) and not m.training for _, m in norm.tail)
         ):
             return "bn", norm.affine, norm.input, list(norm.erase)
         scaled = self._scaled(node)
@@ -428,11 +429,19 @@ class _Merger:
             v, reader = v.args[0], v
         return v
 
+    def _path(self, node: fx.Node) -> str:
+        """The module a node belongs to, from the model's root; else the node's name."""
+        path = source_name(node)
+        if node.op != "call_module" and path == node.name:
+            return self.prefix or path
+        return f"{self.prefix}.{path}" if self.prefix else path
+
     def _name(self, node: fx.Node) -> str:
         if node.op == "call_module":
-            return f"{type(self.gm.get_submodule(str(node.target))).__name__} '{node.target}'"
-        what = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-        return f"{what} '{source_name(node)}'"
+            what = type(self.gm.get_submodule(str(node.target))).__name__
+        else:
+            what = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        return f"{what} '{self._path(node)}'"
 
     def _is_pool(self, node: fx.Node) -> bool:
         if node.op == "call_module":
@@ -898,7 +907,8 @@ class _Merger:
         for node in nodes:
             norm = as_norm(self.gm, node)
             if norm is not None and norm.affine is not None:
-                self.absorbed[norm.name] = target
+                key = norm.name if not self.prefix else f"{self.prefix}.{norm.name}"
+                self.absorbed[self._path(node) if norm.module_target else key] = target
         for value, coef in foreign:
             with graph.inserting_before(anchor):
                 out = graph.call_function(
@@ -915,7 +925,7 @@ class _Merger:
 
     def _entry(self, node: fx.Node, status: str, **kw: Any) -> Entry:
         return Entry(
-            source_name(node),
+            self._path(node),
             self._name(node).split(" ")[0],
             status,  # type: ignore[arg-type]
             graph=self.label,
