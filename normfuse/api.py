@@ -112,9 +112,9 @@ def fold(
         progress: Called with ``(done, total)``.
         reparam: Then merge parallel/sequential linear branches into one op (RepVGG,
             MobileOne, ...; docs/reparam.md). ONNX: in the graph. PyTorch: a GraphModule or
-            ExportedProgram in its graph; an ``nn.Module`` on a traced copy (``torch.fx``,
-            else ``torch.export``), which is returned (a GraphModule, not the model's class)
-            when some block merged.
+            ExportedProgram in its graph; in an ``nn.Module``, each submodule holding a block
+            becomes its merged GraphModule (the model keeps its class), and a block in the
+            model's own ``forward`` makes the result a traced GraphModule of the whole.
 
     Returns:
         ``(folded_model, report)``.
