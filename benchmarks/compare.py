@@ -47,6 +47,8 @@ sys.path.insert(0, str(ROOT))
 import onnx  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from benchmarks.peers import API_TOOLS  # noqa: E402
+
 PEERS = {
     "onnxsim": "onnxsim",
     "onnxslim": "onnxslim",
@@ -207,10 +209,10 @@ def _synthetic(work: Path) -> dict[str, Path]:
     return out
 
 
-def build_models(work: Path, quick: bool) -> list[dict]:
+def build_models(work: Path, quick: bool, families: list[str] | None = None) -> list[dict]:
     """The run's models: the families at full size (tiny with ``quick``), both exporters, fp16
     exports of three, the bundled and hand-written pattern models, and (not ``quick``) the
-    external-data model above 2 GB."""
+    external-data model above 2 GB. ``families``: only these families, nothing else."""
     import torch
 
     from models import build, zoo
@@ -218,6 +220,8 @@ def build_models(work: Path, quick: bool) -> list[dict]:
     shape = (1, 3, 32, 32) if quick else (1, 3, 224, 224)
     items: list[dict] = []
     for name in sorted(zoo.FAMILIES):
+        if families is not None and name not in families:
+            continue
         model = zoo.build(name) if quick else zoo.build_full(name)
         for exporter in ("legacy", "dynamo"):
             path = work / f"{name}_{exporter}.onnx"
@@ -235,6 +239,8 @@ def build_models(work: Path, quick: bool) -> list[dict]:
                 }
             )
         del model
+    if families is not None:
+        return items
     for p in sorted((ROOT / "models").glob("*.onnx")):
         items.append({"model": f"bundled {p.stem}", "path": p, "kind": "pattern"})
     for name, p in _synthetic(work).items():
@@ -353,6 +359,8 @@ def measure(items: list[dict], tools: list[str], repeat: int, work: Path) -> lis
             row["work_rss_mb"] = (last["peak_rss"] - last["baseline_rss"]) / 1e6
             row["peak_rss_mb"] = last["peak_rss"] / 1e6
             row["checker"] = _checker(out)
+            if "phases" in last:
+                row["phases"] = last["phases"]
             try:
                 if item["kind"] == "fp16" and "fp32" in item:
                     row["max_rel"] = max_rel_error(item["fp32"], out, cast_to=np.float16)
@@ -440,7 +448,7 @@ RUNTIME_SUBGRAPH = {"onnxoptimizer"}
 
 def targets(rows: list[dict], tools: list[str], fp16_runs: dict | None) -> list[str]:
     """Issue 6's targets, each with normfuse's figure and ``met`` or ``missed``."""
-    peers = [t for t in tools if t != "normfuse"]
+    peers = [t for t in tools if t != "normfuse" and t not in API_TOOLS]
     mine = {r["model"]: r for r in rows if r["tool"] == "normfuse"}
     by_model: dict[str, dict[str, dict]] = {}
     for r in rows:
@@ -543,6 +551,84 @@ def targets(rows: list[dict], tools: list[str], fp16_runs: dict | None) -> list[
     return out
 
 
+def api_targets(rows: list[dict]) -> list[str]:
+    """Issue 20's targets: each API path against the command's internal path (``normfuse``)
+    and onnxruntime's offline optimizer, measured in the same run."""
+    by_model: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_model.setdefault(r["model"], {})[r["tool"]] = r
+    out = [
+        "| model | MB | "
+        + " | ".join(f"{t} time / memory" for t in API_TOOLS[:4])
+        + " | api-load / onnxruntime | cli-check: load, fold, check, save (s) |",
+        "|---|---|" + "---|" * 6,
+    ]
+    nan = float("nan")
+    worst_time: dict[str, float] = {}
+    worst_mem: dict[str, float] = {}
+    vs_ort: list[tuple[float, float]] = []
+    for model, tools in by_model.items():
+        cli = tools.get("normfuse", {})
+        if "seconds" not in cli:
+            continue
+        cells = []
+        for tool in API_TOOLS[:4]:
+            r = tools.get(tool, {})
+            if "seconds" not in r:
+                cells.append("—")
+                continue
+            t = r["seconds"] / cli["seconds"]
+            extra = (r["work_rss_mb"] - cli["work_rss_mb"]) / r["size_mb"]
+            worst_time[tool] = max(worst_time.get(tool, 0.0), t)
+            worst_mem[tool] = max(worst_mem.get(tool, -inf_), extra)
+            cells.append(f"{t:.2f}× / {extra:+.2f}")
+        api, ort = tools.get("api-load", {}), tools.get("ort-basic", {})
+        ratio = api["seconds"] / ort["seconds"] if "seconds" in api and "seconds" in ort else nan
+        if ratio == ratio:
+            vs_ort.append((cli["size_mb"], ratio))
+        phases = tools.get("cli-check", {}).get("phases") or {}
+        ph = ", ".join(f"{phases.get(k, nan):.2f}" for k in ("load", "fold", "check", "save"))
+        out.append(
+            f"| {model} | {cli['size_mb']:.0f} | {' | '.join(cells)} | {ratio:.2f}× | {ph} |"
+        )
+    out += [
+        "",
+        "Time: the API path's over the command's internal path; memory: the API path's work "
+        "memory minus the command's, in model sizes (0 = the same; in-memory forms hold the "
+        "caller's model and return a new one).",
+        "",
+        "| target (issue 20) | figure | verdict |",
+        "|---|---|---|",
+    ]
+
+    def add(target: str, figure: str, ok: bool) -> None:
+        out.append(f"| {target} | {figure} | {'met' if ok else '**missed**'} |")
+
+    for tool, t in worst_time.items():
+        add(f"{tool} within 1.1× of the command's path, every model", f"worst {t:.2f}×", t <= 1.1)
+    for tool, m in worst_mem.items():
+        bound = 0.2 if tool in ("api-path", "api-load") else 1.0
+        add(
+            f"{tool} memory: at most {bound} model sizes above the command's",
+            f"worst {m:+.2f}",
+            m <= bound,
+        )
+    big = [r for size, r in vs_ort if size > 20]
+    if big:
+        med = statistics.median(big)
+        add("api-load median time <= 0.7× onnxruntime's, models > 20 MB", f"{med:.2f}×", med <= 0.7)
+        slower = sum(1 for r in big if r >= 1.0)
+        add(
+            "api-load slower than onnxruntime on no model > 20 MB",
+            f"{slower}/{len(big)}",
+            not slower,
+        )
+    return out
+
+
+inf_ = float("inf")
+
+
 def chart(rows: list[dict], tools: list[str], path: Path) -> bool:
     if importlib.util.find_spec("matplotlib") is None:
         return False
@@ -632,14 +718,33 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument(
+        "--api",
+        action="store_true",
+        help="also the Python API's paths and the command with its check (issue 20)",
+    )
+    parser.add_argument(
+        "--peers",
+        default=None,
+        help="only these peers, comma-separated (default: every one installed)",
+    )
+    parser.add_argument(
+        "--families",
+        default=None,
+        help="only these zoo families, comma-separated (no pattern models, no 2 GB model)",
+    )
+    parser.add_argument(
         "--from-json",
         action="store_true",
         help="rewrite RESULTS.md and the chart from the saved compare.json (and fp16.json) only",
     )
     args = parser.parse_args()
-    tools = ["normfuse"] + [
-        t for t, mod in PEERS.items() if importlib.util.find_spec(mod) is not None
+    tools = ["normfuse", *(API_TOOLS if args.api else [])] + [
+        t
+        for t, mod in PEERS.items()
+        if importlib.util.find_spec(mod) is not None
+        and (args.peers is None or t in args.peers.split(","))
     ]
+    families = args.families.split(",") if args.families else None
     args.out.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         saved = json.loads((args.out / "compare.json").read_text())
@@ -647,7 +752,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix="normfuse-compare-") as tmp:
             work = Path(tmp)
-            items = build_models(work, args.quick)
+            items = build_models(work, args.quick, families)
             rows = measure(items, tools, args.repeat, work)
             lat = latency(items, work)
         (args.out / "compare.json").write_text(
@@ -674,6 +779,11 @@ def main() -> None:
         "",
         *targets(rows, tools, fp16_runs),
         "",
+        *(
+            ["## The Python API's paths (issue 20)", "", *api_targets(rows), ""]
+            if any(t in tools for t in API_TOOLS)
+            else []
+        ),
         "## Inference latency, original vs folded by normfuse (onnxruntime, median)",
         "",
         "CUDA rows appear where onnxruntime's CUDA provider loads; this run: "

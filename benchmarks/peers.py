@@ -9,7 +9,14 @@ or ``error``.
 Tools (each as its users run it, without a parity check):
 
 * ``floor``: ``onnx.load`` + ``onnx.save``, the I/O floor.
-* ``normfuse``: ``normfuse`` load, fold, atomic save.
+* ``normfuse``: ``normfuse`` load, fold, atomic save, the command's internal path (lazy load).
+* ``api-path``: ``normfuse.fold(path, check=False)`` then ``normfuse.save`` (issue 20).
+* ``api-load``: ``normfuse.load(path)`` -> ``normfuse.fold(model, check=False)`` -> ``save``.
+* ``api-proto``: ``onnx.load`` -> ``normfuse.fold(ModelProto, check=False)`` -> ``onnx.save``
+  (what a pipeline that holds a ModelProto does; the floor's I/O is inside).
+* ``api-bytes``: the file's bytes -> ``normfuse.fold(bytes, check=False)`` -> bytes to the file.
+* ``cli-check``: the command end to end with its default parity check, start-up included
+  (a child process; ``phases`` gives its load/fold/check/save from ``--json``).
 * ``onnxsim``: ``onnxsim.simplify`` (constant folding, shape inference, its BN fusion).
 * ``onnxslim``: ``onnxslim.slim``.
 * ``onnxoptimizer``: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])``.
@@ -27,7 +34,17 @@ import time
 import traceback
 from pathlib import Path
 
-TOOLS = ["floor", "normfuse", "onnxsim", "onnxslim", "onnxoptimizer", "onnxscript", "ort-basic"]
+API_TOOLS = ["api-path", "api-load", "api-proto", "api-bytes", "cli-check"]
+TOOLS = [
+    "floor",
+    "normfuse",
+    *API_TOOLS,
+    "onnxsim",
+    "onnxslim",
+    "onnxoptimizer",
+    "onnxscript",
+    "ort-basic",
+]
 
 
 def _rss_now() -> int:
@@ -42,6 +59,10 @@ def _rss_peak() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _children_peak() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
 def _prepare(tool: str, external: bool):
@@ -69,6 +90,45 @@ def _prepare(tool: str, external: bool):
             loaded = onnx_io.load(src, lazy=True)  # as the CLI does
             run_fold(loaded.model, Report(), FoldOptions())
             onnx_io.save(loaded.model, dst, force=True)
+
+        return run
+    if tool.startswith("api-"):
+        # imports excluded, as for every tool: the lazy package would import these on first use
+        import normfuse
+        import normfuse.api
+        import normfuse.onnxgraph.fold
+        import normfuse.onnxgraph.io
+
+        def run(src, dst):
+            if tool == "api-path":
+                folded, _ = normfuse.fold(str(src), check=False)
+                normfuse.save(folded, dst, force=True)
+            elif tool == "api-load":
+                folded, _ = normfuse.fold(normfuse.load(src), check=False)
+                normfuse.save(folded, dst, force=True)
+            elif external:  # in-memory forms hold the whole model: not for >2 GB files
+                raise RuntimeError("in-memory forms are not run on external-data models")
+            elif tool == "api-proto":
+                folded, _ = normfuse.fold(onnx.load(src), check=False)
+                onnx.save(folded, dst)
+            else:
+                folded, _ = normfuse.fold(Path(src).read_bytes(), check=False)
+                Path(dst).write_bytes(folded)
+
+        return run
+    if tool == "cli-check":
+        import os
+        import subprocess
+
+        def run(src, dst):
+            report = Path(dst).with_suffix(".json")
+            cmd = [sys.executable, "-m", "normfuse", "fold", str(src), "-o", str(dst), "--force"]
+            subprocess.run(
+                [*cmd, "--json", str(report)], check=True, stdout=subprocess.DEVNULL, env=os.environ
+            )
+            timings = json.loads(report.read_text()).get("timings", {})
+            report.unlink()
+            return {"phases": timings, "child_peak_rss": _children_peak()}
 
         return run
     if tool == "onnxsim":
@@ -137,10 +197,14 @@ def main() -> None:
         fn = _prepare(tool, "--external" in sys.argv[4:])
         baseline = _rss_now()
         start = time.perf_counter()
-        fn(src, dst)
+        extra = fn(src, dst)
         seconds = time.perf_counter() - start
         peak = _rss_peak()
-        print(json.dumps({"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}))
+        result = {"seconds": seconds, "peak_rss": peak, "baseline_rss": baseline}
+        if isinstance(extra, dict):  # cli-check: the child's phases and memory
+            result["phases"] = extra["phases"]
+            result["peak_rss"], result["baseline_rss"] = extra["child_peak_rss"], 0
+        print(json.dumps(result))
     except Exception as exc:  # a peer failing is a result, not a crash of the benchmark
         last = traceback.format_exception_only(type(exc), exc)[-1].strip()
         print(json.dumps({"error": last[:300]}))

@@ -62,7 +62,9 @@ def load(source: object) -> ir.Model:
     stay unchanged until then: :func:`save` (and any rewrite) checks its size, inode and
     modification time and refuses a changed file (docs/python.md).
     """
-    return onnx_io.load(source, copy=False, lazy=True).model
+    loaded = onnx_io.load(source, copy=False, lazy=True)
+    onnx_io.remember_source(loaded)  # a rewrite of the unchanged model starts from its proto
+    return loaded.model
 
 
 def save(

@@ -216,3 +216,19 @@ def test_rewrites_of_a_lazily_loaded_model_are_checked_from_its_file(saved, tmp_
     assert report.parity is not None and report.parity.passed
     again, report = normfuse.fold(path)  # a path: lazy, checked
     assert report.parity is not None and report.parity.passed
+
+
+def test_a_loaded_model_hands_its_proto_on_only_while_unchanged(saved):
+    _, path = saved
+    model = normfuse.load(path)
+    assert onnx_io.load(model).take_proto() is not None  # unchanged: shape inference copies it
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    conv.attributes["pads"] = ir.AttrInt64s("pads", [0, 0, 0, 0])  # the caller changes it
+    assert onnx_io.load(model).take_proto() is None
+    other = normfuse.load(path)
+    relu = next(n for n in other.graph if n.op_type == "Relu")
+    relu.replace_input_with(0, other.graph.inputs[0])  # rewired
+    assert onnx_io.load(other).take_proto() is None
+    fresh = normfuse.load(path)
+    fresh.graph.inputs[0].shape = ir.Shape([4, 8, 6, 6])  # another input shape
+    assert onnx_io.load(fresh).take_proto() is None

@@ -23,6 +23,7 @@ import logging
 import os
 import stat
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = [
     "file_kind",
     "has_external_data",
     "reads_lazily",
+    "remember_source",
     "load",
     "save",
     "to_kind",
@@ -268,7 +270,7 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
     if isinstance(source, ir.Model):
         check_unchanged(source)
         model = copy_model(source) if copy else source
-        return Loaded(model, "ir", original=source)
+        return Loaded(model, "ir", original=source, proto=_proto_if_unchanged(source))
     if _is_onnx_program(source):
         inner = source.model  # type: ignore[attr-defined]
         model = copy_model(inner) if copy else inner
@@ -289,6 +291,57 @@ def copy_model(model: ir.Model) -> ir.Model:
         if key in model.meta:
             copied.meta[key] = model.meta[key]
     return copied
+
+
+#: Models read from a path -> (the ModelProto they were read from, their fingerprint then).
+#: A model the caller has not changed since (same nodes, wiring, attributes, inputs and
+#: initializers, no subgraphs or functions) hands its proto to the next rewrite as a fresh
+#: load does; any change and it is not used. Entries go with their models.
+_READ_FROM: weakref.WeakKeyDictionary[ir.Model, tuple[onnx.ModelProto, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _fingerprint(model: ir.Model) -> Any:
+    """What shape inference reads of the main graph, as identities and names; ``None`` when
+    the model has functions or subgraphs (their insides are not covered)."""
+    graph = model.graph
+    if model.functions:
+        return None
+    nodes = []
+    for node in graph:
+        attrs = []
+        for name, attr in node.attributes.items():
+            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                return None
+            attrs.append((name, id(attr)))
+        nodes.append(
+            (
+                id(node),
+                node.domain,
+                node.op_type,
+                tuple(v.name if v is not None else None for v in node.inputs),
+                tuple(v.name for v in node.outputs),
+                tuple(attrs),
+            )
+        )
+    inputs = tuple((v.name, id(v.type), id(v.shape), str(v.shape)) for v in graph.inputs)
+    inits = tuple((k, id(v.const_value)) for k, v in graph.initializers.items())
+    return (model.ir_version, tuple(model.opset_imports.items()), tuple(nodes), inputs, inits)
+
+
+def remember_source(loaded: Loaded) -> None:
+    """Keep the ModelProto ``loaded`` was read from for a later rewrite of its model by the
+    caller, valid while the model stays as it is now (for :func:`normfuse.load`)."""
+    if loaded.proto is not None:
+        _READ_FROM[loaded.model] = (loaded.proto, _fingerprint(loaded.model))
+
+
+def _proto_if_unchanged(model: ir.Model) -> onnx.ModelProto | None:
+    known = _READ_FROM.get(model)
+    if known is None or known[1] is None or _fingerprint(model) != known[1]:
+        return None
+    return known[0]
 
 
 def _state(st: os.stat_result) -> tuple[int, int, int, int]:
