@@ -78,6 +78,7 @@ load_inputs = _deferred("normfuse.runtime.inputs", "load_inputs")
 parse_shape = _deferred("normfuse.runtime.inputs", "parse_shape")
 parse_tolerances = _deferred("normfuse.runtime.inputs", "parse_tolerances")
 check_models = _deferred("normfuse.runtime.parity", "check_models")
+slow_check_line = _deferred("normfuse.runtime.sessions", "slow_check_line")
 
 __all__ = ["main"]
 
@@ -435,7 +436,12 @@ def fold(
         def verify(tmp: Path) -> None:
             if no_check:
                 return
+            graph = loaded.model.graph
+            slow = slow_check_line(len(graph), len(graph.initializers))
+            if slow is not None:  # said before it starts
+                console.print(f"note: {slow}", style="dim", highlight=False)
             t = time.perf_counter()
+            parts: dict[str, float] = {}
             report.parity = check_models(
                 model,
                 tmp,
@@ -445,8 +451,11 @@ def fold(
                 inputs=inputs,
                 defaults=FOLD_TOLERANCES,
                 upcast=True,
+                timings=parts,
             )
             report.timings["check"] = time.perf_counter() - t
+            if verbose:  # where the check's time went
+                report.timings.update({f"check {k}": v for k, v in parts.items()})
             raise_for_parity(report)  # the temporary file is then removed, not renamed
 
         t1 = time.perf_counter()

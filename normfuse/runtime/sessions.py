@@ -29,12 +29,14 @@ __all__ = [
     "ORT_TYPES",
     "ModelSource",
     "check_feeds",
+    "expected_check_seconds",
     "first_line",
     "make_session",
     "ort_module",
     "run_session",
     "select_provider",
     "session_options",
+    "slow_check_line",
     "with_options",
 ]
 
@@ -157,13 +159,16 @@ def make_session(
     which: str = "the",
     *,
     exact_math: bool = True,
+    folder: Path | None = None,
 ) -> Any:
-    """An onnxruntime session for ``source``; ``exact_math``: no TF32 on CUDA (parity runs)."""
+    """An onnxruntime session for ``source``; ``exact_math``: no TF32 on CUDA (parity runs);
+    ``folder``: where the external data of a model given as bytes lies."""
     ort = ort_module()
-    folder = Path(source).parent if isinstance(source, (str, os.PathLike)) else None
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source).parent
     so = session_options(opt_level, folder)
     payload = str(source) if isinstance(source, (str, os.PathLike)) else source
-    providers = with_options(providers, exact_math=exact_math)  # type: ignore[assignment]
+    providers = with_options(providers, exact_math=exact_math)
     try:
         return ort.InferenceSession(payload, so, providers=providers)
     except Exception as exc:
@@ -176,8 +181,8 @@ def make_session(
         supported = int(match.group(1))
     proto = (
         onnx.load(str(source), load_external_data=False)
-        if folder is not None
-        else onnx.load_from_string(source)  # type: ignore[arg-type]
+        if isinstance(source, (str, os.PathLike))
+        else onnx.load_from_string(source)
     )
     note = f"IR version {proto.ir_version} lowered to {supported} for the check only"
     if note not in notes:
@@ -232,3 +237,31 @@ def run_session(
             f"onnxruntime cannot run the {which} model on these inputs: {first_line(exc)}",
             "check the input shapes (--shape) or the --inputs",
         ) from None
+
+
+#: A check whose expected time is above this many seconds is announced before it starts.
+SLOW_CHECK_S = 30.0
+
+
+def expected_check_seconds(nodes: int, initializers: int) -> float:
+    """Roughly how long the check of a model this size takes: building one onnxruntime
+    session per model (two), which grows faster than linearly in the nodes and the initializers.
+
+    Measured with onnxruntime 1.31 at ``ORT_DISABLE_ALL`` on two shared cores: a chain of
+    10k / 50k / 100k / 200k small nodes builds in 0.2 / 1.6 / 3.6 / 9.8 s; with one initializer
+    per second node, 1.3 / 20 / 86 / 208 s. A rough figure, for telling seconds from minutes.
+    """
+    per_session = 9.8 * (nodes / 200_000) ** 1.33 + 1.3 * (initializers / 5_000) ** 1.75
+    return 2 * per_session
+
+
+def slow_check_line(nodes: int, initializers: int) -> str | None:
+    """One line saying that the check will be slow and how to skip it, or ``None``."""
+    seconds = expected_check_seconds(nodes, initializers)
+    if seconds < SLOW_CHECK_S:
+        return None
+    when = f"{seconds / 60:.0f} minutes" if seconds >= 90 else f"{seconds:.0f} s"
+    return (
+        f"the check builds an onnxruntime session per model for {nodes:,} nodes and "
+        f"{initializers:,} initializers: expect about {when} (--no-check skips it)"
+    )
