@@ -14,7 +14,8 @@ For each model (pretrained=False, random weights, BN statistics randomised, eval
     and onnxslim when installed).
 
 PyTorch, on the same model and input: ``normfuse.fold(model, reparam=True)`` (an
-``nn.Module``: merged in a torch.fx-traced copy) against timm's ``reparameterize_model``:
+``nn.Module``: submodules holding a block become their merged GraphModules) against timm's
+``reparameterize_model``:
 convolution calls (and whether they are the same convolutions), max error relative to the
 output's max against the train form's float64 forward (beside it the train form's own float32
 error), fold time, and CPU latency of the forward (one thread, ``torch.inference_mode``, median
@@ -378,8 +379,8 @@ def write(rows: list[dict], size: int, path: Path) -> None:
         "## PyTorch: `normfuse.fold(model, reparam=True)` vs timm's `reparameterize_model`",
         "",
         "The same models and input. normfuse folds the BNs and merges the branches of the "
-        "train-form `nn.Module` in a torch.fx-traced copy (the result is a GraphModule); timm "
-        "switches each block to its deploy form. Conv: convolution calls of one forward, train "
+        "train-form `nn.Module` (each submodule holding a block becomes its merged torch.fx "
+        "GraphModule; the model keeps its class); timm switches each block to its deploy form. Conv: convolution calls of one forward, train "
         "form → normfuse / timm; 'same convs': the sorted lists of every call's weight shape, "
         "stride, padding, dilation and groups are equal. BN: BatchNorm modules left (timm's deploy form keeps the BNs of convs outside its reparameterizable blocks; normfuse folds them). Error: max |y - y64| / max |y64| "
         "against the train form's float64 forward, of normfuse / timm / the train form itself "
