@@ -1,24 +1,30 @@
-"""Judging a rewrite of a float16/bfloat16 model where its own error is visible.
+"""Judging a rewrite where its own error is visible, against the models' own noise.
 
 A deep network in 16-bit floats differs from its own exact function by more than an exact fold
 changes it (fp16 ResNet-50: about 1e-2 relative), so comparing the original and the folded model
 at 16-bit precision cannot tell an exact fold from a wrong one. The rule
-(:mod:`normfuse.core.verdict`):
+(:mod:`normfuse.core.verdict`), for float16/bfloat16 models (:func:`judge_upcast`):
 
 1. Both models run with every 16-bit tensor upcast exactly to float32
    (:mod:`normfuse.onnxgraph.upcast`), on the same inputs. There the only difference an exact
    rewrite makes is one rounding of each rewritten weight to its 16-bit type.
-2. How much such a rounding moves each tensor is measured on this model: the rewritten model
-   again, its rewritten 16-bit weights moved by an independent random rounding (a uniform
-   fraction of one unit in the last place), twice with different seeds. The tolerance is
-   ``max(floor, u, 3 * the larger effect)``, ``u`` the 16-bit type's unit roundoff (one rounding
-   cannot be judged finer than that).
-3. Every tensor the two models share by name is judged, not only the outputs: at the output of
-   a wrongly folded layer its error stands out, where pooling and later layers can average it
-   below the rounding noise of the outputs (one channel 1% off in a ResNet block moves the
-   logits less than rounding the folded weights does, but that block's output by 3x more).
+2. How much such a rounding moves each tensor is measured on this model: the rewritten model's
+   session again (its rewritten weights overridable), those weights moved by an independent
+   random rounding (a uniform fraction of one unit in the last place), twice with different
+   seeds. The tolerance is ``max(floor, u, 3 * the larger effect)``, ``u`` the 16-bit type's
+   unit roundoff (one rounding cannot be judged finer than that).
+3. Every tensor the two models share by name with the same meaning (:func:`inner_tensors`) is
+   judged, not only the outputs: at the output of a wrongly folded layer its error stands out,
+   where pooling and later layers can average it below the rounding noise of the outputs (one
+   channel 1% off in a ResNet block moves the logits less than rounding the folded weights
+   does, but that block's output by 3x more).
 4. The 16-bit runtime difference (original vs rewritten, both at 16 bits) is reported beside the
    original's own noise (the original at 16 bits vs its exact float32 function), not judged.
+
+float32/float64 models cannot be run wider on onnxruntime (no float64 Conv): they are judged at
+their own precision, the noise measured by moving every weight of each model one unit in the
+last place (:class:`Graph`, :func:`measure_noise`, :func:`judge_against_noise`; the flow is
+:func:`normfuse.runtime.parity.check_by_noise`).
 
 Imports: numpy, onnx, onnx_ir, :mod:`normfuse.core`, :mod:`normfuse.onnxgraph` and the runtime
 package.
@@ -164,6 +170,18 @@ def _serialize(model: ir.Model, folder: Path, name: str) -> ModelSource:
     return str(path)
 
 
+def _rerounded(
+    weights: Mapping[str, np.ndarray], dtypes: Mapping[str, ir.DataType], seed: int
+) -> dict[str, np.ndarray]:
+    """The upcast ``weights`` each moved by an independent rounding to its 16-bit type."""
+    perturb = rounding_perturbation(dict(dtypes), np.random.default_rng(seed))
+    moved = {}
+    for name, values in weights.items():
+        out = perturb(name, values)
+        moved[name] = values if out is None else out
+    return moved
+
+
 def judge_upcast(
     reference: ModelSource,
     candidate: ModelSource,
@@ -200,11 +218,14 @@ def judge_upcast(
     kinds = sorted({t.name.lower() for t in low_types})
     upcast_model(ref_model)
     upcast_model(cand_model)
-    moved = []
-    for k in range(2):
-        m = _load(candidate)
-        upcast_model(m, rounding_perturbation(changed, np.random.default_rng(seed + 1000 * k)))
-        moved.append(m)
+    # the rewritten weights become overridable: the one session also runs them re-rounded
+    up_weights: dict[str, np.ndarray] = {}
+    for name in changed:
+        value = cand_model.graph.initializers.get(name)
+        if value is not None and value.const_value is not None:
+            up_weights[name] = value.const_value.numpy()
+            if value not in cand_model.graph.inputs:
+                cand_model.graph.inputs.append(value)
     unit = max((_UNIT[t] for t in low_types | set(changed.values())), default=0.0)
     floor = (floor[0], max(floor[1], unit))
     outputs = set(names)
@@ -213,19 +234,14 @@ def judge_upcast(
     shared = [
         n for n in _node_outputs(ref_model) if n in cand_values and n in chosen and n not in outputs
     ]
-    for m in (ref_model, cand_model, *moved):
+    for m in (ref_model, cand_model):
         _expose(m, shared)
     wanted = names + shared
     with tempfile.TemporaryDirectory(prefix="normfuse-upcast-") as tmp:
         try:
             sessions = [
                 make_session(_serialize(m, Path(tmp), n), providers, opt_level, notes, f"the {n}")
-                for m, n in (
-                    (ref_model, "upcast reference"),
-                    (cand_model, "upcast rewritten"),
-                    (moved[0], "re-rounded rewritten"),
-                    (moved[1], "re-rounded rewritten, again"),
-                )
+                for m, n in ((ref_model, "upcast reference"), (cand_model, "upcast rewritten"))
             ]
         except NormfuseError as exc:
             notes.append(
@@ -233,7 +249,7 @@ def judge_upcast(
                 f"({exc.message}); judged at their own precision"
             )
             return None
-        del ref_model, cand_model, moved
+        del ref_model, cand_model
         judged: dict[str, OutputParity] = {}
         noise: dict[str, OutputParity] = {}
         rounding: dict[str, float] = {n: 0.0 for n in names}
@@ -243,13 +259,16 @@ def judge_upcast(
             up_feeds = {
                 k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in feeds.items()
             }
-            ref_all, cand_all, moved_a, moved_b = (
-                run_session(s, wanted, up_feeds, w)
-                for s, w in zip(
-                    sessions,
-                    ("upcast reference", "upcast rewritten", "re-rounded", "re-rounded"),
-                    strict=True,
+            ref_all = run_session(sessions[0], wanted, up_feeds, "upcast reference")
+            cand_all = run_session(sessions[1], wanted, up_feeds, "upcast rewritten")
+            moved_a, moved_b = (
+                run_session(
+                    sessions[1],
+                    wanted,
+                    {**up_feeds, **_rerounded(up_weights, changed, seed + 1000 * k)},
+                    "re-rounded",
                 )
+                for k in range(2)
             )
             for name, r, c, ma, mb in zip(wanted, ref_all, cand_all, moved_a, moved_b, strict=True):
                 if not np.issubdtype(np.asarray(r).dtype, np.floating):
