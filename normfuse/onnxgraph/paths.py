@@ -672,7 +672,7 @@ def _infer(
     """The main graph after onnx's shape inference (``value_info`` and outputs typed)."""
     graph = model.graph
     if light is not None:
-        folded: dict[int, str] = {}
+        given: dict[int, str] = {}
         for i, node in enumerate(graph):
             proto_node = light.graph.node[i] if node.op_type in _SHAPE_INPUTS else None
             if proto_node is None:
@@ -682,7 +682,7 @@ def _infer(
             ]:
                 light = None  # not the graph that was read: serialize it again
                 break
-            _fold_shape_inputs(node, proto_node, light.graph, consts, folded)
+            _fold_shape_inputs(node, proto_node, light.graph, consts, given)
     if light is not None:
         return _run_inference(light)
     proto = onnx.ModelProto()
