@@ -129,9 +129,10 @@ def test_batches_and_samples_cut_the_data(setup, tmp_path):
     assert result.output.startswith("error: --samples 0 uses no data. Note:")
 
 
-@pytest.mark.parametrize("mode", ["sequential", "batch"])
-def test_two_workers_equal_one(setup, tmp_path, mode):
+def test_two_workers_equal_one(setup, tmp_path):
+    """The CLI with two workers (the batch mode's workers: the float64 test below)."""
     path, _, folder = setup
+    mode = "sequential"
     one, _ = normfuse.recalibrate(str(path), folder, mode=mode, progress=False)
     out = tmp_path / "w2.onnx"
     args = ["recalibrate", str(path), "--data", str(folder), "--mode", mode, "--workers", "2"]

@@ -58,6 +58,9 @@ class Step:
         stacked: Outputs with a leading iteration axis (Loop/Scan scan outputs).
         keep: Tensors (outputs or inputs) to keep, per batch, for the next step.
         index: This step's number (from 1) and how many the run has at most.
+        opt_level: onnxruntime's graph optimisation for it: ``disable`` (the same kernels on
+            the same values whatever the step's extent, so the cache changes nothing) or
+            ``all`` (one pass where only speed matters: fusions move values by float rounding).
     """
 
     model: bytes | None
@@ -69,6 +72,7 @@ class Step:
     stacked: frozenset[str] = frozenset()
     keep: list[str] = dataclasses.field(default_factory=list)
     index: tuple[int, int] = (1, 1)
+    opt_level: str = "disable"
 
 
 @dataclasses.dataclass
@@ -585,6 +589,7 @@ def recalibrate_batch_mode(
             source="data",
             measure={},
             moments=measured,
+            opt_level="all",
         )
         moments = execute(step).moments
     lookup = {node_name(i.node): i for i in live}

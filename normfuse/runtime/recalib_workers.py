@@ -251,15 +251,15 @@ class ShardRunner:
         self.notes: list[str] = []
         self.steps = 0
 
-    def _session(self, payload: bytes) -> Any:
+    def _session(self, payload: bytes, level: str) -> Any:
         ort = ort_module()
-        so = session_options("disable")
+        so = session_options(level)
         if self.threads:
             so.intra_op_num_threads = self.threads
         try:
             return ort.InferenceSession(payload, so, providers=with_options(self.providers))
         except Exception:  # an IR version too new, or a model it cannot load: the common path
-            return make_session(payload, self.providers, "disable", self.notes)
+            return make_session(payload, self.providers, level, self.notes)
 
     def _batches(self, step: Step) -> Iterator[tuple[BatchRef, dict[str, np.ndarray]]]:
         if step.source == "cache":
@@ -280,7 +280,7 @@ class ShardRunner:
         if step.source == "data" and self.store is not None:
             self.store.drop()
             self.store = None
-        session = self._session(step.model) if step.model is not None else None
+        session = self._session(step.model, step.opt_level) if step.model is not None else None
         feeds_of = [i.name for i in session.get_inputs()] if session is not None else []
         new = _Store(self.budget, self.folder, f"{os.getpid()}-{self.steps}") if step.keep else None
         moments = {k: ChannelMoments() for k in [*step.measure, *step.moments]}

@@ -2,19 +2,22 @@
 across ``torch.distributed`` processes.
 
 During the pass every selected norm normalises each batch with that batch's own statistics (what
-BatchNorm does in training, so later layers see what they saw in training) while a pre-hook
-accumulates its input in float64: per call, the count, per-channel mean and sum of squared
-deviations (two passes over a float64 copy), merged batch by batch with Chan's parallel algorithm
-(:class:`normfuse.core.algebra.ChannelMoments`). Only the norms change mode, and only
-themselves: torch's own BatchNorm layers run their training forward (bit for bit what
-``update_bn``'s pass computes); every other norm stays in eval and the pre-hook writes the
-batch's float64 statistics, rounded, into its buffers, so that a ``SyncBatchNorm`` does not
+BatchNorm does in training, so later layers see what they saw in training), and each batch's
+per-channel count, mean and sum of squared deviations are merged batch by batch in float64 with
+Chan's parallel algorithm (:class:`normfuse.core.algebra.ChannelMoments`). Only the norms change
+mode, and only themselves: torch's own BatchNorm layers run their training forward (bit for bit
+what ``update_bn``'s pass computes) with momentum 1, so that after each call their buffers hold
+that batch's mean and unbiased variance as their kernel computed them (no extra pass over the
+data; rounded to float32 in a float32 model, about 1e-7 relative), read by a forward hook; every
+other norm stays in eval and a pre-hook measures its input on a float64 copy (two passes) and
+writes the batch's statistics, rounded, into its buffers, so that a ``SyncBatchNorm`` does not
 synchronise per batch (its training forward needs a GPU), and subclasses whose forward does more
 (timm's ``BatchNormAct2d``: drop and act children stay in eval) or that keep plain buffers
 (``FrozenBatchNorm``) work alike, once their eval forward is read (:mod:`normsig`) and found to
-normalise with those buffers. Dropout and every other module stay in eval. Across processes the
-per-rank ``(n, mean, M2)`` are all-gathered in float64 and merged in rank order, so every rank
-ends with the same statistics, equal to one process's over the union of the data.
+normalise with those buffers. Momentum, buffers and flags are put back afterwards. Dropout and
+every other module stay in eval. Across processes the per-rank ``(n, mean, M2)`` are
+all-gathered in float64 and merged in rank order, so every rank ends with the same statistics,
+equal to one process's over the union of the data.
 
 Imports: torch, numpy, rich, :mod:`normfuse.core` and :mod:`normfuse.torchmodel`.
 """
@@ -195,6 +198,8 @@ class _Target:
     moments: ChannelMoments = dataclasses.field(default_factory=ChannelMoments)
     calls: int = 0  # calls in the current batch
     most_calls: int = 0
+    own: bool = False  # torch's own BatchNorm: its training forward measures the batch
+    momentum: Any = None
 
 
 class _Run:
@@ -219,9 +224,12 @@ class _Run:
             if reason is not None:
                 self.report.entries.append(Entry(name, type(m).__name__, "skipped", reason=reason))
                 continue
-            self.targets[id(m)] = _Target(name, m)
+            target = self.targets[id(m)] = _Target(name, m)
             if type(m).forward is _BatchNorm.forward and not list(m.children()):
                 m.training = True  # torch's own forward, in training: bit for bit update_bn's
+                if m.running_mean.dtype in (torch.float32, torch.float64):
+                    target.own, target.momentum = True, m.momentum
+                    m.momentum = 1.0  # type: ignore[assignment]  # buffers: the batch's statistics
             self.saved[id(m)] = {
                 n: b.detach().clone() for n, b in m.named_buffers(recurse=False) if b is not None
             }
@@ -232,18 +240,38 @@ class _Run:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.ndim < 2:
                 raise InputError(f"norm '{target.name}' was called without an (N, C, ...) tensor")
+            if target.own:  # the training forward computes the batch's statistics itself
+                m.running_mean.zero_()
+                m.running_var.fill_(1.0)
+                return
             n, mean, m2 = batch_moments(x)
             if n == 0:
                 return
             target.moments.merge(n, mean.cpu().numpy(), m2.cpu().numpy())
             target.calls += 1
-            if (
-                not m.training
-            ):  # normalise with its own statistics (biased variance, as in training)
+            if not m.training:  # normalise with its own statistics (biased, as in training)
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(m2 / n)
 
+        def post_hook(m: nn.Module, args: Any, output: Any) -> None:
+            """torch's BatchNorm with momentum 1 left the batch's mean and unbiased variance in
+            its buffers (its kernel's, rounded to the buffers' dtype: about 1e-7 relative in
+            float32): merged across batches in float64 (Chan et al.)."""
+            target = self.targets[id(m)]
+            x = args[0]
+            c = x.shape[1]
+            n = x.numel() // c if c else 0
+            if n < 2:
+                return
+            mean = m.running_mean.detach().to(torch.float64).cpu().numpy()
+            var = m.running_var.detach().to(torch.float64).cpu().numpy()
+            target.moments.merge(n, mean, var * (n - 1))
+            target.calls += 1
+
         self.handles = [t.module.register_forward_pre_hook(pre_hook) for t in self.targets.values()]
+        self.handles += [
+            t.module.register_forward_hook(post_hook) for t in self.targets.values() if t.own
+        ]
 
     def loop(
         self,
@@ -287,6 +315,9 @@ class _Run:
         for h in self.handles:
             h.remove()
         self.handles = []
+        for t in self.targets.values():
+            if t.own:
+                t.module.momentum = t.momentum
 
     def put_back(self) -> None:
         """The buffers as they were before the pass (the hooks wrote batch statistics)."""
