@@ -381,6 +381,7 @@ def _reparam_module(root: nn.Module, example_inputs: Any, inplace: bool, report:
             found[e.node] = e
     report.entries.extend(sorted(found.values(), key=lambda e: _path_key(e.node)))
     if replaced:
+        replaced.sort(key=_path_key)
         report.notes.append(
             f"reparam: merged inside {len(replaced)} submodule(s), each replaced by its merged "
             f"torch.fx GraphModule ({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}"
