@@ -210,11 +210,11 @@ def test_rewrites_of_a_lazily_loaded_model_are_checked_from_its_file(saved, tmp_
     """The check must see the tensors, not references into the input file."""
     _, path = saved
     model = normfuse.load(path)
-    folded, report = normfuse.fold(model)  # checked
+    _, report = normfuse.fold(model)  # checked
     assert report.parity is not None and report.parity.passed
-    swapped, report = normfuse.swap(model, "frozen")
+    _, report = normfuse.swap(model, "frozen")
     assert report.parity is not None and report.parity.passed
-    again, report = normfuse.fold(path)  # a path: lazy, checked
+    _, report = normfuse.fold(path)  # a path: lazy, checked
     assert report.parity is not None and report.parity.passed
 
 
@@ -232,3 +232,35 @@ def test_a_loaded_model_hands_its_proto_on_only_while_unchanged(saved):
     fresh = normfuse.load(path)
     fresh.graph.inputs[0].shape = ir.Shape([4, 8, 6, 6])  # another input shape
     assert onnx_io.load(fresh).take_proto() is None
+
+
+def test_bytes_in_bytes_out_views_the_weights_and_writes_without_a_proto(rng):
+    """fold(bytes): the large tensors are read-only views into the caller's bytes (no copy),
+    the result is written as a file is (streaming); the same bytes as the proto path."""
+    m = _conv_bn(rng)
+    data = m.SerializeToString()
+    loaded = onnx_io.load(data)
+    w = loaded.model.graph.initializers["W"].const_value
+    arr = w.numpy()
+    assert not arr.flags.writeable and arr.base is not None  # a view, not a copy
+    assert np.shares_memory(arr, np.frombuffer(data, np.uint8))
+    folded, report = normfuse.fold(data)  # checked
+    assert isinstance(folded, bytes) and report.parity.passed
+    via_proto, _ = normfuse.fold(m, check=False)
+    a, b = onnx.load_from_string(folded), via_proto
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    for x, y in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        assert x.name == y.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+    assert m.SerializeToString() == data  # the input is untouched
+    # a bytearray may change under the model: it is copied, not viewed
+    mutable = onnx_io.load(bytearray(data)).model.graph.initializers["W"].const_value
+    assert not np.shares_memory(mutable.numpy(), np.frombuffer(data, np.uint8))
+
+
+def test_bytes_with_a_truncated_tensor_are_refused(rng):
+    m = _conv_bn(rng)
+    w = next(t for t in m.graph.initializer if t.name == "W")
+    w.raw_data = w.raw_data[: len(w.raw_data) // 2]
+    with pytest.raises(InputError, match="raw_data holds"):
+        normfuse.fold(m.SerializeToString(), check=False)

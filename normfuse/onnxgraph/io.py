@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import os
 import stat
@@ -39,6 +40,7 @@ from normfuse.onnxgraph.wire import (
     TWO_GIB,
     check_model_prefix,
     default_mode,
+    load_buffer_backed,
     load_self_backed,
     root_cause,
     short_error,
@@ -55,9 +57,9 @@ __all__ = [
     "file_identity",
     "file_kind",
     "has_external_data",
+    "load",
     "reads_lazily",
     "remember_source",
-    "load",
     "save",
     "to_kind",
     "unwrap",
@@ -253,12 +255,19 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
         model.meta[SOURCE_STATE_KEY] = state
         return Loaded(model, "path", path=path, proto=proto)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        proto = onnx.ModelProto()
-        try:
-            proto.ParseFromString(bytes(source))
-        except DecodeError as exc:
-            raise InputError(f"the bytes are not an ONNX model ({short_error(exc)})") from None
-        model = ir.from_proto(proto)
+        backed = None
+        if isinstance(source, bytes):  # immutable: its large tensors are viewed, not copied
+            with contextlib.suppress(DecodeError, IndexError, ValueError):
+                backed = load_buffer_backed(source)
+        if backed is not None:
+            model, proto = backed
+        else:
+            proto = onnx.ModelProto()
+            try:
+                proto.ParseFromString(bytes(source))
+            except DecodeError as exc:
+                raise InputError(f"the bytes are not an ONNX model ({short_error(exc)})") from None
+            model = ir.from_proto(proto)
         _check_has_graph(model, "bytes")
         _check_structure(model, "bytes")
         return Loaded(model, "bytes", proto=proto)
@@ -537,8 +546,10 @@ def to_kind(loaded: Loaded, model: ir.Model) -> Any:
     """Give ``model`` back in the form the caller passed in (a path gives an onnx_ir.Model)."""
     if loaded.kind == "proto":
         return ir.to_proto(model)
-    if loaded.kind == "bytes":
-        return ir.to_proto(model).SerializeToString()
+    if loaded.kind == "bytes":  # written as save writes a file: no ModelProto copy between
+        out = io.BytesIO()
+        write_streaming(model, out)
+        return out.getvalue()
     if loaded.kind == "onnx_program":
         cls = type(loaded.original)
         return cls(model, getattr(loaded.original, "exported_program", None))

@@ -16,10 +16,11 @@ import mmap
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -36,6 +37,7 @@ __all__ = [
     "TWO_GIB",
     "check_model_prefix",
     "default_mode",
+    "load_buffer_backed",
     "load_self_backed",
     "root_cause",
     "short_error",
@@ -97,8 +99,11 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
         pos = value_end
 
 
-def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
+def _externalize(
+    buf: Any, start: int, end: int, location: str, *, plain_only: bool = False
+) -> bytes | None:
     """A TensorProto whose large raw_data stays in the file: an external-data reference to it.
+    ``plain_only``: only tensors of whole-byte elements numpy can view (else ``None``).
 
     Written in the wire format directly: the tensor's other fields as they are, then the
     ``external_data`` entries and ``data_location = EXTERNAL`` (a later scalar field wins).
@@ -132,9 +137,19 @@ def _externalize(buf: Any, start: int, end: int, location: str) -> bytes | None:
     if raw is None:
         return None
     _check_raw_size(name.decode(errors="replace"), dims, dtype, raw[1])
+    if plain_only and not _viewable(dtype):
+        return None
     rest += buf[kept:end]
     rest += _external_reference(location, raw[0], raw[1])
     return bytes(rest)
+
+
+def _viewable(dtype: int) -> bool:
+    try:
+        t = ir.DataType(dtype)
+        return t in _RAW_OK and t.bitwidth == t.numpy().itemsize * 8
+    except (ValueError, TypeError):
+        return False
 
 
 def _signed(value: int) -> int:
@@ -231,27 +246,8 @@ def load_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
         if size == 0:
             return None
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            model_bytes = bytearray()
-            found = False
-            location = path.name
-            for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
-                if number != _MODEL_GRAPH or wire != 2:
-                    model_bytes += buf[fstart:vend]
-                    continue
-                graph = bytearray()
-                kept = vstart  # runs of fields that stay as they are are copied at once
-                for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
-                    if gnum != _GRAPH_INITIALIZER or gwire != 2:
-                        continue
-                    tensor = _externalize(buf, gvstart, gvend, location)
-                    if tensor is not None:
-                        graph += buf[kept:gstart]
-                        graph += _field(_GRAPH_INITIALIZER, len(tensor)) + tensor
-                        kept = gvend
-                        found = True
-                graph += buf[kept:vend]
-                model_bytes += _field(_MODEL_GRAPH, len(graph)) + graph
-    if not found:
+            model_bytes = _scan(buf, size, path.name, plain_only=False)
+    if model_bytes is None:
         return None
     proto = onnx.ModelProto()
     proto.ParseFromString(bytes(model_bytes))
@@ -261,6 +257,57 @@ def load_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
             value.const_value.meta[SELF_BACKED_KEY] = True
     model.meta[SELF_BACKED_KEY] = str(path)
     return model, proto
+
+
+def load_buffer_backed(data: bytes) -> tuple[ir.Model, onnx.ModelProto] | None:
+    """Parse serialized model ``data`` with its large initializers as read-only numpy views
+    into ``data`` (no copy of the weights), like :func:`load_self_backed` does for a file.
+
+    Only tensors whose elements are whole bytes are viewed (others are parsed as usual);
+    ``None`` when nothing is large enough to be worth it.
+    """
+    view = memoryview(data)
+    location = f"normfuse-in-memory-{uuid.uuid4().hex}"  # no location of the model's own
+    model_bytes = _scan(view, len(view), location, plain_only=True)
+    if model_bytes is None:
+        return None
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model_bytes))
+    model = ir.serde.deserialize_model(proto)
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location == location:
+            dtype = tensor.dtype.numpy()
+            count = (tensor.length or 0) // dtype.itemsize
+            array = np.frombuffer(data, dtype=dtype, count=count, offset=tensor.offset or 0)
+            dims = [int(d) for d in tensor.shape.numpy()]
+            value.const_value = ir.Tensor(array.reshape(dims), name=tensor.name)
+    return model, proto
+
+
+def _scan(buf: Any, size: int, location: str, *, plain_only: bool) -> bytearray | None:
+    """The model's bytes with the main graph's large raw_data replaced by references to
+    ``location`` at their offsets in ``buf``; ``None`` when there is none."""
+    model_bytes = bytearray()
+    found = False
+    for number, wire, fstart, vstart, vend in _fields(buf, 0, size):
+        if number != _MODEL_GRAPH or wire != 2:
+            model_bytes += buf[fstart:vend]
+            continue
+        graph = bytearray()
+        kept = vstart  # runs of fields that stay as they are are copied at once
+        for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
+            if gnum != _GRAPH_INITIALIZER or gwire != 2:
+                continue
+            tensor = _externalize(buf, gvstart, gvend, location, plain_only=plain_only)
+            if tensor is not None:
+                graph += buf[kept:gstart]
+                graph += _field(_GRAPH_INITIALIZER, len(tensor)) + tensor
+                kept = gvend
+                found = True
+        graph += buf[kept:vend]
+        model_bytes += _field(_MODEL_GRAPH, len(graph)) + graph
+    return model_bytes if found else None
 
 
 def root_cause(exc: BaseException) -> BaseException:
@@ -545,7 +592,7 @@ def _claim_name(tmp: Path, folder: Path, names: Sequence[str]) -> str:
 
 def write_streaming(
     model: ir.Model,
-    path: str | os.PathLike,
+    path: str | os.PathLike | BinaryIO,
     *,
     external_data: str | Sequence[str] | None = None,
     size_threshold: int = 1024,
@@ -597,7 +644,7 @@ def write_streaming(
     graph_bytes = proto.graph.SerializeToString()
     proto.ClearField("graph")
     head = proto.SerializeToString()
-    folder = Path(path).parent
+    folder = Path(path).parent if not hasattr(path, "write") else Path(".")
     entries: list[tuple[bytes, list[_Data], int]] = []
     refs: list[
         tuple[int, bytes, int, int]
@@ -649,7 +696,7 @@ def write_streaming(
                 "the model is above protobuf's 2 GiB limit without external data",
                 "pass --external-data",
             )
-        with open(path, "wb") as f:
+        with open(path, "wb") if not hasattr(path, "write") else contextlib.nullcontext(path) as f:
             f.write(head)
             f.write(_field(_MODEL_GRAPH, graph_len))
             f.write(graph_bytes)
