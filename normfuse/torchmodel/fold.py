@@ -408,8 +408,9 @@ def _path_key(path: str) -> list[tuple[int, int | str]]:
 def _reparam_parts(
     root: nn.Module, example_inputs: Any, report: Report
 ) -> tuple[dict[str, Entry], list[str]]:
-    """Merge inside each submodule that ``torch.fx`` traces alone, deepest first, and replace a
-    submodule where a block merged by its merged GraphModule, so that the model keeps its class.
+    """Merge inside the outermost submodules that ``torch.fx`` traces alone (a nested block is
+    then merged once, in one rounding) and replace each where a block merged by its merged
+    GraphModule, so that the model keeps its class.
 
     Only submodules that every call on ``example_inputs`` (forward pre-hooks) passes tensors
     only, positionally, one for each parameter of ``forward``: a trace alone reads optional
@@ -443,9 +444,11 @@ def _reparam_parts(
     finally:
         for h in handles:
             h.remove()
-    for name, sub in reversed(list(root.named_modules())):
+    covered: list[str] = []  # traced whole: their blocks are all seen there
+    for name, sub in root.named_modules():
         if (
             not name
+            or any(name.startswith(f"{c}.") for c in covered)
             or not plain.get(id(sub))
             or not any(True for _ in sub.children())
             or isinstance(sub, fx.GraphModule)
@@ -456,11 +459,11 @@ def _reparam_parts(
         try:
             gm = trace_module(sub)
         except Exception:
-            continue
+            continue  # its children are tried
+        covered.append(name)
         entries = reparam_graph(gm, earlier=report.entries, prefix=name)
         for e in entries:
-            if e.status == "applied" or e.node not in found:
-                found[e.node] = e
+            found[e.node] = e
         if any(e.status == "applied" for e in entries):
             parent, _, leaf = name.rpartition(".")
             setattr(root.get_submodule(parent) if parent else root, leaf, gm)
