@@ -36,6 +36,7 @@ __all__ = [
     "TORCH_TOLERANCES",
     "channel_failure",
     "channel_noise_failure",
+    "channel_result",
     "compare_outputs",
     "judge_parity",
     "noise_floor",
@@ -263,12 +264,20 @@ def channel_noise_failure(name: str, ref: Any, cand: Any, rtol: float) -> Output
 
     if not np.issubdtype(np.asarray(ref).dtype, np.floating):
         return None
-    err, channel, err_abs = per_channel_rel(ref, cand)
+    return channel_result(name, str(np.asarray(cand).dtype), per_channel_rel(ref, cand), rtol)
+
+
+def channel_result(
+    name: str, dtype: str, measured: tuple[float, int, float], rtol: float
+) -> OutputParity | None:
+    """The failure of the channel :func:`per_channel_rel` found (``measured``) when its error
+    exceeds ``rtol``, or ``None``."""
+    err, channel, err_abs = measured
     if channel < 0 or err <= rtol:
         return None
     return OutputParity(
         f"tensor '{name}' channel {channel}",
-        str(np.asarray(cand).dtype),
+        dtype,
         err_abs,
         err,
         err_abs,

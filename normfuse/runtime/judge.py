@@ -52,7 +52,7 @@ from normfuse.core.verdict import (
     NATIVE_INNER_NOISE_FACTOR,
     NOISE_FACTOR,
     channel_failure,
-    channel_noise_failure,
+    channel_result,
     compare_outputs,
     noise_floor,
     per_channel_rel,
@@ -72,8 +72,10 @@ __all__ = [
     "NOISE_PARTS",
     "PART_BYTES",
     "WEIGHT_OPS",
+    "Difference",
     "Graph",
     "UpcastJudgement",
+    "differences",
     "inner_tensors",
     "judge_against_noise",
     "judge_upcast",
@@ -321,11 +323,11 @@ def judge_upcast(
 #: and the small ones (scalars, per-channel vectors) move the outputs least.
 MAX_WEIGHTS = 2000
 
-#: Weights above this many bytes are re-rounded in parts (at most :data:`NOISE_PARTS`), one
-#: run each, so that the moved copy held at a time is at most a quarter of the weights (the
-#: effects of the parts are summed: a bound on moving all at once, as the effect is linear in
-#: a unit of roundoff).
-PART_BYTES = 64 << 20
+#: Weights above this many bytes are re-rounded in parts of at most this size (at most
+#: :data:`NOISE_PARTS` of them), one run each, so that the moved copy held at a time is at most
+#: 128 MB, or a quarter of the weights beyond 512 MB (the effects of the parts are summed: a bound on moving
+#: all at once, as the effect is linear in a unit of roundoff).
+PART_BYTES = 128 << 20
 NOISE_PARTS = 4
 
 #: Ops whose float constant inputs are weights: re-rounding them is what rounding does in this
@@ -430,6 +432,11 @@ class Graph:
             size = {t.name: int(np.prod(t.dims)) for t in self.proto.graph.initializer}
             found = dict(sorted(found.items(), key=lambda kv: -size[kv[0]])[:limit])
         return found
+
+    def release(self) -> None:
+        """Drop the tensors (the graph stays readable): once a model's session has run."""
+        self.__dict__.pop("initializers", None)
+        self.proto.graph.ClearField("initializer")
 
     def session_bytes(self, expose: Sequence[str], weights: Mapping[str, int]) -> bytes:
         """The model with ``expose`` as extra outputs and ``weights`` as overridable inputs."""
@@ -687,42 +694,73 @@ def _parts(graph: Graph, weights: Mapping[str, int]) -> list[dict[str, int]]:
     return parts
 
 
-def judge_against_noise(
-    names: list[str],
+@dataclasses.dataclass
+class Difference:
+    """What separates the two models on one tensor, before its tolerance is known."""
+
+    result: OutputParity  #: compared with ``atol`` 0 (non-floats: final, by the dtype's default)
+    scale: float  #: ``max|reference|`` over the finite elements
+    floor: float | None  #: the rtol floor of its dtype; ``None`` for non-floats
+    channel: tuple[float, int, float]  #: :func:`per_channel_rel` of the two
+
+
+def differences(
     wanted: list[str],
     ref_runs: Sequence[Sequence[Any]],
     cand_runs: Sequence[Sequence[Any]],
-    effect: Mapping[str, float],
-    channel: Mapping[str, float],
     defaults: Mapping[str, tuple[float, float]],
-) -> tuple[list[OutputParity], list[OutputParity]]:
-    """The outputs judged against ``NOISE_FACTOR`` x their measured noise, and the inner tensors
-    and channels that fail ``NATIVE_INNER_NOISE_FACTOR`` x theirs (:mod:`normfuse.core.verdict`)."""
-    outputs = set(names)
-    worst: dict[str, OutputParity] = {}
-    failed: dict[str, OutputParity] = {}
+) -> list[dict[str, Difference]]:
+    """Per batch and tensor, the difference of the two models' runs (so that the reference's
+    tensors need not be held while the candidate's noise is measured)."""
+    out = []
     for ref_all, cand_all in zip(ref_runs, cand_runs, strict=True):
+        found = {}
         for name, r, c in zip(wanted, ref_all, cand_all, strict=True):
             r, c = np.asarray(r), np.asarray(c)
             floor = noise_floor(str(r.dtype))
-            if floor is None:  # not a float: judged by the dtype's default (exact for integers)
-                if name in outputs:
-                    result = compare_outputs(name, r, c, None, None, defaults)
-                    if name not in worst or worse(result, worst[name]):
-                        worst[name] = result
+            if floor is None:
+                found[name] = Difference(
+                    compare_outputs(name, r, c, None, None, defaults), 0.0, None, (0.0, -1, 0.0)
+                )
                 continue
-            factor = NOISE_FACTOR if name in outputs else NATIVE_INNER_NOISE_FACTOR
-            result = compare_outputs(name, r, c, 0.0, max(floor, factor * effect[name]))
+            finite = r[np.isfinite(r)]
+            scale = float(np.abs(finite).max()) if finite.size else 0.0
+            found[name] = Difference(
+                compare_outputs(name, r, c, 0.0, 0.0), scale, floor, per_channel_rel(r, c)
+            )
+        out.append(found)
+    return out
+
+
+def judge_against_noise(
+    names: list[str],
+    found: Sequence[Mapping[str, Difference]],
+    effect: Mapping[str, float],
+    channel: Mapping[str, float],
+) -> tuple[list[OutputParity], list[OutputParity]]:
+    """The outputs judged against ``NOISE_FACTOR`` x their measured noise, and the inner tensors
+    and channels that fail ``NATIVE_INNER_NOISE_FACTOR`` x theirs (:mod:`normfuse.core.verdict`);
+    ``found`` from :func:`differences`."""
+    outputs = set(names)
+    worst: dict[str, OutputParity] = {}
+    failed: dict[str, OutputParity] = {}
+    for batch in found:
+        for name, d in batch.items():
+            result = d.result
+            if d.floor is not None:
+                factor = NOISE_FACTOR if name in outputs else NATIVE_INNER_NOISE_FACTOR
+                rtol = max(d.floor, factor * effect[name])
+                passed = result.nonfinite_mismatch == 0 and result.max_abs <= rtol * d.scale
+                result = dataclasses.replace(result, rtol=rtol, passed=passed)
             if name in outputs:
                 if name not in worst or worse(result, worst[name]):
                     worst[name] = result
             elif not result.passed and name not in failed:
                 result.name = f"tensor '{name}' (inside the model)"
                 failed[name] = result
-            if name not in failed:
-                found = channel_noise_failure(
-                    name, r, c, max(floor, NATIVE_INNER_NOISE_FACTOR * channel[name])
-                )
-                if found is not None:
-                    failed[name] = found
+            if name not in failed and d.floor is not None:
+                rtol = max(d.floor, NATIVE_INNER_NOISE_FACTOR * channel[name])
+                hit = channel_result(name, result.dtype, d.channel, rtol)
+                if hit is not None:
+                    failed[name] = hit
     return [worst[n] for n in names], list(failed.values())

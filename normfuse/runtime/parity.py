@@ -36,6 +36,7 @@ from normfuse.runtime.bisect import find_divergence
 from normfuse.runtime.inputs import check_runs, check_seed, generate_inputs, tolerance_for
 from normfuse.runtime.judge import (
     Graph,
+    differences,
     inner_tensors,
     judge_against_noise,
     judge_upcast,
@@ -132,7 +133,7 @@ def check_models(
         if not low:
             parity, batch, failing = check_by_noise(
                 graph,
-                read_graph(candidate),
+                candidate,
                 providers,
                 label,
                 opt_level=opt_level,
@@ -327,6 +328,10 @@ class _Clock:
 
 _Noise = tuple[dict[str, float], dict[str, float]] | str
 
+#: A candidate graph larger than this (tensors inline) is read twice rather than held while the
+#: reference's session runs.
+_REREAD_BYTES = 16 << 20
+
 
 def _larger(a: _Noise, b: _Noise) -> _Noise:
     """The larger of two models' noise per tensor (or why one is not usable)."""
@@ -388,7 +393,7 @@ def _cross_check(
 
 def check_by_noise(
     reference: Graph,
-    candidate: Graph,
+    candidate: ModelSource,
     providers: list[str],
     provider_label: str,
     *,
@@ -404,11 +409,14 @@ def check_by_noise(
     """Judge a float32/float64 rewrite at its own precision against its own noise.
 
     One session per model, built and run one after the other (the reference's is released
-    before the candidate's is built). Every tensor the two models share by name is exposed
-    (:func:`inner_tensors`), and each model's weights (float initializers read only by
-    :data:`WEIGHT_OPS`) are made overridable, so that each session also runs with its weights
-    re-rounded (:meth:`Graph.rerounded`), twice per batch. What that moves each tensor, the larger
-    of the two models, is the models' own noise: each output must agree within
+    before the candidate's is built; ``candidate`` is read again then when its tensors are
+    inline). Every tensor the two models share by name is exposed (:func:`inner_tensors`), and
+    each model's weights (float initializers read only by :data:`WEIGHT_OPS`) are made
+    overridable, so that each session also runs with its weights re-rounded
+    (:meth:`Graph.rerounded`), once per batch and part of the weights (:func:`measure_noise`).
+    The two models' tensors are compared (:func:`differences`) before the candidate's noise is
+    measured, so that at most two sets of tensors are held. What re-rounding moves each tensor,
+    the larger of the two models, is the models' own noise: each output must agree within
     ``max(floor, NOISE_FACTOR x noise)``, each inner tensor and each channel within
     ``NATIVE_INNER_NOISE_FACTOR x`` (:func:`judge_against_noise`). When re-rounding changes a
     shape or finiteness, the outputs are judged by ``defaults`` and a note says why.
@@ -422,8 +430,12 @@ def check_by_noise(
     if slow is not None:
         logger.warning("%s", slow)
     names = reference.outputs()
-    shared = inner_tensors(reference, candidate)
+    graph = read_graph(candidate)
+    shared = inner_tensors(reference, graph)
     wanted = names + shared
+    reread = graph.proto.ByteSize() > _REREAD_BYTES
+    if reread:
+        graph.release()  # its tensors are read again once the reference's session is gone
     ref_weights = reference.weights()
 
     def session(graph: Graph, weights: Mapping[str, int], which: str) -> Any:
@@ -446,33 +458,40 @@ def check_by_noise(
             ref_sess, reference, ref_weights, wanted, batches, ref_runs, seed + 1
         )
     del ref_sess
-    weights = candidate.weights()
-    cand_sess = session(candidate, weights, second)
+    reference.release()  # an inline model's tensors: not held beside the candidate's session
+    if reread:
+        graph = read_graph(candidate)
+    weights = graph.weights()
+    cand_sess = session(graph, weights, second)
     _same_interface(ref_inputs, cand_sess, names, labels)
     with clock("runs"):
         cand_runs = [run_session(cand_sess, wanted, feeds, second) for feeds in batches]
-        cand_noise = measure_noise(cand_sess, candidate, weights, wanted, batches, cand_runs, seed)
-    del cand_sess
+    with clock("judge"):  # then the reference's tensors go: two sets of tensors at most
+        found = differences(wanted, ref_runs, cand_runs, defaults)
+        fixed_outputs = [
+            functools.reduce(
+                lambda a, b: b if worse(b, a) else a,
+                (
+                    compare_outputs(n, np.asarray(r[i]), np.asarray(c[i]), None, None, defaults)
+                    for r, c in zip(ref_runs, cand_runs, strict=True)
+                ),
+            )
+            for i, n in enumerate(names)
+        ]
+    del ref_runs
+    with clock("runs"):
+        cand_noise = measure_noise(cand_sess, graph, weights, wanted, batches, cand_runs, seed)
+    del cand_sess, cand_runs
+    graph.release()
     noise = _larger(ref_noise, cand_noise)
     with clock("judge"):
         label = None
         if isinstance(noise, str):
             notes.append(f"{noise}: judged with the fixed tolerances")
-            outputs = [
-                functools.reduce(
-                    lambda a, b: b if worse(b, a) else a,
-                    (
-                        compare_outputs(n, np.asarray(r[i]), np.asarray(c[i]), None, None, defaults)
-                        for r, c in zip(ref_runs, cand_runs, strict=True)
-                    ),
-                )
-                for i, n in enumerate(names)
-            ]
+            outputs = fixed_outputs
             inner: list[OutputParity] = []
         else:
-            outputs, inner = judge_against_noise(
-                names, wanted, ref_runs, cand_runs, noise[0], noise[1], defaults
-            )
+            outputs, inner = judge_against_noise(names, found, noise[0], noise[1])
             floor = min(
                 (f for o in outputs if (f := noise_floor(o.dtype)) is not None), default=None
             )
