@@ -225,3 +225,51 @@ def test_a_slow_check_is_announced_before_it_starts(resnet, tmp_path, monkeypatc
     assert "note: the check builds an onnxruntime session per model" in text
     assert text.index("expect about") < text.index("parity on")
     assert "check sessions" in text and "check runs" in text  # -v: where the time went
+
+
+def test_bn_folded_into_the_matmul_after_it_is_not_a_false_failure(tmp_path):
+    """paddle2onnx's BatchNorm1D -> Linear: ``BN -> MatMul -> Add(b)``. The fold scales the
+    MatMul's weight and moves the shift into the Add's constant, so the MatMul's output (same
+    name) differs by that constant while the model's output does not: it must not be compared.
+    A wrong fold (the shift dropped) still fails on the output."""
+    rng = np.random.default_rng(7)
+    c, k = 16, 12
+    params = [
+        rng.uniform(0.5, 1.5, c),
+        rng.standard_normal(c),
+        rng.standard_normal(c) * 2,
+        rng.uniform(0.3, 3.0, c),
+    ]
+    names = ["g", "b", "m", "v"]
+    inits = [nh.from_array(p.astype(np.float32), n) for p, n in zip(params, names, strict=True)]
+    inits += [
+        nh.from_array(rng.standard_normal((c, k)).astype(np.float32), "W"),
+        nh.from_array(rng.standard_normal(k).astype(np.float32), "bias"),
+    ]
+    nodes = [
+        helper.make_node("BatchNormalization", ["x", *names], ["bn"], name="bn"),
+        helper.make_node("MatMul", ["bn", "W"], ["mm"], name="mm"),
+        helper.make_node("Add", ["mm", "bias"], ["y"], name="add"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [4, c])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [4, k])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    folded, report = normfuse.fold(model)  # checked: raises on a (false) failure
+    assert len(report.applied) == 1 and report.parity.passed
+    assert "mm" not in inner_tensors(Graph(model, None), Graph(folded, None))
+    wrong = onnx.ModelProto()
+    wrong.CopyFrom(folded)
+    for t in wrong.graph.initializer:
+        if t.name.startswith("bias"):  # the shift the fold moved into the bias, dropped
+            t.CopyFrom(
+                nh.from_array(
+                    nh.to_array(next(i for i in model.graph.initializer if i.name == "bias")),
+                    t.name,
+                )
+            )
+    assert not check_models(model.SerializeToString(), wrong.SerializeToString()).passed

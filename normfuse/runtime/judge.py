@@ -503,6 +503,9 @@ _PASS_OPS = frozenset(
     {"Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 )
 _AFFINE_OPS = frozenset({"BatchNormalization", "Add", "Sub", "Mul", "Div"})
+#: Linear ops without a bias input: a norm folded into one from before leaves its shift to the
+#: bias ``Add`` that follows.
+_BIASLESS_OPS = frozenset({"MatMul", "Einsum"})
 _NORM_OPS = frozenset(
     {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization"}
 )
@@ -555,6 +558,10 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         while len(consumers.get(v, [])) == 1:
             c = consumers[v][0]
             if c.op_type in _LINEAR_OPS:
+                if c.op_type in _BIASLESS_OPS and c.output and c.output[0]:
+                    # no bias input: the norm's shift went to the Add after it, so the op's
+                    # own output differs from the original's by that constant
+                    path.append(c.output[0])
                 return path
             if (c.op_type not in _PASS_OPS and not affine(c)) or not c.output:
                 break
