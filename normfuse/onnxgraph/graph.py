@@ -23,6 +23,7 @@ __all__ = [
     "LINEAR_OPS",
     "NORM_OPS",
     "NORM_TAIL_OPS",
+    "SUBGRAPH_OPS",
     "Container",
     "Refused",
     "containers",
@@ -32,6 +33,7 @@ __all__ = [
     "int_attr",
     "ints_attr",
     "label_of",
+    "may_hold_subgraphs",
     "model_stats",
     "node_name",
     "others",
@@ -161,9 +163,22 @@ def resolve_const(
         raise Refused(f"the {what} of {label_of(op)} is not constant: {exc}") from None
 
 
+#: The standard ops that hold subgraphs; nodes of other standard ops are not looked into
+#: (on a 200k-node graph, reading every node's attributes was a second per walk).
+SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+
+
+def may_hold_subgraphs(node: ir.Node) -> bool:
+    """False for a node of a standard op that never holds a subgraph."""
+    return node.op_type in SUBGRAPH_OPS or node.domain not in _STANDARD_DOMAINS
+
+
 def _walk(container: Container, label: str) -> Iterator[tuple[Container, str]]:
     yield container, label
     for node in container:
+        if not may_hold_subgraphs(node):
+            continue
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
                 yield from _walk(attr.value, f"{label}{label_of(node)}/{attr.name}")

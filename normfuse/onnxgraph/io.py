@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.core.gcpause import gc_paused
+from normfuse.onnxgraph.graph import may_hold_subgraphs
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
@@ -357,7 +358,7 @@ def _graphs(model: ir.Model) -> list[ir.Graph]:
     """``model.graphs()`` (the main graph and its subgraphs); without onnx_ir's recursive walk
     when no node holds a subgraph, which on big graphs cost ~18 µs a node per call."""
     for node in model.graph:
-        if node.attributes and any(
+        if may_hold_subgraphs(node) and any(
             a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
             for a in node.attributes.values()
         ):
@@ -524,7 +525,7 @@ def _check_structure(model: ir.Model, where: str) -> None:
                     raise InputError(
                         f"{where}: input '{v.name}' of {node.op_type} '{node.name}' {what}"
                     )
-            for attr in node.attributes.values():
+            for attr in node.attributes.values() if may_hold_subgraphs(node) else ():
                 subgraphs = (
                     [attr.value]
                     if attr.type == ir.AttributeType.GRAPH
