@@ -86,12 +86,12 @@ def bench_speed(work: Path, repeat: int) -> list[dict]:
 
         def fold_api(src: Path = src, out: Path = out) -> None:
             loaded = onnx_io.load(src)
-            run_fold(loaded.model, Report(), FoldOptions())
+            run_fold(loaded.model, Report(), FoldOptions(), None, loaded.take_proto())
             onnx_io.save(loaded.model, out, force=True)
 
         def fold_lazy(src: Path = src, out: Path = out) -> None:
             loaded = onnx_io.load(src, lazy=True)
-            run_fold(loaded.model, Report(), FoldOptions())
+            run_fold(loaded.model, Report(), FoldOptions(), None, loaded.take_proto())
             onnx_io.save(loaded.model, out, force=True)
 
         def fold_cli(src: Path = src, out: Path = out) -> None:

@@ -683,7 +683,7 @@ def latency(items: list[dict], work: Path) -> list[dict]:
         if item["model"] not in LATENCY_MODELS:
             continue
         loaded = onnx_io.load(item["path"], lazy=True)
-        run_fold(loaded.model, Report(), FoldOptions())
+        run_fold(loaded.model, Report(), FoldOptions(), None, loaded.take_proto())
         folded = onnx_io.save(loaded.model, work / "latency_folded.onnx", force=True)
         big = item["path"].stat().st_size > 20e6
         for provider in providers:

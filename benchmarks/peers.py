@@ -98,7 +98,7 @@ def _prepare(tool: str, external: bool):
 
         def run(src, dst):
             loaded = onnx_io.load(src, lazy=True)  # as the CLI does
-            run_fold(loaded.model, Report(), FoldOptions())
+            run_fold(loaded.model, Report(), FoldOptions(), None, loaded.take_proto())
             onnx_io.save(loaded.model, dst, force=True)
 
         return run
