@@ -71,9 +71,11 @@ from normfuse.runtime.sessions import (
 
 __all__ = [
     "DEFAULT_CACHE_MB",
+    "BatchRate",
     "InputSpec",
     "ShardRunner",
     "add_moments",
+    "batch_progress",
     "input_specs",
     "recalibrate_onnx",
 ]
@@ -533,28 +535,36 @@ def _merge(results: list[StepResult]) -> StepResult:
 # ---------------------------------------------------------------------------- progress bar
 
 
-class _Rate(ProgressColumn):
+class BatchRate(ProgressColumn):
+    """Batches per second (``-`` before the first)."""
+
     def render(self, task: Task) -> Text:
         speed = task.speed
         return Text(f"{speed:.2f} batches/s" if speed else "- batches/s")
+
+
+def batch_progress(show: bool) -> Progress:
+    """The recalibration bar (both frontends): batches, batches/s, samples seen, time, on
+    standard error; disabled unless ``show`` and standard error is a terminal."""
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        BatchRate(),
+        TextColumn("{task.fields[samples]} samples"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not (show and console.is_terminal),
+    )
 
 
 class _Bar:
     """A rich bar (batches, batches/s, samples seen, level) on a terminal; else nothing."""
 
     def __init__(self, show: bool) -> None:
-        console = Console(stderr=True)
-        self.progress = Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _Rate(),
-            TextColumn("{task.fields[samples]} samples"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-            disable=not (show and console.is_terminal),
-        )
+        self.progress = batch_progress(show)
         self.task = self.progress.add_task("recalibrating", total=None, samples=0)
         self.samples = 0
 

@@ -31,22 +31,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.text import Text
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, ChannelMoments
 from normfuse.core.errors import InputError
 from normfuse.core.report import Entry, Report
+from normfuse.runtime.recalib_workers import batch_progress
 from normfuse.torchmodel.layers import FrozenBatchNorm
 from normfuse.torchmodel.modules import (
     Where,
@@ -507,28 +498,11 @@ def _process_group(distributed: bool | str) -> Any:
     return dist.group.WORLD
 
 
-class _Rate(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        speed = task.speed
-        return Text(f"{speed:.2f} batches/s" if speed else "- batches/s")
-
-
 class _Bar:
     """A rich progress bar with batches, batches/s and samples; nothing when not shown."""
 
     def __init__(self, show: bool, total: int | None) -> None:
-        self.progress = Progress(
-            TextColumn("recalibrating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            _Rate(),
-            TextColumn("{task.fields[samples]} samples"),
-            TimeElapsedColumn(),
-            transient=True,
-            disable=not show,
-        )
-        if not self.progress.console.is_terminal:
-            self.progress.disable = True  # no bar, and no stray lines, in pipes and logs
+        self.progress = batch_progress(show)  # no bar, and no stray lines, in pipes and logs
         self.task = self.progress.add_task("recalibrating", total=total, samples=0)
 
     def __enter__(self) -> _Bar:
