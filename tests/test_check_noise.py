@@ -19,7 +19,7 @@ from onnx import helper
 from onnx import numpy_helper as nh
 
 import normfuse
-from normfuse.runtime.judge import Graph, inner_tensors, read_graph
+from normfuse.runtime.noise import Graph, inner_tensors, read_graph
 from normfuse.runtime.parity import check_models
 
 

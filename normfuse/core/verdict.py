@@ -14,6 +14,7 @@ Imports: numpy and :mod:`normfuse.core` only.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -34,12 +35,15 @@ __all__ = [
     "NOISE_FACTOR",
     "NOISE_FLOORS",
     "TORCH_TOLERANCES",
+    "PairStats",
     "channel_failure",
     "channel_noise_failure",
     "channel_result",
     "compare_outputs",
+    "cosine_of",
     "judge_parity",
     "noise_floor",
+    "pair_stats",
     "per_channel_rel",
     "raise_for_parity",
     "raise_for_strict",
@@ -106,25 +110,71 @@ TORCH_TOLERANCES: dict[str, tuple[float, float]] = {
 :func:`compare_outputs`: ``|a - b| <= atol + rtol * max|ref|``)."""
 
 
-def compare_outputs(
-    name: str,
-    ref: np.ndarray,
-    test: np.ndarray,
-    atol: float | None = None,
-    rtol: float | None = None,
-    defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
-) -> OutputParity:
-    """Compare one output; see the module docstring for the rule."""
+@dataclasses.dataclass(frozen=True)
+class PairStats:
+    """What separates two tensors of the same shape, measured in one pass where both are finite."""
+
+    nonfinite_mismatch: int  #: elements whose NaN/Inf differ in position or kind
+    max_abs: float  #: ``max|a - b|`` over the elements finite in both
+    mean_abs: float
+    scale: float  #: ``max|a|`` over the elements finite in both
+    cosine: float
+    channel: tuple[float, int, float]  #: :func:`per_channel_rel` of the two
+
+
+def pair_stats(a: Any, b: Any, *, cosine: bool = True) -> PairStats:
+    """The figures of :func:`compare_outputs` and :func:`per_channel_rel` of two float arrays
+    of the same shape. Where both are finite everywhere (the common case): six passes, the
+    difference held in float32 unless an array is float64 (a subtraction of two float32 values
+    is exact or off by one unit of the difference's last place); otherwise, or for other types,
+    the masked computation in float64. ``cosine=False``: the cosine is not computed (NaN)."""
     import numpy as np  # imported where used: the CLI starts without numpy
 
-    dtype = str(ref.dtype)
-    default = defaults.get({"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0))
-    atol = default[0] if atol is None else atol
-    rtol = default[1] if rtol is None else rtol
-    if ref.shape != test.shape:
-        return OutputParity(
-            name, dtype, float("inf"), float("inf"), float("inf"), 0.0, 0, atol, rtol, False, None
-        )
+    a, b = np.asarray(a), np.asarray(b)
+    floating = np.issubdtype(a.dtype, np.floating) and np.issubdtype(b.dtype, np.floating)
+    if not (floating and a.size):
+        return _masked_stats(a, b)
+    work = np.float64 if np.float64 in (a.dtype, b.dtype) else np.float32
+    shape = (a.shape[0], a.shape[1], -1) if a.ndim >= 2 else (1, 1, -1)
+    va = a.reshape(shape)
+    with np.errstate(all="ignore"):  # an overflow or NaN shows below and goes the masked way
+        high = va.max(axis=(0, 2)).astype(np.float64)
+        low = va.min(axis=(0, 2)).astype(np.float64)
+        diff = np.empty(a.shape, work)
+        np.subtract(a, b, out=diff, dtype=work)
+        np.abs(diff, out=diff)
+        err = diff.reshape(shape).max(axis=(0, 2)).astype(np.float64)
+    # a NaN or Inf in either array, or a difference beyond the type's range, is not finite here
+    if not (np.isfinite(high).all() and np.isfinite(low).all() and np.isfinite(err).all()):
+        return _masked_stats(a, b)
+    mag = np.maximum(high, -low)
+    max_abs = float(err.max())
+    scale = float(mag.max())
+    mean_abs = float(diff.mean(dtype=np.float64))
+    del diff
+    cos = cosine_of(a, b, max_abs) if cosine else float("nan")
+    channel = _worst_channel(mag, err) if a.ndim >= 2 else (0.0, -1, 0.0)
+    return PairStats(0, max_abs, mean_abs, scale, cos, channel)
+
+
+def cosine_of(a: Any, b: Any, max_abs: float) -> float:
+    """The cosine of two finite float arrays, summed in float64 (1 where both are zero and
+    equal, 0 where one is zero)."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
+    flat_a, flat_b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    # einsum's own loop, not BLAS: a BLAS dot spins its threads on a busy machine
+    ab = float(np.einsum("i,i->", flat_a, flat_b, dtype=np.float64))
+    aa = float(np.einsum("i,i->", flat_a, flat_a, dtype=np.float64))
+    bb = float(np.einsum("i,i->", flat_b, flat_b, dtype=np.float64))
+    denom = math.sqrt(aa * bb)
+    return ab / denom if denom > 0 else (1.0 if max_abs == 0 else 0.0)
+
+
+def _masked_stats(ref: Any, test: Any) -> PairStats:
+    """:func:`pair_stats` where NaN/Inf occur or the types are not float."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
     r = ref.astype(np.float64)
     t = test.astype(np.float64)
     fin_r, fin_t = np.isfinite(r), np.isfinite(t)
@@ -136,13 +186,39 @@ def compare_outputs(
     max_abs = float(diff.max()) if diff.size else 0.0
     mean_abs = float(diff.mean()) if diff.size else 0.0
     scale = float(np.abs(r[both]).max()) if diff.size else 0.0
-    max_rel = max_abs / scale if scale > 0 else max_abs
     rv, tv = r[both], t[both]
     # sums, not BLAS: a BLAS dot spins its threads on a busy machine (66 ms for 40k elements)
     denom = math.sqrt(float(np.sum(rv * rv)) * float(np.sum(tv * tv)))
     cosine = float(np.sum(rv * tv)) / denom if denom > 0 else (1.0 if max_abs == 0 else 0.0)
-    passed = nonfinite_mismatch == 0 and max_abs <= atol + rtol * scale
-    if nonfinite_mismatch:
+    return PairStats(
+        nonfinite_mismatch, max_abs, mean_abs, scale, cosine, _masked_channel_rel(r, t)
+    )
+
+
+def compare_outputs(
+    name: str,
+    ref: np.ndarray,
+    test: np.ndarray,
+    atol: float | None = None,
+    rtol: float | None = None,
+    defaults: Mapping[str, tuple[float, float]] = DEFAULT_TOLERANCES,
+    stats: PairStats | None = None,
+) -> OutputParity:
+    """Compare one output; see the module docstring for the rule. ``stats``: the pair's
+    :func:`pair_stats` when already measured."""
+    dtype = str(ref.dtype)
+    default = defaults.get({"float32": "float", "float64": "double"}.get(dtype, dtype), (0.0, 0.0))
+    atol = default[0] if atol is None else atol
+    rtol = default[1] if rtol is None else rtol
+    if ref.shape != test.shape:
+        return OutputParity(
+            name, dtype, float("inf"), float("inf"), float("inf"), 0.0, 0, atol, rtol, False, None
+        )
+    s = pair_stats(ref, test) if stats is None else stats
+    max_abs, scale = s.max_abs, s.scale
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    passed = s.nonfinite_mismatch == 0 and max_abs <= atol + rtol * scale
+    if s.nonfinite_mismatch:
         min_rtol = None
     elif scale > 0:
         min_rtol = max(0.0, (max_abs - atol) / scale)
@@ -153,9 +229,9 @@ def compare_outputs(
         dtype,
         max_abs,
         max_rel,
-        mean_abs,
-        cosine,
-        nonfinite_mismatch,
+        s.mean_abs,
+        s.cosine,
+        s.nonfinite_mismatch,
         atol,
         rtol,
         passed,
@@ -225,7 +301,16 @@ def per_channel_rel(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float]:
     ``a_c`` (axis 1), which channel, and its ``max|a - b|``."""
     import numpy as np  # imported where used: the CLI starts without numpy
 
-    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim < 2 or a.shape != b.shape or a.size == 0:
+        return 0.0, -1, 0.0
+    return pair_stats(a, b, cosine=False).channel
+
+
+def _masked_channel_rel(a64: Any, b64: Any) -> tuple[float, int, float]:
+    """:func:`per_channel_rel` of two float64 arrays that may hold NaN/Inf."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
     if a64.ndim < 2 or a64.shape != b64.shape or a64.size == 0:
         return 0.0, -1, 0.0
     ca = np.moveaxis(a64, 1, 0).reshape(a64.shape[1], -1)
@@ -233,6 +318,15 @@ def per_channel_rel(a: np.ndarray, b: np.ndarray) -> tuple[float, int, float]:
     with np.errstate(invalid="ignore"):
         scale = np.nanmax(np.abs(ca), axis=1)
         err = np.nanmax(np.abs(ca - cb), axis=1)
+    return _worst_channel(scale, err)
+
+
+def _worst_channel(scale: Any, err: Any) -> tuple[float, int, float]:
+    """The channel with the largest ``err / max(scale, CHANNEL_FLOOR * max(scale))``, its
+    ratio and its ``err`` (channels with a non-finite or zero scale do not count)."""
+    import numpy as np  # imported where used: the CLI starts without numpy
+
+    with np.errstate(invalid="ignore"):
         scale = np.maximum(scale, CHANNEL_FLOOR * np.nanmax(scale))
     live = np.isfinite(scale) & np.isfinite(err) & (scale > 0)
     if not np.any(live):

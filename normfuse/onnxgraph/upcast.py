@@ -121,9 +121,13 @@ def rounding_perturbation(dtypes: dict[str, ir.DataType], rng: np.random.Generat
         if dtype is None:
             return None
         low = values.astype(ml_dtypes.bfloat16 if dtype == ir.DataType.BFLOAT16 else np.float16)
-        ulp = _ulp(low).astype(np.float64)
-        moved = values.astype(np.float64) + rng.uniform(-0.5, 0.5, values.shape) * ulp
-        return moved.astype(np.float32)
+        # in float32, in place: a 16-bit value and a fraction of its spacing need 13 fewer bits
+        # than float32 has, so the sum is as exact as the random fraction is
+        moved = rng.random(values.shape, dtype=np.float32)
+        moved -= np.float32(0.5)
+        moved *= _ulp(low)
+        moved += values
+        return moved
 
     return perturb
 

@@ -37,6 +37,7 @@ __all__ = [
     "TWO_GIB",
     "check_model_prefix",
     "default_mode",
+    "light_proto",
     "load_buffer_backed",
     "load_self_backed",
     "root_cause",
@@ -241,6 +242,23 @@ def load_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
     nothing is large enough to be worth it, or the file already uses external data. The
     parsed (light) ModelProto comes with the model.
     """
+    proto = light_proto(path)
+    if proto is None:
+        return None
+    model = ir.serde.deserialize_model(proto)  # load() sets the tensors' base folder
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value.meta[SELF_BACKED_KEY] = True
+    model.meta[SELF_BACKED_KEY] = str(path)
+    return model, proto
+
+
+def light_proto(path: Path) -> onnx.ModelProto | None:
+    """The ModelProto at ``path`` without its large initializer bytes: the main graph's
+    ``raw_data`` of :data:`LAZY_MIN_BYTES` or more become external-data references to the file
+    itself (location: its name, at the data's byte offset; raw byte counts checked against the
+    dims). ``None`` when no initializer is large enough, or the file already uses external data.
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
@@ -251,12 +269,7 @@ def load_self_backed(path: Path) -> tuple[ir.Model, onnx.ModelProto] | None:
         return None
     proto = onnx.ModelProto()
     proto.ParseFromString(bytes(model_bytes))
-    model = ir.serde.deserialize_model(proto)  # load() sets the tensors' base folder
-    for value in model.graph.initializers.values():
-        if isinstance(value.const_value, ir.ExternalTensor):
-            value.const_value.meta[SELF_BACKED_KEY] = True
-    model.meta[SELF_BACKED_KEY] = str(path)
-    return model, proto
+    return proto
 
 
 def load_buffer_backed(data: bytes) -> tuple[ir.Model, onnx.ModelProto] | None:

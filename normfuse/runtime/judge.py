@@ -22,9 +22,7 @@ at 16-bit precision cannot tell an exact fold from a wrong one. The rule
    original's own noise (the original at 16 bits vs its exact float32 function), not judged.
 
 float32/float64 models cannot be run wider on onnxruntime (no float64 Conv): they are judged at
-their own precision, the noise measured by moving every weight of each model one unit in the
-last place (:class:`Graph`, :func:`measure_noise`, :func:`judge_against_noise`; the flow is
-:func:`normfuse.runtime.parity.check_by_noise`).
+their own precision against their own noise (:mod:`normfuse.runtime.noise`).
 
 Imports: numpy, onnx, onnx_ir, :mod:`normfuse.core`, :mod:`normfuse.onnxgraph` and the runtime
 package.
@@ -33,11 +31,10 @@ package.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,14 +46,12 @@ from normfuse.core.errors import NormfuseError
 from normfuse.core.report import OutputParity
 from normfuse.core.verdict import (
     INNER_NOISE_FACTOR,
-    NATIVE_INNER_NOISE_FACTOR,
     NOISE_FACTOR,
-    channel_failure,
+    PairStats,
     channel_result,
     compare_outputs,
-    noise_floor,
-    per_channel_rel,
-    worse,
+    cosine_of,
+    pair_stats,
 )
 from normfuse.onnxgraph.upcast import (
     LOW_PRECISION,
@@ -67,21 +62,9 @@ from normfuse.onnxgraph.upcast import (
 from normfuse.runtime.sessions import ModelSource, make_session, run_session
 
 __all__ = [
-    "MAX_INNER",
-    "MAX_WEIGHTS",
-    "NOISE_PARTS",
-    "PART_BYTES",
-    "WEIGHT_OPS",
-    "Difference",
-    "Graph",
     "UpcastJudgement",
-    "differences",
-    "inner_tensors",
-    "judge_against_noise",
     "judge_upcast",
     "low_precision",
-    "measure_noise",
-    "read_graph",
 ]
 
 logger = logging.getLogger(__name__)
@@ -184,6 +167,63 @@ def _rerounded(
     return moved
 
 
+def _rel(stats: PairStats) -> float:
+    return stats.max_abs / stats.scale if stats.scale > 0 else stats.max_abs
+
+
+def _upcast_failures(
+    floats: Sequence[tuple[str, Any, Any]],
+    apart: Mapping[str, PairStats | None],
+    effect: Mapping[str, float],
+    channel: Mapping[str, float],
+    rounding: Mapping[str, float],
+    floor: tuple[float, float],
+    outputs: Collection[str],
+) -> tuple[dict[str, OutputParity], bool]:
+    """What fails in one upcast batch at the noise measured so far: the channels beyond
+    ``INNER_NOISE_FACTOR`` x their re-rounding noise and the inner tensors beyond that factor x
+    their tensor's, and whether an output is beyond ``NOISE_FACTOR`` x its own (outputs are
+    judged for good over all batches by the caller; here only to tell whether another
+    re-rounding is needed)."""
+    failed: dict[str, OutputParity] = {}
+    output_fails = False
+    for name, r, c in floats:
+        stats = apart[name]
+        if stats is None:  # the shapes differ
+            if name in outputs:
+                output_fails = True
+            else:
+                result = compare_outputs(name, np.asarray(r), np.asarray(c), 0.0, 0.0)
+                result.name = f"tensor '{name}' (inside the model)"
+                failed[name] = result
+            continue
+        rtol = max(floor[1], INNER_NOISE_FACTOR * channel[name])
+        hit = channel_result(name, str(np.asarray(c).dtype), stats.channel, rtol)
+        if hit is not None:
+            failed[name] = hit
+            continue
+        if name in outputs:
+            rtol = max(floor[1], NOISE_FACTOR * max(rounding.get(name, 0.0), effect[name]))
+        else:
+            rtol = max(floor[1], INNER_NOISE_FACTOR * effect[name])
+        if stats.nonfinite_mismatch == 0 and stats.max_abs <= floor[0] + rtol * stats.scale:
+            continue
+        if name in outputs:
+            output_fails = True
+            continue
+        full = dataclasses.replace(stats, cosine=_cosine(r, c, stats))
+        result = compare_outputs(name, np.asarray(r), np.asarray(c), floor[0], rtol, stats=full)
+        result.name = f"tensor '{name}' (inside the model)"
+        failed[name] = result
+    return failed, output_fails
+
+
+def _cosine(r: Any, c: Any, stats: PairStats) -> float:
+    if stats.nonfinite_mismatch:
+        return float("nan")
+    return cosine_of(r, c, stats.max_abs)
+
+
 def judge_upcast(
     reference: ModelSource,
     candidate: ModelSource,
@@ -263,39 +303,49 @@ def judge_upcast(
             }
             ref_all = run_session(sessions[0], wanted, up_feeds, "upcast reference")
             cand_all = run_session(sessions[1], wanted, up_feeds, "upcast rewritten")
-            moved_a, moved_b = (
-                run_session(
+            floats = [
+                (name, r, c)
+                for name, r, c in zip(wanted, ref_all, cand_all, strict=True)
+                if np.issubdtype(np.asarray(r).dtype, np.floating)
+            ]
+            apart = {
+                name: pair_stats(r, c, cosine=False) if np.shape(r) == np.shape(c) else None
+                for name, r, c in floats
+            }
+            effect = dict.fromkeys(apart, 0.0)
+            channel = dict.fromkeys(apart, 0.0)
+            # two independent re-roundings, the larger effect counts; the second runs only where
+            # the first's leaves something failing (a larger tolerance passes all it passed)
+            for k in range(2):
+                moved = run_session(
                     sessions[1],
                     wanted,
                     {**up_feeds, **_rerounded(up_weights, changed, seed + 1000 * k)},
                     "re-rounded",
                 )
-                for k in range(2)
-            )
-            for name, r, c, ma, mb in zip(wanted, ref_all, cand_all, moved_a, moved_b, strict=True):
-                if not np.issubdtype(np.asarray(r).dtype, np.floating):
-                    continue
-                effect = max(
-                    (
-                        compare_outputs(name, np.asarray(c), np.asarray(m), 0.0, 0.0)
-                        for m in (ma, mb)
-                    ),
-                    key=lambda e: e.max_rel,
+                moved_by = dict(zip(wanted, moved, strict=True))
+                del moved
+                for name, _, c in floats:
+                    m = moved_by[name]
+                    if apart[name] is None or np.shape(c) != np.shape(m):
+                        effect[name] = float("inf")
+                        continue
+                    own = pair_stats(c, m, cosine=False)
+                    effect[name] = max(effect[name], _rel(own))
+                    channel[name] = max(channel[name], own.channel[0])
+                del moved_by
+                found, output_fails = _upcast_failures(
+                    floats, apart, effect, channel, rounding, floor, outputs
                 )
-                rounding[name] = max(rounding.get(name, 0.0), effect.max_rel)
-                if name not in failed:
-                    found = channel_failure(name, r, c, (ma, mb), floor[1])
-                    if found is not None:
-                        failed[name] = found
-                if name in outputs:
-                    continue
-                rtol = max(floor[1], INNER_NOISE_FACTOR * effect.max_rel)
-                result = compare_outputs(name, np.asarray(r), np.asarray(c), floor[0], rtol)
-                if not result.passed and name not in failed:
-                    result.name = f"tensor '{name}' (inside the model)"
-                    failed[name] = result
+                if not found and not output_fails:
+                    break
+            for name in effect:
+                rounding[name] = max(rounding.get(name, 0.0), effect[name])
+            for name, result in found.items():
+                failed.setdefault(name, result)
             k = len(names)
             runs.append((ref_all[:k], cand_all[:k], native))
+            del ref_all, cand_all, floats, apart
         for ref_out, cand_out, native in runs:
             for name, r, c, n in zip(names, ref_out, cand_out, native, strict=True):
                 rtol = max(floor[1], NOISE_FACTOR * rounding[name])
@@ -317,457 +367,3 @@ def judge_upcast(
 
 
 # --- float32/float64 models: judged at their own precision, against their own noise ----------
-
-#: At most this many weights are made overridable and re-rounded, the largest: onnxruntime
-#: builds a session with many overridable initializers slowly (10k of them: 9 s against 3 s),
-#: and the small ones (scalars, per-channel vectors) move the outputs least.
-MAX_WEIGHTS = 2000
-
-#: Weights above this many bytes are re-rounded in parts of at most this size (at most
-#: :data:`NOISE_PARTS` of them), one run each, so that the moved copy held at a time is at most
-#: 128 MB, or a quarter of the weights beyond 512 MB (the effects of the parts are summed: a bound on moving
-#: all at once, as the effect is linear in a unit of roundoff).
-PART_BYTES = 128 << 20
-NOISE_PARTS = 4
-
-#: Ops whose float constant inputs are weights: re-rounding them is what rounding does in this
-#: model. A constant read by any other op (Resize scales, a Reshape or Pow operand) stays as it is.
-WEIGHT_OPS = frozenset(
-    {
-        "Add",
-        "BatchNormalization",
-        "Conv",
-        "ConvTranspose",
-        "Div",
-        "Einsum",
-        "Gemm",
-        "GroupNormalization",
-        "InstanceNormalization",
-        "LayerNormalization",
-        "MatMul",
-        "Mul",
-        "PRelu",
-        "RMSNormalization",
-        "Sub",
-    }
-)
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.int32, onnx.TensorProto.DOUBLE: np.int64}
-
-
-@dataclasses.dataclass
-class Graph:
-    """A model's graph without its tensor bytes where they are external, and where those are."""
-
-    proto: onnx.ModelProto
-    folder: Path | None
-
-    @functools.cached_property
-    def initializers(self) -> dict[str, onnx.TensorProto]:
-        return {t.name: t for t in self.proto.graph.initializer}
-
-    def raw(self, t: onnx.TensorProto) -> np.ndarray | None:
-        """A tensor's bytes without a copy (its ``raw_data``, or its external data mapped), or
-        ``None`` when they are stored otherwise or their location is not a plain file inside
-        the model's folder with room for them."""
-        if t.HasField("raw_data"):
-            return np.frombuffer(t.raw_data, np.uint8)
-        if t.data_location != onnx.TensorProto.EXTERNAL or self.folder is None:
-            return None
-        info = {e.key: e.value for e in t.external_data}
-        try:
-            path = (self.folder / info["location"]).resolve()
-            offset = int(info.get("offset", 0))
-            size = path.stat().st_size
-            length = int(info.get("length", size - offset))
-        except (KeyError, ValueError, OSError):
-            return None
-        if not path.is_relative_to(self.folder.resolve()) or not path.is_file():
-            return None
-        if offset < 0 or length < 0 or offset + length > size:
-            return None
-        if length == 0:
-            return np.zeros(0, np.uint8)
-        return np.memmap(path, np.uint8, "r", offset, (length,))
-
-    def fingerprint(self, name: str) -> tuple[int, int, bytes]:
-        """A tensor's type, size and up to 64 KiB of its bytes, evenly strided (a fold rescales
-        nearly every element of a weight; read without loading the tensor)."""
-        t = self.initializers[name]
-        data = self.raw(t)
-        if data is None:
-            try:
-                data = np.frombuffer(onnx.numpy_helper.to_array(t).tobytes(), np.uint8)
-            except Exception:  # unreadable here: unlike anything, so the name is not compared
-                return -1, id(t), b""
-        return t.data_type, len(data), bytes(data[:: max(1, len(data) // 65536)])
-
-    @property
-    def nodes(self) -> int:
-        return len(self.proto.graph.node)
-
-    def outputs(self) -> list[str]:
-        return [o.name for o in self.proto.graph.output]
-
-    def values(self) -> list[str]:
-        """The main graph's node outputs, in node order."""
-        return [v for n in self.proto.graph.node for v in n.output if v]
-
-    def weights(self, limit: int = MAX_WEIGHTS) -> dict[str, int]:
-        """Float initializers read only by :data:`WEIGHT_OPS` (name -> element type), the
-        ``limit`` largest (:data:`MAX_WEIGHTS`)."""
-        readers: dict[str, set[str]] = {}
-        for node in self.proto.graph.node:
-            for name in node.input:
-                readers.setdefault(name, set()).add(node.op_type)
-        outputs = set(self.outputs())
-        found = {
-            t.name: t.data_type
-            for t in self.proto.graph.initializer
-            if t.data_type in _FLOAT_TYPES
-            and readers.get(t.name)
-            and readers[t.name] <= WEIGHT_OPS
-            and t.name not in outputs
-        }
-        if len(found) > limit:
-            size = {t.name: int(np.prod(t.dims)) for t in self.proto.graph.initializer}
-            found = dict(sorted(found.items(), key=lambda kv: -size[kv[0]])[:limit])
-        return found
-
-    def release(self) -> None:
-        """Drop the tensors (the graph stays readable): once a model's session has run."""
-        self.__dict__.pop("initializers", None)
-        self.proto.graph.ClearField("initializer")
-
-    def session_bytes(self, expose: Sequence[str], weights: Mapping[str, int]) -> bytes:
-        """The model with ``expose`` as extra outputs and ``weights`` as overridable inputs."""
-        graph = self.proto.graph
-        n_out, n_in = len(graph.output), len(graph.input)
-        inputs = {i.name for i in graph.input}
-        outputs = set(self.outputs())
-        graph.output.extend(onnx.ValueInfoProto(name=v) for v in expose if v not in outputs)
-        graph.input.extend(
-            onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
-            for t in graph.initializer
-            if t.name in weights and t.name not in inputs
-        )
-        try:
-            return self.proto.SerializeToString()
-        finally:
-            del graph.output[n_out:]
-            del graph.input[n_in:]
-
-    def rerounded(
-        self, weights: Mapping[str, int], rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
-        """Each weight moved one unit in the last place, up or down at random (zeros and
-        non-finite values stay): twice the largest error of one rounding, as the models' own
-        arithmetic (a norm computed in float32, another summation order) adds roundings of its
-        own that this stands for."""
-        base = str(self.folder) if self.folder is not None else ""
-        moved: dict[str, np.ndarray] = {}
-        for t in self.proto.graph.initializer:
-            if t.name not in weights:
-                continue
-            raw = self.raw(t)
-            bits_type = _FLOAT_TYPES[t.data_type]
-            if raw is not None and raw.size == np.prod(t.dims) * np.dtype(bits_type).itemsize:
-                bits = raw.view(np.dtype(bits_type).newbyteorder("<")).astype(bits_type)
-                array = bits.view(np.float32 if bits_type is np.int32 else np.float64)
-                array = array.reshape(tuple(t.dims))
-            else:
-                array = np.array(onnx.numpy_helper.to_array(t, base), copy=True)
-            flat = array.reshape(-1)
-            step = np.frombuffer(rng.bytes(flat.size), np.int8) & np.int8(1)
-            step <<= 1
-            step -= 1  # -1 or +1, in place: few passes over a large weight
-            np.putmask(step, flat == 0, 0)
-            if not np.isfinite(flat).all():
-                np.putmask(step, ~np.isfinite(flat), 0)
-            bits = flat.view(bits_type)
-            bits += step
-            moved[t.name] = array
-        return moved
-
-
-#: At most this many inner tensors are exposed and compared: onnxruntime's session creation
-#: grows faster than linearly in the number of graph outputs (50k exposed outputs: 15 s against
-#: 1.5 s for the same graph). Beyond it the outputs of linear ops come first (a folded op's
-#: output keeps the name of the norm it absorbed: where a wrong fold shows first), then the rest
-#: evenly spaced.
-MAX_INNER = 5000
-_LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
-
-
-#: Ops a rewrite can leave between a linear op and the norm it absorbs (and keep the names of).
-_PASS_OPS = frozenset(
-    {"Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-)
-_AFFINE_OPS = frozenset({"BatchNormalization", "Add", "Sub", "Mul", "Div"})
-#: Linear ops without a bias input: a norm folded into one from before leaves its shift to the
-#: bias ``Add`` that follows.
-_BIASLESS_OPS = frozenset({"MatMul", "Einsum"})
-_NORM_OPS = frozenset(
-    {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization"}
-)
-
-
-def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) -> list[str]:
-    """The main-graph tensors both models compute by name and with the same meaning (not the
-    outputs), at most ``limit`` (:data:`MAX_INNER`), in the reference's node order.
-
-    A fold keeps the names inside the chain it rewrites while their values change: folding
-    ``MatMul -> Add(b) -> Mul(gamma)`` leaves ``MatMul(W * gamma)`` under the MatMul's name, on
-    ``Conv -> Transpose -> BN`` the Transpose's output is the scaled one, and a norm folded into
-    the op after it leaves the ops between them reading the unnormalised tensor. So for every
-    per-channel affine op of the reference (BN, Add/Sub/Mul/Div by a constant) that the
-    candidate no longer computes under its name, and every norm whose constants changed, the
-    names between it and the linear op it went into (either way, through layout ops and other
-    such affine ops) are not compared. The names that hold the chain's result are: the norm's,
-    now the folded op's output, and every tensor after it.
-    """
-    graph = reference.proto.graph
-    producers = {v: n for n in graph.node for v in n.output if v}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for v in n.input:
-            consumers.setdefault(v, []).append(n)
-    cand_nodes = {v: n for n in candidate.proto.graph.node for v in n.output if v}
-
-    def affine(n: onnx.NodeProto) -> bool:
-        if n.op_type == "BatchNormalization":
-            return True
-        return n.op_type in _AFFINE_OPS and any(i in reference.initializers for i in n.input)
-
-    def data_input(n: onnx.NodeProto) -> str | None:
-        return next((i for i in n.input if i and i not in reference.initializers), None)
-
-    def upstream(v: str | None) -> list[str]:
-        path: list[str] = []
-        while v is not None and v in producers:
-            path.append(v)
-            p = producers[v]
-            if p.op_type in _LINEAR_OPS:
-                return path
-            if p.op_type not in _PASS_OPS and not affine(p):
-                break
-            v = data_input(p)
-        return []
-
-    def downstream(v: str) -> list[str]:
-        path = [v]
-        while len(consumers.get(v, [])) == 1:
-            c = consumers[v][0]
-            if c.op_type in _LINEAR_OPS:
-                if c.op_type in _BIASLESS_OPS and c.output and c.output[0]:
-                    # no bias input: the norm's shift went to the Add after it, so the op's
-                    # own output differs from the original's by that constant
-                    path.append(c.output[0])
-                return path
-            if (c.op_type not in _PASS_OPS and not affine(c)) or not c.output:
-                break
-            v = c.output[0]
-            path.append(v)
-        return []
-
-    changed: set[str] = set()
-    for n in graph.node:
-        if not n.output or not n.output[0]:
-            continue
-        out = n.output[0]
-        kept = cand_nodes.get(out)
-        if affine(n) and (kept is None or kept.op_type != n.op_type):
-            changed.update(upstream(data_input(n)))
-            if kept is None:
-                changed.update(downstream(out))
-        elif (
-            n.op_type in _NORM_OPS
-            and kept is not None
-            and kept.op_type == n.op_type
-            and _constants_differ(n, kept, reference, candidate)
-        ):
-            changed.update(downstream(out) or [out])
-    outputs = set(reference.outputs())
-    shared = [
-        v
-        for v in dict.fromkeys(reference.values())
-        if v in cand_nodes and v not in outputs and v not in changed
-    ]
-    if len(shared) <= limit:
-        return shared
-    linear = [v for v in shared if cand_nodes[v].op_type in _LINEAR_OPS]
-    if len(linear) >= limit:
-        keep = set(linear[:: -(-len(linear) // limit)])
-    else:
-        rest = [v for v in shared if cand_nodes[v].op_type not in _LINEAR_OPS]
-        keep = set(linear) | set(rest[:: -(-len(rest) // (limit - len(linear)))])
-    return [v for v in shared if v in keep]
-
-
-def _constants_differ(ref: onnx.NodeProto, cand: onnx.NodeProto, a: Graph, b: Graph) -> bool:
-    """Whether two nodes read constants of other names or contents at some input position."""
-    if len(ref.input) != len(cand.input):
-        return True
-    for x, y in zip(ref.input, cand.input, strict=True):
-        const_x, const_y = x in a.initializers, y in b.initializers
-        if (const_x or const_y) and (
-            not (const_x and const_y) or x != y or a.fingerprint(x) != b.fingerprint(y)
-        ):
-            return True
-    return False
-
-
-def read_graph(source: ModelSource) -> Graph:
-    """The model's graph (external tensors not read)."""
-    if isinstance(source, (str, os.PathLike)):
-        return Graph(onnx.load(str(source), load_external_data=False), Path(source).parent)
-    return Graph(onnx.load_from_string(bytes(source)), None)
-
-
-def measure_noise(
-    session: Any,
-    graph: Graph,
-    weights: Mapping[str, int],
-    wanted: list[str],
-    batches: Sequence[Mapping[str, np.ndarray]],
-    runs: Sequence[Sequence[Any]],
-    seed: int,
-    draws: int = 1,
-) -> tuple[dict[str, float], dict[str, float]] | str:
-    """How much re-rounding the weights moves each tensor, whole and per channel.
-
-    ``session`` runs ``graph`` with ``weights`` overridable; ``runs`` are its outputs ``wanted``
-    on ``batches`` with the weights as they are. ``draws`` independent re-roundings, each on
-    every batch; the largest effect counts.
-
-    Returns:
-        ``(max_rel per tensor, per-channel max_rel per tensor)``, or why the measurement is not
-        usable (a re-rounding changed a tensor's shape or finiteness).
-    """
-    effect = dict.fromkeys(wanted, 0.0)
-    channel = dict.fromkeys(wanted, 0.0)
-    parts = _parts(graph, weights)
-    for k in range(draws):
-        rng = np.random.default_rng(seed + 1000 * k)
-        # per batch and tensor, the sum over the parts: a bound on re-rounding all at once
-        moved_by = [dict.fromkeys(wanted, 0.0) for _ in batches]
-        by_channel = [dict.fromkeys(wanted, 0.0) for _ in batches]
-        for part in parts:
-            moved_weights = graph.rerounded(part, rng)
-            for b, (feeds, base) in enumerate(zip(batches, runs, strict=True)):
-                moved = run_session(session, wanted, {**feeds, **moved_weights}, "re-rounded")
-                for name, c, m in zip(wanted, base, moved, strict=True):
-                    c, m = np.asarray(c), np.asarray(m)
-                    if not np.issubdtype(c.dtype, np.floating):
-                        continue
-                    if c.shape != m.shape:
-                        return f"re-rounding the weights changes the shape of '{name}'"
-                    finite = np.isfinite(c)
-                    if not np.array_equal(finite, np.isfinite(m)):
-                        return f"re-rounding the weights makes '{name}' non-finite"
-                    by_channel[b][name] += per_channel_rel(c, m)[0]
-                    if not finite.all():
-                        c, m = c[finite], m[finite]
-                    if c.size:
-                        scale = float(np.abs(c).max())
-                        diff = float(np.abs(c - m).max())
-                        moved_by[b][name] += diff / scale if scale else diff
-            del moved_weights
-        for b in range(len(batches)):
-            for name in wanted:
-                effect[name] = max(effect[name], moved_by[b][name])
-                channel[name] = max(channel[name], by_channel[b][name])
-    return effect, channel
-
-
-def _parts(graph: Graph, weights: Mapping[str, int]) -> list[dict[str, int]]:
-    """``weights`` in at most :data:`NOISE_PARTS` groups of similar size in bytes, each
-    re-rounded in a run of its own, so that only one group's moved copy is held at a time."""
-    sizes = {
-        t.name: int(np.prod(t.dims)) * (4 if t.data_type == onnx.TensorProto.FLOAT else 8)
-        for t in graph.proto.graph.initializer
-        if t.name in weights
-    }
-    total = sum(sizes.values())
-    count = max(1, min(NOISE_PARTS, -(-total // PART_BYTES)))
-    budget = total / count
-    parts: list[dict[str, int]] = [{}]
-    filled = 0
-    for name, size in sizes.items():
-        if parts[-1] and filled + size > budget and len(parts) < count:
-            parts.append({})
-            filled = 0
-        parts[-1][name] = weights[name]
-        filled += size
-    return parts
-
-
-@dataclasses.dataclass
-class Difference:
-    """What separates the two models on one tensor, before its tolerance is known."""
-
-    result: OutputParity  #: compared with ``atol`` 0 (non-floats: final, by the dtype's default)
-    scale: float  #: ``max|reference|`` over the finite elements
-    floor: float | None  #: the rtol floor of its dtype; ``None`` for non-floats
-    channel: tuple[float, int, float]  #: :func:`per_channel_rel` of the two
-
-
-def differences(
-    wanted: list[str],
-    ref_runs: Sequence[Sequence[Any]],
-    cand_runs: Sequence[Sequence[Any]],
-    defaults: Mapping[str, tuple[float, float]],
-) -> list[dict[str, Difference]]:
-    """Per batch and tensor, the difference of the two models' runs (so that the reference's
-    tensors need not be held while the candidate's noise is measured)."""
-    out = []
-    for ref_all, cand_all in zip(ref_runs, cand_runs, strict=True):
-        found = {}
-        for name, r, c in zip(wanted, ref_all, cand_all, strict=True):
-            r, c = np.asarray(r), np.asarray(c)
-            floor = noise_floor(str(r.dtype))
-            if floor is None:
-                found[name] = Difference(
-                    compare_outputs(name, r, c, None, None, defaults), 0.0, None, (0.0, -1, 0.0)
-                )
-                continue
-            finite = r[np.isfinite(r)]
-            scale = float(np.abs(finite).max()) if finite.size else 0.0
-            found[name] = Difference(
-                compare_outputs(name, r, c, 0.0, 0.0), scale, floor, per_channel_rel(r, c)
-            )
-        out.append(found)
-    return out
-
-
-def judge_against_noise(
-    names: list[str],
-    found: Sequence[Mapping[str, Difference]],
-    effect: Mapping[str, float],
-    channel: Mapping[str, float],
-) -> tuple[list[OutputParity], list[OutputParity]]:
-    """The outputs judged against ``NOISE_FACTOR`` x their measured noise, and the inner tensors
-    and channels that fail ``NATIVE_INNER_NOISE_FACTOR`` x theirs (:mod:`normfuse.core.verdict`);
-    ``found`` from :func:`differences`."""
-    outputs = set(names)
-    worst: dict[str, OutputParity] = {}
-    failed: dict[str, OutputParity] = {}
-    for batch in found:
-        for name, d in batch.items():
-            result = d.result
-            if d.floor is not None:
-                factor = NOISE_FACTOR if name in outputs else NATIVE_INNER_NOISE_FACTOR
-                rtol = max(d.floor, factor * effect[name])
-                passed = result.nonfinite_mismatch == 0 and result.max_abs <= rtol * d.scale
-                result = dataclasses.replace(result, rtol=rtol, passed=passed)
-            if name in outputs:
-                if name not in worst or worse(result, worst[name]):
-                    worst[name] = result
-            elif not result.passed and name not in failed:
-                result.name = f"tensor '{name}' (inside the model)"
-                failed[name] = result
-            if name not in failed and d.floor is not None:
-                rtol = max(d.floor, NATIVE_INNER_NOISE_FACTOR * channel[name])
-                hit = channel_result(name, result.dtype, d.channel, rtol)
-                if hit is not None:
-                    failed[name] = hit
-    return [worst[n] for n in names], list(failed.values())

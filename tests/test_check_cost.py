@@ -1,0 +1,148 @@
+"""What the default check costs, and that its shortcuts keep its verdicts (issue 20, target 3).
+
+- The figures of a comparison are measured in one pass where both tensors are finite
+  (:func:`pair_stats`); they agree with the masked float64 computation, which still handles
+  NaN, Inf and overflow.
+- A session is built from the graph alone: a model file's large inline tensors are referenced
+  where they lie and onnxruntime reads them from the file (each model's own file).
+- The rewritten model's noise is measured only when something fails against the original's
+  (float32), and a second 16-bit re-rounding only when the first leaves something failing: an
+  exact fold costs one re-rounded run, a wrong one is still refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hypothesis.extra.numpy as hnp
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normfuse
+from normfuse.core.verdict import _masked_stats, compare_outputs, pair_stats
+from normfuse.runtime import judge, parity
+from normfuse.runtime.noise import read_graph
+from normfuse.runtime.parity import check_models
+from tests.test_check_noise import _conv_bn_stack, _fold, _off_by
+
+
+def _close(a: float, b: float) -> bool:
+    return a == b or abs(a - b) <= 1e-6 * abs(b) + 1e-30 or (np.isnan(a) and np.isnan(b))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        st.sampled_from([np.float16, np.float32, np.float64]),
+        hnp.array_shapes(min_dims=0, max_dims=4, max_side=5),
+        elements=st.floats(-1e4, 1e4, width=16),
+    ),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([None, "nan", "inf", "-inf"]),
+)
+def test_one_pass_figures_agree_with_the_masked_float64_ones(a, seed, bad):
+    rng = np.random.default_rng(seed)
+    b = (a.astype(np.float64) + rng.standard_normal(a.shape) * 1e-2).astype(a.dtype)
+    if bad is not None and a.size:
+        b.reshape(-1)[rng.integers(a.size)] = float(bad)
+    fast, slow = pair_stats(a, b), _masked_stats(a, b)
+    assert fast.nonfinite_mismatch == slow.nonfinite_mismatch
+    for field in ("max_abs", "mean_abs", "scale", "cosine"):
+        assert _close(getattr(fast, field), getattr(slow, field)), field
+    assert fast.channel[1] == slow.channel[1]
+    assert _close(fast.channel[0], slow.channel[0]) and _close(fast.channel[2], slow.channel[2])
+
+
+def test_a_difference_beyond_float32_goes_the_float64_way():
+    a = np.full((2, 3), 3e38, np.float32)
+    stats = pair_stats(a, -a)
+    assert stats.nonfinite_mismatch == 0 and stats.max_abs == pytest.approx(6e38, rel=1e-6)
+    result = compare_outputs("y", a, -a, 0.0, 1e-3)
+    assert not result.passed and result.max_rel == pytest.approx(2.0, rel=1e-6)
+
+
+def test_sessions_are_built_from_the_graph_and_read_each_models_own_file(tmp_path):
+    src, folded = _fold(_conv_bn_stack(6, c=64), tmp_path, "wide")
+    graph = read_graph(src)
+    light = graph.session_bytes([], graph.weights())
+    assert len(light) < src.stat().st_size / 20  # the weights are not in the session's bytes
+    assert check_models(src, folded, provider="cpu", upcast=True).passed
+    # the same file names in another folder, one weight 1e-3 off: read from that file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / src.name).write_bytes(src.read_bytes())
+    _off_by(folded, other / folded.name, 3, 1.001)
+    assert not check_models(src, other / folded.name, provider="cpu", upcast=True).passed
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[object]:
+    calls: list[object] = []
+    real = getattr(module, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _fold(_conv_bn_stack(12, seed=3), tmp_path_factory.mktemp("stack"), "stack")
+
+
+def test_an_exact_fold_measures_only_the_originals_noise(stack, monkeypatch):
+    src, folded = stack
+    calls = _count(monkeypatch, parity, "measure_noise")
+    assert check_models(src, folded, provider="cpu", upcast=True).passed
+    assert len(calls) == 1
+
+
+def test_a_wrong_fold_measures_both_and_is_refused_as_before(stack, tmp_path, monkeypatch):
+    src, folded = stack
+    wrong = tmp_path / "wrong.onnx"
+    _off_by(folded, wrong, 5, 1.001)
+    calls = _count(monkeypatch, parity, "measure_noise")
+    result = check_models(src, wrong, provider="cpu", upcast=True)
+    assert len(calls) == 2 and not result.passed
+    assert any("'n5'" in o.name for o in result.outputs if not o.passed), result.lines()
+
+
+def _fp16_stack(tmp_path: Path) -> Path:
+    model = _conv_bn_stack(8, seed=5)
+    for t in model.graph.initializer:
+        t.CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float16), t.name)
+        )
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    path = tmp_path / "half.onnx"
+    onnx.save(model, path)
+    return path
+
+
+def test_a_16_bit_exact_fold_runs_one_rerounding_a_wrong_one_two(tmp_path, monkeypatch):
+    src = _fp16_stack(tmp_path)
+    folded, report = normfuse.fold(str(src), check=False)
+    assert report.applied
+    out = tmp_path / "half.folded.onnx"
+    normfuse.save(folded, out)
+    calls = _count(monkeypatch, judge, "_rerounded")
+    result = check_models(src, out, provider="cpu", upcast=True)
+    assert result.passed and "upcast exactly" in (result.judgement or ""), result.lines()
+    assert len(calls) == 1
+    wrong = tmp_path / "wrong.onnx"
+    model = onnx.load(out)
+    conv = [n for n in model.graph.node if n.op_type == "Conv"][4]
+    inits = {t.name: t for t in model.graph.initializer}
+    w = onnx.numpy_helper.to_array(inits[conv.input[1]]).copy()
+    w[0] = (w[0].astype(np.float32) * 1.01).astype(np.float16)
+    inits[conv.input[1]].CopyFrom(onnx.numpy_helper.from_array(w, conv.input[1]))
+    onnx.save(model, wrong)
+    calls.clear()
+    result = check_models(src, wrong, provider="cpu", upcast=True)
+    assert not result.passed and len(calls) == 2
