@@ -17,7 +17,9 @@ Tools (each as its users run it, without a parity check):
   memory is counted).
 * ``api-bytes``: ``normfuse.fold(bytes, check=False)`` -> bytes, the call alone timed.
 * ``cli-check``: the command end to end with its default parity check, start-up included
-  (a child process; ``phases`` gives its load/fold/check/save from ``--json``).
+  (a child process; ``phases`` gives its load/fold/check/save from ``--json``, and
+  ``one session per model``: building and running one onnxruntime session for the original and
+  one for the folded file, timed right after in this process: issue 20's bound on the check).
 * ``onnxsim``: ``onnxsim.simplify`` (constant folding, shape inference, its BN fusion).
 * ``onnxslim``: ``onnxslim.slim``.
 * ``onnxoptimizer``: ``onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])``.
@@ -51,6 +53,21 @@ TOOLS = [
 def _rss_now() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def _one_session(path: str | Path) -> float:
+    """Seconds to build an onnxruntime session from ``path`` (``ORT_DISABLE_ALL``, CPU, as the
+    check's) and run it once on seeded inputs."""
+    import onnxruntime as ort
+
+    from normfuse.runtime.inputs import generate_inputs
+
+    start = time.perf_counter()
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    session.run(None, generate_inputs(session))
+    return time.perf_counter() - start
 
 
 def _rss_peak() -> int:
@@ -146,7 +163,10 @@ def _prepare(tool: str, external: bool):
             )
             timings = json.loads(report.read_text()).get("timings", {})
             report.unlink()
-            return {"phases": timings, "child_peak_rss": _children_peak()}
+            peak = _children_peak()
+            # issue 20's bound on the check: one session per model, built from its file and run
+            timings["one session per model"] = _one_session(src) + _one_session(dst)
+            return {"phases": timings, "child_peak_rss": peak}
 
         return run
     if tool == "onnxsim":

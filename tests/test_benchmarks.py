@@ -68,3 +68,21 @@ def test_fp16_mean_over_seeds_decides() -> None:
     fp16["results"]["x"].append(run(9e-4, 1e-4))
     line = next(line for line in targets(_rows(), TOOLS, fp16) if line.startswith("| fp16 error"))
     assert "not on x" in line and "**missed**" in line
+
+
+def test_the_check_beyond_one_session_per_model_is_missed() -> None:
+    from benchmarks.compare import api_targets
+
+    def rows(check: float) -> list[dict]:
+        phases = {"load": 0.1, "fold": 0.1, "check": check, "save": 0.1}
+        return [
+            _row("m", "normfuse"),
+            _row("m", "cli-check", phases=phases | {"one session per model": 0.5}),
+        ]
+
+    def verdict(check: float) -> str:
+        lines = api_targets(rows(check))
+        return next(line for line in lines if "one session per model (build" in line)
+
+    assert "0.80× median" in verdict(0.4) and verdict(0.4).endswith("| met |")
+    assert "1.60×" in verdict(0.8) and "**missed**" in verdict(0.8)

@@ -215,7 +215,9 @@ class Graph:
             else:
                 array = np.array(onnx.numpy_helper.to_array(t, base), copy=True)
             flat = array.reshape(-1)
-            step = np.frombuffer(rng.bytes(flat.size), np.int8) & np.int8(1)
+            # one random bit per element: an eighth of the random bytes of one byte each
+            coins = np.frombuffer(rng.bytes((flat.size + 7) // 8), np.uint8)
+            step = np.unpackbits(coins, count=flat.size).view(np.int8)
             step <<= 1
             step -= 1  # -1 or +1, in place: few passes over a large weight
             np.putmask(step, flat == 0, 0)
