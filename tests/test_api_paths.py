@@ -264,3 +264,49 @@ def test_bytes_with_a_truncated_tensor_are_refused(rng):
     w.raw_data = w.raw_data[: len(w.raw_data) // 2]
     with pytest.raises(InputError, match="raw_data holds"):
         normfuse.fold(m.SerializeToString(), check=False)
+
+
+def _big_conv_bn(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv + BN with a weight above LARGE_BYTES (1 MiB): one whose fold can wait for the write."""
+    cin, cout = 64, 512
+    inits = [tensor("W", normal(rng, [cout, cin, 3, 3])), *bn_params(rng, cout)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "y"),
+    ]
+    return make_model(nodes, [("x", F, [1, cin, 4, 4])], [("y", F, [1, cout, 4, 4])], inits)
+
+
+def test_in_memory_forms_fold_large_weights_when_written_and_equal_the_file_path(rng, tmp_path):
+    """fold(ModelProto) and fold(bytes) compute a large folded weight while the result is
+    written (not all of them beside the copy): the results are the command's byte for byte."""
+    m = _big_conv_bn(rng)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    folded, _ = normfuse.fold(str(path), check=False)
+    normfuse.save(folded, tmp_path / "f.onnx")
+    want = onnx.load(tmp_path / "f.onnx").SerializeToString()
+    from_proto, _ = normfuse.fold(m, check=False)
+    from_bytes, _ = normfuse.fold(m.SerializeToString(), check=False)
+    assert from_proto.SerializeToString() == want
+    assert onnx.load_from_string(from_bytes).SerializeToString() == want
+    # deferred: the result of an onnx_ir model parsed from a proto holds the weight unevaluated
+    result, _ = normfuse.fold(ir.from_proto(m), check=False)
+    weight = next(n for n in result.graph if n.op_type == "Conv").inputs[1].const_value
+    assert isinstance(weight, ir.LazyTensor)
+    assert np.array_equal(
+        weight.numpy(), onnx.numpy_helper.to_array(onnx.load_from_string(want).graph.initializer[0])
+    )
+
+
+def test_a_writable_array_of_the_caller_is_folded_at_once(rng):
+    """The caller may still change their numpy arrays after the call: a weight read from one
+    is folded during the call, never later from whatever the array holds then."""
+    model = ir.from_proto(_big_conv_bn(rng))
+    w = model.graph.initializers["W"]
+    w.const_value = ir.Tensor(np.array(w.const_value.numpy()))  # writable, the caller's
+    result, _ = normfuse.fold(model, check=False)
+    weight = next(n for n in result.graph if n.op_type == "Conv").inputs[1].const_value
+    before = np.array(weight.numpy())
+    w.const_value.numpy()[...] = 0
+    assert not isinstance(weight, ir.LazyTensor) and np.array_equal(weight.numpy(), before)

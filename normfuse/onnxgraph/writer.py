@@ -30,13 +30,30 @@ logger = logging.getLogger(__name__)
 
 
 def deferrable(lin: Linear) -> bool:
-    """Fold this weight lazily: it is file-backed, large, and used as stored (no Gemm alpha)."""
+    """Fold this weight lazily, when it is written: it is large, used as stored (no Gemm
+    alpha), and read again as it is now (:func:`_stable`). A model is then never held with all
+    its folded weights at once beside the copy it is written to."""
     source = lin.node.inputs[1].const_value if lin.node.inputs[1] is not None else None
     return (
-        isinstance(source, ir.ExternalTensor)
+        source is not None
+        and _stable(source)
         and source.nbytes >= LARGE_BYTES
         and lin.weights.weight.dtype == lin.weights.out_dtype
     )
+
+
+def _stable(source: ir.TensorProtocol) -> bool:
+    """Whether a tensor reads the same when the fold is written as now: a file (checked
+    unchanged before every later use, docs/python.md), a parsed TensorProto (shared with the
+    result as the untouched tensors are), or a view of immutable ``bytes``."""
+    if isinstance(source, (ir.ExternalTensor, ir.serde.TensorProtoTensor)):
+        return True
+    if not isinstance(source, ir.Tensor):
+        return False
+    base: Any = source.raw
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return isinstance(base, bytes)
 
 
 class GraphWriter:
@@ -161,13 +178,14 @@ class GraphWriter:
         self.reader.clear()
 
     def weight_data(self, lin: Linear, folded: algebra.Folded) -> np.ndarray | ir.LazyTensor:
-        """The folded weight, or a tensor that computes it from the file when it is written."""
+        """The folded weight, or a tensor that computes it from the stored one when it is
+        written (:func:`deferrable`)."""
         if folded.weight is not None:
             return folded.weight
         weight = lin.node.inputs[1]
         source = weight.const_value if weight is not None else None
         factor, dtype = folded.factor, folded.dtype
-        assert isinstance(source, ir.ExternalTensor) and factor is not None and dtype is not None
+        assert source is not None and factor is not None and dtype is not None
 
         label = lin.label
 
@@ -288,7 +306,7 @@ class GraphWriter:
             if v.is_initializer():
                 graph = v.graph
                 if graph is not None and v.name is not None and v.name in graph.initializers:
-                    graph.initializers.pop(v.name)
+                    del graph.initializers[v.name]  # (pop goes through the generic mapping)
                     self.names.discard(v.name)
                 self.consts.forget(v)
                 continue
