@@ -330,9 +330,9 @@ def judge_upcast(
                     if apart[name] is None or np.shape(c) != np.shape(m):
                         effect[name] = float("inf")
                         continue
-                    own = pair_stats(c, m, cosine=False)
-                    effect[name] = max(effect[name], _rel(own))
-                    channel[name] = max(channel[name], own.channel[0])
+                    shift = pair_stats(c, m, cosine=False)
+                    effect[name] = max(effect[name], _rel(shift))
+                    channel[name] = max(channel[name], shift.channel[0])
                 del moved_by
                 found, output_fails = _upcast_failures(
                     floats, apart, effect, channel, rounding, floor, outputs
