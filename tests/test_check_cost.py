@@ -146,3 +146,31 @@ def test_a_16_bit_exact_fold_runs_one_rerounding_a_wrong_one_two(tmp_path, monke
     calls.clear()
     result = check_models(src, wrong, provider="cpu", upcast=True)
     assert not result.passed and len(calls) == 2
+
+
+def test_a_model_named_through_a_link_from_another_folder_is_checked(stack, tmp_path):
+    """The session reads the weights from the file as it really is: onnxruntime refuses a
+    reference through a link that leads out of the model's folder."""
+    src, folded = stack
+    (tmp_path / "elsewhere").mkdir()
+    link = tmp_path / "elsewhere" / "link.onnx"
+    link.symlink_to(src)
+    assert check_models(link, folded, provider="cpu", upcast=True).passed
+
+
+def test_a_model_with_inline_and_external_tensors_is_checked(tmp_path):
+    """Large inline tensors beside external data of its own: the graph keeps its folder."""
+    model = _conv_bn_stack(4, c=32, seed=7)
+    src = tmp_path / "mixed.onnx"
+    big = sorted(model.graph.initializer, key=lambda t: -len(t.raw_data))
+    onnx.external_data_helper.set_external_data(big[0], "mixed.data")
+    (tmp_path / "mixed.data").write_bytes(big[0].raw_data)
+    big[0].ClearField("raw_data")
+    big[0].data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, src)
+    assert read_graph(src).folder == tmp_path
+    folded, _ = normfuse.fold(str(src), check=False)
+    out = tmp_path / "out" / "folded.onnx"
+    out.parent.mkdir()
+    normfuse.save(folded, out)
+    assert check_models(src, out, provider="cpu", upcast=True).passed

@@ -360,14 +360,37 @@ def read_graph(source: ModelSource) -> Graph:
     """The model's graph without its tensor bytes where they lie in a file: a file's large inline
     tensors become references into it (:func:`~normfuse.onnxgraph.wire.light_proto`), which
     onnxruntime reads from the file itself, so a session is built from a few kilobytes of graph
-    instead of a serialized copy of the weights; external tensors are not read."""
+    instead of a serialized copy of the weights; external tensors are not read.
+
+    The references name the file as it really is (a symbolic link resolved: onnxruntime refuses
+    a reference that leads out of the model's folder); a model that also has external data of
+    its own keeps the folder it was named in, its inline tensors then parsed as they are.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        proto = wire.light_proto(path)
-        if proto is None:
-            proto = onnx.load(str(path), load_external_data=False)
-        return Graph(proto, path.parent)
+        real = path.resolve()
+        proto = wire.light_proto(real)
+        if proto is not None and _locations(proto) == {real.name}:
+            return Graph(proto, real.parent)
+        return Graph(onnx.load(str(path), load_external_data=False), path.parent)
     return Graph(onnx.load_from_string(bytes(source)), None)
+
+
+def _locations(model: onnx.ModelProto) -> set[str]:
+    """The external-data locations of every tensor of the model, subgraphs included."""
+    found: set[str] = set()
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                graphs += ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+                tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                found |= {e.value for e in t.external_data if e.key == "location"}
+    return found
 
 
 def measure_noise(
