@@ -88,17 +88,19 @@ class AffineBuilder:
                 + ", ".join(f"{k} {v}" for k, v in sizes.items())
                 + "); the model is malformed"
             )
-        for name, p in (("scale", gamma), ("bias", beta), ("mean", mean), ("var", var)):
-            if not np.all(np.isfinite(p)):
-                raise Refused(f"its {name} contains NaN or Inf; folding would spread it")
+        if not np.isfinite(np.concatenate((gamma, beta, mean, var))).all():  # one test, then which
+            for name, p in (("scale", gamma), ("bias", beta), ("mean", mean), ("var", var)):
+                if not np.all(np.isfinite(p)):
+                    raise Refused(f"its {name} contains NaN or Inf; folding would spread it")
         if not np.isfinite(eps) or eps < 0:
             raise Refused(f"its epsilon is {eps}; folding needs a finite, non-negative epsilon")
-        if np.any(var < 0):
+        low = float(var.min()) if var.size else 0.0  # finite here; + eps is monotonic
+        if var.size and low < 0:
             raise Refused(
-                f"its running variance has negative values (min {var.min():.3g}); "
+                f"its running variance has negative values (min {low:.3g}); "
                 "the statistics are corrupt"
             )
-        if np.any(var + eps <= 0):
+        if var.size and low + eps <= 0:
             raise Refused("variance + epsilon is 0 for some channel; the output is not finite")
         return Affine.from_batchnorm(gamma, beta, mean, var, eps, axis=1)
 

@@ -26,6 +26,9 @@ __all__ = ["ChainFinder"]
 
 logger = logging.getLogger(__name__)
 
+#: The op types :meth:`ChainFinder._link` can make a link of (or report as too new).
+_CANDIDATE_OPS = NORM_OPS | ELEMENTWISE_OPS
+
 
 class ChainFinder:
     """Finds the chains of one graph or function.
@@ -78,6 +81,8 @@ class ChainFinder:
         links: dict[int, Link] = {}
         order: list[Link] = []
         for node in self.container:
+            if node.op_type not in _CANDIDATE_OPS:
+                continue  # most nodes of a big graph: no per-node work beyond this test
             link = self._link(node)
             if link is not None and not (
                 link.kind == "elementwise" and self.reader.is_matmul_bias(node, link.data_index)

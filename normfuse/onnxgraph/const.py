@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 __all__ = [
@@ -113,7 +114,31 @@ def read_tensor(tensor: ir.TensorProtocol, files: OpenFiles | None = None) -> np
             if got != count:
                 raise NotConstant(f"the external data of '{tensor.name}' is shorter than its shape")
             return array.reshape(shape)
+    if type(tensor) is ir.serde.TensorProtoTensor:
+        proto = tensor.raw
+        dtype = _RAW_DTYPES.get(proto.data_type)
+        if (
+            dtype is not None
+            and proto.HasField("raw_data")
+            and proto.data_location != onnx.TensorProto.EXTERNAL
+        ):  # what TensorProtoTensor.numpy returns for whole-byte types, without its dispatch
+            return np.frombuffer(proto.raw_data, dtype=dtype).reshape(proto.dims)
     return tensor.numpy()
+
+
+def _raw_dtypes() -> dict[int, np.dtype]:
+    """data_type -> the little-endian numpy dtype of its raw bytes, for whole-byte types."""
+    found = {}
+    for t in ir.DataType:
+        try:
+            if t.bitwidth in (8, 16, 32, 64, 128) and t != ir.DataType.STRING:
+                found[int(t)] = t.numpy().newbyteorder("<")
+        except (TypeError, ValueError, KeyError):  # no bit width or no numpy type
+            continue
+    return found
+
+
+_RAW_DTYPES = _raw_dtypes()
 
 
 class NotConstant(Exception):

@@ -57,7 +57,7 @@ from normfuse.onnxgraph.graph import (
     others,
     rank_of,
     users,
-    values_of,
+    value_names,
 )
 from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
 from normfuse.onnxgraph.paths import AxisPath, InferredShapes, walk_back, walk_forward
@@ -114,13 +114,14 @@ def fold_model(
     Returns:
         One entry per candidate, in graph order.
     """
-    names = {v.name for c, _ in containers(model) for v in values_of(c) if v.name}
+    found = list(containers(model))
+    names = value_names(c for c, _ in found)
     main_opset = model.opset_imports.get("") or model.opset_imports.get("ai.onnx") or 1
     inferred = InferredShapes(
         model, main_opset, source, for_fold=True
     )  # converters that write no value_info (tf2onnx)
     work: list[_Folder] = []
-    for container, label in containers(model):
+    for container, label in found:
         opset = (
             container.opset_imports.get("")
             if isinstance(container, ir.Function)
@@ -194,8 +195,11 @@ class _Folder:
             except NotConstant as exc:
                 affines.append(Refused(str(exc)))
         done: dict[int, tuple[str | None, str]] = {}  # chain index -> (direction, target)
-        k, after_reason = self._fold_forward(chain, affines, rank, done)
-        suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
+        if any(reportable):
+            k, after_reason = self._fold_forward(chain, affines, rank, done)
+            suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
+        else:  # Mul/Add/... that touch no linear op (see _reportable) fold in neither direction
+            after_reason, suffix, before_reason, before_fix = None, [], None, None
         for i in self._drop_identities(chain, affines, done):
             reportable[i] = True
         entries = []
@@ -440,12 +444,11 @@ class _Folder:
             for node in self.finder.too_new
             if node.op_type in NORM_OPS
         ]
-        for node in self.container:
+        for node in self.container if self.options.dry_run else ():  # (a pass saved otherwise)
             if (
                 node.op_type in NORM_TAIL_OPS
                 and node.domain in ("", "ai.onnx")
                 and id(node) not in self.reported
-                and self.options.dry_run
             ):
                 entries.append(
                     Entry(
@@ -589,14 +592,15 @@ def _run_fold(
     source: onnx.ModelProto | None,
 ) -> None:
     t = time.perf_counter()
+    sizes: dict[int, tuple[Any, int]] = {}  # tensor sizes, each counted once for both figures
     if not options.dry_run:
-        report.before = model_stats(model)
+        report.before = model_stats(model, sizes)
     report.entries.extend(fold_model(model, options, progress, source))
     if options.reparam:
         from normfuse.onnxgraph.reparam import reparam_model
 
         report.entries.extend(reparam_model(model, dry_run=options.dry_run))
-    report.after = model_stats(model)
+    report.after = model_stats(model, sizes)
     low = sorted({d for d in _low_precision_weights(model)})
     if low and report.applied:
         report.notes.append(

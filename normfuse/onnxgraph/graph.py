@@ -6,7 +6,9 @@ Imports: onnx_ir, :mod:`normfuse.core`, and :mod:`normfuse.onnxgraph.const`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,11 +39,12 @@ __all__ = [
     "model_stats",
     "node_name",
     "others",
+    "proto_nbytes",
     "rank_of",
     "resolve_const",
     "take_over",
     "users",
-    "values_of",
+    "value_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -194,37 +197,63 @@ def containers(model: ir.Model) -> Iterator[tuple[Container, str]]:
         yield from _walk(function, f"function '{function.domain}.{function.name}'/")
 
 
-def model_stats(model: ir.Model) -> ModelStats:
-    """Node counts and parameter bytes over all graphs and functions."""
+def model_stats(model: ir.Model, sizes: dict[int, tuple[Any, int]] | None = None) -> ModelStats:
+    """Node counts and parameter bytes over all graphs and functions.
+
+    Args:
+        model: The model.
+        sizes: Byte counts of tensors by id (with the tensor, so that an id is not reused),
+            filled and read: statistics taken before and after a rewrite count each tensor the
+            rewrite left alone once.
+    """
     stats = ModelStats()
+    ops = stats.ops
     seen: set[int] = set()
+    known = {} if sizes is None else sizes
     for container, _ in containers(model):
         if isinstance(container, ir.Graph):
             for v in container.initializers.values():
-                if id(v) not in seen and v.const_value is not None:
-                    seen.add(id(v))
-                    stats.param_bytes += _nbytes(v.const_value)
-        for node in container:
-            stats.nodes += 1
-            stats.ops[node.op_type] = stats.ops.get(node.op_type, 0) + 1
-            if node.domain in ("", "ai.onnx"):
-                if node.op_type == "BatchNormalization":
-                    stats.batchnorm_nodes += 1
-                if node.op_type in NORM_OPS:
-                    stats.norm_nodes += 1
-                value = node.attributes.get("value") if node.op_type == "Constant" else None
-                if (
-                    value is not None
-                    and value.type == ir.AttributeType.TENSOR
-                    and value.value is not None
-                ):
-                    stats.param_bytes += _nbytes(value.value)
+                tensor = v.const_value
+                if id(v) in seen or tensor is None:
+                    continue
+                seen.add(id(v))
+                hit = known.get(id(tensor))
+                if hit is None or hit[0] is not tensor:
+                    hit = known[id(tensor)] = (tensor, _nbytes(tensor))
+                stats.param_bytes += hit[1]
+        # counted by (op, domain) first: one dictionary update per kind, not per node
+        kinds = Counter([(node.op_type, node.domain) for node in container])
+        constants = False
+        for (op, domain), count in kinds.items():
+            stats.nodes += count
+            ops[op] = ops.get(op, 0) + count
+            if domain in ("", "ai.onnx"):
+                if op == "BatchNormalization":
+                    stats.batchnorm_nodes += count
+                if op in NORM_OPS:
+                    stats.norm_nodes += count
+                constants = constants or op == "Constant"
+        for node in container if constants else ():
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            value = node.attributes.get("value")
+            if (
+                value is not None
+                and value.type == ir.AttributeType.TENSOR
+                and value.value is not None
+            ):
+                stats.param_bytes += _nbytes(value.value)
     return stats
 
 
 def _nbytes(tensor: Any) -> int:
     """``tensor.nbytes`` from the static shape without numpy (onnx_ir's goes through an array:
-    on graphs of 100k tensors that was most of the statistics' time)."""
+    on graphs of 100k tensors that was most of the statistics' time). A tensor read from a
+    TensorProto gives its dims straight from the proto (its ``shape`` builds a new Shape at
+    every access)."""
+    need = proto_nbytes(tensor)
+    if need is not None:
+        return need
     dims = tensor.shape.dims
     if all(type(d) is int for d in dims):
         try:
@@ -237,9 +266,41 @@ def _nbytes(tensor: Any) -> int:
     return int(tensor.nbytes)
 
 
-def values_of(container: Container) -> Iterator[ir.Value]:
-    yield from container.inputs
-    if isinstance(container, ir.Graph):
-        yield from container.initializers.values()
-    for node in container:
-        yield from (v for v in node.outputs)
+def proto_nbytes(tensor: Any) -> int | None:
+    """The bytes that the dims and element type of a tensor read from a TensorProto need, from
+    the proto's own fields (onnx_ir's ``shape`` builds a new Shape at every access); ``None``
+    for other tensors and for types without a bit width."""
+    if type(tensor) is not _PROTO_TENSOR:
+        return None
+    proto = tensor.raw
+    bits = _BITS.get(proto.data_type)
+    return None if bits is None else (math.prod(proto.dims) * bits + 7) // 8
+
+
+_PROTO_TENSOR = ir.serde.TensorProtoTensor
+
+
+def _bit_widths() -> dict[int, int]:
+    widths = {}
+    for t in ir.DataType:
+        try:
+            widths[int(t)] = t.bitwidth
+        except TypeError:  # strings, undefined
+            continue
+    return widths
+
+
+_BITS = _bit_widths()  # data_type -> bits per element
+
+
+def value_names(found: Iterable[Container]) -> set[str]:
+    """The non-empty names of the values of ``found``: inputs, initializers, node outputs."""
+    names: set[str | None] = set()
+    for container in found:
+        names.update([v.name for v in container.inputs])
+        if isinstance(container, ir.Graph):
+            names.update([v.name for v in container.initializers.values()])
+        names.update([v.name for node in container for v in node.outputs])
+    names.discard(None)
+    names.discard("")
+    return names  # type: ignore[return-value]

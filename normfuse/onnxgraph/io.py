@@ -35,7 +35,7 @@ from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.core.gcpause import gc_paused
-from normfuse.onnxgraph.graph import may_hold_subgraphs
+from normfuse.onnxgraph.graph import may_hold_subgraphs, proto_nbytes
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
@@ -222,8 +222,7 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
                 model, proto = backed
             else:  # what ir.load does, keeping the ModelProto
                 proto = onnx.load(path, load_external_data=False)
-                model = ir.serde.deserialize_model(proto)
-                ir.external_data.set_base_dir(model.graph, str(path.parent))
+                model = ir.serde.deserialize_model(proto)  # base folders: set below
         except ir.serde.SerdeError as exc:  # a RuntimeError: it goes first
             raise InputError(
                 f"{path} is not a readable ONNX model ({short_error(root_cause(exc))})"
@@ -234,18 +233,19 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
             ) from None
         except (DecodeError, onnx.onnx_cpp2py_export.checker.ValidationError, RuntimeError) as exc:
             raise InputError(f"{path} is not a readable ONNX model ({short_error(exc)})") from None
-        tensors = _tensors(model)
+        graphs = _graphs(model)
+        tensors = _tensors(model, graphs)
         _check_has_graph(model, str(path), tensors)
         _check_structure(model, str(path))
         external = False
-        for _, tensor, initializer in tensors:
+        for _, tensor, initializer in tensors:  # every tensor of every graph, attributes too
             if isinstance(tensor, ir.ExternalTensor):
                 tensor.base_dir = path.parent  # where relative locations start
                 external = external or (initializer and not tensor.meta.get(SELF_BACKED_KEY))
         if external:
             _check_external_data(model, path.parent)
             model.meta[EXTERNAL_DATA_KEY] = True
-        sources = _sources(model)
+        sources = _sources(model, graphs)
         model.meta[INPUT_FILES_KEY] = frozenset(
             {(st.st_dev, st.st_ino)} | {i for i in map(file_identity, sources) if i}
         )
@@ -446,10 +446,11 @@ def _check_external_data(model: ir.Model, base: Path) -> None:
                 )
 
 
-def _tensors(model: ir.Model) -> list[tuple[str, Any, bool]]:
-    """``(label, tensor, is_initializer)`` for every initializer and tensor attribute."""
+def _tensors(model: ir.Model, graphs: list[ir.Graph] | None = None) -> list[tuple[str, Any, bool]]:
+    """``(label, tensor, is_initializer)`` for every initializer and tensor attribute (of
+    ``graphs``, the model's :func:`_graphs`, when the caller has them)."""
     found: list[tuple[str, Any, bool]] = []
-    for graph in _graphs(model):
+    for graph in _graphs(model) if graphs is None else graphs:
         found += [(v.name or "", v.const_value, True) for v in graph.initializers.values()]
         for node in graph:
             if not node.attributes:
@@ -474,7 +475,7 @@ def _check_has_graph(
     if len(model.graph) == 0 and not model.graph.outputs:
         raise InputError(f"{where} holds no graph (empty or not an ONNX model)")
     for name, tensor, _ in _tensors(model) if tensors is None else tensors:
-        if tensor is None:
+        if tensor is None or _plain_and_whole(tensor):
             continue
         try:
             if tensor.dtype == ir.DataType.UNDEFINED:
@@ -485,6 +486,21 @@ def _check_has_graph(
             raise InputError(
                 f"tensor {name!r} in {where} is malformed ({short_error(exc)})"
             ) from None
+
+
+def _plain_and_whole(tensor: Any) -> bool:
+    """True for a tensor read from a TensorProto whose raw bytes are exactly what its
+    non-negative dims and known element type need: what the checks of :func:`_check_has_graph`
+    pass, decided from the proto's fields (on big graphs, most tensors; others take the checks)."""
+    need = proto_nbytes(tensor)
+    if need is None:
+        return False
+    proto = tensor.raw
+    return (
+        proto.HasField("raw_data")
+        and all(d >= 0 for d in proto.dims)
+        and len(proto.raw_data) == need
+    )
 
 
 def _check_byte_count(tensor: Any) -> None:
@@ -534,10 +550,11 @@ def _check_structure(model: ir.Model, where: str) -> None:
                 for sub in subgraphs:
                     walk(sub, defined)
             for out in node.outputs:
-                if out.name and out.name in names:
-                    raise InputError(f"{where}: tensor '{out.name}' is produced twice")
-                if out.name:
-                    names.add(out.name)
+                name = out.name
+                if name:
+                    if name in names:
+                        raise InputError(f"{where}: tensor '{name}' is produced twice")
+                    names.add(name)
                 defined.add(id(out))
 
     walk(model.graph, set())
@@ -562,9 +579,10 @@ def unwrap(model: object) -> ir.Model:
     return load(model, copy=False).model
 
 
-def has_external_data(model: ir.Model) -> bool:
-    """True when some initializer of the model lives in an external file."""
-    for graph in _graphs(model):
+def has_external_data(model: ir.Model, graphs: list[ir.Graph] | None = None) -> bool:
+    """True when some initializer of the model (of ``graphs``, its :func:`_graphs`) lives in
+    an external file."""
+    for graph in _graphs(model) if graphs is None else graphs:
         for value in graph.initializers.values():
             tensor = value.const_value
             if isinstance(tensor, ir.ExternalTensor) and not tensor.meta.get(SELF_BACKED_KEY):
@@ -581,12 +599,10 @@ def reads_lazily(model: ir.Model) -> bool:
     )
 
 
-def _total_bytes(model: ir.Model) -> int:
+def _total_bytes(model: ir.Model, graphs: list[ir.Graph]) -> int:
+    tensors = [v.const_value for g in graphs for v in g.initializers.values()]
     return sum(
-        v.const_value.nbytes
-        for g in _graphs(model)
-        for v in g.initializers.values()
-        if v.const_value is not None
+        n if (n := proto_nbytes(t)) is not None else t.nbytes for t in tensors if t is not None
     )
 
 
@@ -621,10 +637,10 @@ def _our_data_files(out: Path) -> dict[Path, tuple[int, int]]:
     return {p: i for p, i in found.items() if i is not None}
 
 
-def _sources(model: ir.Model) -> set[Path]:
+def _sources(model: ir.Model, graphs: list[ir.Graph]) -> set[Path]:
     paths = {
         os.fspath(v.const_value.path)
-        for g in _graphs(model)
+        for g in graphs
         for v in g.initializers.values()
         if isinstance(v.const_value, ir.ExternalTensor)
     }
@@ -683,11 +699,12 @@ def save(
         )
     check_destination(out, force=force)
     folder = out.parent if str(out.parent) else Path(".")
+    graphs = _graphs(ir_model)  # one walk of a big graph, not one per question below
     if external_data is None:
         external_data = (
             bool(ir_model.meta.get(EXTERNAL_DATA_KEY))
-            or has_external_data(ir_model)
-            or _total_bytes(ir_model) > TWO_GIB
+            or has_external_data(ir_model, graphs)
+            or _total_bytes(ir_model, graphs) > TWO_GIB
         )
     data_name: str | None = None
     tmp: Path | None = None
@@ -704,7 +721,7 @@ def save(
             verify(tmp)
         keep = set() if discard else set(ir_model.meta.get(INPUT_FILES_KEY, ()))
         if not discard:
-            keep |= {i for i in map(file_identity, _sources(ir_model)) if i is not None}
+            keep |= {i for i in map(file_identity, _sources(ir_model, graphs)) if i is not None}
         with _folder_lock(folder):  # concurrent runs writing this output switch one at a time
             stale = _our_data_files(out)  # the data of the output this rename replaces
             os.replace(tmp, out)  # the switch: before it the old output stands, after it the new

@@ -533,11 +533,11 @@ class InferredShapes:
         self._given: list[tuple[ir.Value, ir.Shape]] = []
         graph = model.graph
         # the shapes values had, for those that take an inferred one over from another value
+        everything = [v for n in graph for v in n.outputs if v is not None]
         self._had: dict[int, tuple[ir.Value, ir.Shape]] = {
-            id(v): (v, v.shape) for n in graph for v in n.outputs if v.shape is not None
+            id(v): (v, v.shape) for v in everything if v.shape is not None
         }
         consts = ConstantResolver(opset, model.ir_version)
-        everything = [v for n in graph for v in n.outputs if v is not None]
         outputs = _fold_reads(graph, consts) if for_fold else everything
         missing = [v for v in outputs if v.shape is None and v.name]
         if not missing:
@@ -777,9 +777,10 @@ def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[s
             continue
         dims: list[int | str | None] = []
         for d in t.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
+            kind = d.WhichOneof("value")  # one call where two HasField tests were
+            if kind == "dim_value":
                 dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
+            elif kind == "dim_param":
                 dims.append(d.dim_param)
             else:
                 dims.append(None)

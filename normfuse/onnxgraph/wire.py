@@ -79,7 +79,8 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
     """``(number, wire_type, field_start, value_start, value_end)`` for each field in a message."""
     pos = start
     while pos < end:
-        key, p = _read_varint(buf, pos)
+        key = buf[pos]  # one-byte varints (most tags and lengths) read inline
+        key, p = (key, pos + 1) if key < 0x80 else _read_varint(buf, pos)
         number, wire = key >> 3, key & 7
         if number == 0:  # no message has a field 0: a file of zero bytes stops here at once
             raise DecodeError("protobuf field number 0")
@@ -88,7 +89,8 @@ def _fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int
         elif wire == 1:
             value_end = p + 8
         elif wire == 2:
-            length, p = _read_varint(buf, p)
+            length = buf[p]
+            length, p = (length, p + 1) if length < 0x80 else _read_varint(buf, p)
             value_end = p + length
         elif wire == 5:
             value_end = p + 4
@@ -310,8 +312,8 @@ def _scan(buf: Any, size: int, location: str, *, plain_only: bool) -> bytearray 
         graph = bytearray()
         kept = vstart  # runs of fields that stay as they are are copied at once
         for gnum, gwire, gstart, gvstart, gvend in _fields(buf, vstart, vend):
-            if gnum != _GRAPH_INITIALIZER or gwire != 2:
-                continue
+            if gnum != _GRAPH_INITIALIZER or gwire != 2 or gvend - gvstart < LAZY_MIN_BYTES:
+                continue  # a tensor smaller than that holds no raw_data that large
             tensor = _externalize(buf, gvstart, gvend, location, plain_only=plain_only)
             if tensor is not None:
                 graph += buf[kept:gstart]
@@ -384,6 +386,8 @@ _RAW_OK = frozenset(
 
 
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         byte = n & 0x7F
@@ -393,6 +397,9 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _field(number: int, length: int) -> bytes:
@@ -530,14 +537,19 @@ def _external_reference(location: str, offset: int, length: int) -> bytes:
 def _header(name: str, tensor: Any) -> bytes:
     """The TensorProto of ``tensor`` without its data, in the wire format."""
     out = bytearray()
-    for dim in tensor.shape.numpy():  # repeated int64, not packed (proto2)
-        out += _varint(_TENSOR_DIMS << 3) + _varint(int(dim) & 0xFFFF_FFFF_FFFF_FFFF)
+    # a tensor read from a TensorProto: its dims as they are there (its shape is built anew)
+    dims = tensor.raw.dims if type(tensor) is ir.serde.TensorProtoTensor else tensor.shape.numpy()
+    for dim in dims:  # repeated int64, not packed (proto2)
+        out += _DIM_TAG + _varint(int(dim) & 0xFFFF_FFFF_FFFF_FFFF)
     out += _varint(_TENSOR_DATA_TYPE << 3) + _varint(tensor.dtype.value)
     out += _string_field(_TENSOR_NAME, name)
     if tensor.doc_string:
         out += _string_field(_TENSOR_DOC_STRING, tensor.doc_string)
     out += _entries(_TENSOR_METADATA_PROPS, tensor.metadata_props.items())
     return bytes(out)
+
+
+_DIM_TAG = _varint(_TENSOR_DIMS << 3)
 
 
 def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
