@@ -765,18 +765,28 @@ def _run_inference(proto: onnx.ModelProto) -> onnx.GraphProto:
 
 
 def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[str, ir.Shape]:
-    """Shapes by value name from an inferred graph (only the ``wanted`` names, when given)."""
+    """Shapes by value name from an inferred graph (only the ``wanted`` names, when given).
+
+    Values of the same shape get the same (never modified) Shape object: on big graphs most
+    values share a few shapes, and each is decoded once."""
     out: dict[str, ir.Shape] = {}
     if graph is None:
         return out
+    decoded: dict[bytes, ir.Shape] = {}
     for info in [*graph.value_info, *graph.output]:
         if wanted is not None and info.name not in wanted:
             continue
         t = info.type
         if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
             continue
+        proto = t.tensor_type.shape
+        key = proto.SerializeToString()
+        known = decoded.get(key)
+        if known is not None:
+            out[info.name] = known
+            continue
         dims: list[int | str | None] = []
-        for d in t.tensor_type.shape.dim:
+        for d in proto.dim:
             kind = d.WhichOneof("value")  # one call where two HasField tests were
             if kind == "dim_value":
                 dims.append(int(d.dim_value))
@@ -784,5 +794,5 @@ def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[s
                 dims.append(d.dim_param)
             else:
                 dims.append(None)
-        out[info.name] = ir.Shape(dims)
+        out[info.name] = decoded[key] = ir.Shape(dims)
     return out
