@@ -50,6 +50,7 @@ __all__ = [
     "get_attr",
     "is_bn_module",
     "is_linear_module",
+    "is_named_container",
     "is_padded",
     "label_of",
     "match_pair",
@@ -195,8 +196,29 @@ def is_linear_module(m: nn.Module) -> bool:
 def is_bn_module(m: nn.Module) -> bool:
     """A module whose forward is an inference norm (perhaps followed by its own children, as
     timm's BatchNormAct2d), or one that looks like a norm and is refused with a reason: it is
-    kept as one call, and gets a report entry either way."""
-    return (isinstance(m, _BatchNorm) and plain_forward(m)) or looks_like_norm(m)
+    kept as one call, and gets a report entry either way.
+
+    A module named like a norm whose forward is none but that holds Conv/Linear/norm modules of
+    its own is a container (:func:`is_named_container`): it is traced into, so that the pairs
+    inside it are seen."""
+    if isinstance(m, _BatchNorm) and plain_forward(m):
+        return True
+    return looks_like_norm(m) and not is_named_container(m)
+
+
+def is_named_container(m: nn.Module) -> bool:
+    """A module whose class name says "BatchNorm" but whose forward is no norm, calling linear
+    or norm modules it holds: transformers' ``FastSpeech2ConformerBatchNormConvLayer`` and
+    ``SpeechT5BatchNormConvLayer`` (conv, BatchNorm1d, tanh, dropout), PatchTST's
+    ``PatchTSTBatchNorm`` (a BatchNorm1d between two transposes). As one opaque call it would
+    hide those pairs behind the reason that its forward is not a norm."""
+    inner = [
+        c
+        for c in m.modules()
+        if c is not m
+        and (isinstance(c, nn.modules.conv._ConvNd | nn.Linear | _BatchNorm) or looks_like_norm(c))
+    ]
+    return bool(inner) and not isinstance(norm_signature(m), NormSignature)
 
 
 class _Tracer(fx.Tracer):
