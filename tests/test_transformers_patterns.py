@@ -323,6 +323,9 @@ def test_bit_weight_standardization_and_groupnorm_act_stay() -> None:
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     folded, report = normfuse.fold(model, example_inputs=x)
     assert not any(e.status == "applied" for e in report.entries)
+    # regression: the weight standardization was reported as a norm in training mode
+    assert len(report.entries) == 2
+    assert all("weight standardization" in (e.reason or "") for e in report.entries)
     assert isinstance(folded[1], BitGroupNormActivation)
     with torch.no_grad():
         assert torch.equal(folded(x), model(x))

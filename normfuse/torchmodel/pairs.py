@@ -63,6 +63,7 @@ __all__ = [
     "surgery_refusal",
     "trace_module",
     "users_of",
+    "weights_only",
     "weights_shared",
 ]
 
@@ -447,7 +448,12 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
         k: const_tensor(gm, a.get(k)) for k in ("weight", "bias", "running_mean", "running_var")
     }
     rm, rv = tensors["running_mean"][0], tensors["running_var"][0]
-    if a.get("training", False) is not False:
+    if weights_only(a.get("input")):
+        norm.reason = (
+            "it normalises a tensor computed from the model's own weights, not activations "
+            "(weight standardization, as BiT's WeightStandardizedConv2d): no norm to fold"
+        )
+    elif a.get("training", False) is not False:
         norm.reason = "training=True (or not a constant): batch statistics"
     elif rm is None or rv is None or not all(ok for _, ok in tensors.values()):
         norm.reason = "statistics or affine are not constant attributes"
@@ -459,6 +465,24 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
         else:
             norm.affine = norm_affine(tensors["weight"][0], tensors["bias"][0], rm, rv, float(eps))
     return norm
+
+
+def weights_only(node: Any) -> bool:
+    """True when ``node`` is computed from the module's own tensors (``get_attr``) and
+    constants alone, no model input: a transform of weights, not of the data."""
+    if not isinstance(node, fx.Node):
+        return False
+    seen: set[fx.Node] = set()
+    todo = [node]
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            return False
+        todo.extend(n.all_input_nodes)
+    return True
 
 
 @dataclasses.dataclass
