@@ -180,8 +180,8 @@ def may_hold_subgraphs(node: ir.Node) -> bool:
 def _walk(container: Container, label: str) -> Iterator[tuple[Container, str]]:
     yield container, label
     for node in container:
-        if not may_hold_subgraphs(node):
-            continue
+        if node.op_type not in SUBGRAPH_OPS and node.domain in _STANDARD_DOMAINS:
+            continue  # not may_hold_subgraphs(node), without a call per node
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:
                 yield from _walk(attr.value, f"{label}{label_of(node)}/{attr.name}")

@@ -533,12 +533,13 @@ class InferredShapes:
         self._given: list[tuple[ir.Value, ir.Shape]] = []
         graph = model.graph
         # the shapes values had, for those that take an inferred one over from another value
-        everything = [v for n in graph for v in n.outputs if v is not None]
+        nodes = list(graph)  # one walk of the linked node list, two passes over the copy
+        everything = [v for n in nodes for v in n.outputs if v is not None]
         self._had: dict[int, tuple[ir.Value, ir.Shape]] = {
             id(v): (v, v.shape) for v in everything if v.shape is not None
         }
         consts = ConstantResolver(opset, model.ir_version)
-        outputs = _fold_reads(graph, consts) if for_fold else everything
+        outputs = _fold_reads(nodes, consts) if for_fold else everything
         missing = [v for v in outputs if v.shape is None and v.name]
         if not missing:
             consts.close()
@@ -609,7 +610,10 @@ _SHAPE_INPUTS = {
 }
 
 
-def _fold_reads(graph: ir.Graph, consts: ConstantResolver) -> list[ir.Value]:
+_LOOKED_AT = _READ_BY_FOLD | ELEMENTWISE_OPS | {"Shape"}  # the op types _fold_reads reads
+
+
+def _fold_reads(nodes: Iterable[ir.Node], consts: ConstantResolver) -> list[ir.Value]:
     """The computed values whose shapes a fold may read, each once, in graph order: the
     inputs and outputs of linear ops, norms, layout ops and elementwise ops with an operand
     that may be constant, and what ``Shape`` reads (a constant can come from a shape)."""
@@ -622,9 +626,9 @@ def _fold_reads(graph: ir.Graph, consts: ConstantResolver) -> list[ir.Value]:
                 seen.add(id(v))
                 out.append(v)
 
-    for node in graph:
+    for node in nodes:
         op = node.op_type
-        if node.domain not in ("", "ai.onnx"):
+        if op not in _LOOKED_AT or node.domain not in ("", "ai.onnx"):
             continue
         if op in _READ_BY_FOLD or (
             op in ELEMENTWISE_OPS and any(consts.may_be_constant(v) for v in node.inputs)
@@ -765,10 +769,8 @@ def _run_inference(proto: onnx.ModelProto) -> onnx.GraphProto:
 
 
 def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[str, ir.Shape]:
-    """Shapes by value name from an inferred graph (only the ``wanted`` names, when given).
-
-    Values of the same shape get the same (never modified) Shape object: on big graphs most
-    values share a few shapes, and each is decoded once."""
+    """Shapes by value name from an inferred graph (only the ``wanted`` names, when given);
+    values of one shape share one Shape object (never modified), decoded once."""
     out: dict[str, ir.Shape] = {}
     if graph is None:
         return out
@@ -781,9 +783,8 @@ def _shapes_of(graph: onnx.GraphProto | None, wanted: set[str] | None) -> dict[s
             continue
         proto = t.tensor_type.shape
         key = proto.SerializeToString()
-        known = decoded.get(key)
-        if known is not None:
-            out[info.name] = known
+        if key in decoded:
+            out[info.name] = decoded[key]
             continue
         dims: list[int | str | None] = []
         for d in proto.dim:
