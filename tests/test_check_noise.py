@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto as TP
 from onnx import helper
 from onnx import numpy_helper as nh
@@ -273,3 +274,85 @@ def test_bn_folded_into_the_matmul_after_it_is_not_a_false_failure(tmp_path):
                 )
             )
     assert not check_models(model.SerializeToString(), wrong.SerializeToString()).passed
+
+
+# --- names a fold rescales behind constants that are no initializers (transformers exports) --
+
+
+class _Attention(torch.nn.Module):
+    """transformers' self-attention with sdpa, 2 heads of 4: the legacy export scales q and k
+    by ``Sqrt(1 / Sqrt(Cast(Shape(q)[-1])))`` after ``view`` and ``transpose``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (
+            p(x).view(b, t, 2, 4).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(b, t, 8)
+
+
+def test_an_attention_scale_folded_through_view_and_transpose_passes(tmp_path):
+    """The scale is a constant computed from a shape: the names between it and the projection
+    it went into hold rescaled values and are not compared; a wrong fold still fails."""
+    torch.manual_seed(0)
+    src = tmp_path / "attention.onnx"
+    torch.onnx.export(
+        _Attention().eval(),
+        (torch.randn(2, 5, 8),),
+        str(src),
+        dynamo=False,
+        do_constant_folding=False,
+        opset_version=17,
+    )
+    folded, report = normfuse.fold(str(src), provider="cpu")
+    assert report.applied and report.parity.passed, report.parity.lines()
+    out = tmp_path / "folded.onnx"
+    normfuse.save(folded, out)
+    wrong = onnx.load(out)
+    k = next(t for t in wrong.graph.initializer if t.name == "/k_proj/Transpose_output_0")
+    a = nh.to_array(k).copy()  # the folded k weight, (in, out)
+    a[0] *= np.float32(1.01)  # one input feature of k, 1% off
+    k.CopyFrom(nh.from_array(a, k.name))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+
+
+def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path):
+    """ConvNeXt's ``gamma * pwconv2(x)``: the legacy exporter reads the shared bias through an
+    ``Identity``; the MatMul's and the Add's names hold rescaled values after the fold."""
+    rng = np.random.default_rng(0)
+    c = 16
+    inits = [
+        nh.from_array(rng.standard_normal((c, c)).astype(np.float32), "w"),
+        nh.from_array(rng.standard_normal(c).astype(np.float32), "b0"),
+        nh.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "gamma"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["b0"], ["b"]),
+        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("Add", ["b", "mm"], ["lin"]),
+        helper.make_node("Mul", ["gamma", "lin"], ["scaled"]),
+        helper.make_node("Tanh", ["scaled"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "layer_scale",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src, folded = _fold(model, tmp_path, "layer_scale")
+    assert check_models(src, folded, provider="cpu", upcast=True).passed
+    wrong = onnx.load(folded)
+    w = next(t for t in wrong.graph.initializer if t.name == "w")
+    a = nh.to_array(w).copy()
+    a[:, 3] *= np.float32(1.001)  # one output channel 0.1% off
+    w.CopyFrom(nh.from_array(a, "w"))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed

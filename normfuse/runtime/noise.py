@@ -272,13 +272,15 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
             consumers.setdefault(v, []).append(n)
     cand_nodes = {v: n for n in candidate.proto.graph.node for v in n.output if v}
 
+    constant = _constant_like(graph, reference.initializers)
+
     def affine(n: onnx.NodeProto) -> bool:
         if n.op_type == "BatchNormalization":
             return True
-        return n.op_type in _AFFINE_OPS and any(i in reference.initializers for i in n.input)
+        return n.op_type in _AFFINE_OPS and any(i in constant for i in n.input)
 
     def data_input(n: onnx.NodeProto) -> str | None:
-        return next((i for i in n.input if i and i not in reference.initializers), None)
+        return next((i for i in n.input if i and i not in constant), None)
 
     def upstream(v: str | None) -> list[str]:
         path: list[str] = []
@@ -340,6 +342,28 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         rest = [v for v in shared if cand_nodes[v].op_type not in _LINEAR_OPS]
         keep = set(linear) | set(rest[:: -(-len(rest) // (limit - len(linear)))])
     return [v for v in shared if v in keep]
+
+
+#: Ops whose output is a random draw, not a function of their inputs.
+_RANDOM_OPS = frozenset(
+    {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial"}
+)
+#: Ops whose output is a tensor's shape, not its values.
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
+def _constant_like(graph: onnx.GraphProto, initializers: Collection[str]) -> set[str]:
+    """The values that hold nothing of the inputs' values, which a fold treats as constants:
+    initializers, ``Constant`` outputs, tensor shapes, and what other ops compute from those
+    alone (an exporter's ``Identity`` of a shared bias, the attention scale
+    ``Sqrt(1 / Sqrt(Cast(Shape(q)[-1])))`` of a decomposed scaled-dot-product attention)."""
+    found = set(initializers)
+    for n in graph.node:  # in topological order
+        if n.op_type in _SHAPE_OPS or (
+            n.op_type not in _RANDOM_OPS and all(i in found for i in n.input if i)
+        ):
+            found.update(o for o in n.output if o)
+    return found
 
 
 def _constants_differ(ref: onnx.NodeProto, cand: onnx.NodeProto, a: Graph, b: Graph) -> bool:
