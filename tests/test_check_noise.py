@@ -356,3 +356,43 @@ def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path):
     w.CopyFrom(nh.from_array(a, "w"))
     onnx.save(wrong, tmp_path / "wrong.onnx")
     assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+
+
+def test_a_fold_on_a_branch_that_reads_no_input_passes(tmp_path):
+    """DETR's first decoder layer projects learned queries: the whole branch up to the scale is
+    constant, and the chain is told from its bias by depth, not by being no constant."""
+    rng = np.random.default_rng(1)
+    c = 16
+    inits = [
+        nh.from_array(rng.standard_normal((1, c)).astype(np.float32), "queries"),
+        nh.from_array(np.array([2, 3, c], np.int64), "shape"),
+        nh.from_array(rng.standard_normal((c, c)).astype(np.float32), "w"),
+        nh.from_array(rng.standard_normal(c).astype(np.float32), "b0"),
+        nh.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "gamma"),
+    ]
+    nodes = [
+        helper.make_node("Expand", ["queries", "shape"], ["q"]),
+        helper.make_node("Identity", ["b0"], ["b"]),
+        helper.make_node("MatMul", ["q", "w"], ["mm"]),
+        helper.make_node("Add", ["b", "mm"], ["lin"]),
+        helper.make_node("Mul", ["lin", "gamma"], ["scaled"]),
+        helper.make_node("Add", ["x", "scaled"], ["s"]),
+        helper.make_node("Tanh", ["s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "learned_queries",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src, folded = _fold(model, tmp_path, "queries")
+    assert check_models(src, folded, provider="cpu", upcast=True).passed
+    wrong = onnx.load(folded)
+    w = next(t for t in wrong.graph.initializer if t.name == "w")
+    a = nh.to_array(w).copy()
+    a[:, 5] *= np.float32(1.001)
+    w.CopyFrom(nh.from_array(a, "w"))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed

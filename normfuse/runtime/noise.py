@@ -273,6 +273,10 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
     cand_nodes = {v: n for n in candidate.proto.graph.node for v in n.output if v}
 
     constant = _constant_like(graph, reference.initializers)
+    depth: dict[str, int] = {}  # the longest path from a source
+    for n in graph.node:
+        d = 1 + max((depth.get(i, 0) for i in n.input if i), default=0)
+        depth.update((o, d) for o in n.output if o)
 
     def affine(n: onnx.NodeProto) -> bool:
         if n.op_type == "BatchNormalization":
@@ -280,7 +284,13 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         return n.op_type in _AFFINE_OPS and any(i in constant for i in n.input)
 
     def data_input(n: onnx.NodeProto) -> str | None:
-        return next((i for i in n.input if i and i not in constant), None)
+        # the input that is no constant; where a whole branch is (DETR's first decoder layer
+        # reads only learned queries), the deepest: a chain runs through it, not a bias
+        inputs = [i for i in n.input if i]
+        data = [i for i in inputs if i not in constant]
+        if data:
+            return data[0]
+        return max(inputs, key=lambda i: depth.get(i, 0), default=None)
 
     def upstream(v: str | None) -> list[str]:
         path: list[str] = []
