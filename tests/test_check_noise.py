@@ -396,3 +396,56 @@ def test_a_fold_on_a_branch_that_reads_no_input_passes(tmp_path):
     w.CopyFrom(nh.from_array(a, "w"))
     onnx.save(wrong, tmp_path / "wrong.onnx")
     assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+
+
+def test_a_layernorm_folded_into_three_projections_passes(tmp_path):
+    """``--norm-affine``: a LayerNorm's gamma/beta folded into the q, k and v projections it
+    feeds (its shift into their bias Adds), with a CastLike reading only its type: each
+    projection's MatMul output holds other values now and is not compared; a wrong fold fails."""
+    rng = np.random.default_rng(2)
+    c = 16
+    inits = [
+        nh.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "ln_g"),
+        nh.from_array(rng.standard_normal(c).astype(np.float32), "ln_b"),
+        nh.from_array(np.array(0.5, np.float64), "half"),
+    ]
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "ln_g", "ln_b"], ["ln"], axis=-1),
+        helper.make_node("CastLike", ["half", "ln"], ["half32"]),
+    ]
+    for p in "qkv":
+        inits += [
+            nh.from_array(rng.standard_normal((c, c)).astype(np.float32) / 4, f"w{p}"),
+            nh.from_array(rng.standard_normal(c).astype(np.float32), f"b{p}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", ["ln", f"w{p}"], [f"mm{p}"]),
+            helper.make_node("Add", [f"mm{p}", f"b{p}"], [p]),
+        ]
+    nodes += [
+        helper.make_node("Mul", ["q", "k"], ["qk"]),
+        helper.make_node("Add", ["qk", "v"], ["s"]),
+        helper.make_node("Mul", ["s", "half32"], ["h"]),
+        helper.make_node("Tanh", ["h"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qkv",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    src, out = tmp_path / "qkv.onnx", tmp_path / "qkv.folded.onnx"
+    onnx.save(model, src)
+    folded, report = normfuse.fold(str(src), check=False, norm_affine=True)
+    assert [e.op_type for e in report.applied] == ["LayerNormalization"], report.summary()
+    normfuse.save(folded, out)
+    assert check_models(src, out, provider="cpu", upcast=True).passed
+    wrong = onnx.load(out)
+    w = next(t for t in wrong.graph.initializer if t.name == "wk")
+    a = nh.to_array(w).copy()
+    a[:, 2] *= np.float32(1.001)
+    w.CopyFrom(nh.from_array(a, "wk"))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed

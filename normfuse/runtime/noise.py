@@ -305,20 +305,26 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         return []
 
     def downstream(v: str) -> list[str]:
-        path = [v]
-        while len(consumers.get(v, [])) == 1:
-            c = consumers[v][0]
-            if c.op_type in _LINEAR_OPS:
-                if c.op_type in _BIASLESS_OPS and c.output and c.output[0]:
-                    # no bias input: the norm's shift went to the Add after it, so the op's
-                    # own output differs from the original's by that constant
-                    path.append(c.output[0])
-                return path
-            if (c.op_type not in _PASS_OPS and not affine(c)) or not c.output:
-                break
-            v = c.output[0]
-            path.append(v)
-        return []
+        # every branch from v to the linear ops it was folded into (a norm read by q, k and v
+        # projections: three); none when a branch ends elsewhere
+        path, todo, reached = [v], [v], False
+        while todo:
+            u = todo.pop()
+            for c in consumers.get(u, []):
+                if _reads_type_only(c, u):
+                    continue
+                if c.op_type in _LINEAR_OPS:
+                    if c.op_type in _BIASLESS_OPS and c.output and c.output[0]:
+                        # no bias input: the norm's shift went to the Add after it, so the op's
+                        # own output differs from the original's by that constant
+                        path.append(c.output[0])
+                    reached = True
+                    continue
+                if (c.op_type not in _PASS_OPS and not affine(c)) or not c.output:
+                    return []
+                path.append(c.output[0])
+                todo.append(c.output[0])
+        return path if reached else []
 
     changed: set[str] = set()
     for n in graph.node:
@@ -362,6 +368,14 @@ _RANDOM_OPS = frozenset(
 _SHAPE_OPS = frozenset({"Shape", "Size"})
 
 
+def _reads_type_only(node: onnx.NodeProto, value: str) -> bool:
+    """Whether ``node`` reads only the shape or element type of ``value`` (``Shape``, ``Size``,
+    the ``target_type`` of ``CastLike``), not its values."""
+    if node.op_type in _SHAPE_OPS:
+        return True
+    return node.op_type == "CastLike" and list(node.input[1:2]) == [value] != list(node.input[:1])
+
+
 def _constant_like(graph: onnx.GraphProto, initializers: Collection[str]) -> set[str]:
     """The values that hold nothing of the inputs' values, which a fold treats as constants:
     initializers, ``Constant`` outputs, tensor shapes, and what other ops compute from those
@@ -369,8 +383,9 @@ def _constant_like(graph: onnx.GraphProto, initializers: Collection[str]) -> set
     ``Sqrt(1 / Sqrt(Cast(Shape(q)[-1])))`` of a decomposed scaled-dot-product attention)."""
     found = set(initializers)
     for n in graph.node:  # in topological order
+        read = [i for i in n.input if i and not _reads_type_only(n, i)]
         if n.op_type in _SHAPE_OPS or (
-            n.op_type not in _RANDOM_OPS and all(i in found for i in n.input if i)
+            n.op_type not in _RANDOM_OPS and all(i in found for i in read)
         ):
             found.update(o for o in n.output if o)
     return found
