@@ -276,6 +276,30 @@ def test_bn_folded_into_the_matmul_after_it_is_not_a_false_failure(tmp_path):
     assert not check_models(model.SerializeToString(), wrong.SerializeToString()).passed
 
 
+def _model(nodes: list, inits: list, name: str, c: int) -> onnx.ModelProto:
+    """A graph from ``x`` to ``y``, both float (2, 3, c)."""
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _column_off(folded: Path, name: str, column: int, factor: float, tmp_path: Path) -> Path:
+    """``folded`` with one output column of the (in, out) weight ``name`` scaled by ``factor``."""
+    wrong = onnx.load(folded)
+    w = next(t for t in wrong.graph.initializer if t.name == name)
+    a = nh.to_array(w).copy()
+    a[:, column] *= np.float32(factor)
+    w.CopyFrom(nh.from_array(a, name))
+    path = tmp_path / "wrong.onnx"
+    onnx.save(wrong, path)
+    return path
+
+
 # --- names a fold rescales behind constants that are no initializers (transformers exports) --
 
 
@@ -339,23 +363,11 @@ def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path):
         helper.make_node("Mul", ["gamma", "lin"], ["scaled"]),
         helper.make_node("Tanh", ["scaled"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "layer_scale",
-        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
-        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _model(nodes, inits, "layer_scale", c)
     src, folded = _fold(model, tmp_path, "layer_scale")
     assert check_models(src, folded, provider="cpu", upcast=True).passed
-    wrong = onnx.load(folded)
-    w = next(t for t in wrong.graph.initializer if t.name == "w")
-    a = nh.to_array(w).copy()
-    a[:, 3] *= np.float32(1.001)  # one output channel 0.1% off
-    w.CopyFrom(nh.from_array(a, "w"))
-    onnx.save(wrong, tmp_path / "wrong.onnx")
-    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+    wrong = _column_off(folded, "w", 3, 1.001, tmp_path)
+    assert not check_models(src, wrong, provider="cpu", upcast=True).passed
 
 
 def test_a_fold_on_a_branch_that_reads_no_input_passes(tmp_path):
@@ -379,23 +391,11 @@ def test_a_fold_on_a_branch_that_reads_no_input_passes(tmp_path):
         helper.make_node("Add", ["x", "scaled"], ["s"]),
         helper.make_node("Tanh", ["s"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "learned_queries",
-        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
-        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _model(nodes, inits, "learned_queries", c)
     src, folded = _fold(model, tmp_path, "queries")
     assert check_models(src, folded, provider="cpu", upcast=True).passed
-    wrong = onnx.load(folded)
-    w = next(t for t in wrong.graph.initializer if t.name == "w")
-    a = nh.to_array(w).copy()
-    a[:, 5] *= np.float32(1.001)
-    w.CopyFrom(nh.from_array(a, "w"))
-    onnx.save(wrong, tmp_path / "wrong.onnx")
-    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+    wrong = _column_off(folded, "w", 5, 1.001, tmp_path)
+    assert not check_models(src, wrong, provider="cpu", upcast=True).passed
 
 
 def test_a_layernorm_folded_into_three_projections_passes(tmp_path):
@@ -428,24 +428,12 @@ def test_a_layernorm_folded_into_three_projections_passes(tmp_path):
         helper.make_node("Mul", ["s", "half32"], ["h"]),
         helper.make_node("Tanh", ["h"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "qkv",
-        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3, c])],
-        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3, c])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    model = _model(nodes, inits, "qkv", c)
     src, out = tmp_path / "qkv.onnx", tmp_path / "qkv.folded.onnx"
     onnx.save(model, src)
     folded, report = normfuse.fold(str(src), check=False, norm_affine=True)
     assert [e.op_type for e in report.applied] == ["LayerNormalization"], report.summary()
     normfuse.save(folded, out)
     assert check_models(src, out, provider="cpu", upcast=True).passed
-    wrong = onnx.load(out)
-    w = next(t for t in wrong.graph.initializer if t.name == "wk")
-    a = nh.to_array(w).copy()
-    a[:, 2] *= np.float32(1.001)
-    w.CopyFrom(nh.from_array(a, "wk"))
-    onnx.save(wrong, tmp_path / "wrong.onnx")
-    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
+    wrong = _column_off(out, "wk", 2, 1.001, tmp_path)
+    assert not check_models(src, wrong, provider="cpu", upcast=True).passed
