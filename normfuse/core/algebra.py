@@ -31,6 +31,7 @@ import itertools
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
@@ -47,6 +48,7 @@ __all__ = [
     "absorb_before",
     "dtype_max",
     "overflowed",
+    "parallel_map",
     "scale_weight",
 ]
 
@@ -284,6 +286,15 @@ def threads() -> int:
             _IGNORED_SETTINGS.add(setting)
             logger.warning("NORMFUSE_THREADS=%r is not a positive integer; ignored", setting)
     return min(cores, 8)
+
+
+def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(x) for x in items]``, in order, on :func:`threads` threads (numpy releases the
+    interpreter lock in its loops); on one thread where there is one."""
+    pool, _ = _pool()
+    if pool is None or len(items) < 2:
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
 
 
 def _pool() -> tuple[ThreadPoolExecutor | None, int]:

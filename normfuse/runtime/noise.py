@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from normfuse.core.algebra import parallel_map
 from normfuse.core.report import OutputParity
 from normfuse.core.verdict import (
     NATIVE_INNER_NOISE_FACTOR,
@@ -473,15 +474,18 @@ def measure_noise(
             moved_weights = graph.rerounded(part, rng)
             for b, (feeds, base) in enumerate(zip(batches, runs, strict=True)):
                 moved = run_session(session, wanted, {**feeds, **moved_weights}, "re-rounded")
+                pairs = []
                 for name, c, m in zip(wanted, base, moved, strict=True):
                     c, m = np.asarray(c), np.asarray(m)
                     if not np.issubdtype(c.dtype, np.floating):
                         continue
                     if c.shape != m.shape:
                         return f"re-rounding the weights changes the shape of '{name}'"
-                    if not c.size:
-                        continue
-                    stats = pair_stats(c, m, cosine=False)
+                    if c.size:
+                        pairs.append((name, c, m))
+                del moved
+                measured = parallel_map(lambda p: pair_stats(p[1], p[2], cosine=False), pairs)
+                for (name, _, _), stats in zip(pairs, measured, strict=True):
                     if stats.nonfinite_mismatch:
                         return f"re-rounding the weights makes '{name}' non-finite"
                     by_channel[b][name] += stats.channel[0]
@@ -540,8 +544,14 @@ def differences(
     out = []
     for ref_all, cand_all in zip(ref_runs, cand_runs, strict=True):
         found = {}
-        for name, r, c in zip(wanted, ref_all, cand_all, strict=True):
-            r, c = np.asarray(r), np.asarray(c)
+        arrays = [
+            (name, np.asarray(r), np.asarray(c))
+            for name, r, c in zip(wanted, ref_all, cand_all, strict=True)
+        ]
+        pairs = [(n, r, c) for n, r, c in arrays if _comparable(r, c)]
+        stats_of = parallel_map(lambda p: pair_stats(p[1], p[2], cosine=p[0] in outputs), pairs)
+        measured = {n: stats for (n, _, _), stats in zip(pairs, stats_of, strict=True)}
+        for name, r, c in arrays:
             floor = noise_floor(str(r.dtype))
             if floor is None:
                 found[name] = Difference(
@@ -554,7 +564,7 @@ def differences(
                 )
                 continue
             # the cosine only where the tensor may fail: its error above the lowest tolerance
-            stats = pair_stats(r, c, cosine=name in outputs)
+            stats = measured[name]
             if name not in outputs and stats.max_abs > floor * stats.scale:
                 stats = pair_stats(r, c)  # rare: an exact fold leaves few tensors above it
             found[name] = Difference(
@@ -565,6 +575,11 @@ def differences(
             )
         out.append(found)
     return out
+
+
+def _comparable(r: np.ndarray, c: np.ndarray) -> bool:
+    """Whether two tensors are compared by the noise rule: float, of one shape."""
+    return noise_floor(str(r.dtype)) is not None and r.shape == c.shape
 
 
 def judge_against_noise(
