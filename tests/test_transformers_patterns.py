@@ -22,6 +22,9 @@ import sys
 import types
 from typing import Any
 
+import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -396,3 +399,53 @@ def test_transformers_postnet_and_detr_backbone_fold() -> None:
         got = folded(pixels).feature_maps[-1]
         want = copy.deepcopy(backbone).double()(pixels.double()).feature_maps[-1]
     assert float((got.double() - want).abs().max() / want.abs().max()) < TOL
+
+
+# --- ONNX: a Linear's output read by a Shape beside its BN (LeViT's reshape_as) --------------
+
+
+class LevitMLPLayerWithBN(nn.Module):
+    """transformers' LevitMLPLayerWithBN: ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``;
+    the legacy export reads the Linear's output through a ``Shape`` for ``reshape_as``."""
+
+    def __init__(self, cin: int = 8, cout: int = 16, tap: bool = False) -> None:
+        super().__init__()
+        self.linear = nn.Linear(cin, cout, bias=False)
+        self.batch_norm = nn.BatchNorm1d(cout)
+        self.tap = tap  # another reader of the Linear's elements: the BN must stay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x)
+        y = self.batch_norm(h.flatten(0, 1)).reshape_as(h)
+        return y + torch.relu(h) if self.tap else y
+
+
+@pytest.mark.parametrize("tap", [False, True])
+def test_a_shape_reader_beside_the_norm_does_not_stop_the_fold(tmp_path, tap) -> None:
+    model = randomise(LevitMLPLayerWithBN(tap=tap)).eval()
+    path = tmp_path / "levit_mlp.onnx"
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 5, 8),),
+        str(path),
+        dynamo=False,
+        training=torch.onnx.TrainingMode.PRESERVE,
+        do_constant_folding=False,
+        opset_version=17,
+    )
+    assert any(n.op_type == "Shape" for n in onnx.load(path).graph.node)
+    folded, report = normfuse.fold(str(path), provider="cpu")
+    bn = [e for e in report.entries if e.op_type == "BatchNormalization"]
+    if tap:  # the Relu reads the elements the fold would rescale
+        assert bn and bn[0].status == "skipped" and "also feeds" in bn[0].reason
+        return
+    assert [e.status for e in bn] == ["applied"] and report.parity.passed, report.summary()
+    out = tmp_path / "folded.onnx"
+    normfuse.save(folded, out)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = copy.deepcopy(model).double()(torch.from_numpy(x).double()).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert not any(n.op_type == "BatchNormalization" for n in onnx.load(out).graph.node)

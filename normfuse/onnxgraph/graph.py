@@ -41,6 +41,7 @@ __all__ = [
     "others",
     "proto_nbytes",
     "rank_of",
+    "reads_shape_only",
     "resolve_const",
     "take_over",
     "users",
@@ -145,8 +146,25 @@ def users(value: ir.Value) -> list[ir.Node]:
 
 
 def exclusive(value: ir.Value, node: ir.Node) -> bool:
-    uses = list(value.uses())
+    """Whether ``node`` is the only reader of ``value``'s elements (a reader of its shape or
+    type alone does not count: a fold keeps both) and it is no graph output."""
+    uses = [u for u in value.uses() if not reads_shape_only(u.node, u.idx)]
     return len(uses) == 1 and uses[0].node is node and not value.is_graph_output()
+
+
+#: Ops that read only the shape or element type of the input at these positions.
+_SHAPE_READERS: dict[str, frozenset[int]] = {
+    "Shape": frozenset({0}),
+    "Size": frozenset({0}),
+    "CastLike": frozenset({1}),
+}
+
+
+def reads_shape_only(node: ir.Node, idx: int) -> bool:
+    """Whether ``node`` reads only the shape or element type of its input ``idx`` (``Shape``,
+    ``Size``, the target of ``CastLike``): the legacy exporter's ``reshape_as`` reads a
+    Linear's output through a ``Shape`` beside the norm that follows it (LeViT)."""
+    return node.domain in ("", "ai.onnx") and idx in _SHAPE_READERS.get(node.op_type, ())
 
 
 def others(value: ir.Value, node: ir.Node) -> str:

@@ -38,6 +38,7 @@ from normfuse.onnxgraph.graph import (
     ELEMENTWISE_OPS,
     LINEAR_OPS,
     NORM_OPS,
+    exclusive,
     get_attr,
     label_of,
     others,
@@ -472,7 +473,7 @@ def walk_back(
         producer = value.producer()
         if producer is None or not _layout_node(producer, consumer):
             break
-        if not _exclusive(value, consumer):
+        if not exclusive(value, consumer):
             return (AxisPath(steps[::-1]) if steps else None), (
                 f"the output of {label_of(producer)} also feeds {others(value, consumer)}"
             )
@@ -503,11 +504,6 @@ def walk_forward(value: ir.Value, consts: ConstantResolver) -> tuple[AxisPath | 
         steps.append(step)
         value = node.outputs[0]
     return (AxisPath(steps) if steps else None), None
-
-
-def _exclusive(value: ir.Value, node: ir.Node) -> bool:
-    uses = list(value.uses())
-    return len(uses) == 1 and uses[0].node is node and not value.is_graph_output()
 
 
 # ---------------------------------------------------------------------------- shape inference
