@@ -174,3 +174,16 @@ def test_a_model_with_inline_and_external_tensors_is_checked(tmp_path):
     out.parent.mkdir()
     normfuse.save(folded, out)
     assert check_models(src, out, provider="cpu", upcast=True).passed
+
+
+def test_the_float16_unit_is_the_spacing_above_each_magnitude():
+    """Every finite float16: the unit its re-rounding moves by is the spacing of float16 above
+    its magnitude (2 ** (exponent - 10); subnormals 2 ** -24), built from the bits."""
+    from normfuse.onnxgraph.upcast import _ulp
+
+    v = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    v = v[np.isfinite(v) & (np.abs(v) < np.finfo(np.float16).max)]  # the largest: no value above
+    got = _ulp(v)
+    assert got.dtype == np.float32
+    assert np.array_equal(got, np.spacing(np.abs(v)).astype(np.float32))
+    assert _ulp(np.array([65504.0], np.float16))[0] == 32.0
