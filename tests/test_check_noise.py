@@ -346,10 +346,13 @@ def test_an_attention_scale_folded_through_view_and_transpose_passes(tmp_path):
     assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed
 
 
-def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path):
+@pytest.mark.parametrize("learned_queries", [False, True])
+def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path, learned_queries):
     """ConvNeXt's ``gamma * pwconv2(x)``: the legacy exporter reads the shared bias through an
-    ``Identity``; the MatMul's and the Add's names hold rescaled values after the fold."""
-    rng = np.random.default_rng(0)
+    ``Identity``; the MatMul's and the Add's names hold rescaled values after the fold. With
+    ``learned_queries`` the projection reads no input (DETR's first decoder layer): the whole
+    branch up to the scale is constant, and the chain is told from its bias by depth."""
+    rng = np.random.default_rng(1 if learned_queries else 0)
     c = 16
     inits = [
         nh.from_array(rng.standard_normal((c, c)).astype(np.float32), "w"),
@@ -358,43 +361,22 @@ def test_a_layer_scale_after_a_bias_behind_an_identity_passes(tmp_path):
     ]
     nodes = [
         helper.make_node("Identity", ["b0"], ["b"]),
-        helper.make_node("MatMul", ["x", "w"], ["mm"]),
+        helper.make_node("MatMul", ["q" if learned_queries else "x", "w"], ["mm"]),
         helper.make_node("Add", ["b", "mm"], ["lin"]),
         helper.make_node("Mul", ["gamma", "lin"], ["scaled"]),
-        helper.make_node("Tanh", ["scaled"], ["y"]),
     ]
+    if learned_queries:
+        inits += [
+            nh.from_array(rng.standard_normal((1, c)).astype(np.float32), "queries"),
+            nh.from_array(np.array([2, 3, c], np.int64), "shape"),
+        ]
+        nodes.insert(0, helper.make_node("Expand", ["queries", "shape"], ["q"]))
+        nodes.append(helper.make_node("Add", ["x", "scaled"], ["s"]))
+    nodes.append(helper.make_node("Tanh", ["s" if learned_queries else "scaled"], ["y"]))
     model = _model(nodes, inits, "layer_scale", c)
     src, folded = _fold(model, tmp_path, "layer_scale")
     assert check_models(src, folded, provider="cpu", upcast=True).passed
     wrong = _column_off(folded, "w", 3, 1.001, tmp_path)
-    assert not check_models(src, wrong, provider="cpu", upcast=True).passed
-
-
-def test_a_fold_on_a_branch_that_reads_no_input_passes(tmp_path):
-    """DETR's first decoder layer projects learned queries: the whole branch up to the scale is
-    constant, and the chain is told from its bias by depth, not by being no constant."""
-    rng = np.random.default_rng(1)
-    c = 16
-    inits = [
-        nh.from_array(rng.standard_normal((1, c)).astype(np.float32), "queries"),
-        nh.from_array(np.array([2, 3, c], np.int64), "shape"),
-        nh.from_array(rng.standard_normal((c, c)).astype(np.float32), "w"),
-        nh.from_array(rng.standard_normal(c).astype(np.float32), "b0"),
-        nh.from_array(rng.uniform(0.5, 2.0, c).astype(np.float32), "gamma"),
-    ]
-    nodes = [
-        helper.make_node("Expand", ["queries", "shape"], ["q"]),
-        helper.make_node("Identity", ["b0"], ["b"]),
-        helper.make_node("MatMul", ["q", "w"], ["mm"]),
-        helper.make_node("Add", ["b", "mm"], ["lin"]),
-        helper.make_node("Mul", ["lin", "gamma"], ["scaled"]),
-        helper.make_node("Add", ["x", "scaled"], ["s"]),
-        helper.make_node("Tanh", ["s"], ["y"]),
-    ]
-    model = _model(nodes, inits, "learned_queries", c)
-    src, folded = _fold(model, tmp_path, "queries")
-    assert check_models(src, folded, provider="cpu", upcast=True).passed
-    wrong = _column_off(folded, "w", 5, 1.001, tmp_path)
     assert not check_models(src, wrong, provider="cpu", upcast=True).passed
 
 
