@@ -40,7 +40,6 @@ __all__ = [
     "channel_noise_failure",
     "channel_result",
     "compare_outputs",
-    "cosine_of",
     "judge_parity",
     "noise_floor",
     "pair_stats",
@@ -152,12 +151,12 @@ def pair_stats(a: Any, b: Any, *, cosine: bool = True) -> PairStats:
     scale = float(mag.max())
     mean_abs = float(diff.mean(dtype=np.float64))
     del diff
-    cos = cosine_of(a, b, max_abs) if cosine else float("nan")
+    cos = _cosine_of(a, b, max_abs) if cosine else float("nan")
     channel = _worst_channel(mag, err) if a.ndim >= 2 else (0.0, -1, 0.0)
     return PairStats(0, max_abs, mean_abs, scale, cos, channel)
 
 
-def cosine_of(a: Any, b: Any, max_abs: float) -> float:
+def _cosine_of(a: Any, b: Any, max_abs: float) -> float:
     """The cosine of two finite float arrays, summed in float64 (1 where both are zero and
     equal, 0 where one is zero)."""
     import numpy as np  # imported where used: the CLI starts without numpy
