@@ -73,6 +73,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -209,7 +210,14 @@ def find_wheels(dirs: list[Path]) -> tuple[list[Path], list[tuple[str, list[Path
 
 
 def join_chunks(name: str, parts: list[Path], dirs: list[Path], dest: Path) -> Path:
-    """One wheel from its chunks, checked against ``NAME.sha256`` where one lies beside."""
+    """One wheel from its chunks, checked against ``NAME.sha256`` where one lies beside.
+
+    Without a checksum, the chunks' suffixes must run on from ``aa`` without a gap (as ``split``
+    names them) and the joined file must be a zip archive: a chunk that did not arrive is named,
+    not left to pip (whose message for a cut wheel, "[Errno 22] Invalid argument", says nothing).
+    """
+    suffixes = [p.name.rsplit(".part", 1)[1] for p in parts]
+    expected = [chr(97 + i // 26) + chr(97 + i % 26) for i in range(len(parts))]
     out = dest / name
     digest = hashlib.sha256()
     with out.open("wb") as f:
@@ -225,6 +233,12 @@ def join_chunks(name: str, parts: list[Path], dirs: list[Path], dest: Path) -> P
                 f"set-up: {name} joined from {len(parts)} chunk(s) has sha256 "
                 f"{digest.hexdigest()}, {sums[0]} says {want}: a chunk is missing or damaged"
             )
+    elif suffixes != expected or not zipfile.is_zipfile(out):
+        raise SystemExit(
+            f"set-up: {name} joined from chunk(s) {', '.join(suffixes)} (expected {expected[0]} "
+            "onwards without a gap, ending in a whole zip archive): a chunk is missing; "
+            "bring every chunk, and the .sha256 to check them"
+        )
     return out
 
 
@@ -719,7 +733,7 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     judged = [m for m in result["models"] if m.get("check", {}).get("judgement")]
     if judged:
-        lines += ["", "Judgement of the 16-bit models:", ""]
+        lines += ["", "How each check was judged (its tolerance rule):", ""]
         lines += [f"- {m['model']} {m['dtype']}: {m['check']['judgement']}" for m in judged]
     if result["stopped_for_budget"]:
         lines += ["", "Not started (budget): " + ", ".join(result["stopped_for_budget"])]

@@ -22,16 +22,21 @@ from benchmarks import gpu
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_dry_run_passes(tmp_path: Path) -> None:
-    out = tmp_path / "out"
+def _dry_run(script: str, *args: str) -> None:
+    """``python SCRIPT ARGS --quick`` from the repository root; it must exit 0."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu.py", "--provider", "cpu", "--quick", "--out", str(out)],
+        [sys.executable, script, *args, "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dry_run_passes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _dry_run("benchmarks/gpu.py", "--provider", "cpu", "--out", str(out))
     result = json.loads((out / "gpu.json").read_text())
     assert result["schema"] == 1
     assert result["provider"] == "CPU" and result["quick"] is True
@@ -147,3 +152,35 @@ def test_damaged_chunk_is_refused(tmp_path: Path) -> None:
 def test_requirements_read_from_pyproject() -> None:
     req = gpu.requirements()
     assert req["onnx_ir"] >= (1, 1) and "onnxruntime" in req and "numpy" in req
+
+
+@pytest.mark.parametrize("drop", [0, -1], ids=["first", "last"])
+def test_missing_chunk_without_checksum_is_named(tmp_path: Path, drop: int) -> None:
+    """Chunks of one wheel sent over several calls: one that did not arrive stops the set-up
+    with its name, before pip (which says only "[Errno 22] Invalid argument" for a cut wheel)."""
+    wheel = _wheel(tmp_path)
+    chunks = tmp_path / "wheels"
+    _split(wheel, chunks / "1", 300)
+    parts = sorted((chunks / "1").iterdir())
+    assert len(parts) >= 3
+    parts[drop].unlink()
+    with pytest.raises(SystemExit, match="a chunk is missing"):
+        gpu.install_wheels([chunks])
+
+
+def test_torch_gpu_dry_run(tmp_path: Path) -> None:
+    """benchmarks/gpu_torch.py on the CPU: every fold keeps its device and dtype, folds, and
+    the folded output equals the original's at float32 rounding (against a float64 run)."""
+    out = tmp_path / "out"
+    _dry_run("benchmarks/gpu_torch.py", "--device", "cpu", "--out", str(out))
+    result = json.loads((out / "torch_gpu.json").read_text())
+    assert [(r["form"], r["dtype"]) for r in result["rows"]] == [
+        ("nn.Module", "float32"),
+        ("ExportedProgram", "float32"),
+    ]
+    for r in result["rows"]:
+        assert r["status"] == "passed", r
+        assert r["devices"] == ["cpu"] and r["dtypes"] == ["float32"]
+        assert r["folded"] > 0
+        assert r["folded_vs_float64"] < 10 * max(r["original_vs_float64"], 1e-7)
+    assert (out / "TORCH_GPU.md").read_text().count("| passed |") == 2

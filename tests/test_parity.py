@@ -114,3 +114,26 @@ def test_check_api_accepts_any_model_form(rng):
     a = _relu_model(10, [2, 3])
     result = normfuse.check(a, a.SerializeToString(), provider="cpu", runs=2)
     assert result.passed and result.runs == 2
+
+
+def test_onnxruntime_default_logger_is_quiet_unless_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime's process-wide logger prints, as errors, what is no failure: cuDNN's rejected
+    algorithms during its exhaustive search (96 lines for an fp16 ResNet-50 check on an H200).
+    normfuse sets it to fatal-only, and back to errors under --debug (the normfuse logger at
+    DEBUG)."""
+    import logging
+
+    import onnxruntime as ort
+
+    calls: list[int] = []
+    monkeypatch.setattr(ort, "set_default_logger_severity", calls.append)
+    log = logging.getLogger("normfuse")
+    before = log.level
+    try:
+        log.setLevel(logging.WARNING)
+        sessions.ort_module()
+        log.setLevel(logging.DEBUG)
+        sessions.ort_module()
+    finally:
+        log.setLevel(before)
+    assert calls == [4, 3]

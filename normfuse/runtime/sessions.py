@@ -62,10 +62,22 @@ ORT_TYPES = {
 ModelSource = str | os.PathLike | bytes
 
 
+def _default_severity() -> int:
+    """onnxruntime's process-wide log level: fatal only, unless normfuse logs at DEBUG.
+
+    onnxruntime's default logger (not a session's) prints, as errors, what normfuse reports
+    itself in one line or what is no failure at all: with the CUDA provider, cuDNN's rejected
+    algorithm candidates during its exhaustive search ("No execution plans support the graph",
+    over a hundred lines per fp16 ResNet-50 on an H200). A real failure raises, and normfuse
+    reports it; ``--debug`` shows onnxruntime's errors again.
+    """
+    return 3 if logging.getLogger("normfuse").isEnabledFor(logging.DEBUG) else 4
+
+
 def ort_module() -> Any:
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)
+    ort.set_default_logger_severity(_default_severity())
     return ort
 
 
@@ -115,7 +127,7 @@ def _cuda_loads() -> bool:
     except Exception:
         return False
     finally:
-        ort.set_default_logger_severity(3)
+        ort.set_default_logger_severity(_default_severity())
 
 
 def select_provider(requested: str = "auto") -> tuple[list[str], str]:
