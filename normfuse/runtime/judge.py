@@ -260,6 +260,8 @@ def judge_upcast(
             up_weights[name] = value.const_value.numpy()
             if value not in cand_model.graph.inputs:
                 cand_model.graph.inputs.append(value)
+    if up_weights and cand_model.ir_version < 4:
+        cand_model.ir_version = 4  # onnxruntime overrides no initializer before IR 4
     unit = max((_UNIT[t] for t in low_types | set(changed.values())), default=0.0)
     floor = (floor[0], max(floor[1], unit))
     outputs = set(names)

@@ -177,9 +177,17 @@ class Graph:
         self.proto.graph.ClearField("initializer")
 
     def session_bytes(self, expose: Sequence[str], weights: Mapping[str, int]) -> bytes:
-        """The model with ``expose`` as extra outputs and ``weights`` as overridable inputs."""
+        """The model with ``expose`` as extra outputs and ``weights`` as overridable inputs.
+
+        Before IR version 4 onnxruntime overrides no initializer, although the format lists
+        every one as an input (Caffe2-era model-zoo files are IR 3): the session's copy says IR 4,
+        which reads the same graph and makes those inputs overridable; the model is unchanged.
+        """
         graph = self.proto.graph
         n_out, n_in = len(graph.output), len(graph.input)
+        ir_version = self.proto.ir_version
+        if weights and ir_version < 4:
+            self.proto.ir_version = 4
         inputs = {i.name for i in graph.input}
         outputs = set(self.outputs())
         graph.output.extend(onnx.ValueInfoProto(name=v) for v in expose if v not in outputs)
@@ -193,6 +201,7 @@ class Graph:
         finally:
             del graph.output[n_out:]
             del graph.input[n_in:]
+            self.proto.ir_version = ir_version
 
     def rerounded(
         self, weights: Mapping[str, int], rng: np.random.Generator
