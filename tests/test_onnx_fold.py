@@ -484,6 +484,28 @@ def test_training_mode_is_skipped(rng):
     assert op_types(folded) == ["Conv", "BatchNormalization"]
 
 
+@pytest.mark.parametrize("is_test", [0, 1, None])
+def test_opset6_batchnorm_folds_only_in_test_mode(rng, is_test):
+    """BatchNormalization-6 normalises with batch statistics unless is_test=1 (its default is
+    0): folding such a node as inference would change what the model computes."""
+    attrs = {} if is_test is None else {"is_test": is_test}
+    model, feeds = conv_bn_model(rng, opset=6, bn_attrs=attrs)
+    model.ir_version = 3
+    folded, report = normfuse.fold(model, check=False)  # onnxruntime runs no opset 6
+    if is_test:
+        assert len(report.applied) == 1 and op_types(folded) == ["Conv"]
+        # the same graph at opset 7, which onnxruntime runs (is_test is gone there)
+        bn = model.graph.node[1]
+        bn.attribute.remove(next(a for a in bn.attribute if a.name == "is_test"))
+        for m in (model, folded):
+            m.opset_import[0].version = 7
+        np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], 1e-5, 1e-6)
+    else:
+        (entry,) = report.skipped
+        assert entry.reason.startswith("is_test=0") and "is_test=1" in (entry.fix or "")
+        assert op_types(folded) == ["Conv", "BatchNormalization"]
+
+
 def test_used_extra_outputs_are_skipped(rng):
     model, _feeds = conv_bn_model(rng, opset=9)
     model.graph.node[1].output.extend(["m", "v"])

@@ -142,6 +142,34 @@ def test_training_mode_batchnorm_is_not_swapped(rng):
     assert "training_mode=1" in report.skipped[0].reason
 
 
+@pytest.mark.parametrize(
+    ("opset", "attrs", "reason"),
+    [(6, {}, "is_test=0"), (6, {"is_test": 0}, "is_test=0"), (8, {"spatial": 0}, "spatial=0")],
+)
+@pytest.mark.parametrize("to", ["frozen", "groupnorm"])
+def test_old_batchnorm_modes_are_not_swapped(rng, opset, attrs, reason, to):
+    """BatchNormalization-6 without is_test=1 uses batch statistics; -7/-8 with spatial=0 has
+    a statistic per activation (C x H x W): neither is a per-channel map to swap (such a
+    spatial=0 node was once written as a Mul by a C*H*W vector, a model onnxruntime refuses)."""
+    c, h, w = 3, 4, 4
+    params = bn_params(rng, c)
+    if attrs.get("spatial") == 0:
+        params = [
+            tensor(t.name, np.resize(onnx.numpy_helper.to_array(t), (c, h, w))) for t in params
+        ]
+    model = make_model(
+        [bn_node("x", "y", **attrs)],
+        [("x", TP.FLOAT, [2, c, h, w])],
+        [("y", TP.FLOAT, [2, c, h, w])],
+        params,
+        opset=opset,
+        ir_version=3,
+    )
+    swapped, report = normfuse.swap(model, to, check=False)
+    assert reason in report.skipped[0].reason and not report.applied
+    assert op_types(swapped) == ["BatchNormalization"]
+
+
 # ----------------------------------------------------------------------------------- insert
 
 

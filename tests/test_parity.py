@@ -137,3 +137,33 @@ def test_onnxruntime_default_logger_is_quiet_unless_debug(monkeypatch: pytest.Mo
     finally:
         log.setLevel(before)
     assert calls == [4, 3]
+
+
+def test_sequence_values_inside_a_model_are_compared(rng: np.random.Generator) -> None:
+    """The check exposes every tensor the two models share, sequences too, which onnxruntime
+    returns as lists (of differently shaped tensors here): once an "unexpected ValueError"
+    (found on onnx's bundled test_sequence_model1). They are compared element by element."""
+    c = 8
+    w = rng.standard_normal((c, 3, 3, 3)).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, c), rng.standard_normal(c)
+    mean, var = rng.standard_normal(c) * 2, rng.uniform(0.2, 3, c)
+    inits = [
+        onnx.numpy_helper.from_array(np.asarray(v, np.float32), n)
+        for n, v in zip("wgbmv", (w, gamma, beta, mean, var), strict=True)
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("MaxPool", ["n"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("SequenceConstruct", ["n", "p"], ["seq"]),
+        helper.make_node("SequenceAt", ["seq", "i"], ["y"]),
+    ]
+    inits.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "i"))
+    model = make_model(
+        nodes, [("x", TP.FLOAT, [1, 3, 6, 6])], [("y", TP.FLOAT, None)], inits, opset=17
+    )
+    _, report = normfuse.fold(model)  # the default check
+    assert len(report.applied) == 1 and report.parity is not None and report.parity.passed
+    parts = [np.ones((2, 2), np.float32), np.zeros(3, np.float32)]
+    assert sessions.as_tensor(parts).tolist() == [1, 1, 1, 1, 0, 0, 0]
+    assert sessions.as_tensor({"b": [2.0], "a": [1.0]}).tolist() == [1.0, 2.0]

@@ -64,6 +64,12 @@ class AffineBuilder:
                 "training_mode=1: the node normalises with batch statistics, which cannot fold",
                 "export the model in eval mode (model.eval()) or set training_mode=0",
             )
+        if version < 7 and not int_attr(node, "is_test", 0):
+            raise Refused(
+                "is_test=0: BatchNormalization-1/6 then normalises with batch statistics "
+                "(training mode), which cannot fold",
+                "export the model in eval mode (is_test=1), or to opset 7 or later",
+            )
         extra = [o for o in node.outputs[1:] if o is not None]
         if version < 14 and any(o.name for o in extra):
             raise Refused(

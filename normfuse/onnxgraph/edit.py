@@ -25,6 +25,7 @@ __all__ = [
     "all_graphs",
     "all_names",
     "attr_value",
+    "batchnorm_not_inference",
     "fresh_name",
     "functions_note",
     "identity_variance",
@@ -232,9 +233,24 @@ class BN:
         return int(self.mean.size)
 
 
-def read_batchnorm(node: ir.Node, consts: ConstantResolver) -> BN | str:
+def batchnorm_not_inference(node: ir.Node, opset: int) -> str | None:
+    """Why a BatchNormalization node is not a per-channel map with running statistics, or
+    ``None``: ``training_mode=1`` (opset 14+), ``is_test=0`` (opsets 1 and 6, where it is the
+    default), ``spatial=0`` (opsets 7 and 8: statistics per activation)."""
+    version = node.version or opset
     if attr_value(node, "training_mode", 0):
         return "training_mode=1: normalises with batch statistics"
+    if version < 7 and not attr_value(node, "is_test", 0):
+        return "is_test=0: BatchNormalization-1/6 then normalises with batch statistics"
+    if version < 9 and attr_value(node, "spatial", 1) == 0:
+        return "spatial=0: statistics per activation, not per channel"
+    return None
+
+
+def read_batchnorm(node: ir.Node, consts: ConstantResolver) -> BN | str:
+    why = batchnorm_not_inference(node, consts.opset)
+    if why is not None:
+        return why
     if any(list(o.uses()) or o.is_graph_output() for o in node.outputs[1:]):
         return "its running-statistics outputs are used (a training graph)"
     x = node.inputs[0]

@@ -27,6 +27,7 @@ from normfuse.core.branches import Incompatible, Kernel, as_vector, then_affine
 from normfuse.core.report import Entry
 from normfuse.onnxgraph.const import ConstantResolver, NotConstant
 from normfuse.onnxgraph.edit import Editor, all_graphs, all_names, opset_of
+from normfuse.onnxgraph.edit import batchnorm_not_inference as not_inference
 from normfuse.onnxgraph.graph import Refused, get_attr, int_attr, ints_attr, label_of, node_name
 
 __all__ = ["reparam_model"]
@@ -198,7 +199,7 @@ class _Merger:
         return None
 
     def _batchnorm(self, node: ir.Node) -> tuple[np.ndarray, np.ndarray, ir.Value] | None:
-        if int_attr(node, "training_mode", 0) or len(node.inputs) < 5:
+        if not_inference(node, self.consts.opset) or len(node.inputs) < 5:
             return None
         if any(list(o.uses()) or o.is_graph_output() for o in node.outputs[1:]):
             return None

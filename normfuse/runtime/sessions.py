@@ -28,6 +28,7 @@ from normfuse.core.errors import InputError, ProviderError
 __all__ = [
     "ORT_TYPES",
     "ModelSource",
+    "as_tensor",
     "check_feeds",
     "expected_check_seconds",
     "first_line",
@@ -241,14 +242,29 @@ def check_feeds(session: Any, feeds: dict[str, np.ndarray], where: str) -> dict[
 
 def run_session(
     session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str
-) -> list[Any]:
+) -> list[np.ndarray]:
+    """``session.run``, every value as one array (:func:`as_tensor`)."""
     try:
-        return session.run(names, feeds)
+        return [as_tensor(v) for v in session.run(names, feeds)]
     except Exception as exc:
         raise InputError(
             f"onnxruntime cannot run the {which} model on these inputs: {first_line(exc)}",
             "check the input shapes (--shape) or the --inputs",
         ) from None
+
+
+def as_tensor(value: Any) -> np.ndarray:
+    """A value onnxruntime returned, as one array: a sequence (a list) or a map (a dict, its
+    values in key order) becomes its elements flattened and joined, so that it is compared
+    element by element (a different length is a different shape)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        value = [value[k] for k in sorted(value)]
+    if isinstance(value, list | tuple):
+        parts = [np.ravel(as_tensor(v)) for v in value]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return np.asarray(value)
 
 
 #: A check whose expected time is above this many seconds is announced before it starts.
