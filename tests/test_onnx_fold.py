@@ -506,6 +506,16 @@ def test_opset6_batchnorm_folds_only_in_test_mode(rng, is_test):
         assert op_types(folded) == ["Conv", "BatchNormalization"]
 
 
+def test_opset6_check_says_what_onnxruntime_runs(rng):
+    """onnxruntime has no kernel below opset 7: the check's refusal says so and how to go on,
+    instead of "fix the model"."""
+    model, _ = conv_bn_model(rng, opset=6, bn_attrs={"is_test": 1})
+    model.ir_version = 3
+    with pytest.raises(normfuse.InputError) as info:
+        normfuse.fold(model)
+    assert "version_converter" in (info.value.note or "") and "--no-check" in info.value.note
+
+
 def test_used_extra_outputs_are_skipped(rng):
     model, _feeds = conv_bn_model(rng, opset=9)
     model.graph.node[1].output.extend(["m", "v"])

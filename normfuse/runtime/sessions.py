@@ -187,9 +187,14 @@ def make_session(
     except Exception as exc:
         match = re.search(r"max supported IR version: (\d+)", str(exc))
         if not match:
+            old = re.search(r"implementation for \w+\(([1-6])\)", str(exc))
             raise InputError(
                 f"onnxruntime cannot load {which} model: {first_line(exc)}",
-                "fix the model, or pass --no-check to fold without the parity check",
+                "onnxruntime runs no operator version below 7: convert the model to a newer "
+                "opset (onnx.version_converter.convert_version(model, 13)) to check it, or "
+                "pass --no-check"
+                if old
+                else "fix the model, or pass --no-check to fold without the parity check",
             ) from None
         supported = int(match.group(1))
     proto = (
