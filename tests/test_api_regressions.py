@@ -105,14 +105,12 @@ def _same_outputs(model: onnx.ModelProto, path: Path, rng) -> None:
     assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
 
 
-
 def test_loaded_external_data_model_folds_unchecked_and_saves_elsewhere(external, tmp_path, rng):
     m = normfuse.load("dir/model.onnx")
     folded, report = normfuse.fold(m, check=False)
     assert len(report.applied) == 2
     out = normfuse.save(folded, tmp_path / "other" / "out.onnx", force=True)
     _same_outputs(external, Path(out), rng)
-
 
 
 def test_loaded_external_data_model_folds_with_the_default_check(external, tmp_path, rng):
@@ -378,7 +376,6 @@ def test_check_help_states_the_default_tolerances():
     assert "default" in tolerances.lower(), tolerances
 
 
-
 def test_inspect_applies_nothing_and_does_not_call_raise_candidates_foldable():
     result = invoke("inspect", NORM_BLOCK, "--json", "-")
     assert result.exit_code == 0, result.output
@@ -387,7 +384,6 @@ def test_inspect_applies_nothing_and_does_not_call_raise_candidates_foldable():
     decomposed = [e for e in report["entries"] if "decomposed" in str(e.get("op_type"))]
     assert decomposed, report["entries"]
     assert all(e["status"] != "foldable" for e in decomposed), [e["status"] for e in decomposed]
-
 
 
 def test_a_suggested_fix_folds_the_entry(tmp_path):
@@ -444,3 +440,25 @@ def test_python_dash_m_normfuse_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "fold" in proc.stdout and "Usage" in proc.stdout
+
+
+def test_the_summary_names_changed_ops_in_the_same_order_on_every_run():
+    """Op types whose counts change equally were listed in a set's order, which Python's hash
+    seed changes from run to run: two runs of one fold printed different summary lines."""
+    code = (
+        "from normfuse.core.report import ModelStats as S;"
+        "b = S(ops={'Conv': 4, 'Mul': 1, 'Add': 1, 'Transpose': 3, 'Reshape': 1});"
+        "a = S(ops={'Conv': 4, 'Transpose': 2});"
+        "print(b.changed_ops(a))"
+    )
+    lines = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(8)
+    }
+    assert lines == {"[('Add', 1, 0), ('Mul', 1, 0), ('Reshape', 1, 0)]\n"}

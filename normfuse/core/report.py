@@ -76,6 +76,7 @@ class ModelStats:
                 n != "BatchNormalization",
                 "Normalization" not in n,
                 -abs(self.ops.get(n, 0) - after.ops.get(n, 0)),
+                n,  # ties by name: the same line on every run (a set's order is not)
             ),
         )
         out = [(n, self.ops.get(n, 0), after.ops.get(n, 0)) for n in names]
