@@ -456,3 +456,68 @@ else:
             assert entry.status == "applied", entry.reason
         with torch.no_grad():
             assert max_rel(folded(x), model(x)) <= 1e-5
+
+
+def _hooked(kind: str) -> nn.Module:
+    """Conv -> BN where the conv's weight is computed at each call, or a hook changes an output:
+    what torch.fx does not trace, so a fold once wrote the plain forward in their place."""
+    conv = nn.Conv2d(3, 8, 3)
+    if kind == "weight_norm":
+        conv = torch.nn.utils.parametrizations.weight_norm(conv)
+    elif kind == "spectral_norm":
+        conv = torch.nn.utils.parametrizations.spectral_norm(conv)
+    elif kind == "old weight_norm":
+        with pytest.warns(FutureWarning):
+            conv = torch.nn.utils.weight_norm(conv)
+    model = randomize(nn.Sequential(conv, nn.BatchNorm2d(8)))
+    if kind == "bn hook":
+        model[1].register_forward_hook(lambda m, i, o: o * 2 + 1)
+    elif kind == "conv hook":
+        model[0].register_forward_hook(lambda m, i, o: o * 2 + 1)
+    elif kind == "conv pre-hook":
+        model[0].register_forward_pre_hook(lambda m, i: (i[0] * 0.5,))
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["weight_norm", "spectral_norm", "old weight_norm", "bn hook", "conv hook", "conv pre-hook"],
+)
+@pytest.mark.parametrize("form", ["module", "graphmodule"])
+def test_hooks_and_parametrized_weights_are_not_folded_away(kind, form):
+    model = _hooked(kind)
+    x = _x(IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+        given = fx.symbolic_trace(model) if form == "graphmodule" else model
+        folded, report = normfuse.fold(given, example_inputs=(x,), check=False)
+        out = folded(x)
+    assert not report.applied and len(report.skipped) == 1, report.summary()
+    reason = report.skipped[0].reason
+    assert "hooks" in reason or "parametrized" in reason, reason
+    assert torch.equal(out, ref)
+
+
+class _Branchy(nn.Module):
+    """torch.fx cannot trace the branch; torch.export can, and its pairs are folded back into
+    the modules: a hook on the BN there once was lost too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return self.bn(self.conv(x))
+        return x
+
+
+def test_a_hook_is_kept_where_torch_export_found_the_pair():
+    model = randomize(_Branchy()).eval()
+    model.bn.register_forward_hook(lambda m, i, o: o * 2 + 1)
+    x = _x(IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+        folded, report = normfuse.fold(model, example_inputs=(x,), check=False)
+        assert torch.equal(folded(x), ref)
+    assert not report.applied and "hooks" in report.skipped[0].reason

@@ -340,3 +340,16 @@ def test_recalibrate_after_dynamic_quantization():
     data = torch.cat(inputs)
     assert torch.allclose(quantized.bn1.running_mean.double(), data.mean(0), rtol=1e-4, atol=1e-5)
     assert torch.allclose(quantized.bn1.running_var.double(), data.var(0), rtol=1e-4)
+
+
+def test_a_hooked_batchnorm_is_not_swapped():
+    """A forward hook on a BatchNorm would not move to the module that replaces it: even the
+    exact frozen swap would then change the output."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
+    model[1].running_var.uniform_(0.5, 2)
+    model[1].register_forward_hook(lambda m, i, o: o * 2 + 1)
+    x = torch.randn(2, 3, 8, 8)
+    swapped, report = normfuse.swap(model, "frozen")
+    assert not report.applied and "hooks" in report.skipped[0].reason
+    with torch.no_grad():
+        assert torch.equal(swapped(x), model(x))

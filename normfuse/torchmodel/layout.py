@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from normfuse.torchmodel.modules import hidden_behaviour
 from normfuse.torchmodel.normsig import is_meta
 
 __all__ = [
@@ -145,6 +146,8 @@ def passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     dropout call with ``train=False``."""
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
+        if hidden_behaviour(m) is not None:
+            return False  # its hooks change what it returns
         if type(m) is torch.nn.Identity:
             return len(node.args) == 1 and not node.kwargs
         drop = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d)

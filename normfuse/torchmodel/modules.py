@@ -34,6 +34,7 @@ __all__ = [
     "factory_kwargs",
     "first_tensor",
     "has_stats",
+    "hidden_behaviour",
     "is_bn_like",
     "is_lazy",
     "is_norm",
@@ -67,6 +68,26 @@ NORM_TYPES: tuple[type, ...] = (
 def is_norm(module: nn.Module) -> bool:
     """True for any normalization layer torch or normfuse knows (and FrozenBatchNorm look-alikes)."""
     return isinstance(module, NORM_TYPES) or is_frozen_batchnorm(module)
+
+
+def hidden_behaviour(module: nn.Module) -> str | None:
+    """What a module does besides its ``forward`` that folding it would drop, or ``None``:
+    forward hooks (its own, or global ones, which run on every module; the old
+    ``torch.nn.utils.weight_norm`` is one), or a parametrized tensor
+    (``torch.nn.utils.parametrizations.weight_norm``, ``spectral_norm``: the weight is computed
+    at each call). torch.fx traces none of these, so without this check a fold would write
+    the module's plain forward in its place."""
+    from torch.nn.modules import module as torch_module
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        names = ", ".join(module.parametrizations.keys())  # type: ignore[union-attr]
+        return f"its {names} is parametrized (computed at each call, as weight_norm does)"
+    own = bool(module._forward_hooks or module._forward_pre_hooks)
+    if own or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        where = "" if own else "global "
+        return f"{where}forward hooks run on it, and a fold would drop what they do"
+    return None
 
 
 def is_bn_like(module: nn.Module) -> bool:

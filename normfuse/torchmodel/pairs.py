@@ -28,6 +28,7 @@ from normfuse.torchmodel.layout import (
     structural_reason,
     view_input,
 )
+from normfuse.torchmodel.modules import hidden_behaviour
 from normfuse.torchmodel.normsig import NormSignature, is_meta, looks_like_norm, norm_signature
 
 __all__ = [
@@ -191,7 +192,11 @@ def plain_forward(m: nn.Module) -> bool:
 
 
 def is_linear_module(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and plain_forward(m)
+    return (
+        isinstance(m, nn.modules.conv._ConvNd | nn.Linear)
+        and plain_forward(m)
+        and hidden_behaviour(m) is None
+    )
 
 
 def is_bn_module(m: nn.Module) -> bool:
@@ -228,6 +233,8 @@ class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if is_linear_module(m) or is_bn_module(m):
             return True
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear) and hidden_behaviour(m):
+            return True  # one opaque call: tracing into it would leave its hooks behind
         if isinstance(m, nn.modules.conv._ConvNd | nn.Linear | _BatchNorm):
             return False  # a subclass with its own forward: trace into it
         return super().is_leaf_module(m, module_qualified_name)
@@ -421,7 +428,11 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
             channels,
         )
         sig = norm_signature(m)
-        if m.training and (isinstance(m, _BatchNorm) or isinstance(sig, str)):
+        hidden = hidden_behaviour(m)
+        if hidden is not None:
+            norm.reason = hidden
+            norm.fix = "remove the hooks or parametrizations before folding"
+        elif m.training and (isinstance(m, _BatchNorm) or isinstance(sig, str)):
             norm.reason = "in training mode: normalises with batch statistics"
             norm.fix = "call model.eval() first"
         elif isinstance(m, _BatchNorm) and (
@@ -503,7 +514,9 @@ def describe_node(node: Any) -> str:
     if node.op == "placeholder":
         return f"model input '{node.target}'"
     if node.op == "call_module":
-        return f"module '{node.target}'"
+        owner = node.graph.owning_module
+        hidden = hidden_behaviour(owner.get_submodule(str(node.target))) if owner else None
+        return f"module '{node.target}'" + (f" ({hidden})" if hidden else "")
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target} '{node.name}'"
 

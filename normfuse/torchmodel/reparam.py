@@ -50,6 +50,7 @@ from normfuse.core import branches
 from normfuse.core.branches import Incompatible, Kernel, as_vector, then_affine
 from normfuse.core.report import Entry
 from normfuse.torchmodel.layout import passthrough
+from normfuse.torchmodel.modules import hidden_behaviour
 from normfuse.torchmodel.normsig import is_meta
 from normfuse.torchmodel.pairs import (
     FUNC_LINEAR,
@@ -499,6 +500,9 @@ class _Merger:
         """An average pool's geometry when it is a convolution, else :class:`_Refused`."""
         if node.op == "call_module":
             m: Any = self.gm.get_submodule(str(node.target))
+            hidden = hidden_behaviour(m)
+            if hidden is not None:
+                raise _Refused(f"{self._name(node)}: {hidden}")
             n = {nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}[type(m)]
             a = {k: getattr(m, k, None) for k in _POOL_ARGS[1:]}
             a["divisor_override"] = getattr(m, "divisor_override", None)

@@ -33,6 +33,7 @@ from normfuse.torchmodel.modules import (
     describe_module,
     factory_kwargs,
     has_stats,
+    hidden_behaviour,
     is_bn_like,
     is_lazy,
     matcher,
@@ -180,6 +181,10 @@ def swap(
         sig = norm_signature(m)  # what its forward computes, not what its class is called
         if isinstance(sig, str):
             entry.reason = sig
+            continue
+        hidden = hidden_behaviour(m)
+        if hidden is not None:  # a new module would not carry them
+            entry.reason, entry.fix = hidden, "remove the hooks before swapping"
             continue
         built = build_replacement(m, kind, entry, groups, allow_single_channel_groups, dims)
         if built is None:

@@ -41,7 +41,7 @@ from torch import fx, nn
 
 from normfuse.core.report import Entry, Report
 from normfuse.torchmodel.affinechain import ChainFinder
-from normfuse.torchmodel.modules import call_module, replace_modules
+from normfuse.torchmodel.modules import call_module, hidden_behaviour, replace_modules
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
 from normfuse.torchmodel.pairs import (
     FUNC_BN,
@@ -225,6 +225,10 @@ class _Untraced:
             return "torch.export found the pair, but not the modules that hold its tensors"
         if not isinstance(lin_mod, nn.modules.conv._ConvNd | nn.Linear):
             return f"{lin.label} reads the weight of a {type(lin_mod).__name__}, not a Conv/Linear"
+        for what, module in (("", norm_mod), (f"module '{lin_path}': ", lin_mod)):
+            hidden = hidden_behaviour(module)
+            if hidden is not None:  # the exported graph ran them; the modules would lose them
+                return what + hidden
         transposed = bool(getattr(lin_mod, "transposed", False))
         kind = (
             "dense"
