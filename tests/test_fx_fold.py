@@ -521,3 +521,31 @@ def test_a_hook_is_kept_where_torch_export_found_the_pair():
         folded, report = normfuse.fold(model, example_inputs=(x,), check=False)
         assert torch.equal(folded(x), ref)
     assert not report.applied and "hooks" in report.skipped[0].reason
+
+
+class _BranchyHead(nn.Module):
+    """BN1d -> eval Dropout -> Linear in a model torch.fx cannot trace: torch.export drops the
+    dropout, and the pair it shows was once folded across the module (whose output then
+    changed: the check refused it as "please report")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Sequential(nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x).relu()
+        if x.shape[-1] > 1:
+            x = x * 1.0
+        return self.head(x.mean((2, 3)))
+
+
+def test_no_fold_across_a_module_that_torch_export_drops():
+    model = randomize(_BranchyHead()).eval()
+    x = _x(IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+        folded, report = normfuse.fold(model, example_inputs=(x,))  # the default check
+        assert torch.equal(folded(x), ref)
+    (entry,) = report.skipped
+    assert "through module 'head.1'" in entry.reason and not report.applied

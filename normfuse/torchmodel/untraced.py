@@ -41,7 +41,7 @@ from torch import fx, nn
 
 from normfuse.core.report import Entry, Report
 from normfuse.torchmodel.affinechain import ChainFinder
-from normfuse.torchmodel.modules import call_module, hidden_behaviour, replace_modules
+from normfuse.torchmodel.modules import call_module, hidden_behaviour, replace_modules, tensors_of
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
 from normfuse.torchmodel.pairs import (
     FUNC_BN,
@@ -69,21 +69,47 @@ def _first_line(exc: BaseException) -> str:
 
 def count_calls(root: nn.Module, inputs: Any) -> dict[int, int]:
     """How often each module of ``root`` runs on ``inputs`` (forward hooks), by ``id``."""
+    return observe_calls(root, inputs)[0]
+
+
+def observe_calls(root: nn.Module, inputs: Any) -> tuple[dict[int, int], dict[int, set[int]]]:
+    """How often each module of ``root`` runs on ``inputs``, and which leaf modules (no
+    children) receive each module's outputs, by ``id`` (hooks on one run; the tensors are held
+    until it ends, so that no ``id`` is reused). A module that returns its input unchanged
+    (eval dropout, ``nn.Identity``) leaves no op in an exported graph; here it shows as a
+    second receiver of the tensor it passes on."""
     counts: dict[int, int] = {}
+    produced: dict[int, list[torch.Tensor]] = {}
+    received: dict[int, set[int]] = {}
+    held: list[torch.Tensor] = []
     handles = []
 
-    def hook(m: nn.Module, _args: Any, _out: Any) -> None:
+    def before(m: nn.Module, args: Any, kwargs: Any) -> None:
+        for t in tensors_of((args, kwargs)):
+            held.append(t)
+            received.setdefault(id(t), set()).add(id(m))
+
+    def after(m: nn.Module, _args: Any, out: Any) -> None:
         counts[id(m)] = counts.get(id(m), 0) + 1
+        for t in tensors_of(out):
+            held.append(t)
+            produced.setdefault(id(m), []).append(t)
 
     for m in root.modules():
-        handles.append(m.register_forward_hook(hook))
+        handles.append(m.register_forward_hook(after))
+        if not any(True for _ in m.children()):
+            handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
     try:
         with torch.no_grad(), kept_buffers(root):
             call_module(root, inputs)
     finally:
         for h in handles:
             h.remove()
-    return counts
+    receivers = {
+        m: set().union(*(received.get(id(t), set()) for t in outs)) - {m}
+        for m, outs in produced.items()
+    }
+    return counts, receivers
 
 
 @contextlib.contextmanager
@@ -114,7 +140,7 @@ class _Untraced:
         self.report = report
         self.modules = dict(root.named_modules())
         self.names = {id(m): n for n, m in root.named_modules()}
-        self.calls = count_calls(root, inputs)
+        self.calls, self.receivers = observe_calls(root, inputs)
         self.entries: dict[str, Entry] = {}
         self.replace: dict[int, nn.Module] = {}
         self.done: set[int] = set()  # linear modules that took a fold
@@ -254,6 +280,16 @@ class _Untraced:
             if n != 1:
                 name = self.names.get(id(m), "?")
                 return f"module '{name}' runs {n} times on the example input: each {what} call must fold"
+        src, dst = (norm_mod, lin_mod) if pair.direction == "before" else (lin_mod, norm_mod)
+        own = {id(c) for c in (*src.modules(), *dst.modules())}  # a norm's own drop/act
+        between = self.receivers.get(id(src), set()) - own
+        if between:  # an eval dropout or Identity module the exported graph does not show
+            via = ", ".join(sorted(f"module '{self.names.get(i, '?')}'" for i in between))
+            return (
+                f"module '{self.names.get(id(src), '?')}' feeds module "
+                f"'{self.names.get(id(dst), '?')}' through {via} (which returns its input in "
+                "eval): folding across it is not done, the module would output other values"
+            )
         sig = norm_signature(norm_mod)
         if not isinstance(sig, NormSignature):
             return sig or f"module '{path}' is not a norm normfuse can read"
