@@ -27,6 +27,7 @@ import onnx
 from normfuse.core.algebra import parallel_map
 from normfuse.core.report import OutputParity
 from normfuse.core.verdict import (
+    CHANNEL_FLOOR_FACTOR,
     NATIVE_INNER_NOISE_FACTOR,
     NOISE_FACTOR,
     channel_result,
@@ -658,7 +659,9 @@ def judge_against_noise(
                 result.name = f"tensor '{name}' (inside the model)"
                 failed[name] = result
             if name not in failed and d.floor is not None:
-                rtol = max(d.floor, NATIVE_INNER_NOISE_FACTOR * channel[name])
+                rtol = max(
+                    CHANNEL_FLOOR_FACTOR * d.floor, NATIVE_INNER_NOISE_FACTOR * channel[name]
+                )
                 hit = channel_result(name, result.dtype, d.channel, rtol)
                 if hit is not None:
                     failed[name] = hit

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from normfuse.core.errors import InputError, ProviderError
 from normfuse.core.report import OutputParity, ParityResult
 from normfuse.core.verdict import (
+    CHANNEL_FLOOR_FACTOR,
     DEFAULT_TOLERANCES,
     NATIVE_INNER_NOISE_FACTOR,
     NOISE_FACTOR,
@@ -515,7 +516,7 @@ def check_by_noise(
                 "by one unit in the last place moves each output, in the original model or, "
                 "where that alone does not pass, the larger of both models; "
                 f"{NATIVE_INNER_NOISE_FACTOR:g}x for each of the {len(shared)} inner tensors "
-                "and each channel)"
+                f"and each channel, a channel at least rtol {CHANNEL_FLOOR_FACTOR * (floor or 0):.3g})"
             )
             for o in outputs:
                 fixed = defaults.get({"float32": "float", "float64": "double"}.get(o.dtype, ""))
