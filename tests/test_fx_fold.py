@@ -549,3 +549,41 @@ def test_no_fold_across_a_module_that_torch_export_drops():
         assert torch.equal(folded(x), ref)
     (entry,) = report.skipped
     assert "through module 'head.1'" in entry.reason and not report.applied
+
+
+class _ReadsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + F.conv2d(x, self.a.weight, None, padding=1)
+
+
+class _ReadsBias(_ReadsWeight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) + self.a.bias.view(1, -1, 1, 1)
+
+
+class _ReadsNormWeight(_ReadsWeight):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x)) * self.bn.weight.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("cls", [_ReadsWeight, _ReadsBias, _ReadsNormWeight])
+@pytest.mark.parametrize("form", ["module", "graphmodule"])
+def test_a_tensor_forward_reads_itself_keeps_its_value(cls, form):
+    """forward() reads the conv's weight or bias, or the norm's weight, beside calling the
+    module: the nn.Module path once rescaled or removed them under that read (output 11-48%
+    off, or AttributeError). It refuses now; a GraphModule gives the op a private copy."""
+    model = randomize(cls()).eval()
+    x = _x(IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+        given = fx.symbolic_trace(model) if form == "graphmodule" else model
+        folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
+        assert max_rel(folded(x), ref) < 1e-5
+    if form == "module":
+        assert not report.applied and "also reads" in report.skipped[0].reason
+    else:
+        assert report.applied

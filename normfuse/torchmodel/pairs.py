@@ -643,6 +643,16 @@ def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
     return pair
 
 
+def attr_reads(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
+    """The ``get_attr`` nodes in use that read a tensor of module ``owner`` directly (forward()
+    reading ``self.conv.weight`` beside calling ``self.conv``)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target).startswith(f"{owner}.") and n.users
+    ]
+
+
 def call_sites(gm: fx.GraphModule, owner: str, is_module: bool) -> list[fx.Node]:
     if is_module:
         return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner]
@@ -709,6 +719,7 @@ def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
                 and all(same_affine(ps[0].norm, p.norm) for p in ps)
                 and not weights_shared(gm, lin)
                 and (lin.bias is None or lin.module is not None or bias_private(gm, lin))
+                and not (graph_mode and lin.module is not None and attr_reads(gm, owner))
             )
             if consistent:
                 continue
@@ -766,4 +777,11 @@ def surgery_refusal(
             f"module '{p.norm.module_target}' is also called at "
             f"{', '.join(describe_node(n.args[0]) for n in missing)} where it does not fold"
         )
+    for owner in (p.norm.module_target, p.lin.owner):  # both modules here
+        read = attr_reads(gm, owner)
+        if read:  # the fold rescales the linear's tensors and removes the norm's
+            return (
+                f"forward() also reads {', '.join(repr(str(n.target)) for n in read)} itself, "
+                "which the fold would change"
+            )
     return None
