@@ -587,3 +587,25 @@ def test_a_tensor_forward_reads_itself_keeps_its_value(cls, form):
         assert not report.applied and "also reads" in report.skipped[0].reason
     else:
         assert report.applied
+
+
+class _ShapeRead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(8), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn(x)
+        return self.fc(y).reshape(y.shape[0], -1)
+
+
+def test_a_norm_folded_forward_leaves_no_call_behind_for_a_shape_read():
+    """BN folded into the Linear after it, its output's shape also read (visformer's attention):
+    the GraphModule once kept calling the BN for the shape while the report said folded."""
+    model = randomize(_ShapeRead()).eval()
+    x = _x((6, 8))
+    with torch.no_grad():
+        folded, report = normfuse.fold(fx.symbolic_trace(model), example_inputs=(x,))
+        assert max_rel(folded(x), model(x)) < 1e-6
+    assert len(report.applied) == 1
+    assert not [n for n in folded.graph.nodes if n.op == "call_module" and n.target == "bn"]

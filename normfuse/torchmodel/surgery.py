@@ -19,7 +19,7 @@ from torch import fx, nn
 from normfuse.core.algebra import LinearWeights, absorb_after, absorb_before
 from normfuse.core.report import Entry
 from normfuse.torchmodel.affinechain import ChainFinder, erase_dead_constants
-from normfuse.torchmodel.normsig import tail_module
+from normfuse.torchmodel.normsig import is_meta, tail_module
 from normfuse.torchmodel.pairs import (
     Linear,
     Pair,
@@ -231,6 +231,9 @@ def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
         norm.node.replace_all_uses_with(norm.input)
     elif lin.node.args and lin.node.args[0] is norm.node:
         lin.node.replace_input_with(norm.node, norm.input)
+        for user in list(norm.node.users):  # x.shape, x.dtype: the norm's input has the same
+            if is_meta(user):
+                user.replace_input_with(norm.node, norm.input)
     else:  # through eval-mode dropout ops, the norm's only data use
         norm.node.replace_all_uses_with(norm.input)
     for n in norm.erase:
