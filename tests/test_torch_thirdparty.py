@@ -925,3 +925,33 @@ def test_bn_before_linear_through_eval_dropout(path):
     else:
         assert "dropout" in reasons(report)["bn"] or "module 'drop'" in reasons(report)["bn"]
     assert rel_err(run(folded, x), ref64(model, x)) <= TOL
+
+
+class _PreNormBlock(nn.Module):
+    """coatnet/maxvit's pre-norm: ``BatchNormAct2d(apply_act=False)`` (drop and act are
+    ``nn.Identity``) after an add, before a 1x1 conv. Its tail changes nothing, so it folds into
+    the conv after it (it was refused: "its forward runs drop, act after the norm")."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.pre_norm = BatchNormAct2d(c, act=None)
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + x.relu()
+        return x + self.conv(self.pre_norm(x))
+
+
+def test_a_norm_act_whose_tail_is_identity_folds_into_the_next_conv():
+    """(A GraphModule that torch.fx traced into the norm-act calls its Identity modules on
+    their own: those stay, and the norm with them, as for any module between.)"""
+    model = randomize(_PreNormBlock(), 12).eval()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(x)
+        folded, report = normfuse.fold(model, example_inputs=(x,))  # the default check
+        err = ((folded(x) - ref).abs().max() / ref.abs().max()).item()
+    assert [(e.node, e.direction) for e in report.applied] == [("pre_norm", "before")]
+    assert err < 1e-5

@@ -49,6 +49,7 @@ __all__ = [
     "dense_checked",
     "describe_node",
     "get_attr",
+    "inert",
     "is_bn_module",
     "is_linear_module",
     "is_named_container",
@@ -189,6 +190,12 @@ def plain_forward(m: nn.Module) -> bool:
         if type(m)._conv_forward is not base._conv_forward:  # type: ignore[attr-defined]
             return False
     return not (isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params())
+
+
+def inert(tail: list[tuple[str, nn.Module]]) -> bool:
+    """A norm's own modules after the norm that change nothing: ``nn.Identity`` without hooks
+    (timm's ``BatchNormAct2d(apply_act=False)`` without drop)."""
+    return all(type(m) is nn.Identity and hidden_behaviour(m) is None for _, m in tail)
 
 
 def is_linear_module(m: nn.Module) -> bool:
@@ -441,7 +448,7 @@ def as_norm(gm: fx.GraphModule, node: fx.Node) -> Norm | None:
             norm.reason = "track_running_stats=False: uses batch statistics even in eval"
         elif isinstance(sig, NormSignature):
             norm.affine = sig.affine
-            norm.tail = sig.tail
+            norm.tail = [] if inert(sig.tail) else sig.tail
         else:
             norm.reason = sig or "its forward is not a norm normfuse can read"
         return norm

@@ -51,6 +51,7 @@ from normfuse.torchmodel.pairs import (
     as_norm,
     call_args,
     call_sites,
+    inert,
     is_bn_module,
     match_pair,
     trace_module,
@@ -293,7 +294,7 @@ class _Untraced:
         sig = norm_signature(norm_mod)
         if not isinstance(sig, NormSignature):
             return sig or f"module '{path}' is not a norm normfuse can read"
-        if pair.direction == "before" and sig.tail:
+        if pair.direction == "before" and not inert(sig.tail):
             return f"module '{path}' runs {', '.join(n for n, _ in sig.tail)} after the norm"
         assert norm.affine is not None
         ours, theirs = sig.affine.expand(norm.affine.scale.size), norm.affine
