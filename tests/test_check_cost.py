@@ -204,3 +204,40 @@ def test_a_16_bit_ir3_model_is_checked(tmp_path):
     _, report = normfuse.fold(str(src))  # the default check
     assert report.applied and report.parity is not None and report.parity.passed
     assert "upcast exactly" in (report.parity.judgement or "")
+
+
+def test_a_16_bit_model_with_external_data_is_judged_upcast_from_any_folder(tmp_path, monkeypatch):
+    """A float16 model whose float32 tensor stays in its external data file (dynamo exports):
+    the upcast copy went to onnxruntime as bytes, which looked for that file beside the working
+    directory, and the check fell back to judging at float16 with a note."""
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 8)).astype(np.float16), "W"),
+        onnx.numpy_helper.from_array((rng.random(8) + 0.5).astype(np.float16), "s"),
+        onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b32"),
+    ]
+    h = onnx.helper
+    nodes = [
+        h.make_node("Cast", ["x"], ["x32"], to=onnx.TensorProto.FLOAT),
+        h.make_node("Add", ["x32", "b32"], ["a32"]),
+        h.make_node("Cast", ["a32"], ["a"], to=onnx.TensorProto.FLOAT16),
+        h.make_node("MatMul", ["a", "W"], ["q"]),
+        h.make_node("Mul", ["q", "s"], ["y"]),
+    ]
+    io = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT16, [2, 8]) for n in ("x", "y")]
+    model = h.make_model(
+        h.make_graph(nodes, "g", io[:1], io[1:], inits), opset_imports=[h.make_opsetid("", 18)]
+    )
+    (tmp_path / "m").mkdir()
+    src = tmp_path / "m" / "m.onnx"
+    onnx.save(model, src, save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    folded, report = normfuse.fold(str(src), check=False)
+    assert report.applied
+    out = tmp_path / "out" / "m.folded.onnx"
+    out.parent.mkdir()
+    normfuse.save(folded, out)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    result = check_models(src, out, provider="cpu", upcast=True)
+    assert result.passed and "upcast exactly" in (result.judgement or ""), result.lines()
+    assert not [n for n in result.notes if "cannot load" in n], result.notes

@@ -148,6 +148,12 @@ def _serialize(model: ir.Model, folder: Path, name: str) -> ModelSource:
         if v.const_value is not None
     )
     if size < _INLINE_LIMIT:
+        # a tensor still in the model's external data file would be looked up beside the
+        # working directory once the model is bytes: read it in (as the upcast ones are)
+        for g in model.graphs():
+            for v in g.initializers.values():
+                if isinstance(v.const_value, ir.ExternalTensor):
+                    v.const_value = ir.Tensor(v.const_value.numpy(), name=v.const_value.name)
         return ir.to_proto(model).SerializeToString()
     path = folder / f"{name}.onnx"
     ir.save(model, path, external_data=f"{name}.onnx.data")
