@@ -516,6 +516,23 @@ def test_opset6_check_says_what_onnxruntime_runs(rng):
     assert "version_converter" in (info.value.note or "") and "--no-check" in info.value.note
 
 
+def test_a_missing_kernel_is_not_called_a_broken_model(rng):
+    """onnxruntime's CPU build has no float64 Conv: a valid float64 export (model.double()) was
+    told to "fix the model"."""
+    model, _ = conv_bn_model(rng)
+    for t in model.graph.initializer:
+        t.CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t).astype(np.float64), t.name)
+        )
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.elem_type = TP.DOUBLE
+    with pytest.raises(normfuse.InputError) as info:
+        normfuse.fold(model)
+    assert "no kernel" in (info.value.note or "") and "--no-check" in info.value.note
+    _, report = normfuse.fold(model, check=False)
+    assert len(report.applied) == 1
+
+
 def test_used_extra_outputs_are_skipped(rng):
     model, _feeds = conv_bn_model(rng, opset=9)
     model.graph.node[1].output.extend(["m", "v"])

@@ -187,15 +187,7 @@ def make_session(
     except Exception as exc:
         match = re.search(r"max supported IR version: (\d+)", str(exc))
         if not match:
-            old = re.search(r"implementation for \w+\(([1-6])\)", str(exc))
-            raise InputError(
-                f"onnxruntime cannot load {which} model: {first_line(exc)}",
-                "onnxruntime runs no operator version below 7: convert the model to a newer "
-                "opset (onnx.version_converter.convert_version(model, 13)) to check it, or "
-                "pass --no-check"
-                if old
-                else "fix the model, or pass --no-check to fold without the parity check",
-            ) from None
+            raise _load_error(exc, which) from None
         supported = int(match.group(1))
     proto = (
         onnx.load(str(source), load_external_data=False)
@@ -209,7 +201,29 @@ def make_session(
     try:
         return ort.InferenceSession(proto.SerializeToString(), so, providers=providers)
     except Exception as exc:
-        raise InputError(f"onnxruntime cannot load the model: {first_line(exc)}") from None
+        raise _load_error(exc, which) from None
+
+
+def _load_error(exc: BaseException, which: str) -> InputError:
+    """Why onnxruntime refused a model, and what to do: a missing kernel (an operator version
+    below 7, or a type such as float64 Conv that this build has no kernel for) is no fault of
+    the model."""
+    text = str(exc)
+    kernel = re.search(r"Could not find an implementation for \w+\((\d+)\)", text)
+    if kernel and int(kernel.group(1)) < 7:
+        fix = (
+            "onnxruntime runs no operator version below 7: convert the model to a newer opset "
+            "(onnx.version_converter.convert_version(model, 13)) to check it, or pass --no-check"
+        )
+    elif kernel:
+        fix = (
+            "this onnxruntime has no kernel for that operator with these types (float64 and "
+            "bfloat16 lack many on the CPU): the model may well be valid; pass --no-check to "
+            "rewrite it without the parity check, or check on a provider that has the kernel"
+        )
+    else:
+        fix = "fix the model, or pass --no-check to fold without the parity check"
+    return InputError(f"onnxruntime cannot load {which} model: {first_line(exc)}", fix)
 
 
 def first_line(exc: BaseException) -> str:
