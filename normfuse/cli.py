@@ -410,6 +410,7 @@ def fold(
         check_seed(seed)
         inputs = load_inputs(inputs_path) if inputs_path is not None and not no_check else None
         if model.suffix == ".pt2":
+            _pt2_options(norm_affine, shapes, seed, provider, inputs_path)
             _fold_pt2(
                 model,
                 out,
@@ -418,6 +419,7 @@ def fold(
                 verbose=verbose,
                 json_target=json_target,
                 strict=strict,
+                reparam=reparam,
             )
             return
         t0 = time.perf_counter()
@@ -493,6 +495,30 @@ def _raise_strict(report: Report) -> None:
         ) from None
 
 
+def _pt2_options(
+    norm_affine: bool, shapes: object, seed: int, provider: str, inputs: Path | None
+) -> None:
+    """Refuse the options a .pt2 fold cannot honour (it was silently the same fold without)."""
+    unused = [
+        name
+        for name, given in (
+            ("--norm-affine", norm_affine),
+            ("--shape", bool(shapes)),
+            ("--seed", seed != 0),
+            ("--provider", provider != "auto"),
+            ("--inputs", inputs is not None),
+        )
+        if given
+    ]
+    if unused:
+        raise InputError(
+            f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to a .pt2 "
+            "model: it folds BatchNorm in PyTorch and checks on its own example inputs",
+            f"leave {'it' if len(unused) == 1 else 'them'} out, or export the model to ONNX "
+            f"and fold that file with {'it' if len(unused) == 1 else 'them'}",
+        )
+
+
 def _fold_pt2(
     model: Path,
     out: Path,
@@ -502,6 +528,7 @@ def _fold_pt2(
     verbose: bool,
     json_target: str | None,
     strict: bool,
+    reparam: bool = False,
 ) -> None:
     """Fold a torch.export archive into a .pt2 again, or export the result to ONNX."""
     try:
@@ -514,7 +541,7 @@ def _fold_pt2(
         ) from None
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecations
     ep = load_pt2(model)
-    folded, report = fold_torch(ep, check=check)
+    folded, report = fold_torch(ep, check=check, reparam=reparam)
     if strict and report.skipped:
         report.render(console, verbose=verbose)
         _emit_json(report.to_dict(), json_target)

@@ -99,6 +99,43 @@ def test_cli_folds_a_pt2_archive_into_pt2_and_onnx(tmp_path):
     assert "PASSED" in result.output
 
 
+class _Branches(nn.Module):
+    """Two parallel convs summed (a RepVGG block without BN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_cli_pt2_takes_reparam_and_refuses_what_does_not_apply(tmp_path):
+    """--reparam was dropped on a .pt2 without a word, as were --norm-affine, --seed, --shape,
+    --provider and --inputs: the same fold, exit 0."""
+    model, x = _Branches().eval(), torch.randn(1, 4, 8, 8)
+    path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(model, (x,)), str(path))
+    runner = CliRunner()
+    result = runner.invoke(
+        cli, ["fold", str(path), "--reparam", "--json", str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 0, result.output
+    ep = load_pt2(tmp_path / "m.folded.pt2")
+    assert sum("conv2d" in str(n.target) for n in ep.graph.nodes) == 1
+    with torch.no_grad():
+        assert float((ep.module()(x) - model(x)).abs().max()) < 1e-5
+    for extra in (
+        ["--norm-affine"],
+        ["--seed", "3"],
+        ["--shape", "x=1x4x8x8"],
+        ["--provider", "cpu"],
+    ):
+        result = runner.invoke(cli, ["fold", str(path), "-o", str(tmp_path / "o.pt2"), *extra])
+        assert result.exit_code == 2, (extra, result.output)
+        assert f"error: {extra[0]} does not apply to a .pt2 model" in result.output
+
+
 class _Evil:
     def __init__(self, marker: str) -> None:
         self.marker = marker
