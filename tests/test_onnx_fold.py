@@ -533,6 +533,25 @@ def test_a_missing_kernel_is_not_called_a_broken_model(rng):
     assert len(report.applied) == 1
 
 
+def test_a_scale_computed_with_castlike_folds(rng):
+    """torch's dynamo exporter (optimize=False) writes the attention scale as
+    ``Mul(q, Sqrt(CastLike(Constant, q)))``: a constant, as CastLike reads only q's type. It
+    was no candidate (Bert's 4 scales stayed); now it folds into the projection."""
+    w = normal(rng, (8, 8))
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["q"]),
+        helper.make_node("Constant", [], ["c"], value=tensor("c", np.array(0.125, np.float64))),
+        helper.make_node("CastLike", ["c", "q"], ["cl"]),
+        helper.make_node("Sqrt", ["cl"], ["s"]),
+        helper.make_node("Mul", ["q", "s"], ["y"]),
+    ]
+    model = make_model(nodes, [("x", F, [2, 8])], [("y", F, [2, 8])], [tensor("W", w)], opset=18)
+    model.graph.value_info.append(helper.make_tensor_value_info("q", F, [2, 8]))
+    feeds = {"x": normal(rng, (2, 8))}
+    folded, _ = assert_folds(model, feeds, applied=1)
+    assert op_types(folded) == ["MatMul"]
+
+
 def test_used_extra_outputs_are_skipped(rng):
     model, _feeds = conv_bn_model(rng, opset=9)
     model.graph.node[1].output.extend(["m", "v"])

@@ -246,6 +246,15 @@ class ConstantResolver:
                 result = False
             elif node.op_type in ("Shape", "Constant") or depth > _MAX_DEPTH:
                 result = True  # Shape reads only the shape of its input
+            elif node.op_type == "CastLike" and len(node.inputs) == 2:
+                # only the element type of the second input is read (the dynamo exporter's
+                # attention scale: Sqrt(CastLike(Constant, q)), q a run-time tensor)
+                like = node.inputs[1]
+                result = (
+                    like is not None
+                    and like.dtype is not None
+                    and self.may_be_constant(node.inputs[0], depth + 1)
+                )
             else:
                 result = all(
                     self.may_be_constant(v, depth + 1) for v in node.inputs if v is not None
