@@ -475,3 +475,61 @@ def test_a_single_channel_is_held_to_ten_times_the_floor(channel_err, fails):
     outputs, inner = judge_against_noise(["y"], found, whole, per_channel)
     assert all(o.passed for o in outputs)
     assert bool(inner) == fails, inner
+
+
+def _learned_queries(rng: np.random.Generator) -> onnx.ModelProto:
+    """DETR's first decoder layer as the dynamo exporter writes it: the queries are a learned
+    tensor (no input feeds them), projected, split into heads, then scaled by
+    ``Sqrt(CastLike(Constant, q))``; the keys come from the input."""
+    f = TP.FLOAT
+    inits = [
+        nh.from_array(rng.standard_normal((4, 8)).astype(np.float32), "Q"),
+        nh.from_array(rng.standard_normal((8, 8)).astype(np.float32) / 3, "Wq"),
+        nh.from_array(rng.standard_normal(8).astype(np.float32), "bq"),
+        nh.from_array(rng.standard_normal((8, 8)).astype(np.float32) / 3, "Wk"),
+        nh.from_array(np.array([4, 2, 4], np.int64), "heads"),
+        nh.from_array(np.array([5, 2, 4], np.int64), "kheads"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["Q", "Wq"], ["qm"]),
+        helper.make_node("Add", ["qm", "bq"], ["q"]),
+        helper.make_node("Reshape", ["q", "heads"], ["qh"]),
+        helper.make_node("Transpose", ["qh"], ["qt"], perm=[1, 0, 2]),
+        helper.make_node("Constant", [], ["c"], value=nh.from_array(np.array(0.5, np.float64))),
+        helper.make_node("CastLike", ["c", "qt"], ["cl"]),
+        helper.make_node("Sqrt", ["cl"], ["s"]),
+        helper.make_node("Mul", ["qt", "s"], ["qs"]),
+        helper.make_node("MatMul", ["x", "Wk"], ["k"]),
+        helper.make_node("Reshape", ["k", "kheads"], ["kh"]),
+        helper.make_node("Transpose", ["kh"], ["kt"], perm=[1, 2, 0]),
+        helper.make_node("MatMul", ["qs", "kt"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "queries",
+        [helper.make_tensor_value_info("x", f, [5, 8])],
+        [helper.make_tensor_value_info("y", f, [2, 4, 5])],
+        inits,
+        value_info=[helper.make_tensor_value_info("qt", f, [2, 4, 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_a_scale_on_learned_queries_is_judged_on_the_right_tensors(tmp_path):
+    """Everything up the query path is computed from constants, and the scale's own input reads
+    the queries' type only (CastLike): the scale was taken for the chain's data input, so the
+    check compared the rescaled projection and refused the exact fold (rel 0.5, DETR)."""
+    src = tmp_path / "q.onnx"
+    onnx.save(_learned_queries(np.random.default_rng(7)), src)
+    folded, report = normfuse.fold(str(src), check=False)
+    assert [e.op_type for e in report.applied] == ["Mul"]
+    out = tmp_path / "q.folded.onnx"
+    normfuse.save(folded, out)
+    assert check_models(src, out, provider="cpu", upcast=True).passed
+    wrong = onnx.load(out)
+    w = next(t for t in wrong.graph.initializer if t.name.startswith("Wq"))
+    a = nh.to_array(w).copy()
+    a[:, 3] *= np.float32(1.001)
+    w.CopyFrom(nh.from_array(a, w.name))
+    onnx.save(wrong, tmp_path / "wrong.onnx")
+    assert not check_models(src, tmp_path / "wrong.onnx", provider="cpu", upcast=True).passed

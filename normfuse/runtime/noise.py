@@ -324,9 +324,10 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
     cand_nodes = {v: n for n in candidate.proto.graph.node for v in n.output if v}
 
     constant = _constant_like(graph, reference.initializers)
-    depth: dict[str, int] = {}  # the longest path from a source
+    depth: dict[str, int] = {}  # the longest path from a source, through values read
     for n in graph.node:
-        d = 1 + max((depth.get(i, 0) for i in n.input if i), default=0)
+        read = (i for i in n.input if i and not _reads_type_only(n, i))
+        d = 1 + max((depth.get(i, 0) for i in read), default=0)
         depth.update((o, d) for o in n.output if o)
 
     def affine(n: onnx.NodeProto) -> bool:
