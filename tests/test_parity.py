@@ -167,3 +167,16 @@ def test_sequence_values_inside_a_model_are_compared(rng: np.random.Generator) -
     parts = [np.ones((2, 2), np.float32), np.zeros(3, np.float32)]
     assert sessions.as_tensor(parts).tolist() == [1, 1, 1, 1, 0, 0, 0]
     assert sessions.as_tensor({"b": [2.0], "a": [1.0]}).tolist() == [1.0, 2.0]
+
+
+def test_the_shape_to_give_has_the_inputs_rank(rng: np.random.Generator) -> None:
+    """A token input [batch, seq] was told to take --shape ids=1x3x224x224."""
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [("x", TP.FLOAT, ["batch", "seq", 8])],
+        [("y", TP.FLOAT, None)],
+        [onnx.numpy_helper.from_array(rng.standard_normal((8, 4)).astype(np.float32), "w")],
+    )
+    with pytest.raises(normfuse.InputError) as info:
+        normfuse.check(model, model)
+    assert info.value.note == "give its shape with --shape x=1x16x8"

@@ -243,6 +243,16 @@ def tolerance_for(spec: Mapping[str, float] | float | None, name: str) -> float 
     return spec
 
 
+def _example_shape(dims: Sequence[Any]) -> str:
+    """A ``--shape`` value of the input's rank: its fixed dimensions as they are, the batch 1,
+    other dynamic ones 16 (``input_ids [batch, seq]``: ``1x16``, not an image's shape)."""
+    out = [
+        str(d) if isinstance(d, int) and d >= 0 else ("1" if axis == 0 else "16")
+        for axis, d in enumerate(dims)
+    ]
+    return "x".join(out) or "1"
+
+
 def generate_inputs(
     session: Any,
     seed: int = 0,
@@ -283,12 +293,12 @@ def generate_inputs(
                 else:
                     raise InputError(
                         f"input '{inp.name}' has the dynamic dimension '{dim}' at axis {axis}",
-                        f"give its shape with --shape {inp.name}=1x3x224x224",
+                        f"give its shape with --shape {inp.name}={_example_shape(inp.shape)}",
                     )
         if any(d < 0 for d in shape) or math.prod(shape) > MAX_ELEMENTS:
             raise InputError(
                 f"input '{inp.name}' would have the shape {shape}",
-                f"give its shape with --shape {inp.name}=1x3x224x224",
+                f"give its shape with --shape {inp.name}={_example_shape(inp.shape)}",
             )
         if np.issubdtype(dtype, np.floating):
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
