@@ -609,3 +609,35 @@ def test_a_norm_folded_forward_leaves_no_call_behind_for_a_shape_read():
         assert max_rel(folded(x), model(x)) < 1e-6
     assert len(report.applied) == 1
     assert not [n for n in folded.graph.nodes if n.op == "call_module" and n.target == "bn"]
+
+
+class _SharedStem(nn.Module):
+    """maxvit's block: the stem conv's output feeds a pooled shortcut and a BN, the BN a 1x1
+    conv: the BN cannot go into the stem (its output is read twice) but goes into the 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.pw, self.pool = nn.Conv2d(8, 8, 1), nn.AvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        return self.pool(y) + self.pw(self.bn(y))
+
+
+@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
+def test_a_norm_after_a_shared_conv_folds_into_the_conv_after_it(form):
+    model = randomize(_SharedStem()).eval()
+    x = _x(IMAGE)
+    with torch.no_grad():
+        ref = model(x)
+    given = {
+        "module": lambda: model,
+        "graphmodule": lambda: fx.symbolic_trace(model),
+        "exported": lambda: torch.export.export(model, (x,)),
+    }[form]()
+    folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
+    assert [e.direction for e in report.applied] == ["before"] and not report.skipped
+    run = folded.module() if form == "exported" else folded
+    with torch.no_grad():
+        assert max_rel(run(x), ref) < 1e-5

@@ -548,23 +548,27 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     """The fold for ``norm``, or ``(reason, fix)``."""
     assert norm.affine is not None
     lin = as_linear(gm, norm.input)
-    if lin is not None:
-        # reads of the shape, rank, dtype or device are no data use: the fold keeps them
-        others = [u for u in users_of(lin.node) if u is not norm.erase[-1] and not is_meta(u)]
-        if others:
-            return (
-                f"{lin.label} output also feeds {', '.join(describe_node(u) for u in others)}",
-                None,
-            )
-        if lin.channels("out") != norm.channels:
-            return (
-                f"{lin.label} has {lin.channels('out')} output channels, the norm {norm.channels}",
-                None,
-            )
+    if lin is None:
+        through = _through_view(gm, norm)
+        return through if through is not None else _match_before(gm, norm)
+    # reads of the shape, rank, dtype or device are no data use: the fold keeps them
+    others = [u for u in users_of(lin.node) if u is not norm.erase[-1] and not is_meta(u)]
+    if others:
+        why = f"{lin.label} output also feeds {', '.join(describe_node(u) for u in others)}"
+    elif lin.channels("out") != norm.channels:
+        why = f"{lin.label} has {lin.channels('out')} output channels, the norm {norm.channels}"
+    else:
         return dense_checked(Pair(norm, lin, "after"), lin.node)
-    through = _through_view(gm, norm)
-    if through is not None:
-        return through
+    # the op after it, as the ONNX side does (maxvit: a conv read by a pool and a BN)
+    found = _match_before(gm, norm)
+    if isinstance(found, Pair):
+        return found
+    return f"{why}; {found[0]}", found[1]
+
+
+def _match_before(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
+    """The fold of ``norm`` into the Conv/Linear that reads it, or ``(reason, fix)``."""
+    assert norm.affine is not None
     users = [u for u in users_of(norm.node) if not is_meta(u)]
     ends = [skip_passthrough(gm, u) for u in users]
     structural = structural_reason(norm.input, [e for e, _ in ends], describe_node)
