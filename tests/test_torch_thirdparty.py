@@ -955,3 +955,26 @@ def test_a_norm_act_whose_tail_is_identity_folds_into_the_next_conv():
         err = ((folded(x) - ref).abs().max() / ref.abs().max()).item()
     assert [(e.node, e.direction) for e in report.applied] == [("pre_norm", "before")]
     assert err < 1e-5
+
+
+class _ConcatThenPointwise(nn.Module):
+    """inception_next's mixer: a channel concat, a BN, then a 1x1 conv straight after it."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.left, self.right = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(3, c, 1)
+        self.bn, self.fc1 = nn.BatchNorm2d(2 * c), nn.Conv2d(2 * c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(self.bn(torch.cat([self.left(x), self.right(x)], 1)))
+
+
+@pytest.mark.parametrize("path", ["module", "exported"])
+def test_bn_after_concat_folds_into_the_conv_after_it(path):
+    """The concat needs no split when the BN goes forward into the 1x1 conv (it was refused
+    with "would need splitting per concatenated input")."""
+    model = randomize(_ConcatThenPointwise(), 26)
+    x = image(2, 3, 12, 12)
+    folded, report = normfuse.fold(as_path(model, x, path), example_inputs=x)
+    assert [(e.node, e.direction) for e in report.applied] == [("bn", "before")]
+    assert rel_err(run(folded, x), ref64(model, x)) <= TOL

@@ -28,6 +28,7 @@ from normfuse.torchmodel.normsig import is_meta
 
 __all__ = [
     "SHAPE_ONLY_SECOND",
+    "attr_reads",
     "is_cat",
     "passthrough",
     "shape_of",
@@ -139,6 +140,16 @@ def lands_on_channels(src: fx.Node, view: fx.Node, channels: int) -> str | None:
 
 
 _DROPOUT_FUNCS: set[Any] = {_aten.dropout.default, torch.dropout}
+
+
+def attr_reads(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
+    """The ``get_attr`` nodes in use that read a tensor of module ``owner`` directly (forward()
+    reading ``self.conv.weight`` beside calling ``self.conv``)."""
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.op == "get_attr" and str(n.target).startswith(f"{owner}.") and n.users
+    ]
 
 
 def passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
+    attr_reads,
     lands_on_channels,
     shape_only_use,
     skip_passthrough,
@@ -571,9 +572,17 @@ def _match_before(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
     assert norm.affine is not None
     users = [u for u in users_of(norm.node) if not is_meta(u)]
     ends = [skip_passthrough(gm, u) for u in users]
+    found = _into_next(gm, norm, users, ends)
+    if isinstance(found, Pair):
+        return found  # also after a channel concat (inception_next: cat -> BN -> 1x1 conv)
     structural = structural_reason(norm.input, [e for e, _ in ends], describe_node)
-    if structural is not None:
-        return structural, None
+    return (structural, None) if structural is not None else found
+
+
+def _into_next(
+    gm: fx.GraphModule, norm: Norm, users: list[fx.Node], ends: list[tuple[fx.Node, list]]
+) -> Pair | tuple[str, str | None]:
+    assert norm.affine is not None
     if norm.tail:
         names = ", ".join(n for n, _ in norm.tail)
         return (
@@ -652,16 +661,6 @@ def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
     pair = Pair(norm, lin, "after")
     pair.warnings.append(f"through {what} '{view.name}': the Linear's features are its channels")
     return pair
-
-
-def attr_reads(gm: fx.GraphModule, owner: str) -> list[fx.Node]:
-    """The ``get_attr`` nodes in use that read a tensor of module ``owner`` directly (forward()
-    reading ``self.conv.weight`` beside calling ``self.conv``)."""
-    return [
-        n
-        for n in gm.graph.nodes
-        if n.op == "get_attr" and str(n.target).startswith(f"{owner}.") and n.users
-    ]
 
 
 def call_sites(gm: fx.GraphModule, owner: str, is_module: bool) -> list[fx.Node]:
