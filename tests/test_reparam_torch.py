@@ -517,3 +517,28 @@ def test_submodule_blocks_keep_the_model_class_and_its_methods():
     assert isinstance(out.block, fx.GraphModule) and convs(out) == 2
     assert err <= 1e-5 and report.parity.passed
     assert [e.node for e in entries] == ["block"]
+
+
+class InPlaceSum(nn.Module):
+    """timm's RepVggBlock: ``x = conv_1x1(x) + conv_kxk(x); x += identity(x)``."""
+
+    def __init__(self, g: torch.Generator, c: int = 6) -> None:
+        super().__init__()
+        self.kxk, self.pw, self.identity = conv_bn(c, c, 3, g), conv_bn(c, c, 1, g), bn(c, g)
+
+    def forward(self, x):
+        y = self.pw(x) + self.kxk(x)
+        y += self.identity(x)
+        return y.relu()
+
+
+def test_an_in_place_sum_merges_in_an_exported_program():
+    """torch.export keeps ``x += identity`` as ``aten.add_``, which was no sum: the identity
+    BN stayed ("one of 4 branches that are summed") and two convs with it."""
+    g = gen(31)
+    model = InPlaceSum(g).eval()
+    x = torch.randn(1, 6, 10, 10, generator=g)
+    out, entries, err, report = merged(torch.export.export(model, (x,)), x)
+    assert convs(out) == 1 and err <= 1e-5
+    assert not [n for n in out.graph.nodes if "batch_norm" in str(n.target)]
+    assert [e.status for e in entries] == ["applied"] and report.parity.passed

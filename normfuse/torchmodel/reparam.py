@@ -84,6 +84,8 @@ _FUNCS: dict[Any, str] = {
     _aten.div.Tensor: "div",
 }
 _METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
+#: ``x += y`` as torch.export keeps it (timm's RepVggBlock: ``x += identity``)
+_IN_PLACE: dict[Any, str] = {operator.iadd: "add", _aten.add_.Tensor: "add"}
 _SHAPE_OPS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "contiguous", "clone", "neg"}
 _AVG_POOLS: dict[Any, int] = {F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3}
 for _n in (1, 2, 3):
@@ -203,6 +205,10 @@ class _Merger:
         if any(k not in ("alpha",) or node.kwargs[k] != 1 for k in node.kwargs):
             return None
         if node.op == "call_function":
+            if node.target in _IN_PLACE:  # x += y where nothing else reads x: a sum
+                first = node.args[0]
+                alone = isinstance(first, fx.Node) and list(first.users) == [node]
+                return _IN_PLACE[node.target] if alone else None
             return _FUNCS.get(node.target)
         if node.op == "call_method":
             return _METHODS.get(str(node.target))
