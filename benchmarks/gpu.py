@@ -380,9 +380,12 @@ def _nvidia_smi() -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD's short hash, with ``-dirty`` when the tracked files differ from it (a device that
+    receives the working tree may hold an older ``.git``: the hash alone would misname the
+    code that ran)."""
     try:
         proc = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
             capture_output=True,
             text=True,
             timeout=10,
