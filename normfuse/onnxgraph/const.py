@@ -29,11 +29,13 @@ import onnx_ir as ir
 
 __all__ = [
     "LARGE_BYTES",
+    "SHAPE_READERS",
     "ConstantResolver",
     "FileArray",
     "NotConstant",
     "OpenFiles",
     "read_tensor",
+    "reads_shape_only",
 ]
 
 logger = logging.getLogger(__name__)
@@ -141,6 +143,23 @@ def _raw_dtypes() -> dict[int, np.dtype]:
 _RAW_DTYPES = _raw_dtypes()
 
 
+#: Ops that read only the shape or element type of their input at these positions: one table
+#: for the fold (a reader of this kind is no data use), constant resolution (``CastLike`` of a
+#: constant is one) and the check (:mod:`normfuse.runtime.noise`).
+SHAPE_READERS: dict[str, frozenset[int]] = {
+    "Shape": frozenset({0}),
+    "Size": frozenset({0}),
+    "CastLike": frozenset({1}),
+}
+
+
+def reads_shape_only(node: ir.Node, idx: int) -> bool:
+    """Whether ``node`` reads only the shape or element type of its input ``idx`` (``Shape``,
+    ``Size``, the target of ``CastLike``): the legacy exporter's ``reshape_as`` reads a
+    Linear's output through a ``Shape`` beside the norm that follows it (LeViT)."""
+    return node.domain in ("", "ai.onnx") and idx in SHAPE_READERS.get(node.op_type, ())
+
+
 class NotConstant(Exception):
     """The value is not a compile-time constant; ``str(exc)`` says why."""
 
@@ -246,18 +265,12 @@ class ConstantResolver:
                 result = False
             elif node.op_type in ("Shape", "Constant") or depth > _MAX_DEPTH:
                 result = True  # Shape reads only the shape of its input
-            elif node.op_type == "CastLike" and len(node.inputs) == 2:
-                # only the element type of the second input is read (the dynamo exporter's
-                # attention scale: Sqrt(CastLike(Constant, q)), q a run-time tensor)
-                like = node.inputs[1]
-                result = (
-                    like is not None
-                    and like.dtype is not None
-                    and self.may_be_constant(node.inputs[0], depth + 1)
-                )
-            else:
+            else:  # a shape or type read (CastLike's target: the dynamo exporter's attention
+                # scale Sqrt(CastLike(Constant, q)), q a run-time tensor) needs no constant
                 result = all(
-                    self.may_be_constant(v, depth + 1) for v in node.inputs if v is not None
+                    self.may_be_constant(v, depth + 1)
+                    for i, v in enumerate(node.inputs)
+                    if v is not None and not reads_shape_only(node, i)
                 )
         self._maybe[key] = (value, result)
         return result

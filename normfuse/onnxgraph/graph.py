@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from normfuse.core.report import ModelStats
-from normfuse.onnxgraph.const import ConstantResolver, NotConstant
+from normfuse.onnxgraph.const import ConstantResolver, NotConstant, reads_shape_only
 
 __all__ = [
     "ELEMENTWISE_OPS",
@@ -150,21 +150,6 @@ def exclusive(value: ir.Value, node: ir.Node) -> bool:
     type alone does not count: a fold keeps both) and it is no graph output."""
     uses = [u for u in value.uses() if not reads_shape_only(u.node, u.idx)]
     return len(uses) == 1 and uses[0].node is node and not value.is_graph_output()
-
-
-#: Ops that read only the shape or element type of the input at these positions.
-_SHAPE_READERS: dict[str, frozenset[int]] = {
-    "Shape": frozenset({0}),
-    "Size": frozenset({0}),
-    "CastLike": frozenset({1}),
-}
-
-
-def reads_shape_only(node: ir.Node, idx: int) -> bool:
-    """Whether ``node`` reads only the shape or element type of its input ``idx`` (``Shape``,
-    ``Size``, the target of ``CastLike``): the legacy exporter's ``reshape_as`` reads a
-    Linear's output through a ``Shape`` beside the norm that follows it (LeViT)."""
-    return node.domain in ("", "ai.onnx") and idx in _SHAPE_READERS.get(node.op_type, ())
 
 
 def others(value: ir.Value, node: ir.Node) -> str:

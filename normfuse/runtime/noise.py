@@ -37,6 +37,7 @@ from normfuse.core.verdict import (
     worse,
 )
 from normfuse.onnxgraph import wire
+from normfuse.onnxgraph.const import SHAPE_READERS
 from normfuse.runtime.sessions import ModelSource, run_session
 
 __all__ = [
@@ -421,11 +422,11 @@ _SHAPE_OPS = frozenset({"Shape", "Size"})
 
 
 def _reads_type_only(node: onnx.NodeProto, value: str) -> bool:
-    """Whether ``node`` reads only the shape or element type of ``value`` (``Shape``, ``Size``,
-    the ``target_type`` of ``CastLike``), not its values."""
-    if node.op_type in _SHAPE_OPS:
-        return True
-    return node.op_type == "CastLike" and list(node.input[1:2]) == [value] != list(node.input[:1])
+    """Whether ``node`` reads only the shape or element type of ``value`` at every position it
+    reads it (:data:`normfuse.onnxgraph.const.SHAPE_READERS`), not its values."""
+    where = [i for i, name in enumerate(node.input) if name == value]
+    shape_only = SHAPE_READERS.get(node.op_type, frozenset())
+    return node.domain in ("", "ai.onnx") and bool(where) and set(where) <= shape_only
 
 
 def _constant_like(graph: onnx.GraphProto, initializers: Collection[str]) -> set[str]:

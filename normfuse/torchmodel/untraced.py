@@ -58,7 +58,7 @@ from normfuse.torchmodel.pairs import (
 )
 from normfuse.torchmodel.surgery import fold_graph, fold_pair
 
-__all__ = ["count_calls", "fold_untraceable", "kept_buffers", "uncovered_norms"]
+__all__ = ["fold_untraceable", "kept_buffers", "observe_calls", "uncovered_norms"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +66,6 @@ logger = logging.getLogger(__name__)
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0][:160] if text else "") or type(exc).__name__
-
-
-def count_calls(root: nn.Module, inputs: Any) -> dict[int, int]:
-    """How often each module of ``root`` runs on ``inputs`` (forward hooks), by ``id``."""
-    return observe_calls(root, inputs)[0]
 
 
 def observe_calls(root: nn.Module, inputs: Any) -> tuple[dict[int, int], dict[int, set[int]]]:
