@@ -315,3 +315,185 @@ def test_lazy_load_views_only_the_large_tensors(rng, tmp_path):
         tensor = model.graph.initializers[name].const_value
         assert isinstance(tensor, ir.ExternalTensor) == (array.nbytes >= wire.LAZY_MIN_BYTES)
         assert np.array_equal(read_tensor(tensor), array)
+
+
+def _value_info_model(rng, with_info: set[str]) -> onnx.ModelProto:
+    """Conv + BN + Mul by a per-channel constant, with value_info only for ``with_info``."""
+    from tests.conftest import bn_node, bn_params, tensor
+
+    inits = [
+        tensor("W", rng.standard_normal((6, 4, 3, 3)).astype(np.float32)),
+        tensor("K", rng.uniform(0.5, 2.0, (1, 6, 1, 1)).astype(np.float32)),
+        *bn_params(rng, 6),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("c", "b"),
+        helper.make_node("Tanh", ["b"], ["t"], name="tanh"),
+        helper.make_node("Mul", ["t", "K"], ["y"], name="mul"),
+    ]
+    model = make_model(
+        nodes, [("x", TP.FLOAT, [1, 4, 5, 5])], [("y", TP.FLOAT, [1, 6, 5, 5])], inits
+    )
+    for t in model.graph.initializer:
+        if t.name in with_info:
+            model.graph.value_info.append(
+                helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+            )
+    return model
+
+
+def _initializer_info(model: onnx.ModelProto) -> set[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return {v.name for v in model.graph.value_info if v.name in inits}
+
+
+@pytest.mark.parametrize("form", ["path", "proto", "bytes"])
+def test_initializers_get_value_info_only_where_the_input_had_it(rng, tmp_path, form):
+    """onnx_ir writes a value_info entry for every initializer; normfuse writes what the input
+    had (on 100k small initializers the output was a quarter larger than the input)."""
+    model = _value_info_model(rng, {"K"})
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    source = {"path": str(path), "proto": model, "bytes": model.SerializeToString()}[form]
+    folded, report = normfuse.fold(source, check=False)
+    assert len(report.applied) == 1
+    out = tmp_path / "o.onnx"
+    if form == "proto":
+        result = folded
+    else:
+        normfuse.save(folded, out, force=True)
+        result = onnx.load(out)
+    assert _initializer_info(result) == {"K"}  # not W's replacement, not the BN's
+    onnx.checker.check_model(result, full_check=True)
+    x = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    ref, got = run(model, x)[0], run(result, x)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+    # a model that had none gets none; the command's path too
+    bare = _value_info_model(rng, set())
+    onnx.save(bare, path)
+    from click.testing import CliRunner
+
+    from normfuse.cli import cli
+
+    done = CliRunner().invoke(cli, ["fold", str(path), "-o", str(out), "--force", "--no-check"])
+    assert done.exit_code == 0, done.output
+    assert _initializer_info(onnx.load(out)) == set()
+
+
+def test_an_onnx_ir_model_keeps_onnx_irs_value_info(rng, tmp_path):
+    """A model built in memory has no record of a file: onnx_ir's own writing is kept."""
+    model = ir.from_proto(_value_info_model(rng, set()))
+    folded, _ = normfuse.fold(model, check=False)
+    out = tmp_path / "o.onnx"
+    normfuse.save(folded, out)
+    written = onnx.load(out)
+    assert _initializer_info(written) == {t.name for t in written.graph.initializer}
+
+
+def test_small_tensors_are_written_as_read_or_encoded_anew(tmp_path):
+    """A small initializer is copied as it was read when it keeps its name and raw bytes; one
+    renamed, or stored as float_data, is written from its values: the arrays come back."""
+    a = np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5
+    b = np.linspace(-1, 1, 5).astype(np.float32)
+    raw = numpy_helper.from_array(a, "a")
+    typed = helper.make_tensor("b", TP.FLOAT, [5], b.tolist())  # float_data, not raw_data
+    assert not typed.HasField("raw_data")
+    nodes = [
+        helper.make_node("Identity", ["a"], ["oa"]),
+        helper.make_node("Identity", ["b"], ["ob"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [],
+        [helper.make_tensor_value_info(n, TP.FLOAT, None) for n in ("oa", "ob")],
+        [raw, typed],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    loaded = onnx_io.load(path, lazy=True).model
+    out = tmp_path / "o.onnx"
+    onnx_io.save(loaded, out)
+    written = {t.name: t for t in onnx.load(out).graph.initializer}
+    assert written["a"] == raw  # as read, field for field
+    assert np.array_equal(numpy_helper.to_array(written["b"]), b)
+    loaded.graph.initializers["a"].name = "renamed"
+    onnx_io.save(loaded, out, force=True)
+    written = {t.name: t for t in onnx.load(out).graph.initializer}
+    assert set(written) == {"renamed", "b"}
+    assert np.array_equal(numpy_helper.to_array(written["renamed"]), a)
+
+
+def test_elementwise_nodes_no_fold_touches_are_passed_over_exactly(rng):
+    """Without value_info: a Mul between two Tanh is passed over before shapes are inferred
+    (none are needed for it); a Mul by ones is still removed (whether that keeps the shape
+    needs the inferred one), and a Mul reaching a Conv through a Transpose pair still folds
+    (``norm_affine``: into the Conv after it)."""
+    from normfuse.onnxgraph.paths import InferredShapes
+
+    c = 6
+    inits = [
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, (1, c, 1, 1)).astype(np.float32), "k1"),
+        numpy_helper.from_array(np.ones((1, c, 1, 1), np.float32), "ones"),
+        numpy_helper.from_array(rng.uniform(0.5, 2.0, (1, 1, 1, c)).astype(np.float32), "k2"),
+        numpy_helper.from_array(rng.standard_normal((5, c, 1, 1)).astype(np.float32), "W"),
+    ]
+    nodes = [
+        helper.make_node("Tanh", ["x"], ["t0"]),
+        helper.make_node("Mul", ["t0", "k1"], ["m1"], name="passed"),
+        helper.make_node("Tanh", ["m1"], ["t1"]),
+        helper.make_node("Mul", ["t1", "ones"], ["m2"], name="ones"),
+        helper.make_node("Tanh", ["m2"], ["t2"]),
+        helper.make_node("Transpose", ["t2"], ["nhwc"], perm=[0, 2, 3, 1]),
+        helper.make_node("Mul", ["nhwc", "k2"], ["m3"], name="reaching"),
+        helper.make_node("Transpose", ["m3"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "W"], ["y"], name="conv"),
+    ]
+    model = make_model(
+        nodes, [("x", TP.FLOAT, [2, c, 4, 3])], [("y", TP.FLOAT, [2, 5, 4, 3])], inits
+    )
+    assert not model.graph.value_info
+    ir_model = ir.from_proto(model)
+    shapes = InferredShapes(ir_model, 17, for_fold=True)
+    assert sorted(n.name for n in shapes.inert.values()) == ["passed"]
+    shapes.restore(ir_model)
+    folded, report = normfuse.fold(model, check=False, norm_affine=True)  # Mul before a Conv
+    names = [n.name for n in folded.graph.node]
+    assert "passed" in names and "ones" not in names and "reaching" not in names
+    assert {e.node for e in report.applied} == {"ones", "reaching"}
+    x = {"x": rng.standard_normal((2, c, 4, 3)).astype(np.float32)}
+    ref, got = run(model, x)[0], run(folded, x)[0]
+    assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_a_constant_known_only_from_an_inferred_shape_still_folds(rng):
+    """The fold reads its constants once, before and after shapes are inferred. A scale that
+    comes from the Shape of a value with no shape in the file (6, the Conv's channels) is not
+    constant before inference and is after it: read first for a Mul no fold touches (after a
+    Tanh), it is read again for the Mul after the Conv, which folds."""
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((6, 4, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Shape", ["c"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["n"], axis=0),
+        helper.make_node("Cast", ["n"], ["k"], to=TP.FLOAT),
+        helper.make_node("Tanh", ["x"], ["t"]),
+        helper.make_node("Mul", ["t", "k"], ["z"], name="apart"),
+        helper.make_node("Mul", ["c", "k"], ["y"], name="scale"),
+    ]
+    model = make_model(
+        nodes,
+        [("x", TP.FLOAT, [1, 4, 5, 5])],
+        [("y", TP.FLOAT, [1, 6, 5, 5]), ("z", TP.FLOAT, [1, 4, 5, 5])],
+        inits,
+    )
+    folded, report = normfuse.fold(model, check=False)
+    assert [e.node for e in report.applied] == ["scale"], report.to_dict()["entries"]
+    assert [n.name for n in folded.graph.node if n.op_type == "Mul"] == ["apart"]
+    x = {"x": rng.standard_normal((1, 4, 5, 5)).astype(np.float32)}
+    for ref, got in zip(run(model, x), run(folded, x), strict=True):
+        assert np.abs(ref - got).max() <= 1e-5 * np.abs(ref).max()

@@ -43,7 +43,9 @@ class _DeepNarrow(nn.Module):
 
     def __init__(self, c: int = 24, blocks: int = 26) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+        )
         self.blocks = nn.Sequential(*[_Block(c) for _ in range(blocks)])
         self.head = nn.Linear(c, 10)
 

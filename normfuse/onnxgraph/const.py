@@ -302,6 +302,14 @@ class ConstantResolver:
         self._cache.pop(id(value), None)
         self._maybe.pop(id(value), None)
 
+    def forget_failures(self) -> None:
+        """Drop the cached "not constant" results (after shapes were set: a ``Shape`` of a
+        value that now has a static one resolves). Resolved arrays stay: setting a missing
+        shape changes none of them."""
+        failed = [key for key, hit in self._cache.items() if isinstance(hit, NotConstant)]
+        for key in failed:
+            del self._cache[key]
+
     def resolve_weight(self, value: ir.Value | None) -> np.ndarray | FileArray:
         """Like :meth:`resolve`, but a large file-backed tensor comes back as a :class:`FileArray`."""
         tensor = value.const_value if value is not None else None

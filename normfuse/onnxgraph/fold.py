@@ -117,9 +117,6 @@ def fold_model(
     found = list(containers(model))
     names = value_names(c for c, _ in found)
     main_opset = model.opset_imports.get("") or model.opset_imports.get("ai.onnx") or 1
-    inferred = InferredShapes(
-        model, main_opset, source, for_fold=True
-    )  # converters that write no value_info (tf2onnx)
     work: list[_Folder] = []
     for container, label in found:
         opset = (
@@ -129,6 +126,15 @@ def fold_model(
         )
         opset = opset or model.opset_imports.get("ai.onnx") or 1
         work.append(_Folder(container, label, opset, model.ir_version, names, options))
+    try:
+        # converters that write no value_info (tf2onnx); the main graph's constants, read
+        # to decide which values need shapes, are read once for both
+        inferred = InferredShapes(model, main_opset, source, for_fold=True, consts=work[0].consts)
+        work[0].inert = inferred.inert
+    except BaseException:
+        for folder in work:
+            folder.consts.close()
+        raise
     try:
         plans = [(folder, folder.chains()) for folder in work]
         total = sum(len(chains) for _, chains in plans)
@@ -173,6 +179,8 @@ class _Folder:
             container, names, self.consts, self.reader, ir_version, label == ""
         )
         self.reported: set[int] = set()
+        #: Elementwise nodes no fold touches, by id (:attr:`InferredShapes.inert`).
+        self.inert: dict[int, ir.Node] = {}
 
     def chains(self) -> list[list[Link]]:
         """The maximal chains of affine nodes, in graph order."""
@@ -181,6 +189,8 @@ class _Folder:
     # ----------------------------------------------------------------- the decision
     def fold_chain(self, chain: list[Link]) -> list[Entry]:
         """Fold what can fold in one chain; one entry per reportable node."""
+        if self.inert and all(self.inert.get(id(link.node)) is link.node for link in chain):
+            return []  # known before any shape was inferred: what the test below finds
         self.reader.clear()
         reportable = self._reportable(chain)
         if not any(reportable) and not any(map(self._may_be_identity, chain)):

@@ -25,6 +25,7 @@ __all__ = [
     "LINEAR_OPS",
     "NORM_OPS",
     "NORM_TAIL_OPS",
+    "STANDARD_DOMAINS",
     "SUBGRAPH_OPS",
     "Container",
     "Refused",
@@ -172,18 +173,18 @@ def resolve_const(
 #: The standard ops that hold subgraphs; nodes of other standard ops are not looked into
 #: (on a 200k-node graph, reading every node's attributes was a second per walk).
 SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-_STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
 
 
 def may_hold_subgraphs(node: ir.Node) -> bool:
     """False for a node of a standard op that never holds a subgraph."""
-    return node.op_type in SUBGRAPH_OPS or node.domain not in _STANDARD_DOMAINS
+    return node.op_type in SUBGRAPH_OPS or node.domain not in STANDARD_DOMAINS
 
 
 def _walk(container: Container, label: str) -> Iterator[tuple[Container, str]]:
     yield container, label
     for node in container:
-        if node.op_type not in SUBGRAPH_OPS and node.domain in _STANDARD_DOMAINS:
+        if node.op_type not in SUBGRAPH_OPS and node.domain in STANDARD_DOMAINS:
             continue  # not may_hold_subgraphs(node), without a call per node
         for attr in node.attributes.values():
             if attr.type == ir.AttributeType.GRAPH:

@@ -35,16 +35,24 @@ from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.core.gcpause import gc_paused
-from normfuse.onnxgraph.graph import may_hold_subgraphs, proto_nbytes
+from normfuse.onnxgraph.graph import (
+    STANDARD_DOMAINS,
+    SUBGRAPH_OPS,
+    may_hold_subgraphs,
+    proto_nbytes,
+)
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
+    VALUE_INFO_KEY,
     check_model_prefix,
     default_mode,
     load_buffer_backed,
     load_self_backed,
     root_cause,
     short_error,
+    value_info_as_read,
+    value_info_names,
     write_streaming,
 )
 
@@ -254,6 +262,7 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
             with contextlib.suppress(OSError):
                 state.setdefault(str(source_path), _state(os.stat(source_path)))
         model.meta[SOURCE_STATE_KEY] = state
+        model.meta[VALUE_INFO_KEY] = value_info_names(proto)
         return Loaded(model, "path", path=path, proto=proto)
     if isinstance(source, (bytes, bytearray, memoryview)):
         backed = None
@@ -271,11 +280,13 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
             model = ir.from_proto(proto)
         _check_has_graph(model, "bytes")
         _check_structure(model, "bytes")
+        model.meta[VALUE_INFO_KEY] = value_info_names(proto)
         return Loaded(model, "bytes", proto=proto)
     if isinstance(source, onnx.ModelProto):
         model = ir.from_proto(source)
         _check_has_graph(model, "ModelProto")
         _check_structure(model, "ModelProto")
+        model.meta[VALUE_INFO_KEY] = value_info_names(source)
         return Loaded(model, "proto", proto=source)
     if isinstance(source, ir.Model):
         check_unchanged(source)
@@ -297,7 +308,13 @@ def copy_model(model: ir.Model) -> ir.Model:
     (external data, input files, the file a self-backed model reads). External tensors keep
     reading from where the original's do."""
     copied = model.clone()
-    for key in (EXTERNAL_DATA_KEY, INPUT_FILES_KEY, SELF_BACKED_KEY, SOURCE_STATE_KEY):
+    for key in (
+        EXTERNAL_DATA_KEY,
+        INPUT_FILES_KEY,
+        SELF_BACKED_KEY,
+        SOURCE_STATE_KEY,
+        VALUE_INFO_KEY,
+    ):
         if key in model.meta:
             copied.meta[key] = model.meta[key]
     return copied
@@ -498,7 +515,7 @@ def _plain_and_whole(tensor: Any) -> bool:
     proto = tensor.raw
     return (
         proto.HasField("raw_data")
-        and all(d >= 0 for d in proto.dims)
+        and min(proto.dims, default=0) >= 0
         and len(proto.raw_data) == need
     )
 
@@ -530,6 +547,7 @@ def _check_structure(model: ir.Model, where: str) -> None:
         if len(set(outputs)) != len(outputs):
             dup = next(n for n in outputs if outputs.count(n) > 1)
             raise InputError(f"{where}: graph output '{dup}' is listed twice")
+        add_defined, add_name = defined.add, names.add  # a few million calls on big graphs
         for node in graph:
             for v in node.inputs:
                 if v is not None and id(v) not in defined:
@@ -541,21 +559,22 @@ def _check_structure(model: ir.Model, where: str) -> None:
                     raise InputError(
                         f"{where}: input '{v.name}' of {node.op_type} '{node.name}' {what}"
                     )
-            for attr in node.attributes.values() if may_hold_subgraphs(node) else ():
-                subgraphs = (
-                    [attr.value]
-                    if attr.type == ir.AttributeType.GRAPH
-                    else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-                )
-                for sub in subgraphs:
-                    walk(sub, defined)
+            if node.op_type in SUBGRAPH_OPS or node.domain not in STANDARD_DOMAINS:
+                for attr in node.attributes.values():  # may_hold_subgraphs(node), inline
+                    subgraphs = (
+                        [attr.value]
+                        if attr.type == ir.AttributeType.GRAPH
+                        else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+                    )
+                    for sub in subgraphs:
+                        walk(sub, defined)
             for out in node.outputs:
                 name = out.name
                 if name:
                     if name in names:
                         raise InputError(f"{where}: tensor '{name}' is produced twice")
-                    names.add(name)
-                defined.add(id(out))
+                    add_name(name)
+                add_defined(id(out))
 
     walk(model.graph, set())
 
@@ -563,7 +582,8 @@ def _check_structure(model: ir.Model, where: str) -> None:
 def to_kind(loaded: Loaded, model: ir.Model) -> Any:
     """Give ``model`` back in the form the caller passed in (a path gives an onnx_ir.Model)."""
     if loaded.kind == "proto":
-        return ir.to_proto(model)
+        with value_info_as_read(model):
+            return ir.to_proto(model)
     if loaded.kind == "bytes":  # written as save writes a file: no ModelProto copy between
         out = io.BytesIO()
         write_streaming(model, out)

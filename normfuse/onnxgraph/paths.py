@@ -525,8 +525,12 @@ class InferredShapes:
         source: onnx.ModelProto | None = None,
         *,
         for_fold: bool = False,
+        consts: ConstantResolver | None = None,
     ) -> None:
         self._given: list[tuple[ir.Value, ir.Shape]] = []
+        #: ``for_fold``: the main graph's elementwise nodes with a constant operand that no
+        #: fold can touch (see :func:`_fold_reads`), by id.
+        self.inert: dict[int, ir.Node] = {}
         graph = model.graph
         # the shapes values had, for those that take an inferred one over from another value
         nodes = list(graph)  # one walk of the linked node list, two passes over the copy
@@ -534,11 +538,17 @@ class InferredShapes:
         self._had: dict[int, tuple[ir.Value, ir.Shape]] = {
             id(v): (v, v.shape) for v in everything if v.shape is not None
         }
-        consts = ConstantResolver(opset, model.ir_version)
-        outputs = _fold_reads(nodes, consts) if for_fold else everything
+        own = consts is None
+        if consts is None:
+            consts = ConstantResolver(opset, model.ir_version)
+        if for_fold:
+            outputs, self.inert = _fold_reads(nodes, consts)
+        else:
+            outputs = everything
         missing = [v for v in outputs if v.shape is None and v.name]
         if not missing:
-            consts.close()
+            if own:
+                consts.close()
             return
         try:
             result: onnx.GraphProto | None = None
@@ -564,7 +574,10 @@ class InferredShapes:
                     v.shape = shape
                     self._given.append((v, shape))
         finally:
-            consts.close()
+            if own:
+                consts.close()
+            else:  # what needed a shape may resolve now
+                consts.forget_failures()
 
     @property
     def count(self) -> int:
@@ -609,10 +622,18 @@ _SHAPE_INPUTS = {
 _LOOKED_AT = _READ_BY_FOLD | ELEMENTWISE_OPS | {"Shape"}  # the op types _fold_reads reads
 
 
-def _fold_reads(nodes: Iterable[ir.Node], consts: ConstantResolver) -> list[ir.Value]:
-    """The computed values whose shapes a fold may read, each once, in graph order: the
-    inputs and outputs of linear ops, norms, layout ops and elementwise ops with an operand
-    that may be constant, and what ``Shape`` reads (a constant can come from a shape)."""
+def _fold_reads(
+    nodes: Iterable[ir.Node], consts: ConstantResolver
+) -> tuple[list[ir.Value], dict[int, ir.Node]]:
+    """The computed values whose shapes a fold may read, each once, in graph order, and the
+    elementwise nodes no fold touches, by id.
+
+    The values: the inputs and outputs of linear ops, norms, layout ops and of the elementwise
+    ops with an operand that may be constant which a fold may touch, and what ``Shape`` reads
+    (a constant can come from a shape). An elementwise op no fold touches reaches no linear op
+    or norm through such ops and layout ops, and its constant is known and neither all ones
+    nor all zeros (``_Folder.fold_chain`` passes over a chain of them without reading a shape).
+    """
     seen: set[int] = set()
     out: list[ir.Value] = []
 
@@ -622,18 +643,74 @@ def _fold_reads(nodes: Iterable[ir.Node], consts: ConstantResolver) -> list[ir.V
                 seen.add(id(v))
                 out.append(v)
 
+    nodes = list(nodes)
+    affine = {
+        id(node)
+        for node in nodes
+        if node.op_type in ELEMENTWISE_OPS
+        and node.domain in ("", "ai.onnx")
+        and any(consts.may_be_constant(v) for v in node.inputs)
+    }
+    reaching = _reaching_linear(nodes, affine)
+    inert: dict[int, ir.Node] = {}
     for node in nodes:
         op = node.op_type
         if op not in _LOOKED_AT or node.domain not in ("", "ai.onnx"):
             continue
-        if op in _READ_BY_FOLD or (
-            op in ELEMENTWISE_OPS and any(consts.may_be_constant(v) for v in node.inputs)
+        if (
+            id(node) in affine
+            and id(node) not in reaching
+            and not _may_change_nothing(node, consts)
         ):
+            inert[id(node)] = node
+        elif op in _READ_BY_FOLD or id(node) in affine:
             add(node.inputs)
             add(node.outputs)
         elif op == "Shape" and node.inputs:
             add(node.inputs[:1])
-    return out
+    return out, inert
+
+
+def _reaching_linear(nodes: list[ir.Node], affine: set[int]) -> set[int]:
+    """The ``affine`` nodes (elementwise with an operand that may be constant) connected to a
+    linear op or a norm through affine nodes and layout ops, in either direction: the only
+    ones a fold can report (``_Folder._reportable`` looks no further), found component by
+    component in one pass."""
+    component: dict[int, int] = {}
+    touches: list[bool] = []
+    for start in nodes:
+        if id(start) not in affine or id(start) in component:
+            continue
+        index = len(touches)
+        touches.append(False)
+        component[id(start)] = index
+        todo = [start]
+        while todo:
+            node = todo.pop()
+            around = [v.producer() for v in node.inputs if v is not None]
+            around += [u for v in node.outputs for u in v.consumers()]
+            for other in around:
+                if other is None or id(other) in component:
+                    continue
+                op = other.op_type
+                if op in LINEAR_OPS or op in NORM_OPS:
+                    touches[index] = True
+                elif id(other) in affine or op in LAYOUT_OPS:
+                    component[id(other)] = index
+                    todo.append(other)
+    return {key for key, index in component.items() if touches[index] and key in affine}
+
+
+def _may_change_nothing(node: ir.Node, consts: ConstantResolver) -> bool:
+    """Whether a constant operand of ``node`` is all ones or all zeros, or not known without
+    shapes: a fold may remove such a node, and whether that keeps the shape needs shapes."""
+    for v in node.inputs:
+        if v is None or not consts.may_be_constant(v):
+            continue
+        c = consts.try_resolve(v)
+        if c is None or c.size == 0 or bool(np.all(c == 1)) or bool(np.all(c == 0)):
+            return True
+    return False
 
 
 def _light_copy(model: ir.Model, source: onnx.ModelProto) -> onnx.ModelProto | None:

@@ -35,6 +35,7 @@ __all__ = [
     "LAZY_MIN_BYTES",
     "SELF_BACKED_KEY",
     "TWO_GIB",
+    "VALUE_INFO_KEY",
     "check_model_prefix",
     "default_mode",
     "light_proto",
@@ -42,6 +43,8 @@ __all__ = [
     "load_self_backed",
     "root_cause",
     "short_error",
+    "value_info_as_read",
+    "value_info_names",
     "write_streaming",
 ]
 
@@ -53,6 +56,18 @@ TWO_GIB = 2**31
 
 #: In-memory flag on tensors (``tensor.meta``) that are views into the model file itself.
 SELF_BACKED_KEY = "normfuse.self_backed"
+
+
+#: In-memory record (``ir.Model.meta``, never serialized): the names the main graph of the file
+#: read gave a ``value_info`` entry. :func:`write_streaming` writes one for an initializer only
+#: when the file had it (onnx_ir writes one for every initializer: on a graph of 100k small
+#: initializers that made the output a quarter larger than the input, with nothing new in it).
+VALUE_INFO_KEY = "normfuse.value_info_names"
+
+
+def value_info_names(proto: onnx.ModelProto) -> frozenset[str]:
+    """The names of the main graph's ``value_info`` entries (see :data:`VALUE_INFO_KEY`)."""
+    return frozenset(info.name for info in proto.graph.value_info)
 
 
 #: Initializers at least this large are read lazily from the model file by ``load(lazy=True)``.
@@ -577,6 +592,48 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
     return None
 
 
+@contextlib.contextmanager
+def value_info_as_read(model: ir.Model) -> Iterator[None]:
+    """Inside the block, onnx_ir serializes the main graph's initializers with a ``value_info``
+    entry only where the model read had one (:data:`VALUE_INFO_KEY`; a model without that
+    record is left as it is): the others that are not graph inputs and carry no doc string or
+    metadata (their type and shape are their tensor's) have type and shape taken off for the
+    block, and given back after it, also on an error."""
+    had = model.meta.get(VALUE_INFO_KEY)
+    untyped = [
+        (v, v.type, v.shape)
+        for v in (model.graph.initializers.values() if had is not None else ())
+        if v.name not in had
+        and not v.is_graph_input()
+        and not v.doc_string
+        and not v.metadata_props
+        and (v.type is not None or v.shape is not None)
+    ]
+    try:
+        for v, _, _ in untyped:
+            v.type = None
+            v.shape = None
+        yield
+    finally:
+        for v, type_, shape in untyped:
+            v.type = type_
+            v.shape = shape
+
+
+def _as_read(name: str, tensor: Any, limit: int | None) -> bytes | None:
+    """The TensorProto a small tensor was read from, as it was (the same bytes the fields would
+    be written as, without decoding them), when it still has its name and raw bytes below
+    ``limit`` (those at or above go to the data file); ``None`` otherwise."""
+    if type(tensor) is not ir.serde.TensorProtoTensor:
+        return None
+    proto = tensor.raw
+    if proto.name != name or not proto.HasField("raw_data"):
+        return None
+    if limit is not None and len(proto.raw_data) >= limit:
+        return None
+    return proto.SerializeToString()
+
+
 def _write_data(piece: _Data, out: Any, sources: OpenFiles, ahead: _Ahead) -> None:
     if isinstance(piece, _FileRange):
         _copy_range(piece, out, sources)
@@ -653,7 +710,8 @@ def write_streaming(
     try:
         for v in values:
             v.const_value = None
-        proto = ir.serde.serialize_model(model)
+        with value_info_as_read(model):
+            proto = ir.serde.serialize_model(model)
     except ir.serde.SerdeError as exc:
         root = root_cause(exc)
         what = (
@@ -679,15 +737,22 @@ def write_streaming(
     data_tmp: Path | None = None
     offset = 0
     sources = OpenFiles()
-    parted = [_tensor_parts(v.name or "", t) for v, t in zip(values, tensors, strict=True)]
+    limit = size_threshold if names else None
+    kept = [_as_read(v.name or "", t, limit) for v, t in zip(values, tensors, strict=True)]
+    parted = [
+        _tensor_parts(v.name or "", t) if k is None else None
+        for v, t, k in zip(values, tensors, kept, strict=True)
+    ]
     ahead = _Ahead([p[1] for p in parted if p is not None and isinstance(p[1], _Deferred)])
     try:
-        for v, t, parts in zip(values, tensors, parted, strict=True):
+        for v, t, parts, as_read in zip(values, tensors, parted, kept, strict=True):
             name = v.name or ""
             assert t is not None  # only initializers with values were collected
-            if parts is None:
+            if as_read is not None:
+                pieces: list[_Data] = [as_read]
+            elif parts is None:
                 t.name = name
-                pieces: list[_Data] = [ir.serde.serialize_tensor(t).SerializeToString()]
+                pieces = [ir.serde.serialize_tensor(t).SerializeToString()]
             else:
                 header, data = parts
                 size = _nbytes(data)
