@@ -641,3 +641,47 @@ def test_a_norm_after_a_shared_conv_folds_into_the_conv_after_it(form):
     run = folded.module() if form == "exported" else folded
     with torch.no_grad():
         assert max_rel(run(x), ref) < 1e-5
+
+
+class _DoubleBNLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.b1, self.b2, self.l2 = (
+            nn.Linear(8, 8),
+            nn.BatchNorm1d(8),
+            nn.BatchNorm1d(8),
+            nn.Linear(8, 4),
+        )
+
+    def forward(self, x):
+        return self.l2(self.b2(self.b1(self.l1(x))))
+
+
+def _double_bn_conv():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+    )
+
+
+@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
+@pytest.mark.parametrize("build", [_DoubleBNLinear, _double_bn_conv], ids=["linear", "conv"])
+def test_two_norms_between_two_linear_ops_fold_one_each_way(form, build):
+    """The first BN folds after into the op before it, the second before into the op after it
+    (which then reads the first op's output): it crashed with 'used before it has been
+    defined' on all three paths."""
+    model = randomize(build()).eval()
+    x = _x((4, 8) if build is _DoubleBNLinear else (2, 3, 8, 8))
+    with torch.no_grad():
+        ref = model(x)
+    given = {
+        "module": lambda: model,
+        "graphmodule": lambda: fx.symbolic_trace(model),
+        "exported": lambda: torch.export.export(model, (x,)),
+    }[form]()
+    folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
+    assert sorted(e.direction for e in report.applied) == ["after", "before"]
+    assert not report.skipped
+    run = folded.module() if form == "exported" else folded
+    with torch.no_grad():
+        assert max_rel(run(x), ref) < 1e-5
+    assert count_bn(run) == 0

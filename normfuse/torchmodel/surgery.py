@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -218,6 +219,10 @@ def fold_graph(
     return list(entries.values()), folded_modules
 
 
+#: Per graph: the folded norm nodes whose uses went to their input, and that input.
+_REPLACED: weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, fx.Node]] = weakref.WeakKeyDictionary()
+
+
 def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
     """Take the folded norm out of the graph; a norm whose forward runs its own modules after
     the norm (BatchNormAct2d: drop, act) leaves those, called where it was."""
@@ -227,15 +232,24 @@ def detach_norm(gm: fx.GraphModule, pair: Pair) -> None:
         gm.add_submodule(target, tail_module(norm.tail))
         norm.node.target = target  # the old module is dropped or replaced by its caller
         return
+    # the input as it is now: a norm folded before this one may have been its input (Linear ->
+    # BN -> BN -> Linear: the first folds after into the first Linear, the second before into
+    # the next one, and reads the first Linear's output now)
+    redirects = _REPLACED.setdefault(gm.graph, {})
+    source = norm.input
+    while source in redirects:
+        source = redirects[source]
     if pair.direction == "after":  # its input: the op's output, or a view of it
-        norm.node.replace_all_uses_with(norm.input)
+        norm.node.replace_all_uses_with(source)
+        redirects[norm.node] = source
     elif lin.node.args and lin.node.args[0] is norm.node:
-        lin.node.replace_input_with(norm.node, norm.input)
+        lin.node.replace_input_with(norm.node, source)
         for user in list(norm.node.users):  # x.shape, x.dtype: the norm's input has the same
             if is_meta(user):
-                user.replace_input_with(norm.node, norm.input)
+                user.replace_input_with(norm.node, source)
     else:  # through eval-mode dropout ops, the norm's only data use
-        norm.node.replace_all_uses_with(norm.input)
+        norm.node.replace_all_uses_with(source)
+        redirects[norm.node] = source
     for n in norm.erase:
         if not n.users:
             gm.graph.erase_node(n)
