@@ -625,17 +625,20 @@ class _SharedStem(nn.Module):
         return self.pool(y) + self.pw(self.bn(y))
 
 
+def _as_form(form: str, model: nn.Module, x: torch.Tensor):
+    """``model`` as given to fold on one of the three PyTorch paths."""
+    if form == "graphmodule":
+        return fx.symbolic_trace(model)
+    return torch.export.export(model, (x,)) if form == "exported" else model
+
+
 @pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
 def test_a_norm_after_a_shared_conv_folds_into_the_conv_after_it(form):
     model = randomize(_SharedStem()).eval()
     x = _x(IMAGE)
     with torch.no_grad():
         ref = model(x)
-    given = {
-        "module": lambda: model,
-        "graphmodule": lambda: fx.symbolic_trace(model),
-        "exported": lambda: torch.export.export(model, (x,)),
-    }[form]()
+    given = _as_form(form, model, x)
     folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
     assert [e.direction for e in report.applied] == ["before"] and not report.skipped
     run = folded.module() if form == "exported" else folded
@@ -673,11 +676,7 @@ def test_two_norms_between_two_linear_ops_fold_one_each_way(form, build):
     x = _x((4, 8) if build is _DoubleBNLinear else (2, 3, 8, 8))
     with torch.no_grad():
         ref = model(x)
-    given = {
-        "module": lambda: model,
-        "graphmodule": lambda: fx.symbolic_trace(model),
-        "exported": lambda: torch.export.export(model, (x,)),
-    }[form]()
+    given = _as_form(form, model, x)
     folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
     assert sorted(e.direction for e in report.applied) == ["after", "before"]
     assert not report.skipped
