@@ -288,12 +288,9 @@ def _is_torch(model: object) -> bool:
 
 def _infer_shapes(model: ir.Model) -> None:
     """Fill in value shapes (ranks are needed to write per-channel constants)."""
-    from onnx_ir.passes.common import ShapeInferencePass
+    from normfuse.onnxgraph.paths import infer_types
 
-    try:
-        ShapeInferencePass()(model)
-    except Exception as exc:
-        logger.info("shape inference failed: %s", exc)
+    infer_types(model)
 
 
 def apply_rewrite(

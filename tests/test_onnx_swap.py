@@ -503,3 +503,63 @@ def test_recalibrate_reaches_batchnorm_inside_a_loop_body(rng):
     p = _params(new)
     np.testing.assert_allclose(p["bn_mean"], flat.mean(1), rtol=1e-4)  # 3 iterations, same data
     np.testing.assert_allclose(p["bn_var"], flat.var(1), rtol=1e-4)
+
+
+def _sequence_model(rng) -> onnx.ModelProto:
+    """Conv -> SplitToSequence (torch.chunk in dynamo exports) -> BN on one half + the other."""
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("SplitToSequence", ["c", "halves"], ["seq"], axis=1, name="chunk"),
+        helper.make_node("SequenceAt", ["seq", "zero"], ["a"], name="first"),
+        helper.make_node("SequenceAt", ["seq", "one"], ["b"], name="second"),
+        bn_node("a", "n"),
+        helper.make_node("Relu", ["n"], ["r"]),
+        helper.make_node("Add", ["r", "b"], ["y"]),
+    ]
+    inits = [
+        tensor("W", normal(rng, [16, 3, 3, 3])),
+        tensor("halves", np.array([8, 8], np.int64)),
+        tensor("zero", np.array(0, np.int64)),
+        tensor("one", np.array(1, np.int64)),
+        *bn_params(rng, 8),
+    ]
+    return make_model(nodes, [("x", TP.FLOAT, [2, 3, 6, 6])], [("y", TP.FLOAT, None)], inits)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["swap", "--to", "frozen"], ["swap", "--to", "groupnorm"], ["insert"]],
+    ids=["swap-frozen", "swap-groupnorm", "insert"],
+)
+def test_a_sequence_value_keeps_its_type_through_every_rewrite(rng, tmp_path, args):
+    """onnx_ir's shape inference gave SplitToSequence's output the tensor type of its elements,
+    which onnxruntime refuses: swap, insert and raise (the same inference) failed their own check on every dynamo
+    export with torch.chunk (YOLOv8's C2f, diffusers' VAE, Phi3), and wrote that model with
+    --no-check."""
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    model = _sequence_model(rng)
+    onnx.save(model, src)
+    done = CliRunner().invoke(cli, [args[0], str(src), "-o", str(out), *args[1:]])
+    assert done.exit_code == 0, done.output  # its check ran on onnxruntime
+    written = onnx.load(out)
+    assert [v.name for v in written.graph.value_info if v.type.HasField("tensor_type")].count(
+        "seq"
+    ) == 0
+    x = {"x": normal(rng, [2, 3, 6, 6])}
+    got = run(written, x)[0]  # loads and runs
+    if args[-1] in ("frozen", "insert"):  # the same function in inference
+        assert _rel(got, run(model, x)[0]) <= 1e-5
+
+
+def test_a_rewritten_model_onnxruntime_refuses_is_called_a_defect_not_the_inputs():
+    from normfuse.runtime.sessions import _load_error
+
+    exc = RuntimeError(
+        "[ONNXRuntimeError] : 1 : FAIL : Load model failed:Type Error: Type (tensor(float)) "
+        "of output arg (seq) of node (chunk) does not match expected type (seq(tensor(float)))."
+    )
+    ours = _load_error(exc, "the rewritten")
+    assert "normfuse defect" in ours.note and "fix the model" not in ours.note
+    assert not str(ours).endswith(".")  # the CLI adds one: no '..'
+    theirs = _load_error(exc, "the second")  # `normfuse check a.onnx b.onnx`: the user's
+    assert "fix the model" in theirs.note and "to fold" not in theirs.note

@@ -25,6 +25,7 @@ Imports: onnx, onnx_ir, numpy, :mod:`normfuse.onnxgraph.const` and :mod:`normfus
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -51,6 +52,7 @@ __all__ = [
     "InferredShapes",
     "Step",
     "dims_of",
+    "infer_types",
     "shape_elements",
     "walk_back",
     "walk_forward",
@@ -507,6 +509,64 @@ def walk_forward(value: ir.Value, consts: ConstantResolver) -> tuple[AxisPath | 
 
 
 # ---------------------------------------------------------------------------- shape inference
+def infer_types(model: ir.Model) -> None:
+    """onnx_ir's shape inference pass on ``model``, without its mistake on values that are not
+    tensors: it gives a sequence (SplitToSequence: ``torch.chunk`` in dynamo exports) the
+    tensor type of its elements, which onnxruntime refuses to load. Values an op's schema
+    may make a sequence, optional or map keep the type and shape they had."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    graphs = list(model.graphs())
+    before = [
+        (v, v.type, v.shape)
+        for g in graphs
+        for v in [*g.inputs, *(o for n in g for o in n.outputs)]
+        if v is not None
+    ]
+    try:
+        ShapeInferencePass()(model)
+    except Exception as exc:  # inference is a help, never a requirement
+        logger.info("shape inference failed: %s", exc)
+        return
+    opsets = model.opset_imports
+    for v, type_, shape in before:
+        if v.type is type_ and v.shape is shape:
+            continue
+        if (type_ is not None and not isinstance(type_, ir.TensorType)) or _maybe_not_tensor(
+            v, opsets
+        ):
+            v.type, v.shape = type_, shape
+
+
+def _maybe_not_tensor(value: ir.Value, opsets: dict[str, int]) -> bool:
+    """Whether the op producing ``value`` may make it a sequence, optional or map (by its
+    schema; an op without one counts as may)."""
+    node = value.producer()
+    if node is None:
+        return False
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return _output_may_not_be_tensor(
+        node.op_type, domain, opsets.get(domain, opsets.get("ai.onnx", 1)), value.index() or 0
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _output_may_not_be_tensor(op: str, domain: str, opset: int, index: int) -> bool:
+    try:
+        schema = onnx.defs.get_schema(op, opset, domain)
+    except onnx.defs.SchemaError:
+        return True
+    outputs = schema.outputs
+    if not outputs:
+        return True
+    formal = outputs[min(index, len(outputs) - 1)]
+    allowed = [formal.type_str]
+    for constraint in schema.type_constraints:
+        if constraint.type_param_str == formal.type_str:
+            allowed = list(constraint.allowed_type_strs)
+    return any(not t.startswith("tensor(") for t in allowed)
+
+
 class InferredShapes:
     """Shapes from onnx's shape inference (strict off) for the main graph's values that have
     none, set for the length of a fold and taken back by :meth:`restore`.

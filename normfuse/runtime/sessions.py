@@ -221,15 +221,21 @@ def _load_error(exc: BaseException, which: str) -> InputError:
             "bfloat16 lack many on the CPU): the model may well be valid; pass --no-check to "
             "rewrite it without the parity check, or check on a provider that has the kernel"
         )
+    elif which.endswith("rewritten"):  # the original loaded: normfuse wrote what it refuses
+        fix = (
+            "the original model loads, so this is a normfuse defect, not a fault of the model: "
+            "nothing was written; rerun with --debug and report it"
+        )
     else:
-        fix = "fix the model, or pass --no-check to fold without the parity check"
+        fix = "fix the model, or pass --no-check to rewrite it without the parity check"
     return InputError(f"onnxruntime cannot load {which} model: {first_line(exc)}", fix)
 
 
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
-    return text.splitlines()[0][:300] if text else type(exc).__name__
+    line = text.splitlines()[0][:300].rstrip(".") if text else ""
+    return line or type(exc).__name__
 
 
 def check_feeds(session: Any, feeds: dict[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
