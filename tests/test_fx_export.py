@@ -187,3 +187,47 @@ def test_export_of_an_nn_module_with_a_custom_bn_subclass(tmp_path):
     model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), MyBN(4), nn.ReLU()))
     report = normfuse.export(model, torch.randn(2, 3, 8, 8), tmp_path / "m.onnx")
     assert report.after.batchnorm_nodes == 0 and report.parity.passed
+
+
+def test_export_gives_back_the_attributes_tracing_set():
+    """Tracing runs forward on the caller's modules: what it caches on ``self`` is put back
+    (added attributes removed, replaced ones restored; parameters and buffers untouched)."""
+    from normfuse.torchmodel.export import _attributes_kept
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    head = model[1]
+    head.shape = None
+    weight, mean = model[0].weight, head.running_mean
+    with _attributes_kept(model):
+        head.anchors = torch.empty(2, 5)  # set by forward
+        head.shape = (1, 4, 8, 8)
+        model[0].weight = nn.Parameter(torch.zeros(4, 3, 1, 1))  # a parameter: not an attribute
+    assert not hasattr(head, "anchors") and head.shape is None
+    assert model[0].weight is not weight  # parameters are the model's own business
+    assert head.running_mean is mean
+
+
+def test_export_of_ultralytics_yolo_keeps_the_model_usable(tmp_path):
+    """ultralytics' Detect head caches anchors in forward; tracing left fake tensors there:
+    the check failed with a raw torch error and the caller's model no longer ran."""
+    pytest.importorskip("ultralytics")
+    from ultralytics.nn.tasks import DetectionModel
+
+    class Head(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            out = self.m(x)
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+    detector = DetectionModel("yolov8n.yaml", verbose=False).eval()
+    detector.model[-1].export, detector.model[-1].format = True, "onnx"
+    model = randomize(Head(detector)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    report = normfuse.export(model, (x,), tmp_path / "y.onnx")
+    assert report.parity is not None and report.parity.passed
+    assert report.after.batchnorm_nodes == 0 and len(report.applied) == count_bn(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(x)).all()

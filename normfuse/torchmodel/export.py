@@ -59,6 +59,34 @@ def _reference(model: Any) -> nn.Module:
 
 
 @contextlib.contextmanager
+def _attributes_kept(model: Any) -> Iterator[None]:
+    """Give every submodule of ``model`` back the attributes it had before the block.
+
+    Tracing runs ``forward`` on the caller's own modules with fake tensors: a forward that
+    caches something on ``self`` (ultralytics' Detect head: ``self.anchors``, ``self.strides``,
+    ``self.shape``) is left holding fake tensors, and the model no longer runs (nor could the
+    check compare against it). Attributes the block set or replaced are put back or removed;
+    parameters, buffers and submodules live in containers whose contents are not touched."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    before = [(m, dict(vars(m))) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, attrs in before:
+            now = vars(module)
+            for key in [k for k in now if k not in attrs]:
+                del now[key]
+            for key, value in attrs.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """The exporters print progress to stdout, warnings and log lines; keep a library quiet."""
     torch_onnx_log = logging.getLogger("torch.onnx")
@@ -171,9 +199,10 @@ def export(
         if isinstance(model, nn.Module)
         else sum(1 for n in model.graph.nodes if "batch_norm" in str(n.target))
     )
-    onnx_model, how = _export_onnx(
-        model, args, kwargs, dynamo=dynamo, opset=opset, dynamic_shapes=dynamic_shapes
-    )
+    with _attributes_kept(model):
+        onnx_model, how = _export_onnx(
+            model, args, kwargs, dynamo=dynamo, opset=opset, dynamic_shapes=dynamic_shapes
+        )
     report.timings["export"] = time.perf_counter() - t0
     written = model_stats(onnx_model).batchnorm_nodes
     report.notes.append(
