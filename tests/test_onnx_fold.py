@@ -989,3 +989,19 @@ def test_identity_affine_that_broadcasts_stays(rng):
     folded, report = normfuse.fold(model, check=False)
     assert op_types(folded) == ["Add", "MatMul"]
     assert not report.applied
+
+
+def test_a_conv_bias_of_the_wrong_shape_is_a_refusal_not_a_crash(rng):
+    """The dynamo exporter writes Conv3d(bias=False)'s bias as Expand(0, [C, 2]): a (6, 2)
+    tensor (onnxruntime refuses the node). It was "unexpected ValueError ... report it"."""
+    inits = [
+        tensor("W", normal(rng, [6, 4, 3, 3, 3])),
+        tensor("B", np.zeros((6, 2), np.float32)),
+        *bn_params(rng, 6),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], name="conv"), bn_node("c", "y")]
+    model = make_model(nodes, [("x", F, [1, 4, 5, 5, 5])], [("y", F, [1, 6, 3, 3, 3])], inits)
+    folded, report = normfuse.fold(model, check=False)
+    (entry,) = report.skipped
+    assert "bias of shape [6, 2]" in entry.reason and "1-D bias of 6 values" in entry.reason
+    assert op_types(folded) == ["Conv", "BatchNormalization"]

@@ -111,6 +111,11 @@ class LinearReader:
         transpose = node.op_type == "ConvTranspose"
         kind: algebra.LinearKind = "conv_transpose" if transpose else "conv"
         lin = LinearWeights(kind, w, b, groups)
+        if b is not None and (b.ndim != 1 or b.shape[0] != lin.out_channels):
+            raise Refused(  # the dynamo exporter's Conv3d(bias=False): Expand(0, [C, 2])
+                f"{label_of(node)} has a bias of shape {list(b.shape)}; ONNX allows only a "
+                f"1-D bias of {lin.out_channels} values (onnxruntime refuses this node too)"
+            )
         spatial = w.ndim - 2
         pads = ints_attr(node, "pads", [0] * 2 * spatial)
         auto_pad = get_attr(node, "auto_pad", "NOTSET")
