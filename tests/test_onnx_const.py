@@ -65,6 +65,35 @@ CASES = {
     "int_div": (13, [("Div", ["i", "three"], {})], {"i": I64(7, -7, 9), "three": I64(3)}),
     "expand": (13, [("Expand", ["a", "shape"], {})], {"shape": I64(2, 2, 3, 4)}),
     "shape_slice": (15, [("Shape", ["a"], {"start": 1, "end": 3})], {}),
+    "range": (
+        13,
+        [("Range", ["r0", "r1", "r2"], {})],
+        {"r0": I64(0)[0], "r1": I64(4)[0], "r2": I64(1)[0]},
+    ),
+    "range_step": (
+        13,
+        [("Range", ["r0", "r1", "r2"], {})],
+        {"r0": I64(5)[0], "r1": I64(-2)[0], "r2": I64(-3)[0]},
+    ),
+    "range_float": (
+        13,
+        [("Range", ["r0", "r1", "r2"], {})],
+        {
+            "r0": np.array(0.5, np.float32),
+            "r1": np.array(2.3, np.float32),
+            "r2": np.array(0.4, np.float32),
+        },
+    ),
+    "range_empty": (
+        13,
+        [("Range", ["r0", "r1", "r2"], {})],
+        {"r0": I64(3)[0], "r1": I64(1)[0], "r2": I64(1)[0]},
+    ),
+    "range_unsqueeze": (  # the dynamo exporter's GroupNorm affine: Unsqueeze(g, Range(1, 2, 1))
+        13,
+        [("Range", ["r0", "r1", "r0"], {}), ("Unsqueeze", ["a", "t0"], {})],
+        {"r0": I64(1)[0], "r1": I64(2)[0]},
+    ),
 }
 
 
@@ -138,3 +167,12 @@ def test_constant_node_attribute_forms():
     got = [r.resolve(v) for v in m.graph.outputs]
     assert got[0] == np.float32(1.5) and got[1].tolist() == [1.0, 2.0]
     assert got[2] == 3 and got[3].tolist() == [4, 5]
+
+
+@pytest.mark.parametrize(("delta", "limit"), [(0, 5), (1, 1 << 40)], ids=["delta-zero", "too-many"])
+def test_a_range_that_cannot_be_a_constant_is_not_one(delta, limit):
+    inits = [tensor("s", I64(0)[0]), tensor("l", I64(limit)[0]), tensor("d", I64(delta)[0])]
+    model = _graph(13, [("Range", ["s", "l", "d"], {})], {})
+    model.graph.initializer.extend(inits)
+    with pytest.raises(NotConstant, match="Range"):
+        ConstantResolver(13).resolve(ir.from_proto(model).graph.outputs[0])

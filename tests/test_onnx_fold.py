@@ -1005,3 +1005,43 @@ def test_a_conv_bias_of_the_wrong_shape_is_a_refusal_not_a_crash(rng):
     (entry,) = report.skipped
     assert "bias of shape [6, 2]" in entry.reason and "1-D bias of 6 values" in entry.reason
     assert op_types(folded) == ["Conv", "BatchNormalization"]
+
+
+def test_the_dynamo_exporters_groupnorm_affine_folds(rng):
+    """torch's dynamo exporter writes GroupNorm's gamma/beta on (B, C, L) as
+    ``Mul(x, CastLike(Unsqueeze(gamma, Range(1, rank - 1, 1)), x))`` then
+    ``Add(m, CastLike(Unsqueeze(beta, ...), m))``: with Range evaluated, the element type of
+    a value without value_info found, and the Add's CastLike reading the removed Mul's output
+    pointed elsewhere, both fold into the MatMul after the Transpose (they had no entry)."""
+    c, length = 16, 8
+    inits = [
+        tensor("gamma", rng.uniform(0.5, 2.0, c).astype(np.float32)),
+        tensor("beta", normal(rng, [c])),
+        tensor("shape", np.array([2, c, length], np.int64)),
+        tensor("one", np.array(1, np.int64)),
+        tensor("rank", np.array(3, np.int64)),
+        tensor("W", normal(rng, [c, 5])),
+        tensor("bias", normal(rng, [5])),
+    ]
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["v"]),  # no value_info: dtype unknown
+        helper.make_node("Sub", ["rank", "one"], ["last"]),
+        helper.make_node("Range", ["one", "last", "one"], ["axes"]),
+        helper.make_node("Unsqueeze", ["gamma", "axes"], ["g"]),
+        helper.make_node("Unsqueeze", ["beta", "axes"], ["b"]),
+        helper.make_node("CastLike", ["g", "v"], ["gc"]),
+        helper.make_node("Mul", ["v", "gc"], ["m"], name="gamma_mul"),
+        helper.make_node("CastLike", ["b", "m"], ["bc"]),
+        helper.make_node("Add", ["m", "bc"], ["a"], name="beta_add"),
+        helper.make_node("Transpose", ["a"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "W"], ["mm"], name="proj"),
+        helper.make_node("Add", ["mm", "bias"], ["y"]),
+    ]
+    model = make_model(
+        nodes, [("x", F, [2, c, length])], [("y", F, [2, length, 5])], inits, opset=18
+    )
+    feeds = {"x": normal(rng, [2, c, length])}
+    folded, report = assert_folds(model, feeds, applied=2, norm_affine=True)
+    assert {e.node for e in report.applied} == {"gamma_mul", "beta_add"}
+    assert all("proj" in e.target for e in report.applied)
+    assert "Range" not in op_types(folded) and "Mul" not in op_types(folded)

@@ -376,10 +376,35 @@ class ConstantResolver:
         return [None if v is None else self.resolve(v, depth) for v in node.inputs]
 
 
+#: Ops whose output has the element type of their first input.
+_SAME_TYPE_OPS = frozenset(
+    {
+        "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand",
+        "Slice", "Gather", "Concat", "Split", "Tile", "Pad", "Dropout",
+        "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Sqrt", "Relu", "Sigmoid", "Tanh",
+        "BatchNormalization", "InstanceNormalization", "LayerNormalization",
+        "GroupNormalization", "RMSNormalization", "MaxPool", "AveragePool",
+        "GlobalAveragePool", "Conv", "ConvTranspose", "MatMul", "Gemm", "Softmax",
+    }
+)  # fmt: skip
+
+
 def _dtype_of(value: ir.Value) -> np.dtype:
-    if value.dtype is None:
+    """The element type of ``value``, also where shape inference left it unset: found through
+    the ops that keep their first input's (the dynamo exporter's ``CastLike(gamma, x)`` after
+    a Reshape)."""
+    found: ir.Value | None = value
+    for _ in range(64):
+        if found is None or found.dtype is not None:
+            break
+        node = found.producer()
+        if node is None or node.op_type not in _SAME_TYPE_OPS or node.domain not in ("", "ai.onnx"):
+            found = None
+        else:
+            found = node.inputs[0] if node.inputs else None
+    if found is None or found.dtype is None:
         raise NotConstant(f"the element type of '{value.name}' is unknown")
-    return value.dtype.numpy()
+    return found.dtype.numpy()
 
 
 def _ev_identity(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
@@ -483,6 +508,22 @@ def _ev_slice(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
     return _slice(data, get(1), get(2), get(3), get(4))
 
 
+#: Range evaluates to at most this many values (the ranges exporters write are axis lists).
+_RANGE_MAX = 1 << 16
+
+
+def _ev_range(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
+    """``Range(start, limit, delta)``: the dynamo exporter's axes (GroupNorm's affine reshaped
+    with ``Unsqueeze(gamma, Range(1, rank - 1, 1))``)."""
+    start, limit, delta = (np.asarray(a).reshape(()) for a in r._inputs(node, depth))
+    if delta == 0:
+        raise ValueError("Range with delta 0")
+    count = max(int(np.ceil((limit - start) / delta)), 0)
+    if count > _RANGE_MAX:
+        raise ValueError(f"Range of {count} values")
+    return (start + delta * np.arange(count)).astype(start.dtype)
+
+
 def _binary(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
     def ev(r: ConstantResolver, node: ir.Node, depth: int) -> np.ndarray:
         a, b = r._inputs(node, depth)
@@ -522,6 +563,7 @@ _EVALUATORS: dict[str, Callable[[ConstantResolver, ir.Node, int], np.ndarray]] =
     "ConstantOfShape": _ev_constant_of_shape,
     "Gather": _ev_gather,
     "Slice": _ev_slice,
+    "Range": _ev_range,
     "Add": _binary(np.add),
     "Sub": _binary(np.subtract),
     "Mul": _binary(np.multiply),

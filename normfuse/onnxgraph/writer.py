@@ -20,7 +20,7 @@ import onnx_ir as ir
 from normfuse.core import algebra
 from normfuse.core.errors import InputError
 from normfuse.onnxgraph.affines import Link
-from normfuse.onnxgraph.const import LARGE_BYTES, ConstantResolver, read_tensor
+from normfuse.onnxgraph.const import LARGE_BYTES, ConstantResolver, read_tensor, reads_shape_only
 from normfuse.onnxgraph.graph import Container, exclusive, node_name, take_over
 from normfuse.onnxgraph.linear import Linear, LinearReader, bias_shape
 
@@ -108,6 +108,7 @@ class GraphWriter:
         name = tail.name
         tail.replace_all_uses_with(new_out, replace_graph_outputs=True)
         removed_inputs = [v for link in links for v in link.node.inputs if v is not None]
+        _retarget_type_reads(links, new_out)
         self.container.remove([link.node for link in links], safe=True)
         tail_type, tail_shape = tail.type, tail.shape
         tail.name = None
@@ -162,6 +163,7 @@ class GraphWriter:
             use.node.replace_input_with(use.idx, source)
         if removed:
             removed_inputs = [v for link in removed for v in link.node.inputs if v is not None]
+            _retarget_type_reads(removed, source)
             self.container.remove([link.node for link in removed], safe=True)
             for v in removed_inputs:
                 self.prune(v)
@@ -335,6 +337,20 @@ def _as_tensor(data: np.ndarray | ir.LazyTensor, name: str | None) -> ir.TensorP
         data.name = name
         return data
     return ir.Tensor(data, name=name)
+
+
+def _retarget_type_reads(links: list[Link], source: ir.Value) -> None:
+    """Point what reads only the shape or element type of a removed link's output (``CastLike``'s
+    target: the dynamo exporter casts GroupNorm's beta like the output of its gamma's Mul) at
+    ``source``, which has both (:func:`normfuse.onnxgraph.graph.exclusive` lets a chain form
+    past such reads)."""
+    removed = {id(link.node) for link in links}
+    for link in links:
+        for out in link.node.outputs:
+            for use in list(out.uses()):
+                node = use.node
+                if id(node) not in removed and reads_shape_only(node, use.idx):
+                    node.replace_input_with(use.idx, source)
 
 
 def _set_float_attr(node: ir.Node, name: str, value: float) -> None:
