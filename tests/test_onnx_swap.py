@@ -563,3 +563,62 @@ def test_a_rewritten_model_onnxruntime_refuses_is_called_a_defect_not_the_inputs
     assert not str(ours).endswith(".")  # the CLI adds one: no '..'
     theirs = _load_error(exc, "the second")  # `normfuse check a.onnx b.onnx`: the user's
     assert "fix the model" in theirs.note and "to fold" not in theirs.note
+
+
+def test_lower_takes_axes_computed_from_constants_and_defaults_it_can_drop(rng):
+    """The dynamo exporter (opset 18+) writes RMSNorm's ReduceMean axes as
+    Reshape(Constant, Constant) and Resize with antialias=0, keep_aspect_ratio_policy=stretch
+    (the defaults, what Resize-13 does); a Pad-18 makes onnx's converter give up, so each node
+    is taken down by hand: both were refused."""
+    nodes = [
+        helper.make_node("Constant", [], ["ax0"], value=tensor("a", np.array([-1], np.int64))),
+        helper.make_node("Constant", [], ["flat"], value=tensor("f", np.array([-1], np.int64))),
+        helper.make_node("Reshape", ["ax0", "flat"], ["axes"]),
+        helper.make_node("Mul", ["x", "x"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Div", ["x", "rms"], ["n"]),
+        helper.make_node("Pad", ["n", "pads"], ["p"], mode="reflect"),
+        helper.make_node(
+            "Resize",
+            ["p", "", "scales"],
+            ["y"],
+            mode="nearest",
+            antialias=0,
+            keep_aspect_ratio_policy="stretch",
+        ),
+    ]
+    inits = [
+        tensor("eps", np.array(1e-6, np.float32)),
+        tensor("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)),
+        tensor("scales", np.array([1, 1, 2, 2], np.float32)),
+    ]
+    model = make_model(
+        nodes, [("x", TP.FLOAT, [1, 3, 4, 5])], [("y", TP.FLOAT, [1, 3, 12, 14])], inits, 20
+    )
+    lowered, _ = normfuse.lower_norms(model, 17)  # the default check ran
+    assert lowered.opset_import[0].version == 17
+    (reduce,) = [n for n in lowered.graph.node if n.op_type == "ReduceMean"]
+    assert list(reduce.input) == ["sq"] and helper.get_attribute_value(reduce.attribute[-1]) == [-1]
+    assert "Reshape" not in op_types(lowered)  # what computed the axes went with them
+    (resize,) = [n for n in lowered.graph.node if n.op_type == "Resize"]
+    assert {a.name for a in resize.attribute} == {"mode"}
+    onnx.checker.check_model(lowered)
+    x = {"x": normal(rng, [1, 3, 4, 5])}
+    assert _rel(run(lowered, x)[0], run(model, x)[0]) == 0.0
+
+
+def test_lower_names_the_opset_an_op_came_in():
+    model = make_model(
+        [helper.make_node("Gelu", ["x"], ["y"])],
+        [("x", TP.FLOAT, [2, 3])],
+        [("y", TP.FLOAT, [2, 3])],
+        [],
+        21,
+    )
+    with pytest.raises(normfuse.InputError, match=r"came in opset 20") as info:
+        normfuse.lower_norms(model, 17)
+    assert "choose --target-opset >= 20" in str(info.value.note)
+    lowered, _ = normfuse.lower_norms(model, 20)
+    assert lowered.opset_import[0].version == 20

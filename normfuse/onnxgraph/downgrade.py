@@ -64,6 +64,7 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
         return convert_opset(model, target), "onnx version converter"
     except InputError as exc:
         first = exc.message
+    reduce_axes = _reduce_axes(model, opset_of(model))
     proto = ir.to_proto(model)
     current = opset_of(model)
     consts = {i.name: i for i in proto.graph.initializer}
@@ -84,11 +85,23 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
                 continue
             try:
                 new = onnx.defs.get_schema(node.op_type, current, "")
-                old = onnx.defs.get_schema(node.op_type, target, "")
             except onnx.defs.SchemaError:
                 raise InputError(
-                    f"{node.op_type} does not exist at opset {target}",
-                    f"choose --target-opset >= {current}",
+                    f"{node.op_type} '{node.name}' is no operator of opset {current}",
+                    "fix the model's opset import",
+                ) from None
+            try:
+                old = onnx.defs.get_schema(node.op_type, target, "")
+            except onnx.defs.SchemaError:
+                first_version = min(
+                    v.since_version
+                    for v in onnx.defs.get_all_schemas_with_history()
+                    if v.name == node.op_type and v.domain in ("", "ai.onnx")
+                )
+                raise InputError(
+                    f"{node.op_type} does not exist at opset {target} (it came in opset "
+                    f"{first_version})",
+                    f"choose --target-opset >= {first_version}",
                 ) from None
             if new.since_version == old.since_version:
                 continue
@@ -96,14 +109,20 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
                 pass  # the older schema also takes axes as an input
             elif node.op_type in _REDUCE_OPS and len(node.input) > 1 and node.input[1]:
                 axes = consts.get(node.input[1])
-                if axes is None:
+                if axes is not None:
+                    values = onnx.numpy_helper.to_array(axes).reshape(-1).tolist()
+                elif node.input[1] in reduce_axes:  # computed from constants (the dynamo
+                    values = reduce_axes[node.input[1]]  # exporter's Reshape(Constant, [-1]))
+                else:
                     raise InputError(
                         f"{node.op_type} '{node.name}' has non-constant axes; opset {target} needs them constant"
                     )
-                values = onnx.numpy_helper.to_array(axes).reshape(-1).tolist()
                 moved.add(node.input[1])
                 del node.input[1]
                 node.attribute.append(onnx.helper.make_attribute("axes", [int(v) for v in values]))
+            for attr in [a for a in node.attribute if a.name not in old.attributes]:
+                if _is_default(attr, new):  # what the older op does anyway (Resize-19's
+                    node.attribute.remove(attr)  # antialias=0, keep_aspect_ratio_policy=stretch)
             unknown = [a.name for a in node.attribute if a.name not in old.attributes]
             if unknown or len([i for i in node.input if i]) > old.max_input:
                 raise InputError(
@@ -117,12 +136,7 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
     for imp in proto.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = target
-    still = {i for n in proto.graph.node for i in n.input}
-    for init in [i for i in proto.graph.initializer if i.name in moved and i.name not in still]:
-        proto.graph.initializer.remove(init)  # axes constants now attributes
-    for node in [n for n in proto.graph.node if n.op_type == "Constant" and n.output[0] in moved]:
-        if node.output[0] not in still:
-            proto.graph.node.remove(node)
+    _drop_unread(proto.graph, moved)
     return ir.from_proto(proto), (
         f"nodes relabelled where only types or unused attributes changed ({', '.join(sorted(changed))})"
         if changed
@@ -134,3 +148,53 @@ def _min_ir(opset: int) -> int:
     """The oldest IR version that supports ``opset`` (from onnx's version table)."""
     rows = [row for row in onnx.helper.VERSION_TABLE if row[2] >= opset]
     return min((row[1] for row in rows), default=onnx.IR_VERSION)
+
+
+def _reduce_axes(model: ir.Model, opset: int) -> dict[str, list[int]]:
+    """The Reduce ops' axes inputs that are computed from constants, by name, as integers."""
+    from normfuse.onnxgraph.const import ConstantResolver
+
+    consts = ConstantResolver(opset, model.ir_version)
+    found: dict[str, list[int]] = {}
+    try:
+        for graph in model.graphs():
+            for node in graph:
+                if node.op_type not in _REDUCE_OPS or len(node.inputs) < 2:
+                    continue
+                axes = node.inputs[1]
+                value = consts.try_resolve(axes) if axes is not None and axes.name else None
+                if value is not None and value.dtype.kind in "iu":
+                    found[axes.name] = [int(v) for v in value.reshape(-1)]  # type: ignore[index]
+    finally:
+        consts.close()
+    return found
+
+
+def _is_default(attr: onnx.AttributeProto, schema: onnx.defs.OpSchema) -> bool:
+    """Whether ``attr`` holds the default value ``schema`` gives it."""
+    formal = schema.attributes.get(attr.name)
+    if formal is None or not formal.default_value.name:
+        return False
+    given = onnx.helper.get_attribute_value(attr)
+    default = onnx.helper.get_attribute_value(formal.default_value)
+    return given == default
+
+
+def _drop_unread(graph: onnx.GraphProto, moved: set[str]) -> None:
+    """Remove what computed the axes now written as attributes, where nothing else reads it:
+    their initializers, and the nodes (Constant, or the dynamo exporter's Reshape of
+    Constants) whose outputs no node or graph output reads any more, back to the inputs."""
+    outputs = {o.name for o in graph.output} | {i.name for i in graph.input}  # IR < 4
+    todo = set(moved)
+    while todo:
+        read = {i for n in graph.node for i in n.input} | outputs
+        for sub in (a.g for n in graph.node for a in n.attribute if a.type == a.GRAPH):
+            read |= {i for n in sub.node for i in n.input}  # outer names read inside
+        unread = todo - read
+        todo = set()
+        for init in [i for i in graph.initializer if i.name in unread]:
+            graph.initializer.remove(init)
+        for node in [n for n in graph.node if n.output and set(n.output) <= unread]:
+            if not any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute):
+                graph.node.remove(node)
+                todo |= {i for i in node.input if i}
