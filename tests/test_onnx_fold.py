@@ -1045,3 +1045,40 @@ def test_the_dynamo_exporters_groupnorm_affine_folds(rng):
     assert {e.node for e in report.applied} == {"gamma_mul", "beta_add"}
     assert all("proj" in e.target for e in report.applied)
     assert "Range" not in op_types(folded) and "Mul" not in op_types(folded)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm"])
+def test_a_shape_read_beside_the_next_linear_op_does_not_stop_a_fold_before(rng, norm):
+    """HF ViT-style attention reads ``hidden_states.shape[0]`` of the LayerNorm output beside
+    the q/k/v MatMuls; a BatchNorm1d -> Linear with ``y.shape[0]`` the same. The Shape reads
+    the norm's input after the fold (the same shape); both folds were refused."""
+    c = 8
+    shape = [2, 5, c] if norm == "layernorm" else [4, c]
+    if norm == "layernorm":
+        inits = [
+            tensor("gamma", rng.uniform(0.5, 2.0, c).astype(np.float32)),
+            tensor("beta", normal(rng, [c])),
+        ]
+        first = helper.make_node(
+            "LayerNormalization", ["x", "gamma", "beta"], ["n"], axis=-1, name="norm"
+        )
+    else:
+        inits = bn_params(rng, c)
+        first = bn_node("x", "n")
+    inits += [tensor("W", normal(rng, [c, 3])), tensor("one", np.array([0], np.int64))]
+    nodes = [
+        first,
+        helper.make_node("MatMul", ["n", "W"], ["y"], name="proj"),
+        helper.make_node("Shape", ["n"], ["s"]),
+        helper.make_node("Gather", ["s", "one"], ["batch"], axis=0),
+    ]
+    model = make_model(
+        nodes,
+        [("x", F, shape)],
+        [("y", F, [*shape[:-1], 3]), ("batch", TP.INT64, [1])],
+        inits,
+    )
+    feeds = {"x": normal(rng, shape)}
+    folded, report = assert_folds(model, feeds, applied=1, norm_affine=norm == "layernorm")
+    assert report.applied[0].direction == "before" and "proj" in report.applied[0].target
+    assert run(folded, feeds)[1].tolist() == [shape[0]]

@@ -41,7 +41,7 @@ from normfuse.core.gcpause import gc_paused
 from normfuse.core.report import Entry, Report, Status
 from normfuse.onnxgraph.affines import AffineBuilder, Link
 from normfuse.onnxgraph.chains import ChainFinder
-from normfuse.onnxgraph.const import ConstantResolver, NotConstant
+from normfuse.onnxgraph.const import ConstantResolver, NotConstant, reads_shape_only
 from normfuse.onnxgraph.graph import (
     KNOWN_OPSET,
     LINEAR_OPS,
@@ -543,8 +543,8 @@ class _Folder:
         type_only: list[Any] = []  # onnx_ir Usage pairs
         for use in uses:
             consumer = use.node
-            if consumer.op_type == "CastLike" and use.idx == 1 and consumer.domain == "":
-                type_only.append(use)  # reads only the dtype, which the fold keeps
+            if reads_shape_only(consumer, use.idx):  # Shape, Size, CastLike's target: the
+                type_only.append(use)  # fold keeps both (ViT attention reads x.shape[0])
                 continue
             if consumer.graph is not links[-1].node.graph:
                 raise Refused(f"its output is used in a subgraph ({label_of(consumer)})")
@@ -579,7 +579,7 @@ class _Folder:
                 )
             targets.append((found, use.idx))
         if not targets:
-            raise Refused("its output is only used for its type (CastLike)")
+            raise Refused("its output is only read for its shape or type")
         foldeds = []
         for found, _ in targets:
             folded = algebra.absorb_before(found.weights, affine, defer=deferrable(found))

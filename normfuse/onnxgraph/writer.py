@@ -159,8 +159,9 @@ class GraphWriter:
                 node.replace_input_with(idx, source)
         if path_head is not None:
             path_head.replace_input_with(0, source)
-        for use in type_only:
-            use.node.replace_input_with(use.idx, source)
+        else:  # the chain's output goes: what read its shape or type reads the same of source
+            for use in type_only:
+                use.node.replace_input_with(use.idx, source)
         if removed:
             removed_inputs = [v for link in removed for v in link.node.inputs if v is not None]
             _retarget_type_reads(removed, source)
