@@ -129,6 +129,13 @@ def fold(
     if _is_torch(model):
         from normfuse.torchmodel.fold import fold_torch
 
+        _refuse_onnx_options(
+            model,
+            norm_affine=(norm_affine, False),
+            provider=(provider, "auto"),
+            seed=(seed, 0),
+            shapes=(shapes, None),
+        )
         return fold_torch(
             model, example_inputs=example_inputs, check=check, strict=strict, reparam=reparam
         )
@@ -278,6 +285,31 @@ def _check_in_memory(
         return check_models(ref, cand, **kwargs)
 
 
+def _refuse_onnx_options(model: object, **given: tuple[Any, Any]) -> None:
+    """Refuse the options that apply to ONNX models only, when given for a PyTorch one (they
+    were ignored without a word)."""
+    named = [name for name, (value, default) in given.items() if value != default]
+    if named:
+        raise InputError(
+            f"{', '.join(named)} {'applies' if len(named) == 1 else 'apply'} to ONNX models, not to "
+            f"a {type(model).__name__} (the PyTorch frontend folds BatchNorm and checks on the "
+            "model's own device with example_inputs)",
+            "drop the option, or export to ONNX (normfuse.export) and fold that"
+            + (" with norm_affine=True" if "norm_affine" in named else ""),
+        )
+
+
+def _refuse_exported_program(model: object, action: str) -> None:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.export.ExportedProgram):
+        raise InputError(
+            f"normfuse.{action} takes an nn.Module or a torch.fx.GraphModule, not an "
+            "ExportedProgram",
+            "pass the nn.Module it was exported from (the norms are its modules), and export "
+            "the result again",
+        )
+
+
 def _is_torch(model: object) -> bool:
     """True for torch modules and exported programs, without importing torch."""
     torch = sys.modules.get("torch")
@@ -370,6 +402,7 @@ def swap(model: Any, to: str, **options: Any) -> tuple[Any, Report]:
     if _is_torch(model):
         from normfuse.torchmodel.swap import swap as swap_torch
 
+        _refuse_exported_program(model, "swap")
         return swap_torch(model, to, **options)
     from normfuse.core import norms
     from normfuse.onnxgraph.swap import swap_model
@@ -398,6 +431,7 @@ def insert(model: Any, example_inputs: Any = None, **options: Any) -> tuple[Any,
     if _is_torch(model):
         from normfuse.torchmodel.insert import insert as insert_torch
 
+        _refuse_exported_program(model, "insert")
         return insert_torch(model, example_inputs, **options)
     from normfuse.core import norms
     from normfuse.onnxgraph.insert import insert_model
@@ -459,6 +493,7 @@ def recalibrate(model: Any, batches: Any, **options: Any) -> Any:
     if _is_torch(model):
         from normfuse.torchmodel.recalibrate import recalibrate as recalibrate_torch
 
+        _refuse_exported_program(model, "recalibrate")
         return recalibrate_torch(model, batches, **options)
     from normfuse.runtime.inputs import memory_batches, open_batches
     from normfuse.runtime.recalib_workers import DEFAULT_CACHE_MB, recalibrate_onnx

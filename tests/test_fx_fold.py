@@ -361,6 +361,7 @@ def test_low_precision_weights_are_at_least_as_close_as_torch_fusion(dtype):
     seq = randomize(nn.Sequential(conv, bn))
     with torch.no_grad():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen))
+        conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))  # not the global RNG's
         bn.running_var.mul_(0.01)  # large scales: rounding matters
     low = copy.deepcopy(seq).to(dtype)
     ref, _ = normfuse.fold(copy.deepcopy(low).double(), check=False)  # the exact fold of `low`
@@ -684,3 +685,32 @@ def test_two_norms_between_two_linear_ops_fold_one_each_way(form, build):
     with torch.no_grad():
         assert max_rel(run(x), ref) < 1e-5
     assert count_bn(run) == 0
+
+
+@pytest.mark.parametrize("action", ["swap", "insert", "recalibrate"])
+def test_an_exported_program_is_refused_where_norms_must_be_modules(action):
+    """swap/insert/recalibrate on an ExportedProgram raised a raw AttributeError."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(model, (x,))
+    call = {
+        "swap": lambda: normfuse.swap(ep, to="frozen"),
+        "insert": lambda: normfuse.insert(ep, (x,)),
+        "recalibrate": lambda: normfuse.recalibrate(ep, [x]),
+    }[action]
+    with pytest.raises(normfuse.InputError, match="not an ExportedProgram") as info:
+        call()
+    assert "the nn.Module it was exported from" in str(info.value.note)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [{"norm_affine": True}, {"provider": "cuda"}, {"seed": 5}, {"shapes": {"x": [1, 3, 8, 8]}}],
+    ids=["norm_affine", "provider", "seed", "shapes"],
+)
+def test_onnx_only_options_are_refused_for_a_pytorch_model(option):
+    """They were accepted and ignored: norm_affine=True folded no LayerNorm and said nothing."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    with pytest.raises(normfuse.InputError, match="to ONNX models") as info:
+        normfuse.fold(model, example_inputs=torch.randn(2, 8), **option)
+    assert "normfuse.export" in str(info.value.note)
