@@ -714,3 +714,21 @@ def test_onnx_only_options_are_refused_for_a_pytorch_model(option):
     with pytest.raises(normfuse.InputError, match="to ONNX models") as info:
         normfuse.fold(model, example_inputs=torch.randn(2, 8), **option)
     assert "normfuse.export" in str(info.value.note)
+
+
+@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_bn_folds_before_a_conv_that_pads_by_repeating(form, mode):
+    """torch.export writes Conv2d(padding_mode=...) as aten.pad then an unpadded conv: the BN
+    before it folded on the nn.Module path only ("feeds pad.default: no Conv/Linear")."""
+    model = randomize(
+        nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3, padding=1, padding_mode=mode))
+    ).eval()
+    x = _x((2, 8, 7, 6))
+    with torch.no_grad():
+        ref = model(x)
+    folded, report = normfuse.fold(_as_form(form, model, x), example_inputs=(x,))
+    assert [e.direction for e in report.applied] == ["before"] and not report.skipped
+    run = folded.module() if form == "exported" else folded
+    with torch.no_grad():
+        assert max_rel(run(x), ref) < 1e-5

@@ -1082,3 +1082,40 @@ def test_a_shape_read_beside_the_next_linear_op_does_not_stop_a_fold_before(rng,
     folded, report = assert_folds(model, feeds, applied=1, norm_affine=norm == "layernorm")
     assert report.applied[0].direction == "before" and "proj" in report.applied[0].target
     assert run(folded, feeds)[1].tolist() == [shape[0]]
+
+
+@pytest.mark.parametrize(
+    ("mode", "pads", "folds"),
+    [
+        ("reflect", [0, 0, 1, 2, 0, 0, 2, 1], True),
+        ("edge", [0, 0, 1, 1, 0, 0, 1, 1], True),
+        ("wrap", [0, 0, 1, 1, 0, 0, 1, 1], True),
+        ("constant", [0, 0, 1, 1, 0, 0, 1, 1], False),
+        ("reflect", [0, 1, 1, 1, 0, 1, 1, 1], False),  # pads the channel axis
+    ],
+    ids=["reflect", "edge", "wrap", "constant", "channel-padded"],
+)
+@pytest.mark.parametrize("direction", ["before", "after"])
+def test_a_pad_that_repeats_values_passes_a_fold(rng, mode, pads, folds, direction):
+    """PyTorch's reflect/replicate/circular padding exports as Pad then a Conv without pads;
+    a per-channel affine commutes with a pad that only repeats values, so BN folds through it
+    (BN -> Pad -> Conv before, Conv -> Pad -> BN after); a constant pad or a padded channel
+    axis does not pass."""
+    c = 6
+    inits = [tensor("W", normal(rng, [c, c, 3, 3])), tensor("pads", np.array(pads, np.int64))]
+    inits += bn_params(rng, c)
+    pad = helper.make_node("Pad", ["p_in", "pads"], ["p_out"], mode=mode, name="pad")
+    if direction == "before":
+        nodes = [bn_node("x", "p_in"), pad, helper.make_node("Conv", ["p_out", "W"], ["y"])]
+    else:
+        nodes = [helper.make_node("Conv", ["x", "W"], ["p_in"]), pad, bn_node("p_out", "y")]
+    model = make_model(nodes, [("x", F, [2, c, 7, 8])], [("y", F, None)], inits, opset=19)
+    feeds = {"x": normal(rng, [2, c, 7, 8])}
+    if folds:
+        folded, report = assert_folds(model, feeds, applied=1)
+        assert report.applied[0].direction == direction
+        assert "BatchNormalization" not in op_types(folded) and "Pad" in op_types(folded)
+    else:
+        _, report = normfuse.fold(model, check=False)
+        (entry,) = report.skipped
+        assert "Pad 'pad'" in entry.reason

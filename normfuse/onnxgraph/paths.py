@@ -61,8 +61,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LAYOUT_OPS = frozenset(
-    {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout"}
+    {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "Pad"}
 )
+#: Pad modes that only repeat values already there (a per-channel affine commutes with them).
+_REPEATING_PADS = frozenset({"reflect", "edge", "wrap"})
 #: Initializers above this size go to shape inference as typed inputs, without their values.
 _INFER_INLINE_BYTES = 1024
 #: Ops around which a fold reads shapes (with elementwise ops that have a constant operand).
@@ -323,6 +325,8 @@ def layout_step(node: ir.Node, consts: ConstantResolver) -> Step | str:
             if mode is None or bool(np.asarray(mode).reshape(-1)[0]):
                 return f"{label} may run in training mode (training_mode is not constant False)"
         return Step(node, in_rank, out_rank, None, "")
+    if op == "Pad":
+        return _pad_step(node, consts, in_rank, out_rank)
     if op == "Transpose":
         perm = get_attr(node, "perm", None)
         if perm is None:
@@ -387,6 +391,41 @@ def layout_step(node: ir.Node, consts: ConstantResolver) -> Step | str:
     if outs is None:
         return f"the shape of {label}'s output is unknown"
     return Step(node, len(ins), len(outs), _reshape_pairs(ins, outs), "splits or merges")
+
+
+def _pad_step(
+    node: ir.Node, consts: ConstantResolver, in_rank: int | None, out_rank: int | None
+) -> Step | str:
+    """A Pad that repeats values (reflect, edge, wrap: PyTorch's reflect/replicate/circular
+    padding) passes every axis it does not pad; a constant pad is no layout op (the padding
+    value would have to take the affine too)."""
+    label = label_of(node)
+    mode = get_attr(node, "mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in _REPEATING_PADS:
+        return f"{label} pads with a constant (mode {mode}), which a shift does not keep"
+    version = node.version or consts.opset
+    pads = (
+        [int(p) for p in get_attr(node, "pads", get_attr(node, "paddings", []))]
+        if version < 11
+        else _int_list(consts, node, "pads", 1)
+    )
+    if not pads:
+        return f"the pads of {label} are not constant"
+    axes = _int_list(consts, node, "axes", 3) if version >= 18 else []
+    if axes is None:
+        return f"the axes of {label} are not constant"
+    rank = in_rank if in_rank is not None else out_rank
+    if rank is None and (not axes or any(a < 0 for a in axes)):
+        rank = len(pads) // 2 if not axes else None
+    if rank is None:
+        return f"the rank of {label}'s input is unknown"
+    axes = [a % rank for a in axes] if axes else list(range(rank))
+    n = len(axes)
+    if len(pads) != 2 * n:
+        return f"{label} has {len(pads)} pads for {n} axes"
+    padded = {a for i, a in enumerate(axes) if pads[i] or pads[i + n]}
+    return Step(node, rank, rank, {i: i for i in range(rank) if i not in padded}, "pads")
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ __all__ = [
     "attr_reads",
     "is_cat",
     "passthrough",
+    "repeating_pad",
     "shape_of",
     "shape_only_use",
     "skip_passthrough",
@@ -169,10 +170,45 @@ def passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     return False
 
 
-def skip_passthrough(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
-    """The first node after ``node``'s chain of single-use pass-through ops, and that chain."""
+_PAD_FUNCS: set[Any] = {_aten.pad.default, torch.nn.functional.pad}
+_REPEATING_PAD_FUNCS: set[Any] = {
+    getattr(_aten, f"{kind}_pad{d}d").default
+    for kind in ("reflection", "replication")
+    for d in (1, 2, 3)
+}
+
+
+def repeating_pad(node: fx.Node) -> bool:
+    """A padding call that only repeats values (reflect, replicate, circular) and leaves the
+    batch and channel axes alone: a per-channel affine before it is the same after it
+    (``Conv2d(padding_mode="reflect")`` as torch.export writes it: ``aten.pad`` then a conv
+    without padding)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _PAD_FUNCS:
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        if mode not in ("reflect", "replicate", "circular"):
+            return False
+        pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+    elif node.target in _REPEATING_PAD_FUNCS:
+        pad = node.kwargs.get("padding", node.args[1] if len(node.args) > 1 else None)
+    else:
+        return False
+    shape = shape_of(node.args[0]) if node.args else None
+    if shape is None or not isinstance(pad, list | tuple):
+        return False
+    if not all(isinstance(p, int) for p in pad) or len(pad) % 2:
+        return False
+    return len(pad) // 2 <= len(shape) - 2  # counted from the last axis
+
+
+def skip_passthrough(
+    gm: fx.GraphModule, node: fx.Node, *, pads: bool = False
+) -> tuple[fx.Node, list[fx.Node]]:
+    """The first node after ``node``'s chain of single-use pass-through ops (and, with
+    ``pads``, padding calls that repeat values: :func:`repeating_pad`), and that chain."""
     via: list[fx.Node] = []
-    while passthrough(gm, node):
+    while passthrough(gm, node) or (pads and repeating_pad(node)):
         users = [u for u in node.users if not is_meta(u)]
         if len(users) != 1:
             break

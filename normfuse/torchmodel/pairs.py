@@ -24,6 +24,7 @@ from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
     attr_reads,
     lands_on_channels,
+    repeating_pad,
     shape_only_use,
     skip_passthrough,
     structural_reason,
@@ -571,7 +572,7 @@ def _match_before(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
     """The fold of ``norm`` into the Conv/Linear that reads it, or ``(reason, fix)``."""
     assert norm.affine is not None
     users = [u for u in users_of(norm.node) if not is_meta(u)]
-    ends = [skip_passthrough(gm, u) for u in users]
+    ends = [skip_passthrough(gm, u, pads=True) for u in users]
     found = _into_next(gm, norm, users, ends)
     if isinstance(found, Pair):
         return found  # also after a channel concat (inception_next: cat -> BN -> 1x1 conv)
@@ -619,7 +620,12 @@ def _into_next(
             pair = Pair(norm, lin, "before")
             if via:
                 pair.warnings.append(
-                    f"through {', '.join(describe_node(v) for v in via)} (its input in eval)"
+                    "through "
+                    + ", ".join(
+                        describe_node(v)
+                        + (" (repeats its values)" if repeating_pad(v) else " (its input in eval)")
+                        for v in via
+                    )
                 )
             return dense_checked(pair, norm.node)
     after = ", ".join(describe_node(u) for u in users) or "nothing"
