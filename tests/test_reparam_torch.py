@@ -542,3 +542,33 @@ def test_an_in_place_sum_merges_in_an_exported_program():
     assert convs(out) == 1 and err <= 1e-5
     assert not [n for n in out.graph.nodes if "batch_norm" in str(n.target)]
     assert [e.status for e in entries] == ["applied"] and report.parity.passed
+
+
+def test_a_merged_submodule_keeps_the_attributes_its_parent_reads():
+    """ultralytics' BaseModel reads ``m.f`` and ``m.i`` of each layer in its forward: the
+    merged GraphModule that replaced a RepC3 lacked them (AttributeError from the check)."""
+    g = gen(21)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(
+                [nn.Conv2d(3, 6, 3, padding=1), Sum(conv_bn(6, 6, 3, g), conv_bn(6, 6, 1, g))]
+            )
+            for i, m in enumerate(self.layers):
+                m.f, m.i = -1, i
+
+        def forward(self, x):
+            for m in self.layers:
+                assert m.f == -1
+                x = m(x)
+            return x
+
+    model = Net().eval()
+    x = torch.randn(1, 3, 8, 8, generator=g)
+    out, entries, err, report = merged(model, x)  # the default check ran the model
+    assert isinstance(out.layers[1], fx.GraphModule) and (out.layers[1].f, out.layers[1].i) == (
+        -1,
+        1,
+    )
+    assert err <= 1e-5 and report.parity.passed and len(entries) == 1

@@ -466,6 +466,9 @@ def _reparam_parts(
             found[e.node] = e
         if any(e.status == "applied" for e in entries):
             parent, _, leaf = name.rpartition(".")
+            for key, value in vars(sub).items():  # what code around it reads (ultralytics'
+                if not key.startswith("_") and key not in vars(gm):  # m.f, m.i in the parent)
+                    vars(gm)[key] = value
             setattr(root.get_submodule(parent) if parent else root, leaf, gm)
             replaced.append(name)
     return found, replaced
