@@ -38,6 +38,7 @@ from normfuse.core.verdict import (
 )
 from normfuse.onnxgraph import wire
 from normfuse.onnxgraph.const import SHAPE_READERS
+from normfuse.onnxgraph.paths import LAYOUT_OPS
 from normfuse.runtime.sessions import ModelSource, run_session
 
 __all__ = [
@@ -290,9 +291,7 @@ _LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum"})
 
 
 #: Ops a rewrite can leave between a linear op and the norm it absorbs (and keep the names of).
-_PASS_OPS = frozenset(
-    {"Identity", "Dropout", "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
-)
+_PASS_OPS = LAYOUT_OPS  # what a fold passes through (a Pad that repeats values too)
 _AFFINE_OPS = frozenset({"BatchNormalization", "Add", "Sub", "Mul", "Div"})
 #: Linear ops without a bias input: a norm folded into one from before leaves its shift to the
 #: bias ``Add`` that follows.
@@ -397,10 +396,11 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         ):
             changed.update(downstream(out) or [out])
     outputs = set(reference.outputs())
+    chosen = _selected(graph)
     shared = [
         v
         for v in dict.fromkeys(reference.values())
-        if v in cand_nodes and v not in outputs and v not in changed
+        if v in cand_nodes and v not in outputs and v not in changed and v not in chosen
     ]
     if len(shared) <= limit:
         return shared
@@ -411,6 +411,26 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
         rest = [v for v in shared if cand_nodes[v].op_type not in _LINEAR_OPS]
         keep = set(linear) | set(rest[:: -(-len(rest) // (limit - len(linear)))])
     return [v for v in shared if v in keep]
+
+
+#: Ops that select positions (their outputs, or TopK's indices): among near-equal values one
+#: rounding picks another one, so what depends on them is not judged by a tolerance inside the
+#: model (RT-DETR's query selection: TopK indices and the index arithmetic after them).
+_SELECTING_OPS = {"ArgMax": None, "ArgMin": None, "NonZero": None, "NonMaxSuppression": None,
+                  "Unique": None, "TopK": 1}  # fmt: skip
+
+
+def _selected(graph: onnx.GraphProto) -> set[str]:
+    """The tensors that depend on a selection (:data:`_SELECTING_OPS`), in the main graph."""
+    found: set[str] = set()
+    for n in graph.node:
+        if n.op_type in _SELECTING_OPS and n.domain in ("", "ai.onnx"):
+            index = _SELECTING_OPS[n.op_type]
+            outs = list(n.output) if index is None else list(n.output[index : index + 1])
+            found.update(o for o in outs if o)
+        elif any(i in found and not _reads_type_only(n, i) for i in n.input if i):
+            found.update(o for o in n.output if o)
+    return found
 
 
 #: Ops whose output is a random draw, not a function of their inputs.
