@@ -29,6 +29,7 @@ from normfuse.core.report import ParityResult, Report
 from normfuse.core.verdict import FOLD_TOLERANCES, judge_parity, raise_for_parity, raise_for_strict
 from normfuse.onnxgraph import io as onnx_io
 from normfuse.onnxgraph.fold import FoldOptions, fold_model, model_stats, run_fold
+from normfuse.onnxgraph.wire import to_proto
 from normfuse.runtime.parity import check_models
 
 __all__ = [
@@ -213,11 +214,26 @@ def check(
     opt_level: str = "disable",
     atol: Mapping[str, float] | float | None = None,
     rtol: Mapping[str, float] | float | None = None,
-    inputs: Sequence[Mapping[str, Any]] | None = None,
+    inputs: Sequence[Mapping[str, Any]] | str | os.PathLike | None = None,
     bisect: bool = False,
     cross_check: bool = False,
 ) -> ParityResult:
-    """Compare two models on onnxruntime; see :func:`normfuse.runtime.parity.check_models`."""
+    """Compare two models on onnxruntime; see :func:`normfuse.runtime.parity.check_models`.
+
+    ``inputs``: batches (``{input name: array}`` each), or what the command's ``--inputs``
+    takes: an ``.npz`` file (one batch) or a folder of them."""
+    if isinstance(inputs, str | os.PathLike):
+        from normfuse.runtime.inputs import load_inputs
+
+        inputs = load_inputs(inputs)
+    elif inputs is not None:
+        batches = [] if isinstance(inputs, Mapping) else list(inputs)
+        if not batches or not all(isinstance(b, Mapping) for b in batches):
+            raise InputError(
+                "inputs must be a list of batches, each a {input name: array} mapping",
+                "wrap one batch in a list ([batch]), or pass the path of an .npz file or folder",
+            )
+        inputs = batches
     with tempfile.TemporaryDirectory(prefix="normfuse-") as tmp:
         a = _as_source(reference, Path(tmp) / "reference.onnx")
         b = _as_source(candidate, Path(tmp) / "candidate.onnx")
@@ -246,7 +262,7 @@ def _reference_bytes(model: object, loaded: onnx_io.Loaded) -> bytes | None:
         return bytes(model)
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
-    return ir.to_proto(loaded.model).SerializeToString()  # the private copy, not yet folded
+    return to_proto(loaded.model).SerializeToString()  # the private copy, not yet folded
 
 
 def _as_source(model: object, spill: Path) -> str | bytes:
@@ -261,7 +277,7 @@ def _as_source(model: object, spill: Path) -> str | bytes:
     if onnx_io.reads_lazily(inner):  # tensors still in the input file: copied file to file
         onnx_io.save(inner, spill, force=True, external_data=False)
         return str(spill)
-    return ir.to_proto(inner).SerializeToString()
+    return to_proto(inner).SerializeToString()
 
 
 def _reference_source(loaded: onnx_io.Loaded, reference: bytes | None, folder: Path) -> str | bytes:

@@ -622,3 +622,49 @@ def test_lower_names_the_opset_an_op_came_in():
     assert "choose --target-opset >= 20" in str(info.value.note)
     lowered, _ = normfuse.lower_norms(model, 20)
     assert lowered.opset_import[0].version == 20
+
+
+def test_the_python_api_leaves_stderr_alone(caplog):
+    """A library call printed onnx_ir's warnings: a traceback where shape inference failed (a
+    value_info that disagrees with inference), and one line per value with an inferred shape
+    but no type (about 700 for a small diffusers UNet's raise_norms)."""
+    import logging
+
+    import onnx_ir as ir
+
+    from normfuse.onnxgraph.paths import infer_types
+    from normfuse.onnxgraph.wire import to_proto
+
+    nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TP.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TP.FLOAT, [2, 3])],
+        value_info=[helper.make_tensor_value_info("h", TP.FLOAT, [2, 3, 4])],  # wrong rank
+    )
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    with caplog.at_level(logging.DEBUG, logger="onnx_ir"):
+        infer_types(model)  # strict inference fails: the model is left as it was
+        h = model.graph.node(0).outputs[0]
+        h.type, h.shape = None, ir.Shape([2, 3])  # a shape normfuse inferred, no type
+        to_proto(model)
+    loud = [r for r in caplog.records if r.name.startswith("onnx_ir") and r.levelno >= logging.INFO]
+    assert [r.getMessage() for r in loud] == []
+
+
+def test_check_takes_the_inputs_the_command_takes(tmp_path, rng):
+    """``inputs=`` as a path (an .npz file, a folder of them) as ``--inputs`` takes; a single
+    mapping is refused in one line (it raised a raw ValueError from dict())."""
+    model = onnx.load(MODELS / "norm_block.onnx")
+    feeds = _feeds(model, rng)
+    np.savez(tmp_path / "batch.npz", **feeds)
+    (tmp_path / "many").mkdir()
+    for i in range(2):
+        np.savez(tmp_path / "many" / f"{i}.npz", **_feeds(model, rng))
+    assert normfuse.check(model, model, inputs=tmp_path / "batch.npz").passed
+    parity = normfuse.check(model, model, inputs=str(tmp_path / "many"))
+    assert parity.passed and parity.runs == 2
+    assert normfuse.check(model, model, inputs=iter([feeds])).runs == 1  # a generator too
+    with pytest.raises(normfuse.InputError, match="list of batches"):
+        normfuse.check(model, model, inputs=feeds)

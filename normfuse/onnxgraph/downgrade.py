@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from normfuse.core.errors import InputError
 from normfuse.onnxgraph.edit import opset_of
+from normfuse.onnxgraph.wire import to_proto
 
 __all__ = ["convert_opset", "downgrade_opset"]
 
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 def convert_opset(model: ir.Model, target: int) -> ir.Model:
     """The model converted to ``target`` by onnx's version converter; the IR version is kept."""
-    proto = ir.to_proto(model)
+    proto = to_proto(model)
     ir_version = proto.ir_version
     try:
         converted = onnx.version_converter.convert_version(proto, target)
@@ -65,7 +66,7 @@ def downgrade_opset(model: ir.Model, target: int) -> tuple[ir.Model, str]:
     except InputError as exc:
         first = exc.message
     reduce_axes = _reduce_axes(model, opset_of(model))
-    proto = ir.to_proto(model)
+    proto = to_proto(model)
     current = opset_of(model)
     consts = {i.name: i for i in proto.graph.initializer}
     for n in proto.graph.node:  # the version converter writes axes as Constant nodes

@@ -51,6 +51,7 @@ from normfuse.onnxgraph.wire import (
     load_self_backed,
     root_cause,
     short_error,
+    to_proto,
     value_info_as_read,
     value_info_names,
     write_streaming,
@@ -583,7 +584,7 @@ def to_kind(loaded: Loaded, model: ir.Model) -> Any:
     """Give ``model`` back in the form the caller passed in (a path gives an onnx_ir.Model)."""
     if loaded.kind == "proto":
         with value_info_as_read(model):
-            return ir.to_proto(model)
+            return to_proto(model)
     if loaded.kind == "bytes":  # written as save writes a file: no ModelProto copy between
         out = io.BytesIO()
         write_streaming(model, out)

@@ -45,6 +45,7 @@ from normfuse.onnxgraph.graph import (
     others,
     rank_of,
 )
+from normfuse.onnxgraph.wire import quiet
 
 __all__ = [
     "LAYOUT_OPS",
@@ -563,7 +564,8 @@ def infer_types(model: ir.Model) -> None:
         if v is not None
     ]
     try:
-        ShapeInferencePass()(model)
+        with quiet("onnx_ir.passes.common.shape_inference", "onnx_ir.serde"):
+            ShapeInferencePass()(model)  # it logs a traceback where inference fails
     except Exception as exc:  # inference is a help, never a requirement
         logger.info("shape inference failed: %s", exc)
         return

@@ -35,6 +35,7 @@ from normfuse.core.algebra import ChannelMoments
 from normfuse.core.report import Entry
 from normfuse.onnxgraph.edit import BN, all_names, fresh_name, model_resolver, read_batchnorm
 from normfuse.onnxgraph.graph import node_name
+from normfuse.onnxgraph.wire import to_proto
 
 __all__ = ["Executor", "Step", "StepResult", "recalibrate_batch_mode", "recalibrate_model"]
 
@@ -182,7 +183,7 @@ def _exposed_step(
     model: ir.Model, group: list[tuple[ir.Node, BN]], entries: dict[int, Entry]
 ) -> tuple[Step, dict[str, str]]:
     """The whole model with the inputs of ``group`` exposed as outputs (through If/Loop bodies)."""
-    proto = ir.to_proto(model)  # the current statistics
+    proto = to_proto(model)  # the current statistics
     names = all_names(model)
     exposed: dict[str, tuple[str, bool]] = {}
     for node, info in group:
@@ -551,7 +552,7 @@ def recalibrate_batch_mode(
         else:
             targets.append(info)
     entries = list(by_node.values())
-    proto = ir.to_proto(model)
+    proto = to_proto(model)
     names = all_names(model)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 18)
     init_types = {t.name: t.data_type for t in proto.graph.initializer}

@@ -41,8 +41,10 @@ __all__ = [
     "light_proto",
     "load_buffer_backed",
     "load_self_backed",
+    "quiet",
     "root_cause",
     "short_error",
+    "to_proto",
     "value_info_as_read",
     "value_info_names",
     "write_streaming",
@@ -593,6 +595,28 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
 
 
 @contextlib.contextmanager
+def quiet(*names: str) -> Iterator[None]:
+    """Silence the loggers ``names`` (and their children) inside the block: onnx_ir's warnings
+    about conditions normfuse handles would reach a library caller's stderr, with tracebacks."""
+    loggers = [logging.getLogger(n) for n in names]
+    was = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg, disabled in zip(loggers, was, strict=True):
+            lg.disabled = disabled
+
+
+def to_proto(model: Any) -> onnx.ModelProto:
+    """``onnx_ir.to_proto`` without its warning per value that has a shape but no type (shapes
+    normfuse infers for a rewrite are not types; onnx_ir skips them)."""
+    with quiet("onnx_ir.serde"):
+        return ir.to_proto(model)
+
+
+@contextlib.contextmanager
 def value_info_as_read(model: ir.Model) -> Iterator[None]:
     """Inside the block, onnx_ir serializes the main graph's initializers with a ``value_info``
     entry only where the model read had one (:data:`VALUE_INFO_KEY`; a model without that
@@ -704,13 +728,11 @@ def write_streaming(
     names = [external_data] if isinstance(external_data, str) else list(external_data or [])
     values = [v for v in model.graph.initializers.values() if v.const_value is not None]
     tensors = [v.const_value for v in values]
-    serde_log = logging.getLogger("onnx_ir.serde")
-    was_disabled = serde_log.disabled
-    serde_log.disabled = True  # it would warn once per detached initializer
     try:
         for v in values:
             v.const_value = None
-        with value_info_as_read(model):
+        # onnx_ir would warn once per detached initializer
+        with value_info_as_read(model), quiet("onnx_ir.serde"):
             proto = ir.serde.serialize_model(model)
     except ir.serde.SerdeError as exc:
         root = root_cause(exc)
@@ -723,7 +745,6 @@ def write_streaming(
     finally:
         for v, t in zip(values, tensors, strict=True):
             v.const_value = t
-        serde_log.disabled = was_disabled
     graph_bytes = proto.graph.SerializeToString()
     proto.ClearField("graph")
     head = proto.SerializeToString()

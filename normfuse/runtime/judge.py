@@ -58,6 +58,7 @@ from normfuse.onnxgraph.upcast import (
     rounding_perturbation,
     upcast_model,
 )
+from normfuse.onnxgraph.wire import to_proto
 from normfuse.runtime.sessions import ModelSource, make_session, run_session
 
 __all__ = [
@@ -154,7 +155,7 @@ def _serialize(model: ir.Model, folder: Path, name: str) -> ModelSource:
             for v in g.initializers.values():
                 if isinstance(v.const_value, ir.ExternalTensor):
                     v.const_value = ir.Tensor(v.const_value.numpy(), name=v.const_value.name)
-        return ir.to_proto(model).SerializeToString()
+        return to_proto(model).SerializeToString()
     path = folder / f"{name}.onnx"
     ir.save(model, path, external_data=f"{name}.onnx.data")
     return str(path)
