@@ -577,3 +577,4 @@ def test_what_depends_on_a_selection_is_not_compared_inside(tmp_path, rng):
     assert "top" in shared and "flat" in shared  # values, compared as before
     parity = check_models(src, folded, provider="cpu")
     assert parity.passed, parity.lines()
+    assert any(n.startswith("the model selects (TopK") for n in parity.notes)

@@ -54,6 +54,7 @@ __all__ = [
     "judge_against_noise",
     "measure_noise",
     "read_graph",
+    "selection_note",
 ]
 
 logger = logging.getLogger(__name__)
@@ -418,6 +419,22 @@ def inner_tensors(reference: Graph, candidate: Graph, limit: int = MAX_INNER) ->
 #: model (RT-DETR's query selection: TopK indices and the index arithmetic after them).
 _SELECTING_OPS = {"ArgMax": None, "ArgMin": None, "NonZero": None, "NonMaxSuppression": None,
                   "Unique": None, "TopK": 1}  # fmt: skip
+
+
+def selection_note(graph: onnx.GraphProto) -> str | None:
+    """What the check says of a model that selects (:data:`_SELECTING_OPS`), or ``None``."""
+    found = [n for n in graph.node if n.op_type in _SELECTING_OPS and n.domain in ("", "ai.onnx")]
+    if not found:
+        return None
+    first = f"{found[0].op_type} '{found[0].name}'" + (
+        f" and {len(found) - 1} more" if len(found) > 1 else ""
+    )
+    return (
+        f"the model selects ({first}): where values lie within rounding of a tie, a model may "
+        "pick another one, and what follows can then differ by more than any tolerance on "
+        "some inputs (also between two runs of one file on different kernels); what is "
+        "computed from a selection is judged at the outputs only"
+    )
 
 
 def _selected(graph: onnx.GraphProto) -> set[str]:

@@ -43,6 +43,7 @@ from normfuse.runtime.noise import (
     judge_against_noise,
     measure_noise,
     read_graph,
+    selection_note,
 )
 from normfuse.runtime.sessions import (
     ModelSource,
@@ -439,6 +440,9 @@ def check_by_noise(
     names = reference.outputs()
     graph = read_graph(candidate)
     shared = inner_tensors(reference, graph)
+    selects = selection_note(reference.proto.graph)
+    if selects is not None:
+        notes.append(selects)
     wanted = names + shared
     reread = graph.proto.ByteSize() > _REREAD_BYTES
     if reread:
