@@ -575,6 +575,6 @@ def test_what_depends_on_a_selection_is_not_compared_inside(tmp_path, rng):
     shared = inner_tensors(read_graph(src), read_graph(folded))
     assert "idx" not in shared and "picked" not in shared  # a selection, and what it picked
     assert "top" in shared and "flat" in shared  # values, compared as before
-    parity = check_models(src, folded, provider="cpu")
+    parity = check_models(src, folded, provider="cpu", upcast=True)  # fold's own check
     assert parity.passed, parity.lines()
-    assert any(n.startswith("the model selects (TopK") for n in parity.notes)
+    assert any(n.startswith("the model selects (TopK") for n in parity.notes), parity.notes
