@@ -29,7 +29,7 @@ from normfuse.core.report import ParityResult, Report
 from normfuse.core.verdict import FOLD_TOLERANCES, judge_parity, raise_for_parity, raise_for_strict
 from normfuse.onnxgraph import io as onnx_io
 from normfuse.onnxgraph.fold import FoldOptions, fold_model, model_stats, run_fold
-from normfuse.onnxgraph.wire import to_proto
+from normfuse.onnxgraph.protos import to_proto
 from normfuse.runtime.parity import check_models
 
 __all__ = [
@@ -336,7 +336,7 @@ def _is_torch(model: object) -> bool:
 
 def _infer_shapes(model: ir.Model) -> None:
     """Fill in value shapes (ranks are needed to write per-channel constants)."""
-    from normfuse.onnxgraph.paths import infer_types
+    from normfuse.onnxgraph.shapes import infer_types
 
     infer_types(model)
 

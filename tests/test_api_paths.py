@@ -23,7 +23,7 @@ from onnx import helper
 import normfuse
 from normfuse.core.errors import InputError
 from normfuse.onnxgraph import io as onnx_io
-from normfuse.onnxgraph import paths
+from normfuse.onnxgraph import shapes
 from normfuse.onnxgraph.const import ConstantResolver
 from tests.conftest import bn_node, bn_params, make_model, normal, run, tensor
 
@@ -142,15 +142,15 @@ def test_inference_from_the_source_proto_equals_the_serialized_graph(rng):
     del m.graph.value_info[:]
     model = ir.from_proto(m)
     consts = ConstantResolver(17, model.ir_version)
-    light = paths._light_copy(model, m)
+    light = shapes._light_copy(model, m)
     assert light is not None
-    a = paths._shapes_of(paths._infer(model, consts), None)
-    b = paths._shapes_of(paths._infer(model, consts, light), None)
+    a = shapes._shapes_of(shapes._infer(model, consts), None)
+    b = shapes._shapes_of(shapes._infer(model, consts, light), None)
     assert {k: str(v) for k, v in a.items()} == {k: str(v) for k, v in b.items()}
     assert str(b["c"]) == "[N,6,5,5]"
     # a graph that is not the one read (a node more) is serialized again
     model.graph.append(ir.node("Identity", [model.graph.outputs[0]]))
-    assert paths._light_copy(model, m) is None
+    assert shapes._light_copy(model, m) is None
 
 
 def test_may_be_constant_is_structural_and_agrees_with_resolve(rng):

@@ -430,7 +430,7 @@ def test_elementwise_nodes_no_fold_touches_are_passed_over_exactly(rng):
     (none are needed for it); a Mul by ones is still removed (whether that keeps the shape
     needs the inferred one), and a Mul reaching a Conv through a Transpose pair still folds
     (``norm_affine``: into the Conv after it)."""
-    from normfuse.onnxgraph.paths import InferredShapes
+    from normfuse.onnxgraph.shapes import InferredShapes
 
     c = 6
     inits = [

@@ -632,8 +632,8 @@ def test_the_python_api_leaves_stderr_alone(caplog):
 
     import onnx_ir as ir
 
-    from normfuse.onnxgraph.paths import infer_types
-    from normfuse.onnxgraph.wire import to_proto
+    from normfuse.onnxgraph.protos import to_proto
+    from normfuse.onnxgraph.shapes import infer_types
 
     nodes = [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Relu", ["h"], ["y"])]
     graph = helper.make_graph(

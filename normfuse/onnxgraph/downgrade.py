@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from normfuse.core.errors import InputError
 from normfuse.onnxgraph.edit import opset_of
-from normfuse.onnxgraph.wire import to_proto
+from normfuse.onnxgraph.protos import to_proto
 
 __all__ = ["convert_opset", "downgrade_opset"]
 

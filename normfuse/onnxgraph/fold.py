@@ -60,7 +60,8 @@ from normfuse.onnxgraph.graph import (
     value_names,
 )
 from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
-from normfuse.onnxgraph.paths import AxisPath, InferredShapes, walk_back, walk_forward
+from normfuse.onnxgraph.paths import AxisPath, walk_back, walk_forward
+from normfuse.onnxgraph.shapes import InferredShapes
 from normfuse.onnxgraph.writer import GraphWriter, deferrable
 
 if TYPE_CHECKING:

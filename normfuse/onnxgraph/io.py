@@ -35,25 +35,22 @@ from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.core.gcpause import gc_paused
-from normfuse.onnxgraph.graph import (
-    STANDARD_DOMAINS,
-    SUBGRAPH_OPS,
-    may_hold_subgraphs,
-    proto_nbytes,
+from normfuse.onnxgraph.graph import may_hold_subgraphs, proto_nbytes
+from normfuse.onnxgraph.protos import (
+    VALUE_INFO_KEY,
+    to_proto,
+    value_info_as_read,
+    value_info_names,
 )
 from normfuse.onnxgraph.wire import (
     SELF_BACKED_KEY,
     TWO_GIB,
-    VALUE_INFO_KEY,
     check_model_prefix,
     default_mode,
     load_buffer_backed,
     load_self_backed,
     root_cause,
     short_error,
-    to_proto,
-    value_info_as_read,
-    value_info_names,
     write_streaming,
 )
 
@@ -560,15 +557,14 @@ def _check_structure(model: ir.Model, where: str) -> None:
                     raise InputError(
                         f"{where}: input '{v.name}' of {node.op_type} '{node.name}' {what}"
                     )
-            if node.op_type in SUBGRAPH_OPS or node.domain not in STANDARD_DOMAINS:
-                for attr in node.attributes.values():  # may_hold_subgraphs(node), inline
-                    subgraphs = (
-                        [attr.value]
-                        if attr.type == ir.AttributeType.GRAPH
-                        else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
-                    )
-                    for sub in subgraphs:
-                        walk(sub, defined)
+            for attr in node.attributes.values() if may_hold_subgraphs(node) else ():
+                subgraphs = (
+                    [attr.value]
+                    if attr.type == ir.AttributeType.GRAPH
+                    else (list(attr.value) if attr.type == ir.AttributeType.GRAPHS else [])
+                )
+                for sub in subgraphs:
+                    walk(sub, defined)
             for out in node.outputs:
                 name = out.name
                 if name:

@@ -17,7 +17,6 @@ from normfuse.onnxgraph.const import ConstantResolver
 from normfuse.onnxgraph.downgrade import convert_opset
 from normfuse.onnxgraph.edit import Editor, all_names, model_resolver, np_dtype_of, opset_of
 from normfuse.onnxgraph.emit import emit_groupnorm
-from normfuse.onnxgraph.paths import InferredShapes
 from normfuse.onnxgraph.patterns import (
     Decomposed,
     channel_count,
@@ -25,6 +24,7 @@ from normfuse.onnxgraph.patterns import (
     find_decomposed,
     normalized_shape,
 )
+from normfuse.onnxgraph.shapes import InferredShapes
 
 __all__ = ["raise_model"]
 

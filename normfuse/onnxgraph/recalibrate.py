@@ -35,7 +35,7 @@ from normfuse.core.algebra import ChannelMoments
 from normfuse.core.report import Entry
 from normfuse.onnxgraph.edit import BN, all_names, fresh_name, model_resolver, read_batchnorm
 from normfuse.onnxgraph.graph import node_name
-from normfuse.onnxgraph.wire import to_proto
+from normfuse.onnxgraph.protos import to_proto
 
 __all__ = ["Executor", "Step", "StepResult", "recalibrate_batch_mode", "recalibrate_model"]
 

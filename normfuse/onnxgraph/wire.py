@@ -30,23 +30,19 @@ from google.protobuf.message import DecodeError
 from normfuse.core.algebra import threads
 from normfuse.core.errors import InputError
 from normfuse.onnxgraph.const import OpenFiles
+from normfuse.onnxgraph.protos import quiet, value_info_as_read
 
 __all__ = [
     "LAZY_MIN_BYTES",
     "SELF_BACKED_KEY",
     "TWO_GIB",
-    "VALUE_INFO_KEY",
     "check_model_prefix",
     "default_mode",
     "light_proto",
     "load_buffer_backed",
     "load_self_backed",
-    "quiet",
     "root_cause",
     "short_error",
-    "to_proto",
-    "value_info_as_read",
-    "value_info_names",
     "write_streaming",
 ]
 
@@ -58,18 +54,6 @@ TWO_GIB = 2**31
 
 #: In-memory flag on tensors (``tensor.meta``) that are views into the model file itself.
 SELF_BACKED_KEY = "normfuse.self_backed"
-
-
-#: In-memory record (``ir.Model.meta``, never serialized): the names the main graph of the file
-#: read gave a ``value_info`` entry. :func:`write_streaming` writes one for an initializer only
-#: when the file had it (onnx_ir writes one for every initializer: on a graph of 100k small
-#: initializers that made the output a quarter larger than the input, with nothing new in it).
-VALUE_INFO_KEY = "normfuse.value_info_names"
-
-
-def value_info_names(proto: onnx.ModelProto) -> frozenset[str]:
-    """The names of the main graph's ``value_info`` entries (see :data:`VALUE_INFO_KEY`)."""
-    return frozenset(info.name for info in proto.graph.value_info)
 
 
 #: Initializers at least this large are read lazily from the model file by ``load(lazy=True)``.
@@ -592,56 +576,6 @@ def _tensor_parts(name: str, tensor: Any) -> tuple[bytes, _Data] | None:
     if isinstance(tensor, ir.serde.TensorProtoTensor):
         return _header(name, tensor), tensor.tobytes()
     return None
-
-
-@contextlib.contextmanager
-def quiet(*names: str) -> Iterator[None]:
-    """Silence the loggers ``names`` (and their children) inside the block: onnx_ir's warnings
-    about conditions normfuse handles would reach a library caller's stderr, with tracebacks."""
-    loggers = [logging.getLogger(n) for n in names]
-    was = [lg.disabled for lg in loggers]
-    for lg in loggers:
-        lg.disabled = True
-    try:
-        yield
-    finally:
-        for lg, disabled in zip(loggers, was, strict=True):
-            lg.disabled = disabled
-
-
-def to_proto(model: Any) -> onnx.ModelProto:
-    """``onnx_ir.to_proto`` without its warning per value that has a shape but no type (shapes
-    normfuse infers for a rewrite are not types; onnx_ir skips them)."""
-    with quiet("onnx_ir.serde"):
-        return ir.to_proto(model)
-
-
-@contextlib.contextmanager
-def value_info_as_read(model: ir.Model) -> Iterator[None]:
-    """Inside the block, onnx_ir serializes the main graph's initializers with a ``value_info``
-    entry only where the model read had one (:data:`VALUE_INFO_KEY`; a model without that
-    record is left as it is): the others that are not graph inputs and carry no doc string or
-    metadata (their type and shape are their tensor's) have type and shape taken off for the
-    block, and given back after it, also on an error."""
-    had = model.meta.get(VALUE_INFO_KEY)
-    untyped = [
-        (v, v.type, v.shape)
-        for v in (model.graph.initializers.values() if had is not None else ())
-        if v.name not in had
-        and not v.is_graph_input()
-        and not v.doc_string
-        and not v.metadata_props
-        and (v.type is not None or v.shape is not None)
-    ]
-    try:
-        for v, _, _ in untyped:
-            v.type = None
-            v.shape = None
-        yield
-    finally:
-        for v, type_, shape in untyped:
-            v.type = type_
-            v.shape = shape
 
 
 def _as_read(name: str, tensor: Any, limit: int | None) -> bytes | None:

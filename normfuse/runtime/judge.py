@@ -52,13 +52,13 @@ from normfuse.core.verdict import (
     compare_outputs,
     pair_stats,
 )
+from normfuse.onnxgraph.protos import to_proto
 from normfuse.onnxgraph.upcast import (
     LOW_PRECISION,
     low_precision_types,
     rounding_perturbation,
     upcast_model,
 )
-from normfuse.onnxgraph.wire import to_proto
 from normfuse.runtime.sessions import ModelSource, make_session, run_session
 
 __all__ = [

@@ -36,6 +36,7 @@ __all__ = [
     "shape_only_use",
     "skip_passthrough",
     "structural_reason",
+    "via_note",
     "view_input",
 ]
 
@@ -200,6 +201,13 @@ def repeating_pad(node: fx.Node) -> bool:
     if not all(isinstance(p, int) for p in pad) or len(pad) % 2:
         return False
     return len(pad) // 2 <= len(shape) - 2  # counted from the last axis
+
+
+def via_note(node: fx.Node, describe: Any) -> str:
+    """``node``, one of the ops a norm folds across (:func:`skip_passthrough`), for a warning."""
+    return describe(node) + (
+        " (repeats its values)" if repeating_pad(node) else " (its input in eval)"
+    )
 
 
 def skip_passthrough(

@@ -24,10 +24,10 @@ from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
     attr_reads,
     lands_on_channels,
-    repeating_pad,
     shape_only_use,
     skip_passthrough,
     structural_reason,
+    via_note,
     view_input,
 )
 from normfuse.torchmodel.modules import hidden_behaviour
@@ -620,12 +620,7 @@ def _into_next(
             pair = Pair(norm, lin, "before")
             if via:
                 pair.warnings.append(
-                    "through "
-                    + ", ".join(
-                        describe_node(v)
-                        + (" (repeats its values)" if repeating_pad(v) else " (its input in eval)")
-                        for v in via
-                    )
+                    "through " + ", ".join(via_note(v, describe_node) for v in via)
                 )
             return dense_checked(pair, norm.node)
     after = ", ".join(describe_node(u) for u in users) or "nothing"
