@@ -732,3 +732,70 @@ def test_bn_folds_before_a_conv_that_pads_by_repeating(form, mode):
     run = folded.module() if form == "exported" else folded
     with torch.no_grad():
         assert max_rel(run(x), ref) < 1e-5
+
+
+class _BNThenTransposedLinear(nn.Module):
+    """BatchNorm1d on (B, C, T), then (B, T, C) into a Linear: a conformer's conv module."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm1d(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.bn(x).transpose(1, 2))
+
+
+class _LinearThenPermutedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).permute(0, 2, 1))
+
+
+class _BN2dChannelsLast(nn.Module):
+    """BatchNorm2d, then NHWC into a pointwise Linear (ConvNeXt-style)."""
+
+    def __init__(self, last: int = 1):
+        super().__init__()
+        self.bn, self.fc, self.last = nn.BatchNorm2d(4), nn.Linear(4, 3), last
+
+    def forward(self, x):
+        order = [0, 2, 3, 1] if self.last == 1 else [0, 1, 3, 2]
+        return self.fc(self.bn(x).permute(*order))
+
+
+@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
+@pytest.mark.parametrize(
+    ("build", "shape", "direction"),
+    [
+        (_BNThenTransposedLinear, (2, 8, 5), "before"),
+        (_LinearThenPermutedBN, (2, 5, 6), "after"),
+        (_BN2dChannelsLast, (2, 4, 3, 4), "before"),
+    ],
+    ids=["bn-transpose-linear", "linear-permute-bn", "bn2d-nhwc-linear"],
+)
+def test_a_norm_folds_through_a_transpose_that_makes_its_channels_features(
+    form, build, shape, direction
+):
+    """The ONNX side folded these (its layout paths); the PyTorch paths left them."""
+    model = randomize(build()).eval()
+    x = _x(shape)
+    with torch.no_grad():
+        ref = model(x)
+    folded, report = normfuse.fold(_as_form(form, model, x), example_inputs=(x,))
+    assert [e.direction for e in report.applied] == [direction] and not report.skipped
+    run = folded.module() if form == "exported" else folded
+    with torch.no_grad():
+        assert max_rel(run(x), ref) < 1e-5
+    assert count_bn(run) == 0
+
+
+def test_a_transpose_that_puts_another_axis_last_does_not_fold():
+    model = randomize(_BN2dChannelsLast(last=3)).eval()  # the Linear reads H, not channels
+    x = _x((2, 4, 4, 4))  # H == C == 4: only the axes tell them apart
+    folded, report = normfuse.fold(model, example_inputs=(x,))
+    assert not report.applied and len(report.skipped) == 1
+    with torch.no_grad():
+        assert max_rel(folded(x), model(x)) == 0

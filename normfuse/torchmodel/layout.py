@@ -31,6 +31,7 @@ __all__ = [
     "attr_reads",
     "is_cat",
     "passthrough",
+    "permutation",
     "repeating_pad",
     "shape_of",
     "shape_only_use",
@@ -112,6 +113,46 @@ def view_input(node: Any) -> tuple[fx.Node, str] | None:
         return None
     what = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
     return src, what.split(".")[0] or "view"
+
+
+_PERMUTE_METHODS = frozenset({"transpose", "permute", "swapaxes", "swapdims"})
+_PERMUTE_FUNCS: set[Any] = {
+    torch.transpose,
+    torch.permute,
+    torch.swapaxes,
+    _aten.transpose.int,
+    _aten.permute.default,
+}
+
+
+def permutation(node: Any) -> list[int] | None:
+    """For a transpose/permute call whose input shape is known: where each output axis comes
+    from (``out[i] = in[perm[i]]``); ``None`` for other nodes."""
+    if not isinstance(node, fx.Node) or not node.args or node.kwargs:
+        return None
+    if node.op == "call_method":
+        if node.target not in _PERMUTE_METHODS:
+            return None
+    elif node.op != "call_function" or node.target not in _PERMUTE_FUNCS:
+        return None
+    shape = shape_of(node.args[0])
+    dims = node.args[1:]
+    if shape is None or not dims:
+        return None
+    rank = len(shape)
+    if len(dims) == 1 and isinstance(dims[0], list | tuple):
+        dims = tuple(dims[0])
+    if not all(isinstance(d, int) and -rank <= d < rank for d in dims):
+        return None
+    dims = tuple(d % rank for d in dims)
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if str(target).split(".")[0] == "permute":
+        return list(dims) if sorted(dims) == list(range(rank)) else None
+    if len(dims) != 2:
+        return None
+    perm = list(range(rank))
+    perm[dims[0]], perm[dims[1]] = perm[dims[1]], perm[dims[0]]
+    return perm
 
 
 def lands_on_channels(src: fx.Node, view: fx.Node, channels: int) -> str | None:

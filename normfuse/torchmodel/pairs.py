@@ -1,8 +1,8 @@
 """Finding linear-norm pairs in a ``torch.fx`` graph: which calls are Conv/ConvTranspose/Linear
 (modules, ``F.*`` and ATen ops), which are inference BatchNorm (modules, FrozenBatchNorm
 look-alikes, ``F.batch_norm`` and ATen ops with constant statistics), and whether a norm sits
-directly after or before a linear op with nothing else reading the tensor between them; then
-the plan for modules called from several places.
+directly after or before a linear op with nothing else reading the tensor between them (the
+plan for modules called from several places is :mod:`normfuse.torchmodel.plan`).
 
 Imports: torch, numpy, :mod:`normfuse.core` and :mod:`normfuse.torchmodel.layers`.
 """
@@ -22,8 +22,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
-    attr_reads,
     lands_on_channels,
+    permutation,
     shape_only_use,
     skip_passthrough,
     structural_reason,
@@ -41,12 +41,9 @@ __all__ = [
     "Linear",
     "Norm",
     "Pair",
-    "Plan",
     "as_linear",
     "as_norm",
-    "bias_private",
     "call_args",
-    "call_sites",
     "const_tensor",
     "dense_checked",
     "describe_node",
@@ -60,15 +57,11 @@ __all__ = [
     "match_pair",
     "norm_affine",
     "plain_forward",
-    "plan_pairs",
     "rank_of",
-    "same_affine",
     "source_name",
-    "surgery_refusal",
     "trace_module",
     "users_of",
     "weights_only",
-    "weights_shared",
 ]
 
 logger = logging.getLogger(__name__)
@@ -594,7 +587,10 @@ def _into_next(
     if len(users) == 1:
         nxt, via = ends[0]
         lin = as_linear(gm, nxt)
-        graph_ops = bool(via) and all(v.op == "call_function" for v in via)
+        moved = _channels_last(gm, nxt) if lin is None else None
+        if moved is not None:  # BN1d -> transpose(1, 2) -> Linear: channels become features
+            via, nxt, lin = [*via, nxt], moved.node, moved
+        graph_ops = bool(via) and all(v.op in ("call_function", "call_method") for v in via)
         if lin is not None and via and not graph_ops:
             return (
                 f"feeds {lin.label} through {', '.join(describe_node(v) for v in via)} (which "
@@ -622,7 +618,7 @@ def _into_next(
                 pair.warnings.append(
                     "through " + ", ".join(via_note(v, describe_node) for v in via)
                 )
-            return dense_checked(pair, norm.node)
+            return pair if moved is not None else dense_checked(pair, norm.node)
     after = ", ".join(describe_node(u) for u in users) or "nothing"
     return (
         f"follows {describe_node(norm.input)} and feeds {after}: no Conv/Linear to fold into",
@@ -630,11 +626,29 @@ def _into_next(
     )
 
 
+def _channels_last(gm: fx.GraphModule, node: fx.Node) -> Linear | None:
+    """The Linear that reads ``node`` alone, when ``node`` moves axis 1 (a norm's channels)
+    to the last axis (the Linear's features)."""
+    perm = permutation(node)
+    users = [u for u in users_of(node) if not is_meta(u)]
+    if perm is None or perm[-1] != 1 or len(users) != 1:
+        return None
+    lin = as_linear(gm, users[0])
+    if lin is None or lin.kind != "dense" or not lin.node.args or lin.node.args[0] is not node:
+        return None
+    return lin
+
+
 def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None] | None:
-    """A norm on a Linear's output flattened to ``(M, C)`` (:mod:`normfuse.torchmodel.layout`):
-    the fold, the reason it cannot be, or ``None`` when the norm's input is no such view."""
+    """A norm on a Linear's output flattened to ``(M, C)`` or transposed so that its features
+    are axis 1 (:mod:`normfuse.torchmodel.layout`): the fold, the reason it cannot be, or
+    ``None`` when the norm's input is no such view."""
     found = view_input(norm.input)
-    if found is None:
+    perm = permutation(norm.input) if found is None else None
+    if perm is not None:
+        assert isinstance(norm.input, fx.Node)
+        found = norm.input.args[0], str(getattr(norm.input.target, "__name__", norm.input.target))
+    if found is None or not isinstance(found[0], fx.Node):
         return None
     src, what = found
     lin = as_linear(gm, src)
@@ -656,7 +670,12 @@ def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
             f"{norm.channels} channels",
             None,
         )
-    reason = lands_on_channels(src, view, norm.channels)
+    if perm is None:
+        reason = lands_on_channels(src, view, norm.channels)
+    elif perm[1] != len(perm) - 1:
+        reason = f"the {view.name} puts axis {perm[1]} of its output on the norm's channel axis"
+    else:
+        reason = None
     if reason is not None:
         return f"follows {what} of {lin.label}: {reason}", None
     pair = Pair(norm, lin, "after")
@@ -664,135 +683,4 @@ def _through_view(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | Non
     return pair
 
 
-def call_sites(gm: fx.GraphModule, owner: str, is_module: bool) -> list[fx.Node]:
-    if is_module:
-        return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == owner]
-    return [u for n in gm.graph.nodes if n.op == "get_attr" and n.target == owner for u in n.users]
-
-
-def same_affine(a: Norm, b: Norm) -> bool:
-    if a.module_target is not None and a.module_target == b.module_target:
-        return True
-    if a.affine is None or b.affine is None:
-        return False
-    return bool(
-        np.array_equal(a.affine.scale, b.affine.scale)
-        and np.array_equal(a.affine.shift, b.affine.shift)
-    )
-
-
-def weights_shared(gm: fx.GraphModule, lin: Linear) -> bool:
-    """True when the op's weight/bias tensor is also held by another module (tied weights)."""
-    if lin.module is None:
-        return False
-    mine = {id(p) for p in (lin.weight, lin.bias) if p is not None}
-    for m in gm.modules():
-        if m is lin.module:
-            continue
-        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
-            if id(t) in mine:
-                return True
-    return False
-
-
-@dataclasses.dataclass
-class Plan:
-    accepted: list[Pair]
-    clones: set[int]  # ids of pairs whose linear op gets a private copy
-    refused: dict[int, tuple[str, str | None]]  # id(norm) -> reason
-
-
-def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
-    refused: dict[int, tuple[str, str | None]] = {}
-    fix = "fold torch.fx.symbolic_trace(model) instead: in a GraphModule normfuse can clone it"
-    while True:
-        live = [p for p in pairs if id(p.norm) not in refused]
-        by_site: dict[fx.Node, list[Pair]] = {}
-        for p in live:
-            by_site.setdefault(p.lin.node, []).append(p)
-        clones: set[int] = set()
-        changed = False
-        for ps in by_site.values():  # one fold per op and round; the rest wait
-            for p in ps[1:]:
-                refused[id(p.norm)] = ("waits for another fold into the same op", None)
-                changed = True
-        live = [p for p in live if id(p.norm) not in refused]
-        owners: dict[str, list[Pair]] = {}
-        for p in live:
-            owners.setdefault(p.lin.owner, []).append(p)
-        for owner, ps in owners.items():
-            lin = ps[0].lin
-            sites = call_sites(gm, owner, lin.module is not None)
-            folded_sites = {p.lin.node for p in ps}
-            consistent = (
-                set(sites) == folded_sites
-                and len({p.direction for p in ps}) == 1
-                and all(same_affine(ps[0].norm, p.norm) for p in ps)
-                and not weights_shared(gm, lin)
-                and (lin.bias is None or lin.module is not None or bias_private(gm, lin))
-                and not (graph_mode and lin.module is not None and attr_reads(gm, owner))
-            )
-            if consistent:
-                continue
-            if graph_mode:
-                clones.update(id(p) for p in ps)
-                continue
-            others = [s for s in sites if s not in folded_sites]
-            where = (
-                f"also called elsewhere (fx node {', '.join(repr(s.name) for s in others)}) "
-                "without this norm"
-                if others
-                else "shared (tied weights or several differing folds)"
-            )
-            for p in ps:
-                refused[id(p.norm)] = (f"{lin.label} is {where}", fix)
-            changed = True
-        if not graph_mode:
-            for p in [p for p in live if id(p.norm) not in refused]:
-                reason = surgery_refusal(gm, p, live, refused)
-                if reason is not None:
-                    refused[id(p.norm)] = (reason, fix)
-                    changed = True
-        if not changed:
-            accepted = [p for p in pairs if id(p.norm) not in refused]
-            return Plan(accepted, clones, refused)
-
-
 BN_TARGETS = set(FUNC_BN)
-
-
-def bias_private(gm: fx.GraphModule, lin: Linear) -> bool:
-    bias_node = call_args(lin.node, ("input", "weight", "bias")).get("bias")
-    if not isinstance(bias_node, fx.Node):
-        return True
-    return set(call_sites(gm, str(bias_node.target), False)) <= set(
-        call_sites(gm, lin.owner, False)
-    )
-
-
-def surgery_refusal(
-    gm: fx.GraphModule, p: Pair, live: list[Pair], refused: dict[int, tuple[str, str | None]]
-) -> str | None:
-    """Why an ``nn.Module`` cannot take this fold by replacing modules, or ``None``."""
-    if p.norm.module_target is None:
-        return "functional batch_norm in forward(): code cannot be changed without a graph"
-    if p.lin.module is None:
-        return f"{p.lin.label} is a functional op in forward(): its weights are not a module's"
-    calls = [
-        n for n in gm.graph.nodes if n.op == "call_module" and n.target == p.norm.module_target
-    ]
-    folding = {q.norm.node for q in live if id(q.norm) not in refused}
-    missing = [n for n in calls if n not in folding]
-    if missing:
-        return (
-            f"module '{p.norm.module_target}' is also called at "
-            f"{', '.join(describe_node(n.args[0]) for n in missing)} where it does not fold"
-        )
-    for owner in (p.norm.module_target, p.lin.owner):  # both modules here
-        read = attr_reads(gm, owner)
-        if read:  # the fold rescales the linear's tensors and removes the norm's
-            return (
-                f"forward() also reads {', '.join(repr(str(n.target)) for n in read)} itself, "
-                "which the fold would change"
-            )
-    return None

@@ -57,11 +57,11 @@ from normfuse.torchmodel.pairs import (
     as_linear,
     as_norm,
     call_args,
-    call_sites,
     get_attr,
     rank_of,
     source_name,
 )
+from normfuse.torchmodel.plan import call_sites
 from normfuse.torchmodel.surgery import drop_unused
 
 __all__ = ["reparam_graph"]

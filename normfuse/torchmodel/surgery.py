@@ -27,8 +27,8 @@ from normfuse.torchmodel.pairs import (
     as_norm,
     get_attr,
     match_pair,
-    plan_pairs,
 )
+from normfuse.torchmodel.plan import plan_pairs
 
 __all__ = [
     "detach_norm",

@@ -50,12 +50,12 @@ from normfuse.torchmodel.pairs import (
     Pair,
     as_norm,
     call_args,
-    call_sites,
     inert,
     is_bn_module,
     match_pair,
     trace_module,
 )
+from normfuse.torchmodel.plan import call_sites
 from normfuse.torchmodel.surgery import fold_graph, fold_pair
 
 __all__ = ["fold_untraceable", "kept_buffers", "observe_calls", "uncovered_norms"]
