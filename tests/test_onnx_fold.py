@@ -1121,3 +1121,40 @@ def test_a_pad_that_repeats_values_passes_a_fold(rng, mode, pads, folds, directi
         _, report = normfuse.fold(model, check=False)
         (entry,) = report.skipped
         assert "Pad 'pad'" in entry.reason
+
+
+@pytest.mark.parametrize("case", ["matmul", "conv", "gemm"])
+def test_a_mul_add_that_broadcasts_its_input_up_is_no_per_channel_map(rng, case):
+    """``lin(v.unsqueeze(-1) * w + b)`` (tabular/time-series tokenizers): (B, L, 1) * (C,) is
+    (B, L, C); folded into the MatMul after it, the model did not load (written so with
+    --no-check). The same for (N, 1, H, W) * (C, 1, 1) before a 1x1 Conv and (N, 1) + (C,)
+    before a Gemm."""
+    c = 4
+    if case == "matmul":
+        shape, const_shape, w = [2, 5, 1], [c], normal(rng, [c, 3])
+        linear = helper.make_node("MatMul", ["a", "W"], ["y"])
+        out = [2, 5, 3]
+    elif case == "conv":
+        shape, const_shape, w = [2, 1, 3, 3], [c, 1, 1], normal(rng, [3, c, 1, 1])
+        linear = helper.make_node("Conv", ["a", "W"], ["y"])
+        out = [2, 3, 3, 3]
+    else:
+        shape, const_shape, w = [2, 1], [c], normal(rng, [3, c])
+        linear = helper.make_node("Gemm", ["a", "W"], ["y"], transB=1)
+        out = [2, 3]
+    inits = [
+        tensor("W", w),
+        tensor("k", rng.uniform(0.5, 2.0, const_shape).astype(np.float32)),
+        tensor("b", normal(rng, const_shape)),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "k"], ["m"], name="scale"),
+        helper.make_node("Add", ["m", "b"], ["a"], name="shift"),
+        linear,
+    ]
+    model = make_model(nodes, [("x", F, shape)], [("y", F, out)], inits)
+    feeds = {"x": normal(rng, shape)}
+    _, report = assert_folds(model, feeds, skipped=1, norm_affine=True)  # loads, runs
+    (entry,) = report.skipped
+    assert entry.node == "scale" and "broadcasts its input" in entry.reason
+    assert [e.node for e in report.applied] == ["shift"]  # on the broadcast values: a fold

@@ -172,6 +172,15 @@ class AffineBuilder:
         axis = varying[0] if varying else (rank_eff - 1 if rank is not None else -1)
         if rank is None and varying:
             axis = -1
+        dims = link.data.shape
+        if varying and rank is not None and dims is not None and dims.rank() == rank_eff:
+            have = dims[axis]
+            if isinstance(have, int) and have != shape[axis]:  # (B, L, 1) * (C,): not an affine
+                raise Refused(  # of its input, it broadcasts the input up to more values
+                    f"its constant of shape {c.shape} broadcasts its input of shape "
+                    f"{list(dims)} to {shape[axis]} values along axis {axis}, so it is no "
+                    "per-channel map of its input"
+                )
         v = c.astype(np.float64).reshape(-1)
         if op == "Mul":
             return Affine(v, np.zeros_like(v), axis)
