@@ -242,3 +242,31 @@ def test_two_workers_equal_one_in_float64(tmp_path, rng):
         worst = max(worst, _worst(_stats(two), _stats(one)))
     print(f"float64, --workers 2 vs --workers 1: max relative difference {worst:.1e}")
     assert worst <= 1e-12
+
+
+def test_statistics_given_through_identity_are_recalibrated_level_by_level(rng):
+    """A fresh legacy export de-duplicates a new BN's statistics: running_var is
+    Identity(weight) (ones), running_mean Identity(bias). The new statistics become the BN's
+    own initializers; the next level's model left them out ("not a graph input, initializer,
+    or output"), so recalibrating a never-calibrated model failed."""
+    plain = _model(rng)
+    model = onnx.ModelProto()
+    model.CopyFrom(plain)
+    for bn in ("bn1", "bn2"):  # like torch's de-duplication: fed by Identity of other tensors
+        node = next(n for n in model.graph.node if n.name == bn)
+        for idx, src in ((3, f"{bn}_bias"), (4, f"{bn}_scale")):
+            alias = f"{bn}_alias{idx}"
+            model.graph.node.insert(0, helper.make_node("Identity", [src], [alias]))
+            node.input[idx] = alias
+    xs = _batches(rng)
+    new, report = normfuse.recalibrate(model, [{"x": x} for x in xs], progress=False)
+    assert [e.status for e in report.entries] == ["applied"] * 4
+    ref, _ = normfuse.recalibrate(plain, [{"x": x} for x in xs], progress=False)
+    # the old statistics are no input to the new ones: the same as without the aliases
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in new.graph.initializer}
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in ref.graph.initializer}
+    for bn in ("bn0", "bn1", "bn2", "bn3"):
+        a = next(n for n in new.graph.node if n.name == bn)
+        b = next(n for n in ref.graph.node if n.name == bn)
+        for i in (3, 4):
+            np.testing.assert_array_equal(got[a.input[i]], want[b.input[i]])

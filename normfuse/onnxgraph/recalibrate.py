@@ -322,6 +322,9 @@ class _Cut:
         used: dict[int, ir.Value] = {}
         for i in idx:
             used.update((id(v), v) for v in self.uses[i])
+            # and what a level before gave it: new statistics where they were not its own
+            # initializers (Identity(weight) in a fresh legacy export)
+            used.update((id(v), v) for v in self.nodes[i].inputs if v is not None)
         in_graph = {
             v.name or "": rank for v, rank in measure if id(v) not in fed_ids and rank is not None
         }
