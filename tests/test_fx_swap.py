@@ -353,3 +353,23 @@ def test_a_hooked_batchnorm_is_not_swapped():
     assert not report.applied and "hooks" in report.skipped[0].reason
     with torch.no_grad():
         assert torch.equal(swapped(x), model(x))
+
+
+def test_instancenorm_needs_a_batchnorm1d_to_see_positions():
+    """BatchNorm1d on (N, C) data: the InstanceNorm1d it became raised on the first call (the
+    swap said so in a warning and applied it). Refused there, with the fix; on (N, C, L) data,
+    shown by example_inputs, it is applied; without them the rank is unknown: refused."""
+    mlp = nn.Sequential(nn.Linear(8, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3)).eval()
+    x = torch.randn(4, 8)
+    swapped, report = normfuse.swap(mlp, to="instancenorm", example_inputs=(x,))
+    (entry,) = report.entries
+    assert entry.status == "skipped" and "sees rank 2 data" in entry.reason
+    assert "groupnorm or layernorm" in entry.fix
+    swapped(x)  # still runs
+    conv = nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)).eval()
+    seq = torch.randn(2, 3, 9)
+    swapped, report = normfuse.swap(conv, to="instancenorm", example_inputs=(seq,))
+    assert [e.status for e in report.entries] == ["applied"]
+    assert isinstance(swapped[1], nn.InstanceNorm1d) and swapped(seq).shape == (2, 6, 7)
+    _, report = normfuse.swap(conv, to="instancenorm")
+    assert "unknown" in report.entries[0].reason and "example_inputs" in report.entries[0].fix

@@ -146,6 +146,7 @@ def swap(
     allow_single_channel_groups: bool = False,
     dims: int | None = None,
     inplace: bool = False,
+    example_inputs: Any = None,
 ) -> tuple[nn.Module, Report]:
     """Replace BatchNorm layers by another norm kind.
 
@@ -160,6 +161,9 @@ def swap(
         dims: Spatial rank for ``to="batchnorm"`` when the source does not say it (a SyncBatchNorm
             not made by normfuse): 0/1 -> BatchNorm1d, 2 -> BatchNorm2d, 3 -> BatchNorm3d.
         inplace: Change ``module`` itself.
+        example_inputs: Inputs of one forward pass (run in eval mode, nothing kept): they tell
+            the rank of what each BatchNorm1d sees; ``to="instancenorm"`` needs (N, C, L) and
+            is refused for a BatchNorm1d without them.
 
     Returns:
         ``(model, report)``; the report marks each swap ``exact`` or not.
@@ -169,6 +173,7 @@ def swap(
     root = module if inplace else copy.deepcopy(module)
     report = Report(action="swap", framework="torch", before=module_stats(root))
     names = module_names(root)
+    ranks = _input_ranks(root, example_inputs) if kind.name == "instancenorm" else {}
     new: dict[int, nn.Module] = {}
     for m in list(root.modules()):
         if id(m) in new or not _is_candidate(m, kind):
@@ -185,6 +190,17 @@ def swap(
         hidden = hidden_behaviour(m)
         if hidden is not None:  # a new module would not carry them
             entry.reason, entry.fix = hidden, "remove the hooks before swapping"
+            continue
+        if kind.name == "instancenorm" and bn_dims(m) is None and ranks.get(id(m)) != {3}:
+            seen = ranks.get(id(m))
+            entry.reason = "InstanceNorm1d needs (N, C, L) inputs; " + (
+                f"it sees rank {', '.join(map(str, sorted(seen)))} data"
+                if seen
+                else "the rank of this BatchNorm1d's input is unknown"
+            )
+            entry.fix = (
+                "use groupnorm or layernorm" if seen else "pass example_inputs to show its input"
+            )
             continue
         built = build_replacement(m, kind, entry, groups, allow_single_channel_groups, dims)
         if built is None:
@@ -220,6 +236,32 @@ def swap(
     if not report.entries:
         report.notes.append(f"no module to swap to {kind.name} (where={where!r})")
     return root, report
+
+
+def _input_ranks(root: nn.Module, example_inputs: Any) -> dict[int, set[int]]:
+    """The ranks of the tensors each module receives on ``example_inputs`` (eval mode, no
+    gradients, buffers given back), by module id; empty without inputs or when the run fails."""
+    if example_inputs is None:
+        return {}
+    from normfuse.torchmodel.modules import call_module, eval_mode, move_inputs
+    from normfuse.torchmodel.untraced import kept_buffers
+
+    seen: dict[int, set[int]] = {}
+
+    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen.setdefault(id(m), set()).add(args[0].dim())
+
+    handles = [m.register_forward_pre_hook(hook) for m in root.modules()]
+    try:
+        with torch.no_grad(), kept_buffers(root), eval_mode(root):
+            call_module(root, move_inputs(example_inputs, root))
+    except Exception:  # without shapes the swap is refused, with the fix
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 def _is_candidate(m: nn.Module, kind: norms.NormKind) -> bool:
@@ -267,10 +309,6 @@ def build_replacement(
             entry.reason, entry.fix = reason, fix
             return None
         args = _replace(args, groups=g)
-    if kind.name == "instancenorm" and args.dims is None:
-        entry.warnings.append(
-            "InstanceNorm1d needs (N, C, L) inputs; on (N, C) data use groupnorm or layernorm"
-        )
     if kind.name == "batchnorm":
         origin = _origin_of(m)
         if origin is not None:
