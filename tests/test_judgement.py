@@ -92,6 +92,9 @@ def test_exact_fold_of_a_deep_float32_network_passes_and_says_how_it_was_judged(
     parity = report.parity
     assert parity is not None and parity.passed
     assert parity.judgement is not None and "float64" in parity.judgement
+    # a channel is held to 10x the float32 floor, as on the ONNX side (Mask2Former: an exact
+    # fold's channel at 5.7e-7 failed against the float32 unit)
+    assert "each channel at least rtol 1e-05" in parity.judgement
     # the float32 difference is reported beside the original's own float32 noise
     assert parity.runtime is not None and parity.noise is not None
     assert parity.noise[0].max_rel > 0

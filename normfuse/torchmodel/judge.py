@@ -35,10 +35,12 @@ from torch import nn
 
 from normfuse.core.report import OutputParity
 from normfuse.core.verdict import (
+    CHANNEL_FLOOR_FACTOR,
     INNER_NOISE_FACTOR,
     NOISE_FACTOR,
     channel_failure,
     compare_outputs,
+    noise_floor,
 )
 from normfuse.torchmodel.modules import call_module, eval_mode, is_norm, tensors_of
 
@@ -173,6 +175,10 @@ def judge_float64(
     # give back the stored value (an identity BN folds to the same float32 weight)
     dtypes = {t.dtype for t in _state(candidate).values() if t.is_floating_point()}
     unit = max((_UNIT.get(d, 0.0) for d in dtypes | set(changed.values())), default=0.0)
+    # a single channel: at least CHANNEL_FLOOR_FACTOR x the weights' type floor, as on the ONNX
+    # side (one re-rounding of a channel holding few values can move it by almost nothing)
+    floors = [noise_floor(str(d).removeprefix("torch.")) for d in dtypes | set(changed.values())]
+    channel = CHANNEL_FLOOR_FACTOR * max((f for f in floors if f is not None), default=0.0)
     try:
         ref64 = copy.deepcopy(reference).to(torch.float64)
         cand64 = copy.deepcopy(candidate).to(torch.float64)
@@ -225,7 +231,7 @@ def judge_float64(
                 res.dtype = "float64"
                 inner.append(res)
                 break
-            found = channel_failure(name, r, c, (ms[0], ms[1]), max(floor[1], unit))
+            found = channel_failure(name, r, c, (ms[0], ms[1]), max(floor[1], unit, channel))
             if found is not None:
                 found.name = f"module '{name}' {found.name.split(' ', 2)[-1]} (inside the model)"
                 inner.append(found)
@@ -234,6 +240,6 @@ def judge_float64(
         "judged in float64 with both models' tensors upcast exactly; tolerance "
         f"max(rtol {max(floor[1], unit):.3g}, {NOISE_FACTOR:g}x what re-rounding the "
         f"{len(changed)} folded tensor(s) moves each tensor); {compared} module output(s) "
-        "compared besides the outputs"
+        f"compared besides the outputs, each channel at least rtol {max(floor[1], unit, channel):.3g}"
     )
     return results, inner, label
