@@ -799,3 +799,33 @@ def test_a_transpose_that_puts_another_axis_last_does_not_fold():
     assert not report.applied and len(report.skipped) == 1
     with torch.no_grad():
         assert max_rel(folded(x), model(x)) == 0
+
+
+class _ShapeReadBesideBN(nn.Module):
+    """YOLOv8's C2f outputs: the Detect head reads their shape (``b, c, h, w = y.shape``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.conv(self.stem(x))
+        b, c, h, w = y.shape
+        return F.silu(self.bn(y)).reshape(b, c, h * w)
+
+
+def test_a_dynamic_size_read_beside_a_bn_does_not_stop_the_fold():
+    """With dynamic H and W torch.export reads them with ``sym_size.int``: a shape read, no
+    data use; it blocked Conv -> BN (static shapes folded)."""
+    model = randomize(_ShapeReadBesideBN()).eval()
+    x = _x((2, 3, 8, 8))
+    h, w = torch.export.Dim("h", min=1, max=16), torch.export.Dim("w", min=1, max=16)
+    ep = torch.export.export(model, (x,), dynamic_shapes=({2: 4 * h, 3: 4 * w},))
+    assert any("sym_size" in str(n.target) for n in ep.graph.nodes)
+    folded, report = normfuse.fold(ep)
+    assert len(report.applied) == 1 and not report.skipped
+    for shape in ((2, 3, 8, 8), (2, 3, 12, 20)):
+        x = _x(shape, 1)
+        with torch.no_grad():
+            assert max_rel(folded.module()(x), model(x)) < 1e-5

@@ -47,6 +47,19 @@ logger = logging.getLogger(__name__)
 _META_ATTRS = frozenset({"ndim", "shape", "dtype", "device", "layout", "is_cuda"})
 _META_METHODS = frozenset({"size", "dim", "numel", "type", "is_contiguous"})
 _ASSERTS = {torch._assert}
+#: ATen reads of a tensor's metadata (torch.export writes ``sym_size.int`` where a size is
+#: dynamic, a plain int where it is static).
+_META_FUNCS = {
+    op
+    for name, overload in (
+        ("sym_size", "int"),
+        ("sym_numel", "default"),
+        ("sym_stride", "int"),
+        ("size", "int"),
+        ("dim", "default"),
+    )
+    if (op := getattr(getattr(torch.ops.aten, name, None), overload, None)) is not None
+}
 _ELEMENTWISE = {
     operator.mul: "mul",
     operator.add: "add",
@@ -150,7 +163,7 @@ def is_meta(node: fx.Node) -> bool:
         return node.args[1] in _META_ATTRS
     if node.op == "call_method" and node.target in _META_METHODS:
         return True
-    return node.op == "call_function" and node.target in _ASSERTS
+    return node.op == "call_function" and (node.target in _ASSERTS or node.target in _META_FUNCS)
 
 
 def _const_nodes(graph: fx.Graph, x: fx.Node) -> set[fx.Node]:
