@@ -180,3 +180,17 @@ def test_the_shape_to_give_has_the_inputs_rank(rng: np.random.Generator) -> None
     with pytest.raises(normfuse.InputError) as info:
         normfuse.check(model, model)
     assert info.value.note == "give its shape with --shape x=1x16x8"
+
+
+def test_the_shape_to_give_is_a_multiple_where_the_exporter_says_so(rng: np.random.Generator):
+    """torch.export names a detector's input size '32*h': the note said 16, which the model
+    cannot take (its reshapes fail at run time)."""
+    model = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [("x", TP.FLOAT, ["batch", 3, "32*h", "w*8"])],
+        [("y", TP.FLOAT, None)],
+        [],
+    )
+    with pytest.raises(normfuse.InputError) as info:
+        normfuse.check(model, model)
+    assert info.value.note == "give its shape with --shape x=1x3x32x16"

@@ -13,6 +13,7 @@ import glob
 import logging
 import math
 import os
+import re
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -245,12 +246,27 @@ def tolerance_for(spec: Mapping[str, float] | float | None, name: str) -> float 
 
 def _example_shape(dims: Sequence[Any]) -> str:
     """A ``--shape`` value of the input's rank: its fixed dimensions as they are, the batch 1,
-    other dynamic ones 16 (``input_ids [batch, seq]``: ``1x16``, not an image's shape)."""
-    out = [
-        str(d) if isinstance(d, int) and d >= 0 else ("1" if axis == 0 else "16")
-        for axis, d in enumerate(dims)
-    ]
+    other dynamic ones 16 (``input_ids [batch, seq]``: ``1x16``, not an image's shape); a
+    dimension the exporter declared a multiple (``32*h``: a detector's stride) the smallest
+    multiple at least that."""
+    out = []
+    for axis, d in enumerate(dims):
+        if isinstance(d, int) and d >= 0:
+            out.append(str(d))
+            continue
+        want = 1 if axis == 0 else 16
+        step = _multiple_of(d)
+        out.append(str(step * max(1, -(-want // step))))
     return "x".join(out) or "1"
+
+
+def _multiple_of(dim: Any) -> int:
+    """``k`` for a symbolic dimension written ``k*s`` or ``s*k`` (torch.export's ``32*h``), 1
+    for any other."""
+    match = re.fullmatch(r"\s*(?:(\d+)\s*\*\s*\w+|\w+\s*\*\s*(\d+))\s*", str(dim))
+    if match is None:
+        return 1
+    return max(int(match.group(1) or match.group(2)), 1)
 
 
 def generate_inputs(
