@@ -668,3 +668,29 @@ def test_check_takes_the_inputs_the_command_takes(tmp_path, rng):
     assert normfuse.check(model, model, inputs=iter([feeds])).runs == 1  # a generator too
     with pytest.raises(normfuse.InputError, match="list of batches"):
         normfuse.check(model, model, inputs=feeds)
+
+
+def test_insert_after_the_activation_knows_silu_as_exporters_write_it(rng):
+    """SiLU exports as ``Mul(x, Sigmoid(x))``: ``before_activation=False`` put the BN between
+    the Conv and both (YOLOv8: all 57), silently; now after the Mul, and a node with no
+    activation after it says so."""
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Sigmoid", ["c"], ["s"]),
+            helper.make_node("Mul", ["c", "s"], ["a"]),
+            helper.make_node("Conv", ["a", "w2"], ["y"]),
+        ],
+        [("x", TP.FLOAT, [2, 3, 6, 6])],
+        [("y", TP.FLOAT, [2, 4, 6, 6])],
+        [tensor("w", normal(rng, (5, 3, 3, 3))), tensor("w2", normal(rng, (4, 5, 1, 1)))],
+    )
+    new, report = normfuse.insert(model, before_activation=False)  # the check ran
+    first, last = report.entries
+    assert first.status == "applied" and any("after the activation" in w for w in first.warnings)
+    mul = next(n for n in new.graph.node if n.op_type == "Mul")
+    bn = next(n for n in new.graph.node if n.op_type == "BatchNormalization")
+    assert bn.input[0] == mul.output[0]
+    assert last.reason is not None or any("no activation" in w for w in last.warnings)
+    x = {"x": normal(rng, [2, 3, 6, 6])}
+    assert _rel(run(new, x)[0], run(model, x)[0]) <= 1e-6

@@ -57,6 +57,27 @@ _ACTIVATIONS = frozenset(
 )
 
 
+def _after_activation(out: ir.Value, uses: list[Any]) -> ir.Value:
+    """The output of the activation that alone reads ``out``: an activation op, or SiLU as the
+    exporters write it (``Mul(x, Sigmoid(x))``); ``out`` itself when none does."""
+    if len(uses) == 1 and uses[0].node.op_type in _ACTIVATIONS:
+        return uses[0].node.outputs[0]
+    nodes = {id(u.node): u.node for u in uses}
+    if len(uses) == 2 and len(nodes) == 2:
+        sig = next((n for n in nodes.values() if n.op_type == "Sigmoid"), None)
+        mul = next((n for n in nodes.values() if n.op_type == "Mul"), None)
+        if sig is not None and mul is not None:
+            gate = sig.outputs[0]
+            reads = [u.node for u in gate.uses()]
+            if (
+                set(map(id, mul.inputs)) == {id(out), id(gate)}
+                and reads == [mul]
+                and not gate.is_graph_output()
+            ):
+                return mul.outputs[0]
+    return out
+
+
 def insert_model(
     model: ir.Model,
     *,
@@ -99,8 +120,12 @@ def insert_model(
             out = node.outputs[0]
             uses = list(out.uses())
             site = out
-            if not before_activation and len(uses) == 1 and uses[0].node.op_type in _ACTIVATIONS:
-                site = uses[0].node.outputs[0]
+            if not before_activation:
+                site = _after_activation(out, uses)
+                if site is out:
+                    entry.warnings.append(
+                        "no activation directly follows: placed after the op itself"
+                    )
             if _has_norm_after(out) or (site is not out and _has_norm_after(site)):
                 entry.reason = "already followed by a norm"
                 continue
