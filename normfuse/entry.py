@@ -72,6 +72,9 @@ def main() -> None:
     """
     defer_sympy()
     from normfuse.cli import main as cli_main
+    from normfuse.core.gcpause import promote_on_leaving
+
+    promote_on_leaving(True)  # one rewrite, then the process ends: no young walks of the graph
 
     try:
         cli_main()
