@@ -541,12 +541,10 @@ class _Folder:
             affine = Affine(affine.scale, affine.shift, mapped)
             rank = path.rank_at_end(rank)
         targets: list[tuple[Linear, int]] = []
-        type_only: list[Any] = []  # onnx_ir Usage pairs
         for use in uses:
             consumer = use.node
-            if reads_shape_only(consumer, use.idx):  # Shape, Size, CastLike's target: the
-                type_only.append(use)  # fold keeps both (ViT attention reads x.shape[0])
-                continue
+            if reads_shape_only(consumer, use.idx):  # Shape, Size, CastLike's target: the fold
+                continue  # keeps both (ViT attention reads x.shape[0]); the writer moves them
             if consumer.graph is not links[-1].node.graph:
                 raise Refused(f"its output is used in a subgraph ({label_of(consumer)})")
             if consumer.op_type not in LINEAR_OPS:
@@ -590,7 +588,7 @@ class _Folder:
         if self.options.dry_run:
             return label
         first = path.nodes[0] if path is not None else None
-        self.writer.write_before(links, targets, foldeds, type_only, first)
+        self.writer.write_before(links, targets, foldeds, first)
         return label
 
 

@@ -124,7 +124,6 @@ class GraphWriter:
         links: list[Link],
         targets: list[tuple[Linear, int]],
         foldeds: list[algebra.Folded],
-        type_only: list[Any],
         path_head: ir.Node | None = None,
     ) -> None:
         """The chain ``links`` folded into its consumers ``targets`` (linear op, input index).
@@ -159,9 +158,6 @@ class GraphWriter:
                 node.replace_input_with(idx, source)
         if path_head is not None:
             path_head.replace_input_with(0, source)
-        else:  # the chain's output goes: what read its shape or type reads the same of source
-            for use in type_only:
-                use.node.replace_input_with(use.idx, source)
         if removed:
             removed_inputs = [v for link in removed for v in link.node.inputs if v is not None]
             _retarget_type_reads(removed, source)
