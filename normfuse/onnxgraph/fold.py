@@ -41,7 +41,12 @@ from normfuse.core.gcpause import gc_paused
 from normfuse.core.report import Entry, Report, Status
 from normfuse.onnxgraph.affines import AffineBuilder, Link
 from normfuse.onnxgraph.chains import ChainFinder
-from normfuse.onnxgraph.const import ConstantResolver, NotConstant, reads_shape_only
+from normfuse.onnxgraph.const import (
+    ConstantResolver,
+    NotConstant,
+    all_equal_to,
+    reads_shape_only,
+)
 from normfuse.onnxgraph.graph import (
     KNOWN_OPSET,
     LINEAR_OPS,
@@ -307,7 +312,7 @@ class _Folder:
         if link.kind != "elementwise" or op not in _IDENTITY or (op == "Sub" and link.data_index):
             return False
         c = self.consts.try_resolve(link.node.inputs[1 - link.data_index])
-        return c is not None and bool(np.all(c == (1 if op in ("Mul", "Div") else 0)))
+        return c is not None and all_equal_to(c, 1 if op in ("Mul", "Div") else 0)
 
     def _keeps_shape(self, link: Link) -> bool:
         """The node's output is its data input (shape and type): no broadcasting to more."""

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from normfuse.onnxgraph.const import ConstantResolver
+from normfuse.onnxgraph.const import ConstantResolver, all_equal_to
 from normfuse.onnxgraph.graph import ELEMENTWISE_OPS, LINEAR_OPS, NORM_OPS
 from normfuse.onnxgraph.paths import LAYOUT_OPS, READ_BY_FOLD, dims_of
 from normfuse.onnxgraph.protos import quiet
@@ -293,15 +293,7 @@ def _may_change_nothing(node: ir.Node, consts: ConstantResolver) -> bool:
         if v is None or not consts.may_be_constant(v):
             continue
         c = consts.try_resolve(v)
-        if c is None or c.size == 0:
-            return True
-        # small constants (most of them on big graphs) as Python numbers: two numpy
-        # reductions per node were a tenth of a 200k-node fold
-        values = set(c.reshape(-1).tolist()) if c.size <= 64 else None
-        if values is not None:
-            if values <= {1} or values <= {0}:  # -0.0 == 0, NaN equals neither
-                return True
-        elif bool(np.all(c == 1)) or bool(np.all(c == 0)):
+        if c is None or c.size == 0 or all_equal_to(c, 1) or all_equal_to(c, 0):
             return True
     return False
 
