@@ -633,18 +633,23 @@ def _as_form(form: str, model: nn.Module, x: torch.Tensor):
     return torch.export.export(model, (x,)) if form == "exported" else model
 
 
-@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
-def test_a_norm_after_a_shared_conv_folds_into_the_conv_after_it(form):
-    model = randomize(_SharedStem()).eval()
-    x = _x(IMAGE)
+def _fold_in_form(form: str, model: nn.Module, x: torch.Tensor):
+    """Fold ``model`` as given on ``form``'s path with the default check, compare the result
+    with the original on ``x`` (within 1e-5), and return what runs and the report."""
     with torch.no_grad():
         ref = model(x)
-    given = _as_form(form, model, x)
-    folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
-    assert [e.direction for e in report.applied] == ["before"] and not report.skipped
+    folded, report = normfuse.fold(_as_form(form, model, x), example_inputs=(x,))
     run = folded.module() if form == "exported" else folded
     with torch.no_grad():
         assert max_rel(run(x), ref) < 1e-5
+    return run, report
+
+
+@pytest.mark.parametrize("form", ["module", "graphmodule", "exported"])
+def test_a_norm_after_a_shared_conv_folds_into_the_conv_after_it(form):
+    model = randomize(_SharedStem()).eval()
+    _, report = _fold_in_form(form, model, _x(IMAGE))
+    assert [e.direction for e in report.applied] == ["before"] and not report.skipped
 
 
 class _DoubleBNLinear(nn.Module):
@@ -675,15 +680,9 @@ def test_two_norms_between_two_linear_ops_fold_one_each_way(form, build):
     defined' on all three paths."""
     model = randomize(build()).eval()
     x = _x((4, 8) if build is _DoubleBNLinear else (2, 3, 8, 8))
-    with torch.no_grad():
-        ref = model(x)
-    given = _as_form(form, model, x)
-    folded, report = normfuse.fold(given, example_inputs=(x,))  # the default check
+    run, report = _fold_in_form(form, model, x)
     assert sorted(e.direction for e in report.applied) == ["after", "before"]
     assert not report.skipped
-    run = folded.module() if form == "exported" else folded
-    with torch.no_grad():
-        assert max_rel(run(x), ref) < 1e-5
     assert count_bn(run) == 0
 
 
@@ -724,14 +723,8 @@ def test_bn_folds_before_a_conv_that_pads_by_repeating(form, mode):
     model = randomize(
         nn.Sequential(nn.BatchNorm2d(8), nn.Conv2d(8, 6, 3, padding=1, padding_mode=mode))
     ).eval()
-    x = _x((2, 8, 7, 6))
-    with torch.no_grad():
-        ref = model(x)
-    folded, report = normfuse.fold(_as_form(form, model, x), example_inputs=(x,))
+    _, report = _fold_in_form(form, model, _x((2, 8, 7, 6)))
     assert [e.direction for e in report.applied] == ["before"] and not report.skipped
-    run = folded.module() if form == "exported" else folded
-    with torch.no_grad():
-        assert max_rel(run(x), ref) < 1e-5
 
 
 class _BNThenTransposedLinear(nn.Module):
@@ -781,14 +774,8 @@ def test_a_norm_folds_through_a_transpose_that_makes_its_channels_features(
 ):
     """The ONNX side folded these (its layout paths); the PyTorch paths left them."""
     model = randomize(build()).eval()
-    x = _x(shape)
-    with torch.no_grad():
-        ref = model(x)
-    folded, report = normfuse.fold(_as_form(form, model, x), example_inputs=(x,))
+    run, report = _fold_in_form(form, model, _x(shape))
     assert [e.direction for e in report.applied] == [direction] and not report.skipped
-    run = folded.module() if form == "exported" else folded
-    with torch.no_grad():
-        assert max_rel(run(x), ref) < 1e-5
     assert count_bn(run) == 0
 
 
