@@ -12,6 +12,7 @@ Example, inside an export pipeline::
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -27,6 +28,7 @@ import onnx_ir as ir
 from normfuse.core.errors import InputError, NormfuseError, StrictError
 from normfuse.core.report import ParityResult, Report
 from normfuse.core.verdict import FOLD_TOLERANCES, judge_parity, raise_for_parity, raise_for_strict
+from normfuse.onnxgraph import handover
 from normfuse.onnxgraph import io as onnx_io
 from normfuse.onnxgraph.fold import FoldOptions, fold_model, model_stats, run_fold
 from normfuse.onnxgraph.protos import to_proto
@@ -64,7 +66,29 @@ def load(source: object) -> ir.Model:
     modification time and refuses a changed file (docs/python.md).
     """
     loaded = onnx_io.load(source, copy=False, lazy=True)
-    onnx_io.remember_source(loaded)  # a rewrite of the unchanged model starts from its proto
+    handover.remember(loaded.model, loaded.proto)  # a rewrite of it unchanged starts from this
+    if isinstance(source, bytes):  # immutable: read again from the same bytes
+        return handover.LoadedModel(loaded.model, functools.partial(_read_again, source, None))
+    if loaded.path is None:
+        return loaded.model
+    path = Path(os.path.abspath(loaded.path))
+    read = functools.partial(_read_again, path, onnx_io.file_state(path))
+    return handover.LoadedModel(loaded.model, read, path)
+
+
+def _read_again(source: Path | bytes, state: object, model: ir.Model) -> ir.Model:
+    """``model``'s graph read again from its source, once a rewrite took the first; refused
+    when the file (or a file it reads) changed since ``model`` was read (``state``: the
+    model file's then)."""
+    onnx_io.check_unchanged(model)
+    if isinstance(source, Path) and onnx_io.file_state(source) != state:
+        raise InputError(
+            f"{source} changed since the model was read from it",
+            "load the model again; keep the file unchanged until the model is saved "
+            "(docs/python.md: lazy loading)",
+        )
+    loaded = onnx_io.load(source, copy=False, lazy=True)
+    handover.remember(loaded.model, loaded.proto)
     return loaded.model
 
 

@@ -22,8 +22,8 @@ from onnx import helper
 
 import normfuse
 from normfuse.core.errors import InputError
+from normfuse.onnxgraph import handover, shapes
 from normfuse.onnxgraph import io as onnx_io
-from normfuse.onnxgraph import shapes
 from normfuse.onnxgraph.const import ConstantResolver
 from tests.conftest import bn_node, bn_params, make_model, normal, run, tensor
 
@@ -310,3 +310,78 @@ def test_a_writable_array_of_the_caller_is_folded_at_once(rng):
     before = np.array(weight.numpy())
     w.const_value.numpy()[...] = 0
     assert not isinstance(weight, ir.LazyTensor) and np.array_equal(weight.numpy(), before)
+
+
+def _bn_count(model: ir.Model) -> int:
+    return sum(n.op_type == "BatchNormalization" for n in model.graph)
+
+
+def test_a_loaded_model_nobody_looked_into_is_handed_over_and_read_again(saved, tmp_path, rng):
+    """load -> fold takes the loaded graph as the command does (no copy); the caller's model
+    still has its BN and reads its graph again from the file, equal to a fresh load."""
+    m, path = saved
+    model = normfuse.load(path)
+    taken, proto = handover.take(normfuse.load(path))
+    assert proto is not None, "the source proto goes with it: shape inference copies it"
+    folded, report = normfuse.fold(model)  # checked against the file
+    assert report.parity is not None and report.parity.passed and len(report.applied) == 1
+    assert _bn_count(folded) == 0 and _bn_count(model) == 1
+    assert not {id(n) for n in folded.graph} & {id(n) for n in model.graph}
+    assert handover.take(model) is None, "looked into: a plain model, copied by a rewrite"
+    again, _ = normfuse.fold(model, check=False)  # now a copy of the caller's model
+    out = [normfuse.save(f, tmp_path / f"{i}.onnx") for i, f in enumerate((folded, again))]
+    assert onnx.load(out[0]) == onnx.load(out[1])
+    x = {"x": normal(rng, [2, 8, 6, 6])}
+    np.testing.assert_allclose(run(onnx.load(out[0]), x)[0], run(m, x)[0], rtol=1e-5, atol=1e-5)
+    assert [n.op_type for n in taken.graph] == [n.op_type for n in model.graph]
+
+
+def test_the_callers_fields_reach_the_rewrite_and_stay_the_callers(saved):
+    _, path = saved
+    model = normfuse.load(path)
+    model.producer_name = "mine"
+    model.metadata_props["stage"] = "export"
+    folded, _ = normfuse.fold(model, check=False)
+    assert folded.producer_name == "mine" and folded.metadata_props["stage"] == "export"
+    folded.metadata_props["stage"] = "folded"
+    folded.producer_name = "other"
+    assert model.producer_name == "mine" and model.metadata_props["stage"] == "export"
+    assert _bn_count(model) == 1
+
+
+def test_an_edit_before_the_rewrite_is_seen_and_the_graph_is_not_taken(saved, rng):
+    """The caller looked into the graph and changed it: the rewrite works on a copy of the
+    changed model (the edit counts), the caller's objects stay the caller's."""
+    m, path = saved
+    model = normfuse.load(path)
+    bn = next(n for n in model.graph if n.op_type == "BatchNormalization")
+    bn.attributes["epsilon"] = ir.AttrFloat32("epsilon", 0.5)
+    folded, report = normfuse.fold(model)  # checked against the edited model
+    assert report.parity is not None and report.parity.passed
+    assert bn.graph is model.graph and _bn_count(model) == 1
+    edited = onnx.ModelProto()
+    edited.CopyFrom(m)
+    node = next(n for n in edited.graph.node if n.op_type == "BatchNormalization")
+    node.attribute.append(helper.make_attribute("epsilon", 0.5))
+    x = {"x": normal(rng, [2, 8, 6, 6])}
+    got = run(ir.to_proto(folded), x)[0]
+    np.testing.assert_allclose(got, run(edited, x)[0], rtol=1e-5, atol=1e-5)
+    assert np.abs(got - run(m, x)[0]).max() > 1e-3, "the edit changes the result"
+
+
+def test_a_handed_over_model_refuses_a_changed_file_when_read_again(saved):
+    _, path = saved
+    model = normfuse.load(path)
+    normfuse.fold(model, check=False)  # took its graph
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(InputError, match="changed since the model was read"):
+        _ = model.graph
+
+
+def test_a_model_loaded_from_bytes_is_handed_over_and_read_again(rng):
+    m = _conv_bn(rng)
+    model = normfuse.load(m.SerializeToString())
+    folded, report = normfuse.fold(model)
+    assert report.parity is not None and report.parity.passed
+    assert _bn_count(folded) == 0 and _bn_count(model) == 1

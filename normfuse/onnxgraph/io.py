@@ -24,7 +24,6 @@ import logging
 import os
 import stat
 import tempfile
-import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from google.protobuf.message import DecodeError
 
 from normfuse.core.errors import InputError, OutputExistsError
 from normfuse.core.gcpause import gc_paused
+from normfuse.onnxgraph import handover
 from normfuse.onnxgraph.graph import may_hold_subgraphs, proto_nbytes
 from normfuse.onnxgraph.protos import (
     VALUE_INFO_KEY,
@@ -63,10 +63,10 @@ __all__ = [
     "copy_model",
     "file_identity",
     "file_kind",
+    "file_state",
     "has_external_data",
     "load",
     "reads_lazily",
-    "remember_source",
     "save",
     "to_kind",
     "unwrap",
@@ -288,8 +288,12 @@ def _load(source: object, copy: bool, lazy: bool) -> Loaded:
         return Loaded(model, "proto", proto=source)
     if isinstance(source, ir.Model):
         check_unchanged(source)
+        taken = handover.take(source) if copy else None
+        if taken is not None:  # from normfuse.load, never looked into: no copy to make
+            model, proto = taken
+            return Loaded(model, "ir", path=handover.path_of(source), original=source, proto=proto)
         model = copy_model(source) if copy else source
-        return Loaded(model, "ir", original=source, proto=_proto_if_unchanged(source))
+        return Loaded(model, "ir", original=source, proto=handover.proto_if_unchanged(source))
     if _is_onnx_program(source):
         inner = source.model  # type: ignore[attr-defined]
         model = copy_model(inner) if copy else inner
@@ -318,57 +322,6 @@ def copy_model(model: ir.Model) -> ir.Model:
     return copied
 
 
-#: Models read from a path -> (the ModelProto they were read from, their fingerprint then).
-#: A model the caller has not changed since (same nodes, wiring, attributes, inputs and
-#: initializers, no subgraphs or functions) hands its proto to the next rewrite as a fresh
-#: load does; any change and it is not used. Entries go with their models.
-_READ_FROM: weakref.WeakKeyDictionary[ir.Model, tuple[onnx.ModelProto, Any]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _fingerprint(model: ir.Model) -> Any:
-    """What shape inference reads of the main graph, as identities and names; ``None`` when
-    the model has functions or subgraphs (their insides are not covered)."""
-    graph = model.graph
-    if model.functions:
-        return None
-    nodes = []
-    for node in graph:
-        attrs = []
-        for name, attr in node.attributes.items():
-            if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                return None
-            attrs.append((name, id(attr)))
-        nodes.append(
-            (
-                id(node),
-                node.domain,
-                node.op_type,
-                tuple(v.name if v is not None else None for v in node.inputs),
-                tuple(v.name for v in node.outputs),
-                tuple(attrs),
-            )
-        )
-    inputs = tuple((v.name, id(v.type), id(v.shape), str(v.shape)) for v in graph.inputs)
-    inits = tuple((k, id(v.const_value)) for k, v in graph.initializers.items())
-    return (model.ir_version, tuple(model.opset_imports.items()), tuple(nodes), inputs, inits)
-
-
-def remember_source(loaded: Loaded) -> None:
-    """Keep the ModelProto ``loaded`` was read from for a later rewrite of its model by the
-    caller, valid while the model stays as it is now (for :func:`normfuse.load`)."""
-    if loaded.proto is not None:
-        _READ_FROM[loaded.model] = (loaded.proto, _fingerprint(loaded.model))
-
-
-def _proto_if_unchanged(model: ir.Model) -> onnx.ModelProto | None:
-    known = _READ_FROM.get(model)
-    if known is None or known[1] is None or _fingerprint(model) != known[1]:
-        return None
-    return known[0]
-
-
 def _graphs(model: ir.Model) -> list[ir.Graph]:
     """``model.graphs()`` (the main graph and its subgraphs); without onnx_ir's recursive walk
     when no node holds a subgraph, which on big graphs cost ~18 µs a node per call."""
@@ -383,6 +336,14 @@ def _graphs(model: ir.Model) -> list[ir.Graph]:
 
 def _state(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_state(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """A file's (device, inode, size, mtime in ns), or ``None`` when it cannot be read."""
+    try:
+        return _state(os.stat(path))
+    except OSError:
+        return None
 
 
 def check_unchanged(model: ir.Model) -> None:
