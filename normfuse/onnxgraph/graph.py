@@ -45,6 +45,7 @@ __all__ = [
     "reads_shape_only",
     "resolve_const",
     "take_over",
+    "tensor_proto_nbytes",
     "users",
     "value_names",
 ]
@@ -276,7 +277,12 @@ def proto_nbytes(tensor: Any) -> int | None:
     for other tensors and for types without a bit width."""
     if type(tensor) is not _PROTO_TENSOR:
         return None
-    proto = tensor.raw
+    return tensor_proto_nbytes(tensor.raw)
+
+
+def tensor_proto_nbytes(proto: Any) -> int | None:
+    """The bytes a TensorProto's dims and element type need, ``None`` for types without a bit
+    width. Unlike ``ByteSize()``, which encodes the message to count it, it reads no data."""
     bits = _BITS.get(proto.data_type)
     return None if bits is None else (math.prod(proto.dims) * bits + 7) // 8
 

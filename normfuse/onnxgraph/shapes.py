@@ -21,7 +21,12 @@ import onnx
 import onnx_ir as ir
 
 from normfuse.onnxgraph.const import ConstantResolver, all_equal_to
-from normfuse.onnxgraph.graph import ELEMENTWISE_OPS, LINEAR_OPS, NORM_OPS
+from normfuse.onnxgraph.graph import (
+    ELEMENTWISE_OPS,
+    LINEAR_OPS,
+    NORM_OPS,
+    tensor_proto_nbytes,
+)
 from normfuse.onnxgraph.paths import LAYOUT_OPS, READ_BY_FOLD, dims_of
 from normfuse.onnxgraph.protos import quiet
 
@@ -316,8 +321,11 @@ def _light_copy(model: ir.Model, source: onnx.ModelProto) -> onnx.ModelProto | N
     g.value_info.extend(src.value_info)
     inputs = {i.name for i in src.input}
     for tensor in src.initializer:
-        large = tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.ByteSize() > (
-            _INFER_INLINE_BYTES + 64
+        nbytes = tensor_proto_nbytes(tensor)
+        large = tensor.data_location == onnx.TensorProto.EXTERNAL or (
+            tensor.ByteSize() > _INFER_INLINE_BYTES + 64
+            if nbytes is None
+            else nbytes > _INFER_INLINE_BYTES
         )
         if not large:
             g.initializer.append(tensor)

@@ -38,6 +38,7 @@ from normfuse.core.verdict import (
 )
 from normfuse.onnxgraph import wire
 from normfuse.onnxgraph.const import SHAPE_READERS
+from normfuse.onnxgraph.graph import tensor_proto_nbytes
 from normfuse.onnxgraph.paths import LAYOUT_OPS
 from normfuse.runtime.sessions import ModelSource, run_session
 
@@ -185,6 +186,16 @@ class Graph:
     @property
     def nodes(self) -> int:
         return len(self.proto.graph.node)
+
+    def inline_bytes(self) -> int:
+        """The bytes of the initializers held in the graph itself (not external), counted from
+        their dims and types (``ByteSize()`` would encode them to count them)."""
+        total = 0
+        for t in self.proto.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                n = tensor_proto_nbytes(t)
+                total += t.ByteSize() if n is None else n
+        return total
 
     def outputs(self) -> list[str]:
         return [o.name for o in self.proto.graph.output]

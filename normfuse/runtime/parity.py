@@ -444,7 +444,7 @@ def check_by_noise(
     if selects is not None:
         notes.append(selects)
     wanted = names + shared
-    reread = graph.proto.ByteSize() > _REREAD_BYTES
+    reread = graph.inline_bytes() > _REREAD_BYTES
     if reread:
         graph.release()  # its tensors are read again once the reference's session is gone
     ref_weights = reference.weights()
