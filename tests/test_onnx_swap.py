@@ -694,3 +694,115 @@ def test_insert_after_the_activation_knows_silu_as_exporters_write_it(rng):
     assert last.reason is not None or any("no activation" in w for w in last.warnings)
     x = {"x": normal(rng, [2, 3, 6, 6])}
     assert _rel(run(new, x)[0], run(model, x)[0]) <= 1e-6
+
+
+def _const(name: str, value: float) -> onnx.NodeProto:
+    return helper.make_node(
+        "Constant", [], [name], value=helper.make_tensor(name, TP.FLOAT, [], [value])
+    )
+
+
+_WRITTEN_OUT = {  # activation -> its nodes on "c", ending in "a" (as the exporters write them)
+    "gelu_legacy": [  # torch.onnx.export(dynamo=False) of nn.GELU()
+        _const("sq2", 1.4142135),
+        _const("one", 1.0),
+        _const("half", 0.5),
+        helper.make_node("Div", ["c", "sq2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["p"]),
+        helper.make_node("Mul", ["c", "p"], ["m"]),
+        helper.make_node("Mul", ["m", "half"], ["a"]),
+    ],
+    "gelu_tanh": [
+        _const("three", 3.0),
+        _const("k", 0.044715),
+        _const("r", 0.7978846),
+        _const("one", 1.0),
+        _const("half", 0.5),
+        helper.make_node("Pow", ["c", "three"], ["c3"]),
+        helper.make_node("Mul", ["c3", "k"], ["kc3"]),
+        helper.make_node("Add", ["c", "kc3"], ["inner"]),
+        helper.make_node("Mul", ["inner", "r"], ["arg"]),
+        helper.make_node("Tanh", ["arg"], ["t"]),
+        helper.make_node("Add", ["one", "t"], ["p"]),
+        helper.make_node("Mul", ["half", "c"], ["h"]),
+        helper.make_node("Mul", ["h", "p"], ["a"]),
+    ],
+    "hardswish": [
+        _const("three", 3.0),
+        _const("six", 6.0),
+        helper.make_node("Add", ["c", "three"], ["c3"]),
+        helper.make_node("Clip", ["c3"], ["cl"]),
+        helper.make_node("Mul", ["c", "cl"], ["m"]),
+        helper.make_node("Div", ["m", "six"], ["a"]),
+    ],
+    "mish": [
+        helper.make_node("Softplus", ["c"], ["sp"]),
+        helper.make_node("Tanh", ["sp"], ["t"]),
+        helper.make_node("Mul", ["c", "t"], ["a"]),
+    ],
+}
+
+
+@pytest.mark.parametrize("activation", sorted(_WRITTEN_OUT))
+def test_insert_after_an_activation_written_out_elementwise(rng, activation):
+    """GELU as the legacy exporter writes it (Div/Erf/Add/Mul/Mul), its tanh form, HardSwish
+    and Mish: the norm goes after the activation's last op (GELU's ``* 0.5`` included), and a
+    per-channel scale after it (a layer scale) is not taken for part of it."""
+    scale = tensor("ls", rng.uniform(0.5, 1.5, (1, 5, 1, 1)).astype(np.float32))
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            *_WRITTEN_OUT[activation],
+            helper.make_node("Mul", ["a", "ls"], ["s"]),
+            helper.make_node("Conv", ["s", "w2"], ["y"]),
+        ],
+        [("x", TP.FLOAT, [2, 3, 6, 6])],
+        [("y", TP.FLOAT, [2, 4, 6, 6])],
+        [tensor("w", normal(rng, (5, 3, 3, 3))), tensor("w2", normal(rng, (4, 5, 1, 1))), scale],
+    )
+    new, report = normfuse.insert(model, after=["Conv"], before_activation=False)  # checked
+    first = report.entries[0]
+    assert first.status == "applied" and any("after the activation" in w for w in first.warnings)
+    bn = next(n for n in new.graph.node if n.op_type == "BatchNormalization")
+    layer_scale = next(n for n in new.graph.node if "ls" in n.input)
+    assert layer_scale.input[0] == bn.output[0], "between the activation and the layer scale"
+    assert bn.input[0] == "a_before_norm"
+    x = {"x": normal(rng, [2, 3, 6, 6])}
+    assert _rel(run(new, x)[0], run(model, x)[0]) <= 1e-6
+
+
+def test_written_out_ops_that_read_another_tensor_are_no_activation(rng):
+    """``c * Sigmoid(c) + r`` with ``r`` another tensor ends at the Mul (the SiLU); a SiLU whose
+    input also feeds another op is no activation of the Conv alone: the norm goes after the
+    Conv."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["c"], ["g"]),
+        helper.make_node("Mul", ["c", "g"], ["a"]),
+        helper.make_node("Add", ["a", "x5"], ["y"]),
+    ]
+    model = make_model(
+        nodes,
+        [("x", TP.FLOAT, [2, 3, 6, 6]), ("x5", TP.FLOAT, [2, 5, 6, 6])],
+        [("y", TP.FLOAT, [2, 5, 6, 6])],
+        [tensor("w", normal(rng, (5, 3, 3, 3)))],
+    )
+    new, _ = normfuse.insert(model, after=["Conv"], before_activation=False)
+    bn = next(n for n in new.graph.node if n.op_type == "BatchNormalization")
+    assert bn.input[0] == "a_before_norm"
+    branch = [  # c also read by a Conv: the SiLU is no activation of c alone
+        *nodes[:3],
+        helper.make_node("Conv", ["c", "w3"], ["z"]),
+        helper.make_node("Add", ["a", "z"], ["y"]),
+    ]
+    model = make_model(
+        branch,
+        [("x", TP.FLOAT, [2, 3, 6, 6])],
+        [("y", TP.FLOAT, [2, 5, 6, 6])],
+        [tensor("w", normal(rng, (5, 3, 3, 3))), tensor("w3", normal(rng, (5, 5, 1, 1)))],
+    )
+    new, report = normfuse.insert(model, after=["Conv"], before_activation=False)
+    bn = next(n for n in new.graph.node if n.op_type == "BatchNormalization")
+    assert bn.input[0] == "c_before_norm"
+    assert any("no activation" in w for w in report.entries[0].warnings)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,25 +58,109 @@ _ACTIVATIONS = frozenset(
 )
 
 
+#: Ops of an activation written out elementwise (GELU as ``x * (1 + Erf(x / sqrt2)) * 0.5``,
+#: its tanh form, SiLU ``x * Sigmoid(x)``, HardSwish ``x * HardSigmoid(x)`` or
+#: ``x * Clip(x + 3, 0, 6) / 6``, Mish ``x * Tanh(Softplus(x))``), and the nonlinear ones, one of
+#: which it needs.
+_PARTS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Sqrt", "Abs", "Min", "Max"}
+    | {"Erf", "Tanh", "Sigmoid", "HardSigmoid", "Clip", "Relu", "Softplus", "Exp", "Log"}
+)
+_NONLINEAR = _PARTS - {"Add", "Sub", "Mul", "Div", "Neg"}
+_MAX_PARTS = 16
+
+
 def _after_activation(out: ir.Value, uses: list[Any]) -> ir.Value:
-    """The output of the activation that alone reads ``out``: an activation op, or SiLU as the
-    exporters write it (``Mul(x, Sigmoid(x))``); ``out`` itself when none does."""
+    """The output of the activation that alone reads ``out``: an activation op, or one written
+    out elementwise (:data:`_PARTS`); ``out`` itself when none does."""
     if len(uses) == 1 and uses[0].node.op_type in _ACTIVATIONS:
         return uses[0].node.outputs[0]
-    nodes = {id(u.node): u.node for u in uses}
-    if len(uses) == 2 and len(nodes) == 2:
-        sig = next((n for n in nodes.values() if n.op_type == "Sigmoid"), None)
-        mul = next((n for n in nodes.values() if n.op_type == "Mul"), None)
-        if sig is not None and mul is not None:
-            gate = sig.outputs[0]
-            reads = [u.node for u in gate.uses()]
-            if (
-                set(map(id, mul.inputs)) == {id(out), id(gate)}
-                and reads == [mul]
-                and not gate.is_graph_output()
-            ):
-                return mul.outputs[0]
-    return out
+    return _written_out_activation(out) or out
+
+
+def _scalar_constant(value: ir.Value | None) -> bool:
+    if value is None:
+        return False
+    tensor = value.const_value
+    producer = value.producer()
+    if tensor is None and producer is not None and producer.op_type == "Constant":
+        attr = producer.attributes.get("value")
+        tensor = attr.value if attr is not None else None
+    return tensor is not None and math.prod(tensor.shape.numpy()) == 1
+
+
+def _written_out_activation(out: ir.Value) -> ir.Value | None:
+    """Where an activation written out as elementwise ops on ``out`` and scalar constants ends:
+    the first value that every other value of those ops flows into (with a nonlinear op among
+    them), then any scalar scale after it (GELU's ``* 0.5``); ``None`` when there is none."""
+    found: list[ir.Node] = []  # the elementwise ops reached from ``out``, in reaching order
+    seen: set[int] = set()
+    todo = [u.node for u in out.uses()]
+    while todo and len(found) < _MAX_PARTS:
+        node = todo.pop(0)
+        if id(node) in seen or node.op_type not in _PARTS or node.domain not in ("", "ai.onnx"):
+            continue
+        seen.add(id(node))
+        found.append(node)
+        for o in node.outputs:
+            todo.extend(u.node for u in o.uses())
+    members = {id(n) for n in found}
+    for node in found:
+        end = node.outputs[0]
+        part = _ancestors_within(end, members)
+        if _closed(out, end, part):
+            return _after_scalar_scales(end)
+    return None
+
+
+def _ancestors_within(end: ir.Value, members: set[int]) -> dict[int, ir.Node]:
+    """The nodes of ``members`` that ``end`` is computed from (its producer included)."""
+    part: dict[int, ir.Node] = {}
+    todo = [end.producer()]
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in part or id(node) not in members:
+            continue
+        part[id(node)] = node
+        todo.extend(v.producer() for v in node.inputs if v is not None)
+    return part
+
+
+def _closed(out: ir.Value, end: ir.Value, part: dict[int, ir.Node]) -> bool:
+    """Whether ``part`` computes ``end`` from ``out`` and scalar constants alone, with a
+    nonlinear op, every use of ``out`` and of its inner values inside it."""
+    if len(part) < 2 or not any(n.op_type in _NONLINEAR for n in part.values()):
+        return False
+    if any(id(u.node) not in part for u in out.uses()) or out.is_graph_output():
+        return False
+    for node in part.values():
+        for v in node.inputs:
+            if v is None or v is out:
+                continue
+            producer = v.producer()
+            if (producer is None or id(producer) not in part) and not _scalar_constant(v):
+                return False
+        for o in node.outputs:
+            if o is end:
+                continue
+            if o.is_graph_output() or any(id(u.node) not in part for u in o.uses()):
+                return False
+    return True
+
+
+def _after_scalar_scales(value: ir.Value) -> ir.Value:
+    """``value``, or the output of the Mul/Div by a scalar constant that alone reads it (again
+    and again)."""
+    while not value.is_graph_output():
+        uses = list(value.uses())
+        if len(uses) != 1 or (uses[0].idx != 0 and uses[0].node.op_type == "Div"):
+            break
+        node = uses[0].node
+        other = [v for v in node.inputs if v is not value]
+        if node.op_type not in ("Mul", "Div") or len(other) != 1 or not _scalar_constant(other[0]):
+            break
+        value = node.outputs[0]
+    return value
 
 
 def insert_model(
