@@ -64,6 +64,11 @@ def load(source: object) -> ir.Model:
     (memory maps) and are read when used or copied file to file by :func:`save`. The file must
     stay unchanged until then: :func:`save` (and any rewrite) checks its size, inode and
     modification time and refuses a changed file (docs/python.md).
+
+    From a path or ``bytes`` the model is a :class:`normfuse.onnxgraph.handover.LoadedModel`
+    (an ``onnx_ir.Model``): a rewrite of it that comes before the caller looks into its graph
+    takes that graph instead of copying it, and the model reads its graph again when next
+    looked at.
     """
     loaded = onnx_io.load(source, copy=False, lazy=True)
     handover.remember(loaded.model, loaded.proto)  # a rewrite of it unchanged starts from this
