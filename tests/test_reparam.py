@@ -321,6 +321,23 @@ def test_sequential_more_expensive_refused(rng):
     assert entries[0].status == "skipped" and "multiply-adds" in entries[0].reason
 
 
+def test_separable_conv_is_refused_on_cost_before_any_weight_is_merged(rng, monkeypatch):
+    """A depthwise 3x3 then a pointwise conv (Keras SeparableConv2D): the merge would cost
+    more, which the shapes tell; composing first built a dense weight (Xception: 2 s a pair)."""
+    from normfuse.core import branches
+
+    def never(*args, **kwargs):
+        raise AssertionError("composed although the shapes refuse the merge")
+
+    monkeypatch.setattr(branches, "compose", never)
+    b = Block(rng, channels=16)
+    out = b.conv(b.conv("x", 16, 3, group=16, bias=False), 24, 1, cin=16)
+    model = b.model(out)
+    merged, entries = merge(model)
+    assert ops(merged) == ops(model)
+    assert entries[0].status == "skipped" and "(3456 vs 528 per position)" in entries[0].reason
+
+
 def test_dbb_block(rng):
     b = Block(rng)
     pool = b.bn(b.node("AveragePool", [b.bn(b.conv("x", 6, 1))], kernel_shape=[3, 3], pads=[0] * 4))

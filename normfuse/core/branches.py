@@ -261,14 +261,7 @@ def compose(
             "shift make the intermediate tensor non-zero there: the merged conv would differ at "
             "the borders"
         )
-    if not (first.is_pointwise or second.is_pointwise):
-        raise Incompatible("neither conv is 1x1 without stride or padding")
-    if first.group == second.group:
-        group = first.group
-    elif first.group == 1 or second.group == 1:
-        group = 1
-    else:
-        raise Incompatible(f"groups differ ({first.group} then {second.group})")
+    group = _composed_group(first, second)
     w1 = first.dense() * s.reshape((mid,) + (1,) * (first.weight.ndim - 1))
     w2 = second.dense()
     if first.is_pointwise:  # (D, M, *k) x (M, C) -> (D, C, *k)
@@ -293,6 +286,33 @@ def compose(
         geometry.pads_end,
         group,
     )
+
+
+def _composed_group(first: Kernel, second: Kernel) -> int:
+    """The group count of :func:`compose`'s result.
+
+    Raises:
+        Incompatible: Neither conv is pointwise, or their groups cannot be merged.
+    """
+    if not (first.is_pointwise or second.is_pointwise):
+        raise Incompatible("neither conv is 1x1 without stride or padding")
+    if first.group == second.group:
+        return first.group
+    if first.group == 1 or second.group == 1:
+        return 1
+    raise Incompatible(f"groups differ ({first.group} then {second.group})")
+
+
+def composed_macs(first: Kernel, second: Kernel) -> int:
+    """The multiply-adds per output position of :func:`compose`'s result, from the shapes
+    alone (composing a depthwise conv with a pointwise one builds a dense weight first).
+
+    Raises:
+        Incompatible: As :func:`compose` for the geometry.
+    """
+    group = _composed_group(first, second)
+    geometry = second if first.is_pointwise else first
+    return second.out_channels * (first.in_channels // group) * math.prod(geometry.shape)
 
 
 def as_vector(coef: np.ndarray | float | None) -> np.ndarray:

@@ -412,7 +412,8 @@ class _Merger:
             conv0, mid_nodes, s, t = first
             try:
                 k0 = self._conv_kernel(conv0)
-                if k0.is_pointwise or k.is_pointwise:
+                cheap = branches.composed_macs(k0, k) <= k.macs() + k0.macs() * math.prod(k.strides)
+                if (k0.is_pointwise or k.is_pointwise) and cheap:  # before the dense merge
                     merged = branches.compose(k0, k, s, t)
                     label = "x".join(map(str, k0.shape)) + "->" + label
                     cost += k0.macs() * (math.prod(k.strides) if k0.is_pointwise else 1)
@@ -752,17 +753,19 @@ class _Merger:
         if not (k0.is_pointwise or k1.is_pointwise):
             return None
         pair = f"{'x'.join(map(str, k0.shape))}->{'x'.join(map(str, k1.shape))}"
-        try:
-            merged = branches.compose(k0, k1, s, t)
+        cost = k1.macs() + k0.macs() * (math.prod(k1.strides) if k0.is_pointwise else 1)
+        try:  # the cost from the shapes first: a depthwise conv's merge builds a dense weight
+            macs = branches.composed_macs(k0, k1)
+            if macs <= cost:
+                merged = branches.compose(k0, k1, s, t)
         except Incompatible as exc:
             return self._entry(conv, "skipped", reason=f"{pair}: {exc}")
-        cost = k1.macs() + k0.macs() * (math.prod(k1.strides) if k0.is_pointwise else 1)
-        if merged.macs() > cost:
+        if macs > cost:
             return self._entry(
                 conv,
                 "skipped",
                 reason=f"{pair}: the merged conv would cost more multiply-adds "
-                f"({merged.macs()} vs {cost} per position)",
+                f"({macs} vs {cost} per position)",
             )
         target = f"Conv '{node_name(conv)}' ({pair})"
         if self.dry_run:

@@ -121,14 +121,6 @@ def _tuple(value: Any, n: int) -> tuple[int, ...]:
     return out * n if len(out) == 1 else out
 
 
-def _composed_macs(first: Kernel, second: Kernel) -> int:
-    """Multiply-adds per position of :func:`~normfuse.core.branches.compose` ``(first,
-    second)``, without composing: a group count that differs makes it dense."""
-    group = first.group if first.group == second.group else 1
-    kernel = second.shape if first.is_pointwise else first.shape
-    return second.out_channels * (first.in_channels // group) * math.prod(kernel)
-
-
 def reparam_graph(
     gm: fx.GraphModule, label: str = "", earlier: list[Entry] | None = None, prefix: str = ""
 ) -> list[Entry]:
@@ -569,7 +561,9 @@ class _Merger:
                 (k0, _), mids, mid_trail = first
                 try:
                     s, t = self.trail_affine(mid_trail, k.weight.ndim)
-                    cheap = _composed_macs(k0, k) <= k.macs() + k0.macs() * math.prod(k.strides)
+                    cheap = branches.composed_macs(k0, k) <= k.macs() + k0.macs() * math.prod(
+                        k.strides
+                    )
                     if (k0.is_pointwise or k.is_pointwise) and cheap:
                         merged = branches.compose(k0, k, s, t)
                         label = "x".join(map(str, k0.shape)) + "->" + label
@@ -838,14 +832,13 @@ class _Merger:
             return None
         pair = f"{'x'.join(map(str, k0.shape))}->{'x'.join(map(str, k1.shape))}"
         cost = k1.macs() + k0.macs() * (math.prod(k1.strides) if k0.is_pointwise else 1)
-        macs = _composed_macs(k0, k1)
-        if macs <= cost:  # else refused before the (dense, costly) composition
-            try:
+        try:
+            macs = branches.composed_macs(k0, k1)
+            if macs <= cost:  # else refused before the (dense, costly) composition
                 s, t = self.trail_affine(mid_trail, k1.weight.ndim)
                 merged = branches.compose(k0, k1, s, t)
-            except (Incompatible, ValueError) as exc:
-                return self._entry(op, "skipped", reason=f"{pair}: {exc}")
-            macs = merged.macs()
+        except (Incompatible, ValueError) as exc:
+            return self._entry(op, "skipped", reason=f"{pair}: {exc}")
         if macs > cost:
             return self._entry(
                 op,
