@@ -952,14 +952,17 @@ def _defaults(i: int) -> str:
     "--atol",
     multiple=True,
     metavar="[NAME=]X",
-    help=f"Absolute tolerance, for every output or one (repeatable) [default: {_defaults(0)}].",
+    help="Absolute tolerance, for every output or one (repeatable). Given, it replaces the "
+    "tolerance measured on the models (README: how the check judges a rewrite), outputs only; "
+    f"where none can be measured: {_defaults(0)}.",
 )
 @click.option(
     "--rtol",
     multiple=True,
     metavar="[NAME=]X",
-    help="Relative tolerance, times max|reference| (repeatable, per output too) "
-    f"[default: {_defaults(1)}].",
+    help="Relative tolerance, times max|reference| (repeatable, per output too). Given, it "
+    "replaces the tolerance measured on the models, outputs only; where none can be measured: "
+    f"{_defaults(1)}.",
 )
 @click.option(
     "--bisect", is_flag=True, help="On failure, name the first intermediate tensor that differs."
