@@ -313,6 +313,44 @@ def test_paddle_conv_add_identity_bn():
     _assert_folded(model, folded, report, ["bn", "p2o.Add.0"])
 
 
+@pytest.mark.parametrize("source", ["Concat", "Conv"])
+def test_paddle_identity_fan_out_is_named_only_where_a_linear_op_lies_beyond(source):
+    """paddle2onnx DenseNet: ``Concat -> Identity -> {BN, Identity}``. The BN stays because no
+    linear op lies beyond the Identity, which is the reason to give (the fan-out blamed before
+    would not fold it if removed); beyond a Conv the fan-out is what stops the fold."""
+    rng = _rng(9)
+    conv = dict(kernel_shape=[1, 1], pads=[0, 0, 0, 0], strides=[1, 1])
+    first = (
+        T("Concat", ["x", "x"], ["cat"], name="p2o.Concat.0", axis=1)
+        if source == "Concat"
+        else T("Conv", ["x", "w0"], ["cat"], name="p2o.Conv.0", **conv)
+    )
+    nodes = [
+        first,
+        T("Identity", ["cat"], ["cat.id"], name="p2o.Identity.9"),
+        T("Identity", ["cat.id"], ["cat.id2"], name="p2o.Identity.10"),
+        bn_node("cat.id", "b", "bn", epsilon=1e-5, momentum=0.9),
+        T("Relu", ["b"], ["r"], name="p2o.Relu.0"),
+        T("Conv", ["r", "w1"], ["y"], name="p2o.Conv.1", **conv),
+    ]
+    inits = [tensor("w0", _w(rng, 6, 3, 1, 1)), tensor("w1", _w(rng, 4, 6, 1, 1))]
+    inits += bn_params(rng, 6)
+    model = _paddle(
+        nodes,
+        [("x", F, [B, 3, 5, 5])],
+        [("y", F, [B, 4, 5, 5]), ("cat.id2", F, [B, 6, 5, 5])],
+        inits,
+    )
+    folded, report = _fold(model, {"x": rng.standard_normal((2, 3, 5, 5)).astype(np.float32)})
+    _assert_refused(model, folded, report, "bn")
+    reason = next(e.reason for e in report.skipped if e.node == "bn")
+    if source == "Concat":
+        assert "its input comes from Concat 'p2o.Concat.0', not a linear op" in reason, reason
+        assert "also feeds" not in reason.split(";")[0], reason
+    else:
+        assert "the output of Identity 'p2o.Identity.9' also feeds" in reason, reason
+
+
 def test_paddle_matmul_add_identity_bn():
     rng = _rng(4)
     nodes = [

@@ -65,7 +65,7 @@ from normfuse.onnxgraph.graph import (
     value_names,
 )
 from normfuse.onnxgraph.linear import Linear, LinearReader, check_range, lines_up
-from normfuse.onnxgraph.paths import AxisPath, walk_back, walk_forward
+from normfuse.onnxgraph.paths import AxisPath, origin, walk_back, walk_forward
 from normfuse.onnxgraph.shapes import InferredShapes
 from normfuse.onnxgraph.writer import GraphWriter, deferrable
 
@@ -354,8 +354,12 @@ class _Folder:
         if producer.graph is not head.node.graph:
             return 0, "its input comes from an outer graph"
         path, stop = walk_back(head.data, head.node, self.consts)
-        if stop is not None:
-            return 0, stop
+        if stop is not None:  # unless no linear op lies beyond, whatever the layout ops do
+            start = origin(head.data, head.node).producer()
+            if start is None or start.graph is not head.node.graph:
+                return 0, stop
+            found = self.reader.producer_linear(start)
+            return 0, found if isinstance(found, str) else stop
         via = f" through {path.describe()}" if path is not None else ""
         if path is not None:
             producer = path.start.producer()

@@ -46,6 +46,7 @@ __all__ = [
     "AxisPath",
     "Step",
     "dims_of",
+    "origin",
     "shape_elements",
     "walk_back",
     "walk_forward",
@@ -516,6 +517,16 @@ def walk_back(
         consumer = producer
         value = producer.inputs[0]  # type: ignore[assignment]
     return (AxisPath(steps[::-1]) if steps else None), None
+
+
+def origin(value: ir.Value, consumer: ir.Node) -> ir.Value:
+    """The value that the layout ops leading to ``value`` start from, whoever else reads them
+    (where :func:`walk_back` stops early, what the walk would have reached)."""
+    producer = value.producer()
+    while _layout_node(producer, consumer) and producer.inputs and producer.inputs[0] is not None:  # type: ignore[union-attr]
+        consumer, value = producer, producer.inputs[0]  # type: ignore[assignment,union-attr]
+        producer = value.producer()
+    return value
 
 
 def walk_forward(value: ir.Value, consts: ConstantResolver) -> tuple[AxisPath | None, str | None]:
