@@ -369,11 +369,14 @@ def test_bench_help_mentions_no_parity_check():
 
 
 def test_check_help_states_the_default_tolerances():
+    """By default the tolerance is measured on the models; the figures are the fall-back."""
     result = invoke("check", "--help")
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     tolerances = text[text.index("--atol") : text.index("--bisect")]
-    assert "default" in tolerances.lower(), tolerances
+    assert "measured on the models" in tolerances, tolerances
+    assert "where none can be measured: float 1e-06" in tolerances, tolerances
+    assert "where none can be measured: float 5e-05" in tolerances, tolerances
 
 
 def test_inspect_applies_nothing_and_does_not_call_raise_candidates_foldable():

@@ -351,6 +351,44 @@ def test_paddle_identity_fan_out_is_named_only_where_a_linear_op_lies_beyond(sou
         assert "the output of Identity 'p2o.Identity.9' also feeds" in reason, reason
 
 
+def test_keras_preprocessing_scale_after_a_shift_folds_alone_into_the_padded_stem():
+    """Keras' Rescaling then Normalization before a 'same'-padded stem conv (EfficientNetV2):
+    ``x * 1/255 - mean`` then ``* 1/std``. The shift cannot fold into a conv that pads its input
+    with zeros, but the last scale alone can, exactly; ``--norm-affine`` is offered only for it,
+    and folds it; the other two keep the padding reason."""
+    rng = _rng(11)
+    mean = rng.uniform(0.3, 0.6, (1, 3, 1, 1)).astype(np.float32)
+    inv_std = rng.uniform(2.0, 5.0, (1, 3, 1, 1)).astype(np.float32)
+    nodes = [
+        T("Mul", ["x", "k255"], ["r"], name="rescaling/mul"),
+        T("Sub", ["r", "mean"], ["c"], name="normalization/sub"),
+        T("Mul", ["c", "inv_std"], ["n"], name="normalization/truediv"),
+        T("Conv", ["n", "w"], ["y"], name="stem_conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    inits = [
+        tensor("k255", np.array(1 / 255, np.float32)),
+        tensor("mean", mean),
+        tensor("inv_std", inv_std),
+        tensor("w", _w(rng, 8, 3, 3, 3)),
+    ]
+    model = _tf2onnx(
+        make_model(nodes, [("x", F, [1, 3, 8, 8])], [("y", F, [1, 8, 8, 8])], inits, opset=13), 13
+    )
+    feeds = {"x": rng.uniform(0, 255, (1, 3, 8, 8)).astype(np.float32)}
+    _, report = _fold(model, feeds)
+    fixes = {e.node: e.fix for e in report.skipped}
+    assert fixes == {
+        "rescaling/mul": None,
+        "normalization/sub": None,
+        "normalization/truediv": "pass --norm-affine (norm_affine=True)",
+    }, fixes
+    padding = [e for e in report.skipped if "pads its input with zeros" in e.reason]
+    assert {e.node for e in padding} == {"rescaling/mul", "normalization/sub"}
+    folded, report = _fold(model, feeds, norm_affine=True)
+    assert [e.node for e in report.applied] == ["normalization/truediv"]
+    assert _ops(folded) == ["Mul", "Sub", "Conv"]
+
+
 def test_paddle_matmul_add_identity_bn():
     rng = _rng(4)
     nodes = [

@@ -215,9 +215,9 @@ class _Folder:
         done: dict[int, tuple[str | None, str]] = {}  # chain index -> (direction, target)
         if any(reportable):
             k, after_reason = self._fold_forward(chain, affines, rank, done)
-            suffix, before_reason, before_fix = self._fold_backward(chain, affines, k, rank, done)
+            suffix, before = self._fold_backward(chain, affines, k, rank, done)
         else:  # Mul/Add/... that touch no linear op (see _reportable) fold in neither direction
-            after_reason, suffix, before_reason, before_fix = None, [], None, None
+            after_reason, suffix, before = None, [], {}
         for i in self._drop_identities(chain, affines, done):
             reportable[i] = True
         entries = []
@@ -250,12 +250,12 @@ class _Folder:
                 parts = []
                 if after_reason:
                     parts.append(f"cannot fold into its producer: {after_reason}")
-                if before_reason and i in suffix:
+                before_reason, fix = before.get(i, (None, None))
+                if before_reason:
                     parts.append(f"cannot fold into its consumers: {before_reason}")
                 elif i not in suffix:
                     parts.append("a node between it and the next linear op cannot fold")
                 reason = "; ".join(parts)
-                fix = before_fix if i in suffix else None
             entries.append(Entry(**common, status="skipped", reason=reason, fix=fix))
         return entries
 
@@ -424,11 +424,13 @@ class _Folder:
         k: int,
         rank: int | None,
         done: dict[int, tuple[str, str]],
-    ) -> tuple[list[int], str | None, str | None]:
-        """Fold the longest valid suffix of ``chain[k:]`` into the consumers.
+    ) -> tuple[list[int], dict[int, tuple[str, str | None]]]:
+        """Fold the longest valid suffix of ``chain[k:]`` into the consumers, or else the longest
+        shorter one that folds (a scale after a shift folds into a conv that pads its input).
 
         Returns:
-            The suffix's chain indices, and why it did not fold (reason, fix) if it did not.
+            The valid suffix's chain indices, and why each of those that did not fold did not
+            (reason, fix).
         """
         j = len(chain)
         axis: int | None = None
@@ -440,26 +442,38 @@ class _Folder:
             j -= 1
         suffix = list(range(j, len(chain)))
         if not suffix:
-            return [], None, None
+            return [], {}
         links = [chain[i] for i in suffix]
-        if not self.options.norm_affine and not any(link.kind == "bn" for link in links):
+        opt_in = not self.options.norm_affine and not any(link.kind == "bn" for link in links)
+        if opt_in:
             consumers = users(self._past_layout(links[-1].out))
-            if consumers and all(isinstance(self.reader.linear(c), Linear) for c in consumers):
-                names = ", ".join(label_of(c) for c in consumers)
-                fix = "pass --norm-affine (norm_affine=True)"
-                return suffix, f"folding a Mul/Add chain into the following {names} is opt-in", fix
-            return suffix, "nothing linear to fold into", None
-        maps = [affines[i] for i in suffix]
-        assert all(isinstance(a, Affine) for a in maps)  # the suffix is valid maps only
-        acc = maps[0]
-        for a in maps[1:]:
-            acc = acc.then(a)  # type: ignore[union-attr, arg-type]
-        try:
-            target = self._apply_before(links, acc, rank)  # type: ignore[arg-type]
-        except Refused as exc:
-            return suffix, exc.reason, exc.fix
-        done.update({i: ("before", target) for i in suffix})
-        return suffix, None, None
+            if not (
+                consumers and all(isinstance(self.reader.linear(c), Linear) for c in consumers)
+            ):
+                return suffix, dict.fromkeys(suffix, ("nothing linear to fold into", None))
+            names = ", ".join(label_of(c) for c in consumers)
+        maps: list[Affine] = [affines[i] for i in suffix]  # type: ignore[misc]
+        first: Refused | None = None  # why the whole suffix does not fold
+        for start in range(len(suffix)):  # the longest part that folds
+            acc = maps[start]
+            for a in maps[start + 1 :]:
+                acc = acc.then(a)
+            try:  # an opt-in fold is only tried: the fix is offered where it would fold
+                target = self._apply_before(links[start:], acc, rank, dry=opt_in)
+            except Refused as exc:
+                first = first or exc
+                continue
+            why = dict.fromkeys(suffix[:start], (first.reason, first.fix)) if first else {}
+            if opt_in:
+                reason = f"folding a Mul/Add chain into the following {names} is opt-in"
+                why.update(
+                    dict.fromkeys(suffix[start:], (reason, "pass --norm-affine (norm_affine=True)"))
+                )
+            else:
+                done.update({i: ("before", target) for i in suffix[start:]})
+            return suffix, why
+        assert first is not None
+        return suffix, dict.fromkeys(suffix, (first.reason, first.fix))
 
     def lone_norm_entries(self) -> list[Entry]:
         """Entries for normalization nodes no chain covered: opset too new, or opt-in folds."""
@@ -528,8 +542,11 @@ class _Folder:
             return
         self.writer.write_after(lin, links, folded, path.end if path is not None else None)
 
-    def _apply_before(self, links: list[Link], affine: Affine, rank: int | None) -> str:
-        """Fold into every consumer of the chain's output; returns the targets' labels."""
+    def _apply_before(
+        self, links: list[Link], affine: Affine, rank: int | None, dry: bool = False
+    ) -> str:
+        """Fold into every consumer of the chain's output (``dry``: only decide); returns the
+        targets' labels."""
         tail = links[-1].out
         if tail.is_graph_output():
             raise Refused(f"its output '{tail.name}' is a graph output")
@@ -594,7 +611,7 @@ class _Folder:
             check_range(folded, found)
             foldeds.append(folded)
         label = ", ".join(found.label for found, _ in targets) + via
-        if self.options.dry_run:
+        if self.options.dry_run or dry:
             return label
         first = path.nodes[0] if path is not None else None
         self.writer.write_before(links, targets, foldeds, first)
