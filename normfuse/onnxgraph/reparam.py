@@ -412,8 +412,7 @@ class _Merger:
             conv0, mid_nodes, s, t = first
             try:
                 k0 = self._conv_kernel(conv0)
-                cheap = branches.composed_macs(k0, k) <= k.macs() + k0.macs() * math.prod(k.strides)
-                if (k0.is_pointwise or k.is_pointwise) and cheap:  # before the dense merge
+                if branches.composed_macs(k0, k) <= k.macs() + k0.macs() * math.prod(k.strides):
                     merged = branches.compose(k0, k, s, t)
                     label = "x".join(map(str, k0.shape)) + "->" + label
                     cost += k0.macs() * (math.prod(k.strides) if k0.is_pointwise else 1)
