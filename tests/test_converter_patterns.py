@@ -89,7 +89,8 @@ def _parity(original: onnx.ModelProto, result: onnx.ModelProto, feeds, rtol: flo
 
 
 def _fold(model: onnx.ModelProto, feeds, **kwargs) -> tuple[onnx.ModelProto, normfuse.Report]:
-    """Check the input, fold (parity-checked by normfuse too), check the output, compare on ORT."""
+    """Check the input, fold (parity-checked by normfuse too), check the output, compare on ORT;
+    ``inspect`` predicted what folded, with the same targets."""
     onnx.checker.check_model(model, full_check=True)
     before = model.SerializeToString()
     folded, report = normfuse.fold(model, check=True, **kwargs)
@@ -97,6 +98,9 @@ def _fold(model: onnx.ModelProto, feeds, **kwargs) -> tuple[onnx.ModelProto, nor
     assert isinstance(folded, onnx.ModelProto)
     onnx.checker.check_model(folded, full_check=True)
     _parity(model, folded, feeds)
+    predicted = normfuse.inspect(model, norm_affine=kwargs.get("norm_affine", False))
+    foldable = {(e.node, e.target) for e in predicted.entries if e.status == "foldable"}
+    assert foldable == {(e.node, e.target) for e in report.applied}, "inspect differs from fold"
     return folded, report
 
 

@@ -187,6 +187,10 @@ class _Folder:
         self.reported: set[int] = set()
         #: Elementwise nodes no fold touches, by id (:attr:`InferredShapes.inert`).
         self.inert: dict[int, ir.Node] = {}
+        #: Dry run: the end of each chain that would fold whole into the linear op before it,
+        #: by id -> that op and the layout ops between, which write the value once folded (a
+        #: later chain that reads it folds into the op, as it would in a real run).
+        self.virtual: dict[int, tuple[Linear, AxisPath | None]] = {}
 
     def chains(self) -> list[list[Link]]:
         """The maximal chains of affine nodes, in graph order."""
@@ -360,6 +364,9 @@ class _Folder:
                 return 0, stop
             found = self.reader.producer_linear(start)
             return 0, found if isinstance(found, str) else stop
+        virtual = self.virtual.get(id(path.start if path is not None else head.data))
+        if virtual is not None and virtual[1] is not None:  # the folded chain's layout ops too
+            path = AxisPath(virtual[1].steps + (path.steps if path is not None else []))
         via = f" through {path.describe()}" if path is not None else ""
         if path is not None:
             producer = path.start.producer()
@@ -367,11 +374,11 @@ class _Folder:
                 return 0, f"its input comes{via} from graph input '{path.start.name}'"
             if producer.graph is not head.node.graph:
                 return 0, f"its input comes{via} from an outer graph"
-        found = self.reader.producer_linear(producer)
+        found = virtual[0] if virtual is not None else self.reader.producer_linear(producer)
         if isinstance(found, str):
             return 0, found + (f" (it reaches {label_of(head.node)}{via})" if path else "")
         first = path.nodes[0] if path is not None else head.node
-        if not exclusive(found.out, first):
+        if virtual is None and not exclusive(found.out, first):
             return 0, (
                 f"the output of {found.label} also feeds {others(found.out, first)}; "
                 "folding would change what they see"
@@ -415,6 +422,8 @@ class _Folder:
         except Refused as exc:
             return 0, exc.reason
         done.update({i: ("after", found.label + via) for i in range(k)})
+        if self.options.dry_run and k == len(chain):
+            self.virtual[id(chain[-1].out)] = (found, path)
         return k, reason
 
     def _fold_backward(
