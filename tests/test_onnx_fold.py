@@ -1158,3 +1158,39 @@ def test_a_mul_add_that_broadcasts_its_input_up_is_no_per_channel_map(rng, case)
     (entry,) = report.skipped
     assert entry.node == "scale" and "broadcasts its input" in entry.reason
     assert [e.node for e in report.applied] == ["shift"]  # on the broadcast values: a fold
+
+
+def test_inspect_sees_a_chain_that_folds_once_the_chain_before_it_has(rng):
+    """Whisper's dynamo export: ``MatMul -> Add(bias) -> Mul(scale) -> Reshape -> Transpose ->
+    Mul``. The second Mul reaches a linear op only once the first has folded into it: fold folds
+    both; inspect called the second nothing (or removable) while the first was not yet folded."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+        helper.make_node("Add", ["mm", "b"], ["lin"], name="bias"),
+        helper.make_node("Mul", ["lin", "s1"], ["q"], name="scale"),
+        helper.make_node("Reshape", ["q", "shape"], ["v"], name="view"),
+        helper.make_node("Transpose", ["v"], ["t"], name="transpose", perm=[0, 2, 1, 3]),
+        helper.make_node("Mul", ["t", "s2"], ["u"], name="scale2"),
+        helper.make_node("Relu", ["u"], ["y"], name="relu"),
+    ]
+    inits = [
+        tensor("w", normal(rng, [8, 8])),
+        tensor("b", normal(rng, [8])),
+        tensor("s1", np.array(0.35, np.float32)),
+        tensor("shape", np.array([2, 3, 2, 4], np.int64)),
+        tensor("s2", np.array(1.5, np.float32)),
+    ]
+    model = make_model(nodes, [("x", TP.FLOAT, [2, 3, 8])], [("y", TP.FLOAT, [2, 2, 3, 4])], inits)
+    predicted = normfuse.inspect(model)
+    folded, report = normfuse.fold(model)  # checked
+    applied = {(e.node, e.target) for e in report.applied}
+    assert {"scale", "scale2"} <= {node for node, _ in applied}, report.entries
+    foldable = {(e.node, e.target) for e in predicted.entries if e.status == "foldable"}
+    assert foldable == applied
+    assert [n.op_type for n in folded.graph.node] == [
+        "MatMul",
+        "Add",
+        "Reshape",
+        "Transpose",
+        "Relu",
+    ]

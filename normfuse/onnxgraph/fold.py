@@ -268,13 +268,13 @@ class _Folder:
         if any(link.kind != "elementwise" for link in chain):
             return [True] * len(chain)
         head = chain[0]
-        head_input = head.data.producer()
+        head_input, start = head.data.producer(), head.data
         if head_input is not None:
             path, _ = walk_back(head.data, head.node, self.consts)
             if path is not None:
-                head_input = path.start.producer()
-        touches = head_input is not None and isinstance(
-            self.reader.producer_linear(head_input), Linear
+                head_input, start = path.start.producer(), path.start
+        touches = id(start) in self.virtual or (  # (dry run: a chain before folds into one)
+            head_input is not None and isinstance(self.reader.producer_linear(head_input), Linear)
         )
         touches = touches or any(
             isinstance(self.reader.linear(u), Linear)
