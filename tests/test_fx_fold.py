@@ -405,13 +405,40 @@ def test_strict_raises_when_something_was_skipped():
 
 def test_inplace_changes_the_model_itself():
     model = randomize(BNMLP())
-    folded, report = fold_torch(model, inplace=True)
+    folded, report = fold_torch(model, example_inputs=_x((4, 12)), inplace=True)
     assert folded is model and count_bn(model) == 0
-    # the (N, C) layout is either flagged as assumed or read on a generated input (issue 17:
-    # without example_inputs the shapes come from an input built from the model)
-    assert any(
-        "(N, C) activations assumed" in w for e in report.entries for w in e.warnings
-    ) or any("shapes read on a generated input" in n for n in report.notes), report.notes
+    assert any("parity not checked" in n for n in report.notes), report.notes
+
+
+class _TokenMLP(nn.Module):
+    """A Linear on (B, T, C) tokens, then a BatchNorm1d over T (T == C, so both shapes run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn(self.fc(x)))
+
+
+@pytest.mark.parametrize("given", ["none", "tokens", "vectors"])
+def test_a_linear_next_to_a_batchnorm1d_folds_only_on_nc_data_the_caller_shows(given):
+    """Without example_inputs the data's rank is unknown: a generated (N, C) input runs, and so
+    does the (B, T, C) data this model is made for (where the fold is wrong, max rel ~1). The pair
+    is refused with the fix; with the caller's (N, C) inputs it folds, with (B, T, C) it stays."""
+    model = randomize(_TokenMLP())
+    tokens = _x((2, 8, 8))
+    inputs = {"none": None, "tokens": tokens, "vectors": _x((4, 8))}[given]
+    folded, report = fold_torch(model, example_inputs=inputs)
+    pair = next(e for e in report.entries if e.node == "bn")
+    if given == "vectors":
+        assert pair.status == "applied"
+        return
+    assert pair.status == "skipped", pair
+    assert ("unknown rank" if given == "none" else "rank 3") in pair.reason
+    assert (pair.fix is not None and "example_inputs" in pair.fix) == (given == "none")
+    with torch.no_grad():
+        torch.testing.assert_close(folded(tokens), model(tokens), rtol=0, atol=0)
 
 
 def _conv_cls(transpose: bool, dims: int) -> type:

@@ -57,7 +57,13 @@ from normfuse.torchmodel.modules import (
     tensors_of,
 )
 from normfuse.torchmodel.normsig import NormSignature, norm_signature, tail_module
-from normfuse.torchmodel.pairs import BN_TARGETS, is_bn_module, is_linear_module, trace_module
+from normfuse.torchmodel.pairs import (
+    BN_TARGETS,
+    GUESSED_SHAPES,
+    is_bn_module,
+    is_linear_module,
+    trace_module,
+)
 from normfuse.torchmodel.reparam import reparam_graph
 from normfuse.torchmodel.surgery import drop_unused, fold_graph, sequential_graph
 from normfuse.torchmodel.untraced import fold_untraceable, kept_buffers, uncovered_norms
@@ -210,8 +216,9 @@ def fold_torch(
             GraphModule again; modules called from several places can be cloned) or
             ``torch.export.ExportedProgram`` (exported again after folding).
         example_inputs: A tensor, tuple of positional inputs or dict of keyword inputs. Used to
-            verify shapes (Linear + BatchNorm1d needs ``(N, C)`` activations) and to check the
-            folded model against the original (``check``). ExportedPrograms carry their own.
+            verify shapes (Linear + BatchNorm1d needs ``(N, C)`` activations: without example
+            inputs such a pair stays) and to check the folded model against the original
+            (``check``). ExportedPrograms carry their own.
         check: Compare outputs on ``example_inputs`` and raise :class:`ParityError` beyond
             ``tolerances`` (default: 1e-5 of the output's largest magnitude for float32).
         inplace: Change ``model`` itself (``nn.Module``/``GraphModule`` only).
@@ -234,7 +241,8 @@ def fold_torch(
         folded, reference, example_inputs = _fold_exported(model, example_inputs, report, reparam)
     elif isinstance(model, nn.Module):
         reference = model
-        if example_inputs is None:  # shapes for the proofs that need them, and the check
+        generated = example_inputs is None
+        if generated:  # shapes for the proofs that need them, and the check
             guessed: list[str] = []
             example_inputs = guess_inputs(model, guessed)
             if (check and not inplace) or example_inputs is None:
@@ -245,9 +253,13 @@ def fold_torch(
                     f"{tuple(example_inputs.shape)}; outputs not compared "
                     f"({'inplace=True' if inplace else 'check=False'})"
                 )
-        folded = _fold_module(model, example_inputs, inplace, report)
-        if reparam:
-            folded = _reparam_module(folded, example_inputs, inplace, report)
+        token = GUESSED_SHAPES.set(generated)  # a generated input shows no rank of the data
+        try:
+            folded = _fold_module(model, example_inputs, inplace, report)
+            if reparam:
+                folded = _reparam_module(folded, example_inputs, inplace, report)
+        finally:
+            GUESSED_SHAPES.reset(token)
         if inplace and check and example_inputs is not None:
             report.notes.append("inplace=True: the original is gone, parity not checked")
             check = False

@@ -9,6 +9,7 @@ Imports: torch, numpy, :mod:`normfuse.core` and :mod:`normfuse.torchmodel.layers
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import logging
 import operator
@@ -37,6 +38,7 @@ __all__ = [
     "BN_TARGETS",
     "FUNC_BN",
     "FUNC_LINEAR",
+    "GUESSED_SHAPES",
     "KNOWN_FORWARDS",
     "Linear",
     "Norm",
@@ -523,17 +525,29 @@ def describe_node(node: Any) -> str:
     return f"{target} '{node.name}'"
 
 
+#: Set while the shapes come from an input normfuse generated (no example inputs): they show
+#: what the model accepts, not the rank of the data it is made for.
+GUESSED_SHAPES: contextvars.ContextVar[bool] = contextvars.ContextVar("guessed", default=False)
+
+
 def dense_checked(pair: Pair, activation: fx.Node) -> Pair | tuple[str, str | None]:
-    """A BatchNorm acts on axis 1, a Linear on the last: they line up only on ``(N, C)`` data."""
+    """A BatchNorm acts on axis 1, a Linear on the last: they line up only on ``(N, C)`` data,
+    which the shapes of the caller's example inputs must show (a BatchNorm1d also takes
+    ``(N, C, L)``, and a Linear before or after it then acts on L's other side)."""
     if pair.lin.kind != "dense":
         return pair
-    rank = rank_of(activation)
+    rank = None if GUESSED_SHAPES.get() else rank_of(activation)
+    side = "follows" if pair.direction == "after" else "precedes"
     if rank is None:
-        pair.warnings.append("(N, C) activations assumed (pass example_inputs to verify)")
-    elif rank != 2:
         return (
-            f"{'follows' if pair.direction == 'after' else 'precedes'} {pair.lin.label} on "
-            f"data of rank {rank}: the norm acts on axis 1, Linear on the last",
+            f"{side} {pair.lin.label} on data of unknown rank: the norm acts on axis 1, Linear "
+            "on the last, which line up only on (N, C) data",
+            "pass example_inputs (a batch of the data the model is made for) to show the rank",
+        )
+    if rank != 2:
+        return (
+            f"{side} {pair.lin.label} on data of rank {rank}: the norm acts on axis 1, Linear "
+            "on the last",
             None,
         )
     return pair
