@@ -8,6 +8,7 @@ import zipfile
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -72,6 +73,46 @@ def test_failed_parity_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(normfuse.ParityError, match="nothing was written"):
         normfuse.export(model, example, tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
+
+
+class _Deep(nn.Module):
+    """24 conv + BN layers with random statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, 16, 3, padding=1)]
+        for _ in range(24):
+            layers += [nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)]
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_export_is_judged_against_a_float64_run_and_a_wrong_fold_still_fails(tmp_path, monkeypatch):
+    """Each output's error against a float64 run of the PyTorch model must stay within a
+    multiple of PyTorch's own float32 error: an exact fold passes whatever two runtimes' roundings
+    do; one output channel 0.1% off fails."""
+    import normfuse.torchmodel.export as fx_export
+
+    model = randomize(_Deep()).eval()
+    x = torch.randn(1, 3, 12, 12)
+    report = normfuse.export(model, (x,), tmp_path / "ok.onnx")
+    assert report.parity is not None and report.parity.passed
+    assert any("judged against a float64 run" in n for n in report.parity.notes)
+    real = fx_export.run_fold
+
+    def off_by_a_permille(onnx_model, rep, options):
+        real(onnx_model, rep, options)
+        conv = [n for n in onnx_model.graph if n.op_type == "Conv"][-1]
+        w = conv.inputs[1].const_value.numpy().copy()
+        w[0] *= 1.001
+        conv.inputs[1].const_value = ir.Tensor(w, name=conv.inputs[1].name)
+
+    monkeypatch.setattr(fx_export, "run_fold", off_by_a_permille)
+    with pytest.raises(normfuse.ParityError, match="nothing was written"):
+        normfuse.export(model, (x,), tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()
 
 
 def _pt2(tmp_path, name="resnet_small"):
