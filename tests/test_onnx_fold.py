@@ -1194,3 +1194,34 @@ def test_inspect_sees_a_chain_that_folds_once_the_chain_before_it_has(rng):
         "Transpose",
         "Relu",
     ]
+
+
+def test_inspect_does_not_fold_a_chain_whose_input_the_chain_before_shares(rng):
+    """keras 3 MobileNetV3: ``Conv -> Mul -> Add`` (a BN written out, folds whole), then
+    HardSwish ``x * Clip(x + 3) / 6``: the ``+ 3`` reads x beside the Mul, so it cannot fold
+    into the conv once the BN has; inspect said it would (fold did not)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Mul", ["c", "s"], ["m"], name="bn_mul"),
+        helper.make_node("Add", ["m", "t"], ["h"], name="bn_add"),
+        helper.make_node("Add", ["h", "three"], ["h3"], name="hs_add"),
+        helper.make_node("Clip", ["h3", "zero", "six"], ["r"], name="hs_clip"),
+        helper.make_node("Mul", ["h", "r"], ["p"], name="hs_mul"),
+        helper.make_node("Div", ["p", "six"], ["y"], name="hs_div"),
+    ]
+    inits = [
+        tensor("w", normal(rng, [4, 3, 3, 3])),
+        tensor("s", rng.uniform(0.5, 1.5, (1, 4, 1, 1)).astype(np.float32)),
+        tensor("t", normal(rng, [1, 4, 1, 1])),
+        tensor("three", np.array(3.0, np.float32)),
+        tensor("zero", np.array(0.0, np.float32)),
+        tensor("six", np.array(6.0, np.float32)),
+    ]
+    model = make_model(
+        nodes, [("x", TP.FLOAT, [1, 3, 6, 6])], [("y", TP.FLOAT, [1, 4, 6, 6])], inits
+    )
+    predicted = normfuse.inspect(model)
+    _, report = normfuse.fold(model)  # checked
+    applied = {(e.node, e.target) for e in report.applied}
+    assert {node for node, _ in applied} == {"bn_mul", "bn_add"}
+    assert {(e.node, e.target) for e in predicted.entries if e.status == "foldable"} == applied

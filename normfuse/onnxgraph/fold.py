@@ -364,9 +364,17 @@ class _Folder:
                 return 0, stop
             found = self.reader.producer_linear(start)
             return 0, found if isinstance(found, str) else stop
-        virtual = self.virtual.get(id(path.start if path is not None else head.data))
-        if virtual is not None and virtual[1] is not None:  # the folded chain's layout ops too
-            path = AxisPath(virtual[1].steps + (path.steps if path is not None else []))
+        joint = path.start if path is not None else head.data
+        virtual = self.virtual.get(id(joint))
+        if virtual is not None:  # as the real run will see it once the chain before has folded
+            reader = path.nodes[0] if path is not None else head.node
+            if not exclusive(joint, reader):
+                return 0, (
+                    f"the output of {label_of(joint.producer())} also feeds "  # type: ignore[arg-type]
+                    f"{others(joint, reader)}; folding would change what they see"
+                )
+            if virtual[1] is not None:  # the folded chain's layout ops too
+                path = AxisPath(virtual[1].steps + (path.steps if path is not None else []))
         via = f" through {path.describe()}" if path is not None else ""
         if path is not None:
             producer = path.start.producer()
