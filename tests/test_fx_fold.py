@@ -185,6 +185,32 @@ def test_exported_program_folds_and_stays_dynamic():
     assert report.parity is not None and report.parity.passed
 
 
+def test_a_decomposed_exported_program_folds_as_the_plain_one():
+    """``ep.run_decompositions()`` (the core-ATen IR inference back ends take) writes every conv
+    and transposed conv as ``aten.convolution``: the same BNs fold, exactly."""
+    model = randomize(
+        nn.Sequential(
+            nn.Conv2d(3, 6, 3, padding=1, bias=False),
+            nn.BatchNorm2d(6),
+            nn.ReLU(),
+            nn.ConvTranspose2d(6, 4, 2, stride=2),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 5, 1),
+        )
+    )
+    x = _x(IMAGE)
+    ep = torch.export.export(model, (x,))
+    _, plain_report = normfuse.fold(ep)
+    folded, report = normfuse.fold(ep.run_decompositions())  # checked against the original
+    assert report.parity is not None and report.parity.passed
+    assert len(report.applied) == len(plain_report.applied) == 3
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    with torch.no_grad():
+        assert max_rel(folded.module()(x), model(x)) <= 1e-5
+
+
 def test_training_mode_and_batch_statistics_are_skipped_with_reasons():
     model = randomize(
         nn.Sequential(

@@ -106,6 +106,8 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 FUNC_LINEAR: dict[Any, tuple[str, tuple[str, ...]]] = {
     F.linear: ("dense", _LINEAR_ARGS),
     _aten.linear.default: ("dense", _LINEAR_ARGS),
+    # ExportedProgram.run_decompositions() writes every conv and transposed conv as this
+    _aten.convolution.default: ("convolution", _CONVOLUTION_ARGS),
 }
 
 
