@@ -211,6 +211,24 @@ def test_a_decomposed_exported_program_folds_as_the_plain_one():
         assert max_rel(folded.module()(x), model(x)) <= 1e-5
 
 
+@pytest.mark.parametrize("hooked", [False, True])
+def test_a_batchnorm_folds_across_an_eval_dropout_into_the_linear_after(hooked):
+    """timm's BNLinear head (efficientvit): ``BatchNorm1d -> Dropout -> Linear``. The eval
+    dropout returns its input and nothing else reads it: the norm folds into the Linear on every
+    path (the module path refused it). A dropout with a forward hook stays, as its hook would
+    see other values."""
+    model = randomize(nn.Sequential(nn.BatchNorm1d(8), nn.Dropout(0.2), nn.Linear(8, 3)))
+    if hooked:
+        model[1].register_forward_hook(lambda m, i, o: None)
+    x = _x((4, 8))
+    for form in (model, torch.fx.symbolic_trace(model)):
+        folded, report = fold_torch(form, example_inputs=x)  # checked
+        entry = next(e for e in report.entries if e.node == "0")
+        assert entry.status == ("skipped" if hooked else "applied"), entry
+        with torch.no_grad():
+            assert max_rel(folded(x), model(x)) <= 1e-6
+
+
 def test_training_mode_and_batch_statistics_are_skipped_with_reasons():
     model = randomize(
         nn.Sequential(

@@ -139,8 +139,9 @@ def _run64(
 def _watchable(
     reference: nn.Module, candidate: nn.Module, changed: set[str], same: set[str]
 ) -> set[str]:
-    """Leaf modules of both models that the fold left as they were, and the modules in
-    ``same`` (norms folded into the op before them: their output is the folded op's)."""
+    """Leaf modules of both models that the fold left as they were (not those that return their
+    input: identities, eval dropout), and the modules in ``same`` (norms folded into the op
+    before them: their output is the folded op's)."""
     ref = dict(reference.named_modules())
     owners = {n.rpartition(".")[0] for n in changed}
     out = {n for n in same if n in ref and n in dict(candidate.named_modules())}
@@ -149,6 +150,8 @@ def _watchable(
             continue
         if is_norm(sub) or is_norm(ref[name]) or isinstance(sub, nn.Identity):
             continue
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and not sub.training:
+            continue  # returns its input, watched where it comes from; a fold across it moves it
         if type(ref[name]) is not type(sub):
             continue
         out.add(name)

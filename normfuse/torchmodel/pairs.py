@@ -606,15 +606,9 @@ def _into_next(
         moved = _channels_last(gm, nxt) if lin is None else None
         if moved is not None:  # BN1d -> transpose(1, 2) -> Linear: channels become features
             via, nxt, lin = [*via, nxt], moved.node, moved
-        graph_ops = bool(via) and all(v.op in ("call_function", "call_method") for v in via)
-        if lin is not None and via and not graph_ops:
-            return (
-                f"feeds {lin.label} through {', '.join(describe_node(v) for v in via)} (which "
-                "returns its input in eval): folding across it is not done, the module would "
-                "output other values",
-                None,
-            )
-        feeds = via[-1] if graph_ops else norm.node
+        # ops and modules that return their input (eval dropout, nn.Identity, no hooks) and
+        # have no other reader: what they pass on changes, which nothing else sees
+        feeds = via[-1] if via else norm.node
         if lin is not None and lin.node.args and lin.node.args[0] is feeds:
             if lin.channels("in") != norm.channels:
                 return (
