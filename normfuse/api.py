@@ -123,8 +123,10 @@ def fold(
 ) -> tuple[M | ir.Model, Report]:
     """Fold inference-mode normalization into neighbouring linear ops.
 
-    PyTorch models (``nn.Module``, ``torch.fx.GraphModule``, ``torch.export.ExportedProgram``)
-    are folded by :func:`normfuse.torchmodel.fold.fold_torch` (``example_inputs`` then serve the check).
+    PyTorch models (``nn.Module``, ``torch.fx.GraphModule``, ``torch.export.ExportedProgram``,
+    and the path of a ``torch.export.save`` archive, ``.pt2``, read without running anything
+    from it, which gives an ExportedProgram) are folded by
+    :func:`normfuse.torchmodel.fold.fold_torch` (``example_inputs`` then serve the check).
 
     The input is never modified. The result has the type of the input (``onnx.ModelProto``,
     ``bytes``, ``onnx_ir.Model``, ``torch.onnx.ONNXProgram``); a path gives an ``onnx_ir.Model``
@@ -156,6 +158,10 @@ def fold(
         ParityError: ``check`` found a mismatch (``exc.report`` has the figures).
         StrictError: ``strict`` and something was skipped.
     """
+    if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".pt2":
+        from normfuse.torchmodel.export import load_pt2
+
+        model = load_pt2(model)  # type: ignore[assignment]  # validated, no pickled code run
     if _is_torch(model):
         from normfuse.torchmodel.fold import fold_torch
 

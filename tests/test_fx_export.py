@@ -212,6 +212,20 @@ def test_pt2_with_a_pickled_payload_is_refused_without_running_it(tmp_path):
     assert result.output.startswith("error:") and "Traceback" not in result.output
     assert "pickled" in result.output and len(result.output.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "out.pt2").exists()
+    with pytest.raises(normfuse.InputError, match="pickled"):
+        normfuse.fold(evil)  # the Python API reads it the same way
+    assert not marker.exists()
+
+
+def test_the_python_api_folds_a_pt2_path_into_an_exported_program(tmp_path):
+    model, example, path = _pt2(tmp_path)
+    folded, report = normfuse.fold(path)  # checked on the archive's example inputs
+    assert isinstance(folded, torch.export.ExportedProgram)
+    assert len(report.applied) == 9 and report.parity is not None and report.parity.passed
+    assert not any("batch_norm" in str(n.target) for n in folded.graph.nodes)
+    with torch.no_grad():
+        got, want = folded.module()(example), model(example)
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
 def test_pt2_that_is_not_an_archive_is_a_clear_error(tmp_path):
