@@ -1225,3 +1225,58 @@ def test_inspect_does_not_fold_a_chain_whose_input_the_chain_before_shares(rng):
     applied = {(e.node, e.target) for e in report.applied}
     assert {node for node, _ in applied} == {"bn_mul", "bn_add"}
     assert {(e.node, e.target) for e in predicted.entries if e.status == "foldable"} == applied
+
+
+def _mixed_conv(rng, concat: str = "convs") -> onnx.ModelProto:
+    """timm MixNet's MixedConv2d as exported: Split -> a conv of each kernel size -> Concat -> BN.
+    ``concat``: ``convs``; ``shared`` (a conv's output is also a model output); ``pool`` (one
+    part is a MaxPool); ``twice`` (the same conv concatenated twice)."""
+    parts = {"convs": ["c0", "c1"], "shared": ["c0", "c1"], "pool": ["c0", "p1"]}
+    parts["twice"] = ["c0", "c0"]
+    channels = {"convs": 10, "shared": 10, "pool": 8, "twice": 8}[concat]
+    nodes = [
+        helper.make_node("Split", ["x", "sp"], ["x0", "x1"], axis=1),
+        helper.make_node("Conv", ["x0", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1], group=2),
+        helper.make_node("Conv", ["x1", "w1", "b1"], ["c1"], name="conv1", pads=[2, 2, 2, 2]),
+        helper.make_node("MaxPool", ["x1"], ["p1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", parts[concat], ["cat"], name="cat", axis=1),
+        bn_node("cat", "b", "bn"),
+        helper.make_node("Relu", ["b"], ["r"]),
+    ]
+    outputs = [("r", TP.FLOAT, [2, channels, 8, 8])]
+    if concat == "shared":
+        outputs.append(("c1", TP.FLOAT, [2, 6, 8, 8]))
+    inits = [
+        tensor("sp", np.array([2, 4], np.int64)),
+        tensor("w0", normal(rng, [4, 1, 3, 3])),
+        tensor("w1", normal(rng, [6, 4, 5, 5])),
+        tensor("b1", normal(rng, [6])),
+        *bn_params(rng, channels),
+    ]
+    return make_model(nodes, [("x", TP.FLOAT, [2, 6, 8, 8])], outputs, inits)
+
+
+def test_a_bn_after_a_channel_concat_of_convs_folds_into_each_its_slice(rng):
+    """MixNet (timm mixnet_s: 34 of its 49 BN): each conv takes its channels of the BN's
+    affine, exactly; inspect says so too."""
+    model = _mixed_conv(rng)
+    predicted = normfuse.inspect(model)
+    folded, report = normfuse.fold(model)  # checked
+    assert [(e.node, e.status) for e in report.entries] == [("bn", "applied")]
+    assert "each its channels of Concat 'cat'" in report.entries[0].target
+    assert {(e.node, e.target) for e in predicted.entries if e.status == "foldable"} == {
+        (e.node, e.target) for e in report.applied
+    }
+    assert op_types(folded) == ["Split", "Conv", "Conv", "MaxPool", "Concat", "Relu"]
+    x = {"x": normal(rng, [2, 6, 8, 8])}
+    want, got = run(model, x)[0], run(folded, x)[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("concat", ["shared", "pool", "twice"])
+def test_a_bn_after_a_concat_stays_unless_every_part_is_a_conv_read_there_alone(rng, concat):
+    model = _mixed_conv(rng, concat=concat)
+    folded, report = normfuse.fold(model)
+    bn = next(e for e in report.entries if e.node == "bn")
+    assert bn.status == "skipped" and "Concat 'cat'" in bn.reason, bn
+    assert op_types(folded).count("BatchNormalization") == 1

@@ -41,6 +41,7 @@ from normfuse.core.gcpause import gc_paused
 from normfuse.core.report import Entry, Report, Status
 from normfuse.onnxgraph.affines import AffineBuilder, Link
 from normfuse.onnxgraph.chains import ChainFinder
+from normfuse.onnxgraph.concat import concat_parts, slices
 from normfuse.onnxgraph.const import (
     ConstantResolver,
     NotConstant,
@@ -384,6 +385,9 @@ class _Folder:
                 return 0, f"its input comes{via} from an outer graph"
         found = virtual[0] if virtual is not None else self.reader.producer_linear(producer)
         if isinstance(found, str):
+            parts = concat_parts(producer, head.node, self.reader) if path is None else None
+            if parts is not None and virtual is None:  # MixNet: a BN after convs concatenated
+                return self._fold_into_parts(chain, affines, parts, producer, done)
             return 0, found + (f" (it reaches {label_of(head.node)}{via})" if path else "")
         first = path.nodes[0] if path is not None else head.node
         if virtual is None and not exclusive(found.out, first):
@@ -432,6 +436,47 @@ class _Folder:
         done.update({i: ("after", found.label + via) for i in range(k)})
         if self.options.dry_run and k == len(chain):
             self.virtual[id(chain[-1].out)] = (found, path)
+        return k, reason
+
+    def _fold_into_parts(
+        self,
+        chain: list[Link],
+        affines: list[Affine | Refused],
+        parts: list[Linear],
+        concat: ir.Node,
+        done: dict[int, tuple[str, str]],
+    ) -> tuple[int, str | None]:
+        """Fold the longest valid prefix into the convs a channel Concat joins, each its slice
+        (:mod:`normfuse.onnxgraph.concat`); (its length, why not more)."""
+        rank = rank_of(concat.outputs[0])
+        total = sum(p.weights.out_channels for p in parts)
+        acc: Affine | None = None
+        reason: str | None = None
+        k = 0
+        for a in affines:
+            if isinstance(a, Refused):
+                break
+            mismatch = lines_up(a, 1, total, rank)
+            if mismatch:
+                reason = f"{mismatch} of {label_of(concat)}"
+                break
+            acc = a if acc is None else acc.then(a)
+            k += 1
+        pieces = slices(acc, parts) if acc is not None else None
+        if pieces is None:
+            return 0, reason or f"its channels are not those of the convs {label_of(concat)} joins"
+        foldeds = []
+        try:
+            for lin, piece in zip(parts, pieces, strict=True):
+                folded = algebra.absorb_after(lin.weights, piece, defer=deferrable(lin))
+                check_range(folded, lin)
+                foldeds.append(folded)
+        except Refused as exc:
+            return 0, exc.reason
+        target = f"{', '.join(p.label for p in parts)}, each its channels of {label_of(concat)}"
+        if not self.options.dry_run:
+            self.writer.write_into_parts(parts, chain[:k], foldeds, concat)
+        done.update({i: ("after", target) for i in range(k)})
         return k, reason
 
     def _fold_backward(

@@ -119,6 +119,37 @@ class GraphWriter:
             self.prune(v)
         self.restore_names()
 
+    def write_into_parts(
+        self,
+        parts: list[Linear],
+        links: list[Link],
+        foldeds: list[algebra.Folded],
+        concat: ir.Node,
+    ) -> None:
+        """The chain ``links`` after a channel Concat of ``parts`` folded into them, each its
+        slice (:mod:`normfuse.onnxgraph.concat`): write the parts, remove the chain. The
+        Concat's output takes the chain's output's readers and name; each part's output a new
+        name (it carries other values than the tensor of its old name)."""
+        for lin, folded in zip(parts, foldeds, strict=True):
+            self.set_input(lin.node, 1, self.weight_data(lin, folded))
+            self.set_input(lin.node, 2, folded.bias, role="bias")
+            lin.out.name = self.fresh(f"{lin.out.name or node_name(lin.node)}_scaled")
+        out = concat.outputs[0]
+        tail = links[-1].out
+        name = tail.name
+        tail.replace_all_uses_with(out, replace_graph_outputs=True)
+        removed_inputs = [v for link in links for v in link.node.inputs if v is not None]
+        _retarget_type_reads(links, out)
+        self.container.remove([link.node for link in links], safe=True)
+        tail_type, tail_shape = tail.type, tail.shape
+        tail.name = None
+        out.name = name
+        out.type = tail_type or out.type
+        out.shape = tail_shape or out.shape
+        for v in removed_inputs:
+            self.prune(v)
+        self.restore_names()
+
     def write_before(
         self,
         links: list[Link],
