@@ -102,8 +102,10 @@ class GraphWriter:
             self.set_input(add, idx, folded.bias.reshape(bias_shape(lin, folded.bias)), role="bias")
         elif np.any(folded.bias64 != 0):
             new_out = self.insert_bias(node, folded.bias)
-        if path_end is not None:
-            new_out = path_end
+        self._replace_chain(links, path_end if path_end is not None else new_out)
+
+    def _replace_chain(self, links: list[Link], new_out: ir.Value) -> None:
+        """Remove the chain ``links``: ``new_out`` takes its output's readers, name and type."""
         tail = links[-1].out
         name = tail.name
         tail.replace_all_uses_with(new_out, replace_graph_outputs=True)
@@ -134,21 +136,7 @@ class GraphWriter:
             self.set_input(lin.node, 1, self.weight_data(lin, folded))
             self.set_input(lin.node, 2, folded.bias, role="bias")
             lin.out.name = self.fresh(f"{lin.out.name or node_name(lin.node)}_scaled")
-        out = concat.outputs[0]
-        tail = links[-1].out
-        name = tail.name
-        tail.replace_all_uses_with(out, replace_graph_outputs=True)
-        removed_inputs = [v for link in links for v in link.node.inputs if v is not None]
-        _retarget_type_reads(links, out)
-        self.container.remove([link.node for link in links], safe=True)
-        tail_type, tail_shape = tail.type, tail.shape
-        tail.name = None
-        out.name = name
-        out.type = tail_type or out.type
-        out.shape = tail_shape or out.shape
-        for v in removed_inputs:
-            self.prune(v)
-        self.restore_names()
+        self._replace_chain(links, concat.outputs[0])
 
     def write_before(
         self,
