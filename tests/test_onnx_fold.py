@@ -1280,3 +1280,25 @@ def test_a_bn_after_a_concat_stays_unless_every_part_is_a_conv_read_there_alone(
     bn = next(e for e in report.entries if e.node == "bn")
     assert bn.status == "skipped" and "Concat 'cat'" in bn.reason, bn
     assert op_types(folded).count("BatchNormalization") == 1
+
+
+def test_a_bn_after_a_concat_folds_into_the_one_op_after_it_where_it_can(rng):
+    """inception_next's mixer: concat, BN, then a 1x1 conv: the BN goes into that one conv (as
+    on the PyTorch side), not split across the convs before it."""
+    model = _mixed_conv(rng)
+    graph = model.graph
+    relu = next(n for n in graph.node if n.op_type == "Relu")
+    graph.node.remove(relu)
+    graph.node.append(helper.make_node("Conv", ["b", "w2"], ["r"], name="pointwise"))
+    graph.initializer.append(tensor("w2", normal(rng, [10, 10, 1, 1])))
+    predicted = normfuse.inspect(model)
+    folded, report = normfuse.fold(model)  # checked
+    assert [(e.node, e.direction, e.target) for e in report.applied] == [
+        ("bn", "before", "Conv 'pointwise'")
+    ]
+    assert {(e.node, e.target) for e in predicted.entries if e.status == "foldable"} == {
+        ("bn", "Conv 'pointwise'")
+    }
+    x = {"x": normal(rng, [2, 6, 8, 8])}
+    want, got = run(model, x)[0], run(folded, x)[0]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

@@ -163,6 +163,20 @@ class Affine:
             raise ValueError(f"affine over {self.channels} channels cannot apply to {channels}")
         return Affine(np.full(channels, self.scale[0]), np.full(channels, self.shift[0]), self.axis)
 
+    def split(self, counts: list[int]) -> list[Affine]:
+        """This map cut into consecutive channel ranges of ``counts`` entries (a norm after a
+        channel concat: each concatenated op takes its range).
+
+        Raises:
+            ValueError: The counts do not add up to this map's channels.
+        """
+        whole = self.expand(sum(counts))
+        edges = np.cumsum([0, *counts])
+        return [
+            Affine(whole.scale[a:b].copy(), whole.shift[a:b].copy(), self.axis)
+            for a, b in itertools.pairwise(edges.tolist())
+        ]
+
     def apply(self, x: np.ndarray, axis: int | None = None) -> np.ndarray:
         """Apply the map to an array (float64), for tests and reference computations."""
         ax = self.axis if axis is None else axis

@@ -13,9 +13,6 @@ Imports: numpy, onnx_ir, :mod:`normfuse.core` and the onnxgraph package.
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import onnx_ir as ir
 
 from normfuse.core.algebra import Affine
@@ -60,14 +57,7 @@ def concat_parts(concat: ir.Node, reader: ir.Node, linears: LinearReader) -> lis
 def slices(affine: Affine, parts: list[Linear]) -> list[Affine] | None:
     """``affine`` cut into each part's channel range, or ``None`` when its channels are not
     the parts' together."""
-    counts = [p.weights.out_channels for p in parts]
-    total = sum(counts)
-    scale = np.broadcast_to(affine.scale, (total,)) if affine.scale.size == 1 else affine.scale
-    shift = np.broadcast_to(affine.shift, (total,)) if affine.shift.size == 1 else affine.shift
-    if scale.size != total or shift.size != total:
+    try:
+        return affine.split([p.weights.out_channels for p in parts])
+    except ValueError:
         return None
-    edges = np.cumsum([0, *counts])
-    return [
-        Affine(scale[a:b].copy(), shift[a:b].copy(), affine.axis)
-        for a, b in itertools.pairwise(edges)
-    ]

@@ -387,6 +387,8 @@ class _Folder:
         if isinstance(found, str):
             parts = concat_parts(producer, head.node, self.reader) if path is None else None
             if parts is not None and virtual is None:  # MixNet: a BN after convs concatenated
+                if self._folds_before(chain, affines, end_rank):
+                    return 0, None  # into the one op after it instead (inception_next)
                 return self._fold_into_parts(chain, affines, parts, producer, done)
             return 0, found + (f" (it reaches {label_of(head.node)}{via})" if path else "")
         first = path.nodes[0] if path is not None else head.node
@@ -437,6 +439,21 @@ class _Folder:
         if self.options.dry_run and k == len(chain):
             self.virtual[id(chain[-1].out)] = (found, path)
         return k, reason
+
+    def _folds_before(
+        self, chain: list[Link], affines: list[Affine | Refused], rank: int | None
+    ) -> bool:
+        """Whether the whole chain would fold into the ops that read it (decided, not done)."""
+        if any(isinstance(a, Refused) for a in affines):
+            return False
+        acc = affines[0]
+        for a in affines[1:]:
+            acc = acc.then(a)  # type: ignore[union-attr, arg-type]
+        try:
+            self._apply_before(chain, acc, rank, dry=True)  # type: ignore[arg-type]
+        except Refused:
+            return False
+        return True
 
     def _fold_into_parts(
         self,

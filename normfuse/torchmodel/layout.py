@@ -29,6 +29,7 @@ from normfuse.torchmodel.normsig import is_meta
 __all__ = [
     "SHAPE_ONLY_SECOND",
     "attr_reads",
+    "cat_dim",
     "is_cat",
     "passthrough",
     "permutation",
@@ -270,7 +271,7 @@ def is_cat(node: Any) -> bool:
     return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _CAT
 
 
-def _cat_dim(node: fx.Node) -> Any:
+def cat_dim(node: fx.Node) -> Any:
     if "dim" in node.kwargs:
         return node.kwargs["dim"]
     return node.args[1] if len(node.args) > 1 else 0
@@ -287,7 +288,7 @@ def structural_reason(norm_input: Any, users: list[fx.Node], describe: Any) -> s
     if is_cat(norm_input):
         parts = norm_input.args[0] if norm_input.args else []
         n = len(parts) if isinstance(parts, list | tuple) else "several"
-        dim = _cat_dim(norm_input)
+        dim = cat_dim(norm_input)
         shape = shape_of(norm_input)
         channel = dim == 1 or (shape is not None and isinstance(dim, int) and dim == 1 - len(shape))
         if channel:

@@ -23,8 +23,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from normfuse.core.algebra import Affine, LinearKind
 from normfuse.torchmodel.layout import (
+    cat_dim,
+    is_cat,
     lands_on_channels,
     permutation,
+    shape_of,
     shape_only_use,
     skip_passthrough,
     structural_reason,
@@ -508,6 +511,13 @@ class Pair:
     lin: Linear
     direction: str  # "after" (norm follows lin) or "before"
     warnings: list[str] = dataclasses.field(default_factory=list)
+    #: After a channel concat of convs (timm MixNet): the convs after ``lin``, in the concat's
+    #: order; each takes its channels of the norm's affine.
+    parts: list[Linear] = dataclasses.field(default_factory=list)
+
+    @property
+    def linears(self) -> list[Linear]:
+        return [self.lin, *self.parts]
 
 
 def users_of(node: fx.Node) -> list[fx.Node]:
@@ -561,7 +571,11 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     lin = as_linear(gm, norm.input)
     if lin is None:
         through = _through_view(gm, norm)
-        return through if through is not None else _match_before(gm, norm)
+        if through is not None:
+            return through
+        before = _match_before(gm, norm)  # one op to change, where there is one
+        split = _after_concat(gm, norm) if not isinstance(before, Pair) else None
+        return split if split is not None else before
     # reads of the shape, rank, dtype or device are no data use: the fold keeps them
     others = [u for u in users_of(lin.node) if u is not norm.erase[-1] and not is_meta(u)]
     if others:
@@ -575,6 +589,31 @@ def match_pair(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:
     if isinstance(found, Pair):
         return found
     return f"{why}; {found[0]}", found[1]
+
+
+def _after_concat(gm: fx.GraphModule, norm: Norm) -> Pair | None:
+    """The fold of a norm after a channel concat of convs, each read there alone (timm MixNet's
+    ``MixedConv2d``): each conv takes its channels of the affine; ``None`` when the norm's
+    input is not such a concat (the other matchers then say why)."""
+    cat = norm.input
+    if not is_cat(cat) or not cat.args or not isinstance(cat.args[0], list | tuple):
+        return None
+    dim, shape = cat_dim(cat), shape_of(cat)
+    if not (dim == 1 or (shape is not None and isinstance(dim, int) and dim == 1 - len(shape))):
+        return None
+    if [u for u in users_of(cat) if not is_meta(u)] != [norm.erase[-1]]:
+        return None
+    parts: list[Linear] = []
+    for node in cat.args[0]:
+        lin = as_linear(gm, node)
+        if lin is None or lin.kind == "dense" or any(p.node is node for p in parts):
+            return None
+        if [u for u in users_of(node) if not is_meta(u)] != [cat]:
+            return None
+        parts.append(lin)
+    if len(parts) < 2 or sum(p.channels("out") for p in parts) != norm.channels:
+        return None
+    return Pair(norm, parts[0], "after", parts=parts[1:])
 
 
 def _match_before(gm: fx.GraphModule, norm: Norm) -> Pair | tuple[str, str | None]:

@@ -63,12 +63,21 @@ def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
         live = [p for p in pairs if id(p.norm) not in refused]
         by_site: dict[fx.Node, list[Pair]] = {}
         for p in live:
-            by_site.setdefault(p.lin.node, []).append(p)
+            for lin in p.linears:
+                by_site.setdefault(lin.node, []).append(p)
         clones: set[int] = set()
         changed = False
         for ps in by_site.values():  # one fold per op and round; the rest wait
             for p in ps[1:]:
                 refused[id(p.norm)] = ("waits for another fold into the same op", None)
+                changed = True
+        live = [p for p in live if id(p.norm) not in refused]
+        for p in live:  # a concat's convs: each called there alone, with weights of its own
+            why = next((w for lin in p.parts if (w := _alone(gm, lin, graph_mode))), None)
+            if p.parts and why is None:
+                why = _alone(gm, p.lin, graph_mode)
+            if why is not None:
+                refused[id(p.norm)] = (why, None)
                 changed = True
         live = [p for p in live if id(p.norm) not in refused]
         owners: dict[str, list[Pair]] = {}
@@ -110,6 +119,24 @@ def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
         if not changed:
             accepted = [p for p in pairs if id(p.norm) not in refused]
             return Plan(accepted, clones, refused)
+
+
+def _alone(gm: fx.GraphModule, lin: Linear, graph_mode: bool) -> str | None:
+    """Why the fold of one of a concat's convs would reach beyond that call, or ``None``."""
+    if lin.module is None and not graph_mode:
+        return f"{lin.label} is a functional op in forward(): its weights are not a module's"
+    sites = call_sites(gm, lin.owner, lin.module is not None)
+    if sites != [lin.node]:
+        return (
+            f"{lin.label} is also called elsewhere: a split across the concat needs each conv alone"
+        )
+    if weights_shared(gm, lin) or not (
+        lin.bias is None or lin.module is not None or bias_private(gm, lin)
+    ):
+        return f"{lin.label} shares its weights: a split across the concat needs each conv alone"
+    if attr_reads(gm, lin.owner) and (graph_mode or lin.module is not None):
+        return f"forward() also reads the weights of {lin.label}, which the fold would change"
+    return None
 
 
 def bias_private(gm: fx.GraphModule, lin: Linear) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from normfuse.core.algebra import LinearWeights, absorb_after, absorb_before
+from normfuse.core.algebra import Affine, LinearWeights, absorb_after, absorb_before
 from normfuse.core.report import Entry
 from normfuse.torchmodel.affinechain import ChainFinder, erase_dead_constants
 from normfuse.torchmodel.normsig import is_meta, tail_module
@@ -25,6 +25,7 @@ from normfuse.torchmodel.pairs import (
     Linear,
     Pair,
     as_norm,
+    describe_node,
     get_attr,
     match_pair,
 )
@@ -44,8 +45,30 @@ logger = logging.getLogger(__name__)
 
 def fold_pair(gm: fx.GraphModule, pair: Pair, clone: bool, counter: list[int]) -> str | None:
     """Apply one fold; returns a reason when the result would not be finite."""
-    lin, norm = pair.lin, pair.norm
+    norm = pair.norm
     assert norm.affine is not None
+    affines = (
+        norm.affine.split([lin.channels("out") for lin in pair.linears])
+        if pair.parts
+        else [norm.affine]
+    )
+    written = []
+    for lin, affine in zip(pair.linears, affines, strict=True):
+        new = _folded(lin, affine, pair.direction)
+        if isinstance(new, str):
+            return new
+        written.append((lin, *new))
+    for lin, new_w, new_b in written:
+        if clone:
+            counter[0] += 1
+            _make_private(gm, lin, counter[0])
+        _write(gm, lin, new_w, new_b)
+    detach_norm(gm, pair)
+    return None
+
+
+def _folded(lin: Linear, affine: Affine, direction: str) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """The weight and bias of ``lin`` with ``affine`` folded in, or why they would not be finite."""
     w = lin.weight.detach()
     lw = LinearWeights(
         lin.kind,
@@ -54,7 +77,7 @@ def fold_pair(gm: fx.GraphModule, pair: Pair, clone: bool, counter: list[int]) -
         lin.groups,
         dtype=np.dtype(np.float64),
     )
-    folded = (absorb_after if pair.direction == "after" else absorb_before)(lw, norm.affine)
+    folded = (absorb_after if direction == "after" else absorb_before)(lw, affine)
     assert folded.weight is not None
     bias_dtype = lin.bias.dtype if lin.bias is not None else w.dtype
     new_w = torch.from_numpy(folded.weight).to(device=w.device, dtype=w.dtype)
@@ -64,12 +87,7 @@ def fold_pair(gm: fx.GraphModule, pair: Pair, clone: bool, counter: list[int]) -
         and torch.isfinite(w).all()
     ):
         return f"the folded weights overflow {str(w.dtype).replace('torch.', '')}"
-    if clone:
-        counter[0] += 1
-        _make_private(gm, lin, counter[0])
-    _write(gm, lin, new_w, new_b)
-    detach_norm(gm, pair)
-    return None
+    return new_w, new_b
 
 
 def _unique(gm: fx.GraphModule, base: str) -> str:
@@ -190,6 +208,11 @@ def fold_graph(
             entry = entries[pair.norm.erase[-1].name]
             clone = id(pair) in plan.clones
             target = f"{pair.lin.label}"
+            if pair.parts:
+                target = (
+                    f"{', '.join(lin.label for lin in pair.linears)}, each its channels of "
+                    f"{describe_node(pair.norm.input)}"
+                )
             if clone or pair.lin.owner not in done_owners:
                 reason = fold_pair(gm, pair, clone, counter)
                 if reason is not None:

@@ -240,6 +240,11 @@ class _Untraced:
 
     def _refusal(self, gm: fx.GraphModule, pair: Pair, path: str) -> str | None:
         lin, norm = pair.lin, pair.norm
+        if pair.parts:  # the modules of each conv would need mapping; not done here
+            return (
+                "BN after a channel concat of convs: split across them only in a model torch.fx "
+                "traces (or a GraphModule/ExportedProgram of it)"
+            )
         norm_mod = self.modules.get(path)
         lin_path, _, leaf = lin.owner.rpartition(".")
         lin_mod = self.modules.get(lin_path)
@@ -331,7 +336,7 @@ class _Untraced:
         def veto(pair: Pair) -> str | None:
             if inside is not None:
                 return inside
-            targets = [pair.lin.owner] if pair.lin.module is not None else []
+            targets = [lin.owner for lin in pair.linears if lin.module is not None]
             if pair.norm.module_target is not None:
                 targets.append(pair.norm.module_target)
             for t in targets:
