@@ -27,6 +27,7 @@ chain, so the original and the folded model align by tensor name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -444,13 +445,11 @@ class _Folder:
         self, chain: list[Link], affines: list[Affine | Refused], rank: int | None
     ) -> bool:
         """Whether the whole chain would fold into the ops that read it (decided, not done)."""
-        if any(isinstance(a, Refused) for a in affines):
-            return False
-        acc = affines[0]
-        for a in affines[1:]:
-            acc = acc.then(a)  # type: ignore[union-attr, arg-type]
+        maps = [a for a in affines if isinstance(a, Affine)]
+        if len(maps) < len(affines) or len({a.axis for a in maps if not a.is_scalar}) > 1:
+            return False  # what _fold_backward would not take whole either
         try:
-            self._apply_before(chain, acc, rank, dry=True)  # type: ignore[arg-type]
+            self._apply_before(chain, functools.reduce(Affine.then, maps), rank, dry=True)
         except Refused:
             return False
         return True
@@ -534,9 +533,7 @@ class _Folder:
         maps: list[Affine] = [affines[i] for i in suffix]  # type: ignore[misc]
         first: Refused | None = None  # why the whole suffix does not fold
         for start in range(len(suffix)):  # the longest part that folds
-            acc = maps[start]
-            for a in maps[start + 1 :]:
-                acc = acc.then(a)
+            acc = functools.reduce(Affine.then, maps[start:])
             try:  # an opt-in fold is only tried: the fix is offered where it would fold
                 target = self._apply_before(links[start:], acc, rank, dry=opt_in)
             except Refused as exc:

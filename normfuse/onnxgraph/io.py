@@ -354,10 +354,7 @@ def check_unchanged(model: ir.Model) -> None:
         InputError: A file is gone, replaced or modified.
     """
     for name, state in model.meta.get(SOURCE_STATE_KEY, {}).items():
-        try:
-            now: tuple[int, int, int, int] | None = _state(os.stat(name))
-        except OSError:
-            now = None
+        now = file_state(name)
         if now != state:
             what = "was removed" if now is None else "changed"
             raise InputError(

@@ -72,10 +72,8 @@ def plan_pairs(gm: fx.GraphModule, pairs: list[Pair], graph_mode: bool) -> Plan:
                 refused[id(p.norm)] = ("waits for another fold into the same op", None)
                 changed = True
         live = [p for p in live if id(p.norm) not in refused]
-        for p in live:  # a concat's convs: each called there alone, with weights of its own
-            why = next((w for lin in p.parts if (w := _alone(gm, lin, graph_mode))), None)
-            if p.parts and why is None:
-                why = _alone(gm, p.lin, graph_mode)
+        for p in (p for p in live if p.parts):  # a concat's convs: each called there alone
+            why = next((w for lin in p.linears if (w := _alone(gm, lin, graph_mode))), None)
             if why is not None:
                 refused[id(p.norm)] = (why, None)
                 changed = True
